@@ -1,0 +1,3 @@
+"""pickupd: relays mail dropped as files in a pickup folder over SMTP."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""The `pickupd` command: argparse subcommands; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from . import log as logs
+from .config import DEFAULT_CONFIG_PATH, Config, config_path, load
+from .dispatcher import Dispatcher
+from .errors import ConfigError
+
+__all__ = ["EX_CONFIG", "EX_OK", "EX_USAGE", "main"]
+
+EX_OK = 0
+EX_USAGE = 64
+EX_CONFIG = 78
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 64 (EX_USAGE) as sysexits.h says, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pickupd",
+        description=(
+            "Relays mail dropped as files in a pickup folder over SMTP: allow-listed senders "
+            "only, per-sender credentials, retries for transient failures, failed/ for the rest."
+        ),
+        epilog="Exit codes: 0 ok, 64 usage error, 78 configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"pickupd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    config_help = f"config file (default: $PICKUPD_CONFIG or {DEFAULT_CONFIG_PATH})"
+
+    run = commands.add_parser(
+        "run",
+        help="run the dispatcher in the foreground (right for systemd)",
+        description=(
+            "Recover messages left in active/ by an earlier run of this host, take everything "
+            "waiting, then relay new files as they are dropped. SIGTERM/SIGINT: finish in-flight "
+            "sends (up to 30 s), put the rest back, exit 0."
+        ),
+    )
+    run.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="process everything waiting and every deferred message that is due, then exit",
+    )
+
+    check = commands.add_parser(
+        "check",
+        help="validate the config: exit 0 if good, 78 with one line per problem if not",
+    )
+    check.add_argument("-c", "--config", metavar="FILE", help=config_help)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a first look without any mail server: capture server, dispatcher, sample mail",
+        description=(
+            "Writes a demo config and spool under DIR, starts a capture SMTP server on a free "
+            "loopback port (it stores what it receives in DIR/received/), runs the dispatcher, "
+            "drops three sample messages, prints where each ended up and why, then keeps "
+            "running so you can drop your own files, until Ctrl-C."
+        ),
+    )
+    demo.add_argument(
+        "--dir", default="pickupd-demo", type=Path, help="where to put it (default: ./pickupd-demo)"
+    )
+    return parser
+
+
+def _load(path_arg: str | None) -> Config | int:
+    try:
+        return load(config_path(path_arg))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if isinstance(config, int):
+        return config
+    print(
+        f"{config.path}: ok: {len(config.relays)} relay(s), {len(config.senders)} sender"
+        f" entr{'y' if len(config.senders) == 1 else 'ies'}, spool {config.spool.path}"
+    )
+    return EX_OK
+
+
+async def _serve(dispatcher: Dispatcher) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, dispatcher.stop)
+    await dispatcher.run()
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if isinstance(config, int):
+        return config
+    logs.configure(config.log.level, config.log.format)
+    try:
+        config.spool.path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"{config.path}: spool.path: cannot create {config.spool.path}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    dispatcher = Dispatcher(config, once=args.once)
+    try:
+        asyncio.run(_serve(dispatcher))
+    except BlockingIOError:
+        print(
+            f"{config.spool.path}: another pickupd of this process id holds the spool lock",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    return EX_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pickupd` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.dir)
+    _parser().print_help(sys.stderr)
+    return EX_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,510 @@
+"""The asyncio core: watcher hints, rescans, the due-deferred scheduler, workers and the drain.
+
+One message flows through one call per step:
+    spool.claim -> envelope.parse -> policy.check -> relay.send -> spool.finish_*
+and this module is the one place that turns results into folders and log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from . import envelope, ids, policy, relay, retry
+from . import log as logs
+from .config import Config
+from .outcome import Delivery, Reason, RecipientResult, Refusal
+from .pool import Pool
+from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
+from .spool import Candidate, Claimed, Spool, Unsafe
+from .units import format_duration
+from .watcher import Watcher
+
+__all__ = ["GRACE", "Dispatcher", "Stats"]
+
+# On SIGTERM, in-flight sends get this long to finish before they are put back.
+GRACE = 30.0
+# How many candidates wait in memory per queue: the backlog stays on disk, not in RAM.
+_QUEUE_PER_WORKER = 4
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    """Counts of outcomes in this run (for `--once` summaries and the demo)."""
+
+    claimed: int = 0
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+
+
+class Dispatcher:
+    """Takes messages from the spool and relays them until stopped (or, `once`, until idle)."""
+
+    def __init__(self, config: Config, *, once: bool = False) -> None:
+        self.config = config
+        self.once = once
+        self.spool = Spool(config.spool.path)
+        self.pool = Pool()
+        self.stats = Stats()
+        self.log = logs.get()
+        self._new: deque[Candidate] = deque()
+        self._due: deque[Candidate] = deque()
+        self._queued: set[Path] = set()
+        self._prefer_new = True
+        self._has_work = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._pickup_wake = asyncio.Event()
+        self._deferred_wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._feeders_done = 0
+        self._busy = 0
+        self._next_due = float("inf")
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking new messages; in-flight sends get GRACE seconds. Safe to call twice."""
+        self._stop.set()
+
+    async def wait_ready(self) -> None:
+        """Return once the dispatcher is watching the pickup folder."""
+        await self._ready.wait()
+
+    async def run(self) -> Stats:
+        """Recover, take what is waiting, then react to new files until `stop()`."""
+        self.spool.ensure()
+        self.spool.lock()
+        watcher = None
+        try:
+            removed = self.spool.clean_tmp(time.time())
+            if removed:
+                self.log.info("tmp_cleaned", removed=removed)
+            for candidate in self.spool.stale_claims():
+                self.log.info("recovered", id=candidate.id)
+                self._queued.add(candidate.path)
+                self._due.append(candidate)
+            if not self.once:
+                watcher = Watcher([self.spool.pickup, self.spool.new], self._hint)
+                watcher.start(asyncio.get_running_loop())
+            async with asyncio.TaskGroup() as group:
+                workers = [
+                    group.create_task(self._worker())
+                    for _ in range(self.config.dispatch.concurrency)
+                ]
+                helpers = [
+                    group.create_task(self._feed_pickup()),
+                    group.create_task(self._feed_deferred()),
+                    group.create_task(self._reap_sessions()),
+                ]
+                group.create_task(self._supervise(workers, helpers))
+                self._ready.set()
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            await self.pool.close_all()
+            self.spool.unlock()
+        return self.stats
+
+    # -- feeding ---------------------------------------------------------------------------------
+
+    def _hint(self, event_type: str, path: str) -> None:
+        """A watchdog event (on the loop): enqueue a Maildir file at once, or rescan later."""
+        if self._stopping:
+            return
+        candidate_path = Path(path)
+        if candidate_path.parent == self.spool.new and not candidate_path.name.startswith("."):
+            room = len(self._new) < self._capacity()
+            if room and candidate_path not in self._queued:
+                self._enqueue(
+                    self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
+                )
+            elif not room:
+                self._pickup_wake.set()
+        elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == self.spool.pickup:
+            # A direct .eml is taken once unchanged for `settle`: look again after that.
+            asyncio.get_running_loop().call_later(
+                self.config.dispatch.settle + 0.01, self._pickup_wake.set
+            )
+
+    def _capacity(self) -> int:
+        return self.config.dispatch.concurrency * _QUEUE_PER_WORKER
+
+    def _enqueue(self, queue: deque[Candidate], candidate: Candidate) -> None:
+        self._queued.add(candidate.path)
+        queue.append(candidate)
+        self._has_work.set()
+
+    async def _put(self, queue: deque[Candidate], candidate: Candidate) -> bool:
+        """Enqueue, waiting for room; False if stopping."""
+        while len(queue) >= self._capacity():
+            self._has_room.clear()
+            await self._has_room.wait()
+        if self._stopping:
+            return False
+        if candidate.path not in self._queued:
+            self._enqueue(queue, candidate)
+        return True
+
+    async def _feed_pickup(self) -> None:
+        """Scan pickup/ on start, on hints that did not fit the queue, and every rescan_interval."""
+        try:
+            while not self._stopping:
+                self._pickup_wake.clear()
+                now = time.time()
+                wake_at = now + self.config.dispatch.rescan_interval
+                for item in self.spool.scan_pickup(now, self.config.dispatch.settle):
+                    if isinstance(item, float):
+                        wake_at = min(wake_at, item + 0.01)
+                    elif item.path not in self._queued and not await self._put(self._new, item):
+                        return
+                if self.once:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._pickup_wake.wait(), max(0.0, wake_at - time.time())
+                    )
+        finally:
+            self._feeder_done()
+
+    async def _feed_deferred(self) -> None:
+        """Take deferred messages as they come due (their file's mtime is the due time)."""
+        try:
+            while not self._stopping:
+                self._deferred_wake.clear()
+                now = time.time()
+                self._next_due = now + self.config.dispatch.rescan_interval
+                for item in self.spool.scan_deferred(now):
+                    if isinstance(item, float):
+                        self._next_due = min(self._next_due, item)
+                    elif item.path not in self._queued and not await self._put(self._due, item):
+                        return
+                if self.once:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._deferred_wake.wait(), max(0.0, self._next_due - time.time())
+                    )
+        finally:
+            self._feeder_done()
+
+    def _feeder_done(self) -> None:
+        self._feeders_done += 1
+        self._has_work.set()
+
+    def _deferred_until(self, due: float) -> None:
+        if due < self._next_due:
+            self._next_due = due
+            self._deferred_wake.set()
+
+    async def _reap_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            timeouts = {name: r.idle_timeout for name, r in self.config.relays.items()}
+            await self.pool.close_idle(timeouts)
+
+    # -- working ---------------------------------------------------------------------------------
+
+    async def _next(self) -> Candidate | None:
+        """The next candidate, one new and one deferred in turn so neither starves the other."""
+        while not self._stopping:
+            first, second = (self._new, self._due) if self._prefer_new else (self._due, self._new)
+            queue = first if first else second
+            if queue:
+                self._prefer_new = queue is not self._new
+                self._has_room.set()
+                return queue.popleft()
+            if self.once and self._feeders_done >= 2 and self._busy == 0:
+                self._has_work.set()  # wake the other idle workers so they see it too
+                return None
+            self._has_work.clear()
+            await self._has_work.wait()
+        return None
+
+    async def _worker(self) -> None:
+        while (candidate := await self._next()) is not None:
+            self._busy += 1
+            try:
+                await self._process(candidate)
+            except Exception:
+                # One bad file must never stop the daemon: log it; the message stays in
+                # active/ (or was put back) and is recovered at the next start.
+                self.log.exception("internal_error", source=candidate.source)
+            finally:
+                self._busy -= 1
+                self._queued.discard(candidate.path)
+                self._has_work.set()
+
+    async def _supervise(
+        self, workers: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
+    ) -> None:
+        """Wait for stop (or, once, for the work to end), then drain in two stages."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        all_workers = asyncio.ensure_future(asyncio.wait(workers))
+        await asyncio.wait([stop, all_workers], return_when=asyncio.FIRST_COMPLETED)
+        self._stopping = True
+        for event in (self._has_work, self._has_room, self._pickup_wake, self._deferred_wake):
+            event.set()
+        for task in helpers:
+            task.cancel()
+        if not all_workers.done():
+            self.log.info("stopping", in_flight=self._busy, grace=GRACE)
+            self._stop.clear()
+            second = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait(
+                [all_workers, second], timeout=GRACE, return_when=asyncio.FIRST_COMPLETED
+            )
+            second.cancel()
+            for task in workers:
+                task.cancel()
+        stop.cancel()
+        all_workers.cancel()
+
+    async def _process(self, candidate: Candidate) -> None:
+        claimed = self.spool.claim(candidate)
+        if claimed is None:
+            return  # another dispatcher took it first
+        self.stats.claimed += 1
+        if claimed.origin in ("new", "eml"):
+            self.log.info("claimed", id=claimed.id, source=claimed.source)
+        try:
+            await self._deliver(claimed)
+        except asyncio.CancelledError:
+            # Shutdown ran out of time: put it back, due now, so it is sent next time.
+            self._put_back(claimed)
+            raise
+
+    def _put_back(self, claimed: Claimed) -> None:
+        sidecar = claimed.sidecar or self._new_sidecar(claimed, None, ())
+        with contextlib.suppress(OSError):
+            self.spool.finish_deferred(
+                claimed, dataclasses.replace(sidecar, next_attempt=from_timestamp(time.time())), 0
+            )
+            self.log.info("put_back", id=claimed.id)
+
+    async def _deliver(self, claimed: Claimed) -> None:
+        config = self.config  # the config in force for this whole attempt
+        data = self.spool.read(claimed, config.policy.max_message_size)
+        for _ in range(50):  # a Maildir writer between link() and unlink(): up to 1 s
+            if not (isinstance(data, Unsafe) and data.linked):
+                break
+            await asyncio.sleep(0.02)
+            data = self.spool.read(claimed, config.policy.max_message_size)
+        if isinstance(data, Unsafe):
+            self._fail(
+                claimed, None, Refusal(Reason.UNSAFE_FILE, f"{claimed.source} {data.detail}")
+            )
+            return
+        if isinstance(data, int):
+            limit = config.policy.max_message_size
+            detail = f"{data} bytes, larger than max_message_size = {limit}"
+            self._fail(claimed, None, Refusal(Reason.TOO_LARGE, detail))
+            return
+        parsed = envelope.parse(data, max_header_size=config.policy.max_header_size)
+        if isinstance(parsed, Refusal):
+            self._fail(claimed, None, parsed)
+            return
+        if claimed.sidecar is not None and claimed.sidecar.recipients:
+            # Recipients already delivered (or failed) are not sent to again.
+            parsed = dataclasses.replace(parsed, recipients=claimed.sidecar.recipients)
+        decision = policy.check(parsed, config, len(data))
+        if isinstance(decision, Refusal):
+            self._fail(claimed, parsed, decision)
+            return
+        assert parsed.sender is not None  # policy.check refuses a message without one
+        relay_config = config.relays[decision.relay]
+        credentials = decision.credentials or relay_config.credentials
+        delivery = await relay.send(
+            self.pool, relay_config, credentials, parsed.sender, parsed.recipients, parsed.data
+        )
+        self._record(claimed, parsed, delivery, data)
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    def _new_sidecar(
+        self, claimed: Claimed, parsed: envelope.Envelope | None, recipients: tuple[str, ...]
+    ) -> Sidecar:
+        return Sidecar(
+            id=claimed.id,
+            source=claimed.source,
+            sender=parsed.sender if parsed else None,
+            recipients=recipients,
+            attempts=0,
+            first_seen=from_timestamp(claimed.claimed_at),
+            message_id=parsed.message_id if parsed else None,
+        )
+
+    def _base(self, claimed: Claimed, parsed: envelope.Envelope | None) -> Sidecar:
+        recipients = parsed.recipients if parsed else ()
+        if claimed.sidecar is None:
+            return self._new_sidecar(claimed, parsed, recipients)
+        return claimed.sidecar
+
+    def _fail(self, claimed: Claimed, parsed: envelope.Envelope | None, refusal: Refusal) -> None:
+        """A message refused before any connection: to failed/ with the reason."""
+        base = self._base(claimed, parsed)
+        now = time.time()
+        sidecar = base.with_attempt(
+            Attempt(from_timestamp(now), None, "failed", None, refusal.detail),
+            reason=refusal.reason.value,
+            detail=refusal.detail,
+            next_attempt=None,
+        )
+        try:
+            self.spool.finish_failed(claimed, sidecar)
+        except OSError as exc:
+            self.log.error(
+                "failed_stuck", id=claimed.id, reason=refusal.reason.value, error=str(exc)
+            )
+            return
+        self.stats.failed += 1
+        self.log.warning(
+            "failed",
+            id=claimed.id,
+            sender=base.sender,
+            recipients=list(base.recipients),
+            relay=None,
+            attempt=base.attempts,
+            code=None,
+            reason=refusal.reason.value,
+            detail=refusal.detail,
+        )
+
+    def _record(
+        self, claimed: Claimed, parsed: envelope.Envelope, delivery: Delivery, data: bytes
+    ) -> None:
+        """Turn one SMTP attempt into folders and log lines."""
+        now = time.time()
+        base = self._base(claimed, parsed)
+        attempt = base.attempts + 1
+        stamp = from_timestamp(now)
+        fields: dict[str, Any] = {
+            "id": claimed.id,
+            "sender": parsed.sender,
+            "relay": delivery.relay,
+            "attempt": attempt,
+        }
+        if delivery.session_error == "auth":
+            self.log.error(
+                "relay_auth_failed", relay=delivery.relay, code=delivery.code, detail=delivery.text
+            )
+        if delivery.unknown:
+            self.log.warning(
+                "outcome_unknown", message_id=parsed.message_id, **fields, detail=delivery.text
+            )
+
+        if delivery.sent:
+            self.stats.sent += 1
+            self.log.info("sent", **fields, recipients=list(delivery.sent), code=delivery.code)
+        if not delivery.deferred and not delivery.rejected:
+            archive = None
+            if self.config.spool.keep_sent:
+                archive = base.with_attempt(
+                    Attempt(stamp, delivery.relay, "sent", delivery.code, delivery.text),
+                    attempts=attempt,
+                    next_attempt=None,
+                )
+            self.spool.finish_sent(claimed, archive)
+            return
+
+        rejected = tuple(r.recipient for r in delivery.rejected)
+        deferred = tuple(r.recipient for r in delivery.deferred)
+        reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
+        if delivery.rejected:
+            detail = _detail(delivery.rejected, delivery.sent)
+            failed = base.with_attempt(
+                Attempt(stamp, delivery.relay, "failed", delivery.rejected[0].code, detail),
+                recipients=rejected,
+                attempts=attempt,
+                reason=reason.value,
+                detail=detail,
+                next_attempt=None,
+            )
+            if delivery.deferred:
+                # The refused recipients fail for good as a copy; the message lives on.
+                failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
+                self.spool.write_failed_copy(data, failed)
+            else:
+                self.spool.finish_failed(claimed, failed)
+            self.stats.failed += 1
+            self.log.warning(
+                "failed",
+                **{**fields, "id": failed.id},
+                recipients=list(rejected),
+                code=delivery.rejected[0].code,
+                reason=reason.value,
+                detail=detail,
+            )
+            if not delivery.deferred:
+                return
+
+        first_seen = _seconds(base.first_seen)
+        code = delivery.deferred[0].code
+        detail = _detail(delivery.deferred, delivery.sent)
+        due = retry.next_attempt(
+            attempt, first_seen, now, self.config.retry.schedule, self.config.retry.max_age
+        )
+        history = Attempt(
+            stamp, delivery.relay, "deferred" if due else "failed", code or None, detail
+        )
+        if due is None:
+            sidecar = base.with_attempt(
+                history,
+                recipients=deferred,
+                attempts=attempt,
+                reason=Reason.EXPIRED.value,
+                detail=f"undelivered after {format_duration(now - first_seen)}; last: {detail}",
+                next_attempt=None,
+            )
+            self.spool.finish_failed(claimed, sidecar)
+            self.stats.failed += 1
+            self.log.warning(
+                "failed",
+                **fields,
+                recipients=list(deferred),
+                code=code or None,
+                reason=Reason.EXPIRED.value,
+                detail=sidecar.detail,
+            )
+            return
+        sidecar = base.with_attempt(
+            history,
+            recipients=deferred,
+            attempts=attempt,
+            detail=detail,
+            next_attempt=from_timestamp(due),
+            reason=None,
+        )
+        self.spool.finish_deferred(claimed, sidecar, due)
+        self._deferred_until(due)
+        self.stats.deferred += 1
+        self.log.warning(
+            "deferred",
+            **fields,
+            recipients=list(deferred),
+            code=code or None,
+            detail=detail,
+            next_attempt=sidecar.next_attempt,
+        )
+
+
+def _detail(results: tuple[RecipientResult, ...], sent: tuple[str, ...]) -> str:
+    texts = sorted({r.text for r in results})
+    detail = "; ".join(texts)
+    if sent:
+        detail += f" (sent to {len(sent)} other recipient{'s' if len(sent) > 1 else ''})"
+    return detail
+
+
+def _seconds(iso: str) -> float:
+    try:
+        return to_timestamp(iso)
+    except ValueError:
+        return time.time()

@@ -1,0 +1,427 @@
+"""Read a dropped mail file: its envelope (sender, recipients) and the exact bytes to relay.
+
+This is the only header parser of the project. It is strict on purpose: the addresses found
+here decide who receives the mail, so a file that could be read two ways is refused as
+malformed rather than guessed at (the lenient parsers behind CVE-2023-27043 guessed). The
+message is never regenerated: line endings are normalised to CRLF and the envelope-only lines
+(Bcc:, a leading X-Sender/X-Receiver block) are cut out, nothing else changes.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pickupd.outcome import Reason, Refusal
+
+__all__ = ["AddressError", "Envelope", "parse", "parse_address_list"]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What one mail file says: envelope addresses, From: addresses and the bytes to send."""
+
+    sender: str | None
+    recipients: tuple[str, ...]
+    header_from: tuple[str, ...]
+    data: bytes
+    message_id: str | None
+
+
+class AddressError(ValueError):
+    """An address header value that does not follow the RFC 5322 grammar."""
+
+
+# ---- Addresses: a tokenizer, then recursive descent over RFC 5322 3.4 (with RFC 6532 UTF-8).
+
+_ATEXT = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
+)
+_SPECIALS = frozenset("<>@,;:.\\")
+_WORDS = ("atom", "quoted")
+
+
+class _Token(NamedTuple):
+    kind: str  # "atom", "quoted", "literal", "end", or the special character itself
+    text: str  # as written (a quoted string keeps its quotes and quoted-pairs)
+    spaced: bool  # whitespace or a comment came just before it
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc" and char != "\t"
+
+
+def _is_atext(char: str) -> bool:
+    # Any non-ASCII character is atext under RFC 6532, except C1 controls.
+    return char in _ATEXT or (char > "\x7f" and not _is_control(char))
+
+
+def _tokenize(value: str) -> list[_Token]:
+    """Split `value` into tokens, dropping whitespace and comments but noting where they were."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise AddressError("CR, LF or NUL in value")
+    tokens: list[_Token] = []
+    spaced = False
+    i = 0
+    while i < len(value):
+        char = value[i]
+        start = i
+        if char in " \t":
+            spaced, i = True, i + 1
+            continue
+        if char == "(":
+            spaced, i = True, _skip_comment(value, i)
+            continue
+        if char == '"':
+            i = _skip_quoted(value, i)
+            tokens.append(_Token("quoted", value[start:i], spaced))
+        elif char == "[":
+            i = _skip_literal(value, i)
+            tokens.append(_Token("literal", value[start:i], spaced))
+        elif char in ")]":
+            raise AddressError("unbalanced parenthesis" if char == ")" else "unbalanced bracket")
+        elif char in _SPECIALS:
+            i += 1
+            tokens.append(_Token(char, char, spaced))
+        elif _is_atext(char):
+            while i < len(value) and _is_atext(value[i]):
+                i += 1
+            tokens.append(_Token("atom", value[start:i], spaced))
+        else:
+            raise AddressError(f"control character {char!r}")
+        spaced = False
+    tokens.append(_Token("end", "", spaced))
+    return tokens
+
+
+def _skip_comment(value: str, i: int) -> int:
+    """Index just past the (possibly nested) comment that opens at `i`."""
+    depth = 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\" and i + 1 < len(value):
+            i += 1
+            char = value[i]
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        if _is_control(char):
+            raise AddressError(f"control character {char!r}")
+        i += 1
+    raise AddressError("unbalanced parenthesis")
+
+
+def _skip_quoted(value: str, i: int) -> int:
+    """Index just past the quoted string that opens at `i` (controls are allowed inside)."""
+    i += 1
+    while i < len(value):
+        if value[i] == '"':
+            return i + 1
+        i += 2 if value[i] == "\\" else 1
+    raise AddressError("unbalanced quote")
+
+
+def _skip_literal(value: str, i: int) -> int:
+    """Index just past the domain literal that opens at `i` (dtext: no quoted-pairs)."""
+    end = value.find("]", i)
+    if end < 0:
+        raise AddressError("unbalanced bracket")
+    if any(char in "[\\" or _is_control(char) for char in value[i + 1 : end]):
+        raise AddressError("bad domain literal")
+    return end + 1
+
+
+def _unexpected(token: _Token, default: str, end: str = "") -> AddressError:
+    """The error for `token` where it cannot stand; `default` names what is missing there."""
+    if token.kind in ("end", ",", ";", end):
+        return AddressError(default)
+    if token.kind == ">":
+        return AddressError("unbalanced angle bracket")
+    if token.kind == "literal":
+        return AddressError("unexpected domain literal")
+    if token.kind in _SPECIALS:
+        return AddressError(f"unexpected {token.text!r}")
+    return AddressError(default)
+
+
+class _Parser:
+    """Recursive descent over the tokens of one header value; methods return addr-specs."""
+
+    def __init__(self, value: str) -> None:
+        self.tokens = _tokenize(value)
+        self.pos = 0
+
+    def peek(self) -> _Token:
+        return self.tokens[self.pos]
+
+    def take(self) -> _Token:
+        self.pos += 1
+        return self.tokens[self.pos - 1]
+
+    def addresses(self, close: str) -> list[str]:
+        """Comma-separated addresses up to `close` ("end", or ";" ending a group), taken too."""
+        found: list[str] = []
+        if self.peek().kind == close:  # an empty To: or an empty group
+            self.take()
+            return found
+        while True:
+            found.extend(self.address(in_group=close == ";"))
+            token = self.take()
+            if token.kind == close:
+                return found
+            if token.kind == "end":
+                raise AddressError("group without ';'")
+            if token.kind in (*_WORDS, "literal", "<"):
+                raise AddressError("missing ',' between addresses")
+            if token.kind != ",":
+                raise _unexpected(token, f"unexpected {token.text!r}")
+
+    def address(self, *, in_group: bool) -> list[str]:
+        """A mailbox, or (outside a group) a group with its mailboxes."""
+        start = self.pos
+        # A phrase comes first. Only the token after it tells whether it was a display name,
+        # a group name or the local part of a bare addr-spec. Dots: RFC 5322 obs-phrase.
+        words = 0
+        while self.peek().kind in _WORDS or (self.peek().kind == "." and words):
+            self.take()
+            words += 1
+        token = self.peek()
+        if token.kind == "<":
+            return [self.angle_addr()]
+        if token.kind == "@":
+            if not words:
+                raise AddressError("empty local part")
+            self.pos = start
+            return [self.addr_spec()]
+        if token.kind == ":" and words:
+            if in_group:
+                raise AddressError("nested group")
+            self.take()
+            return self.addresses(";")
+        raise _unexpected(token, "address without @" if words else "empty element in list")
+
+    def angle_addr(self) -> str:
+        self.take()  # "<"
+        if self.peek().kind == ">":
+            raise AddressError("empty <>")
+        if self.peek().kind == "@":
+            raise AddressError("route in address")
+        spec = self.addr_spec()
+        if self.take().kind != ">":
+            raise AddressError("unbalanced angle bracket")
+        return spec
+
+    def addr_spec(self) -> str:
+        """local-part "@" domain, as canonical text: no comments, no whitespace."""
+        token = self.take()
+        if token.kind == "quoted":
+            local = token.text
+            if local == '""':
+                raise AddressError("empty local part")
+            # SMTP cannot carry a control character in an address, even a quoted one.
+            if any(_is_control(char) or char == "\t" for char in local):
+                raise AddressError("control character in local part")
+        elif token.kind == "atom":
+            local = self.dot_atom(token.text, "bad local part")
+        else:
+            raise _unexpected(token, "unbalanced angle bracket")
+        token = self.take()
+        if token.kind in _WORDS:
+            raise AddressError("display name without <> around the address")
+        if token.kind != "@":  # after a local part, even ">" means the @ is missing
+            raise _unexpected(token, "address without @", end=">")
+        token = self.take()
+        if token.kind == "literal":
+            inner = "".join(token.text[1:-1].split())  # FWS may appear inside the brackets
+            if not inner:
+                raise AddressError("empty domain literal")
+            return f"{local}@[{inner}]"
+        if token.kind == "atom":
+            return f"{local}@{self.dot_atom(token.text, 'bad domain')}"
+        if token.kind == ".":
+            raise AddressError("bad domain")
+        raise _unexpected(token, "empty domain", end=">")
+
+    def dot_atom(self, first: str, problem: str) -> str:
+        """The rest of a dot-atom: no CFWS between its parts (that is obsolete syntax)."""
+        parts = [first]
+        while self.peek().kind == "." and not self.peek().spaced:
+            self.take()
+            token = self.take()
+            if token.kind != "atom" or token.spaced:
+                raise AddressError(problem)
+            parts.append(token.text)
+        if self.peek().kind == ".":
+            raise AddressError(problem)
+        return ".".join(parts)
+
+
+def parse_address_list(value: str) -> list[str]:
+    """The addr-specs of an RFC 5322 address-list, groups flattened; AddressError if malformed."""
+    return _Parser(value).addresses("end")
+
+
+def _is_null(value: str) -> bool:
+    """True if `value` is the null address `<>` (comments and whitespace aside)."""
+    try:
+        return [token.kind for token in _tokenize(value)] == ["<", ">", "end"]
+    except AddressError:
+        return False
+
+
+# ---- The message: header fields as bytes, the envelope taken from them.
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+(?=:)")
+_LABELS = {
+    "from": "From",
+    "sender": "Sender",
+    "to": "To",
+    "cc": "Cc",
+    "bcc": "Bcc",
+    "x-sender": "X-Sender",
+    "x-receiver": "X-Receiver",
+}
+
+
+class _Malformed(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _Field:
+    name: str  # lower case
+    lines: list[bytes]  # each with its CRLF (the last may lack it)
+
+    def value(self) -> bytes:
+        """The unfolded value: folding CRLFs removed, the WSP after them kept."""
+        return b"".join(line.removesuffix(b"\r\n") for line in self.lines)[len(self.name) + 1 :]
+
+    def addresses(self, *, null_ok: bool = False) -> list[str] | None:
+        """Its addr-specs; None for `<>` when `null_ok`. Malformed if not UTF-8 or not RFC 5322."""
+        label = _LABELS[self.name]
+        try:
+            value = self.value().decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Malformed(f"{label}: invalid UTF-8") from None
+        if null_ok and _is_null(value):
+            return None
+        try:
+            return parse_address_list(value)
+        except AddressError as error:
+            raise _Malformed(f"{label}: {error}") from None
+
+    def mailbox(self) -> str | None:
+        """The single address of a sender field, None for `<>`."""
+        found = self.addresses(null_ok=True)
+        if found is not None and len(found) != 1:
+            label = _LABELS[self.name]
+            raise _Malformed(
+                f"{label}: " + ("no address" if not found else "more than one address")
+            )
+        return found[0] if found else None
+
+
+def _split_fields(head: bytes) -> list[_Field]:
+    fields: list[_Field] = []
+    for number, line in enumerate(head.splitlines(keepends=True), start=1):
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise _Malformed(f"line {number} starts with whitespace")
+            fields[-1].lines.append(line)
+            continue
+        match = _FIELD_NAME.match(line)
+        if match is None:
+            raise _Malformed(f"line {number} is not a header field")
+        fields.append(_Field(match.group().decode("ascii").lower(), [line]))
+    return fields
+
+
+def parse(raw: bytes, *, max_header_size: int = 65536) -> Envelope | Refusal:
+    """Envelope, or Refusal(Reason.MALFORMED, detail) — the only header parser of the project."""
+    try:
+        return _parse(raw, max_header_size)
+    except _Malformed as error:
+        return Refusal(Reason.MALFORMED, error.detail)
+
+
+def _parse(raw: bytes, max_header_size: int) -> Envelope:
+    if not raw.strip():
+        raise _Malformed("empty file")
+    text = _EOL.sub(b"\r\n", raw)
+    # The header section ends at the first empty line; it is measured with CRLF line ends,
+    # as it will be sent.
+    if text.startswith(b"\r\n"):
+        head, body = b"", text
+    elif (end := text.find(b"\r\n\r\n")) < 0:
+        head, body = text, b""
+    else:
+        head, body = text[: end + 2], text[end + 2 :]
+    if len(head) > max_header_size:
+        raise _Malformed(f"header section larger than {max_header_size} bytes")
+    fields = _split_fields(head)
+
+    # IIS / System.Net.Mail pickup files start with the envelope as X-Sender / X-Receiver lines.
+    run = 0
+    while run < len(fields) and fields[run].name in ("x-sender", "x-receiver"):
+        run += 1
+    pickup = fields[:run]
+    sender: str | None = None
+    recipients: list[str] = []
+    if pickup:
+        senders = [f for f in pickup if f.name == "x-sender"]
+        # Anything but one sender and some receivers is refused: falling back to To/Cc would
+        # send the X-Receiver lines (Bcc recipients among them) on to everyone.
+        if len(senders) != 1:
+            raise _Malformed("X-Sender: " + ("missing" if not senders else "more than one"))
+        if len(pickup) == 1:
+            raise _Malformed("X-Receiver: missing")
+        for f in pickup:
+            if f.name == "x-sender":
+                sender = f.mailbox()
+            elif not (found := f.addresses()):
+                raise _Malformed("X-Receiver: no address")
+            else:
+                recipients.extend(found)
+
+    kept: list[bytes] = []
+    single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
+    message_id: str | None = None
+    for f in fields[run:]:
+        if f.name != "bcc":  # Bcc: is for the envelope only, in both formats
+            kept.extend(f.lines)
+        if f.name in ("from", "sender"):
+            if f.name in single:
+                raise _Malformed(f"more than one {_LABELS[f.name]}: header")
+            single[f.name] = f
+        elif f.name in ("to", "cc", "bcc"):
+            # Checked in both formats, so a bad To: never reaches the relay's readers.
+            found = f.addresses() or []
+            if not pickup:
+                recipients.extend(found)
+        elif f.name == "message-id" and message_id is None:
+            message_id = f.value().decode("utf-8", "replace").strip() or None
+
+    from_field, sender_field = single.get("from"), single.get("sender")
+    header_from = tuple(from_field.addresses(null_ok=True) or []) if from_field else ()
+    header_sender = sender_field.mailbox() if sender_field else None  # checked in both formats
+    if not pickup:
+        if sender_field is not None:
+            sender = header_sender
+        elif len(header_from) == 1:
+            sender = header_from[0]
+
+    seen: set[str] = set()
+    unique: list[str] = []
+    for address in recipients:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            unique.append(address)
+    return Envelope(sender, tuple(unique), header_from, b"".join(kept) + body, message_id)

@@ -1,0 +1,69 @@
+"""Outcomes, reason codes and the per-recipient result of one delivery attempt."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Delivery", "Outcome", "Reason", "RecipientResult", "Refusal"]
+
+
+class Outcome(enum.Enum):
+    """Where a message goes after an attempt."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+class Reason(enum.Enum):
+    """Why a message failed for good: the codes of the contract, written into sidecars."""
+
+    MALFORMED = "malformed"
+    NO_SENDER = "no_sender"
+    SENDER_NOT_ALLOWED = "sender_not_allowed"
+    HEADER_FROM_NOT_ALLOWED = "header_from_not_allowed"
+    NO_RECIPIENTS = "no_recipients"
+    TOO_MANY_RECIPIENTS = "too_many_recipients"
+    TOO_LARGE = "too_large"
+    UNSAFE_FILE = "unsafe_file"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A reason with the human text that goes beside it."""
+
+    reason: Reason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What the relay said about one recipient (code 0: no reply, e.g. connection lost)."""
+
+    recipient: str
+    code: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The result of one SMTP attempt for one message.
+
+    Every recipient of the attempt is in exactly one of `sent`, `deferred`, `rejected`.
+    `code`/`text` is the reply that decided the attempt as a whole (the DATA reply, or
+    the error that ended it); `unknown` marks a connection lost after the final dot.
+    """
+
+    relay: str
+    sent: tuple[str, ...] = ()
+    deferred: tuple[RecipientResult, ...] = ()
+    rejected: tuple[RecipientResult, ...] = ()
+    code: int = 0
+    text: str = ""
+    unknown: bool = False
+    too_large: bool = False
+    # Set when the session itself failed: "connect", "tls", "auth", "timeout" or "protocol".
+    session_error: str = ""

@@ -1,0 +1,44 @@
+"""Pure policy: an envelope and the config in force -> the sender's rule, or a refusal.
+
+Checked before any connection is made: a message that fails it is never relayed.
+"""
+
+from __future__ import annotations
+
+from .config import Config, SenderRule
+from .envelope import Envelope
+from .outcome import Reason, Refusal
+
+__all__ = ["check"]
+
+
+def check(envelope: Envelope, config: Config, size: int) -> SenderRule | Refusal:
+    """Return the `[senders]` entry that allows this message, or why it may not be sent."""
+    policy = config.policy
+    if envelope.sender is None:
+        return Refusal(Reason.NO_SENDER, "no envelope sender (X-Sender, Sender: or a single From:)")
+    rule = config.sender_rule(envelope.sender)
+    if rule is None:
+        return Refusal(Reason.SENDER_NOT_ALLOWED, f"{envelope.sender} matches no [senders] entry")
+    if policy.check_header_from:
+        for address in envelope.header_from:
+            if config.sender_rule(address) is None:
+                return Refusal(
+                    Reason.HEADER_FROM_NOT_ALLOWED,
+                    f"From: {address} matches no [senders] entry (envelope sender"
+                    f" {envelope.sender} is allowed)",
+                )
+    if not envelope.recipients:
+        return Refusal(Reason.NO_RECIPIENTS, "no recipient (X-Receiver, To:, Cc: or Bcc:)")
+    if len(envelope.recipients) > policy.max_recipients:
+        return Refusal(
+            Reason.TOO_MANY_RECIPIENTS,
+            f"{len(envelope.recipients)} recipients, more than max_recipients ="
+            f" {policy.max_recipients}",
+        )
+    if size > policy.max_message_size:
+        return Refusal(
+            Reason.TOO_LARGE,
+            f"{size} bytes, larger than max_message_size = {policy.max_message_size}",
+        )
+    return rule

@@ -1,0 +1,180 @@
+"""SMTP sessions kept open between messages, keyed by relay *and* credentials.
+
+A session is logged in as someone: one authenticated for one sender's credentials never
+carries mail for other credentials (Postfix disables its cache for that reason; we key it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+
+from .config import Credentials, RelayConfig
+
+__all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
+
+# A session is retired after this long even if busy: servers and middleboxes drop old ones.
+MAX_SESSION_AGE = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """What a session is bound to. Any change in the config gives a new key (and new sessions)."""
+
+    relay: str
+    host: str
+    port: int
+    security: str
+    ca_file: Path | None
+    credentials: Credentials | None
+
+    @classmethod
+    def of(cls, relay: RelayConfig, credentials: Credentials | None) -> SessionKey:
+        return cls(relay.name, relay.host, relay.port, relay.security, relay.ca_file, credentials)
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """One open, greeted (and if need be authenticated) SMTP connection."""
+
+    key: SessionKey
+    smtp: aiosmtplib.SMTP
+    opened_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    messages: int = 0
+
+    def fresh(self, relay: RelayConfig, now: float) -> bool:
+        return (
+            self.smtp.is_connected
+            and self.messages < relay.max_messages_per_connection
+            and now - self.opened_at < MAX_SESSION_AGE
+        )
+
+
+class Pool:
+    """At most `max_connections` sessions per relay, shared by all workers of a dispatcher."""
+
+    def __init__(self) -> None:
+        self._idle: dict[SessionKey, list[Session]] = {}
+        self._open: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+        self._tls: dict[Path | None, ssl.SSLContext] = {}
+        self._hostname = socket.gethostname()
+
+    async def acquire(self, relay: RelayConfig, credentials: Credentials | None) -> Session:
+        """An idle session for this relay and credentials, or a new one once there is room.
+
+        Raises whatever connecting, TLS or AUTH raises (aiosmtplib errors, OSError, ssl errors).
+        """
+        key = SessionKey.of(relay, credentials)
+        async with self._changed:
+            while True:
+                now = time.monotonic()
+                idle = self._idle.get(key, [])
+                while idle:
+                    session = idle.pop()
+                    if session.fresh(relay, now):
+                        return session
+                    self._close_locked(session)
+                if self._open.get(relay.name, 0) < relay.max_connections:
+                    self._open[relay.name] = self._open.get(relay.name, 0) + 1
+                    break
+                # Room is taken by idle sessions of other credentials: retire one of them.
+                victim = self._idle_victim(relay.name, key)
+                if victim is not None:
+                    self._close_locked(victim)
+                    continue
+                await self._changed.wait()
+        try:
+            return Session(key, await self._connect(relay, credentials))
+        except BaseException:
+            async with self._changed:
+                self._open[relay.name] -= 1
+                self._changed.notify_all()
+            raise
+
+    async def release(self, session: Session, *, reusable: bool) -> None:
+        """Give a session back: kept for the next message, or closed."""
+        async with self._changed:
+            session.last_used = time.monotonic()
+            if reusable and session.smtp.is_connected:
+                self._idle.setdefault(session.key, []).append(session)
+            else:
+                self._close_locked(session)
+            self._changed.notify_all()
+
+    async def close_idle(self, idle_timeout: dict[str, float]) -> None:
+        """Close sessions idle for longer than their relay's `idle_timeout` (by relay name;
+        sessions of relays no longer configured close at once)."""
+        now = time.monotonic()
+        async with self._changed:
+            for key, sessions in list(self._idle.items()):
+                limit = idle_timeout.get(key.relay, 0.0)
+                for session in [s for s in sessions if now - s.last_used >= limit]:
+                    sessions.remove(session)
+                    self._close_locked(session)
+                if not sessions:
+                    del self._idle[key]
+            self._changed.notify_all()
+
+    async def close_all(self) -> None:
+        """Close every idle session (politely, with QUIT, bounded in time)."""
+        async with self._changed:
+            sessions = [s for group in self._idle.values() for s in group]
+            self._idle.clear()
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(session.smtp.quit(), timeout=2.0)
+            session.smtp.close()
+        async with self._changed:
+            for session in sessions:
+                self._open[session.key.relay] -= 1
+            self._changed.notify_all()
+
+    def _idle_victim(self, relay: str, keep: SessionKey) -> Session | None:
+        for key, sessions in self._idle.items():
+            if key.relay == relay and key != keep and sessions:
+                return sessions.pop(0)
+        return None
+
+    def _close_locked(self, session: Session) -> None:
+        session.smtp.close()
+        self._open[session.key.relay] -= 1
+
+    def _tls_context(self, ca_file: Path | None) -> ssl.SSLContext:
+        # Building a context loads the system store: tens of milliseconds, so once per file.
+        if ca_file not in self._tls:
+            self._tls[ca_file] = ssl.create_default_context(
+                cafile=str(ca_file) if ca_file else None
+            )
+        return self._tls[ca_file]
+
+    async def _connect(
+        self, relay: RelayConfig, credentials: Credentials | None
+    ) -> aiosmtplib.SMTP:
+        tls = relay.security != "none"
+        smtp = aiosmtplib.SMTP(
+            hostname=relay.host,
+            port=relay.port,
+            use_tls=relay.security == "tls",
+            # True: STARTTLS is required, and issued even if not offered (so it fails, loudly).
+            start_tls=relay.security == "starttls",
+            tls_context=self._tls_context(relay.ca_file) if tls else None,
+            timeout=relay.timeout,
+            local_hostname=self._hostname,
+        )
+        await smtp.connect()
+        try:
+            if credentials is not None:
+                await smtp.login(credentials.username, credentials.password.reveal())
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp

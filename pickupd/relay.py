@@ -1,0 +1,220 @@
+"""One SMTP transaction for one message -> a `Delivery` (who was sent, deferred, rejected)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+
+import aiosmtplib
+
+from .config import Credentials, RelayConfig
+from .outcome import Delivery, RecipientResult
+from .pool import Pool, Session
+
+__all__ = ["describe_error", "send"]
+
+_SESSION_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError)
+
+
+def describe_error(exc: BaseException) -> tuple[int, str, str]:
+    """(SMTP code or 0, one line for an operator, kind) for an error that ended a session."""
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return exc.code, f"authentication failed: {exc.code} {exc.message}", "auth"
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code, f"{exc.code} {exc.message}", "protocol"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return 0, f"TLS certificate verification failed: {exc.verify_message}", "tls"
+    if isinstance(exc, ssl.SSLError):
+        return 0, f"TLS error: {exc.reason or exc}", "tls"
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError):
+        return 0, f"timed out: {exc}" if str(exc) else "timed out", "timeout"
+    if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
+        cause = exc.__cause__ or exc
+        if isinstance(cause, ssl.SSLError):
+            return describe_error(cause)
+        return 0, f"cannot connect: {cause}", "connect"
+    text = str(exc) or type(exc).__name__
+    if "STARTTLS" in text:
+        return 0, f"TLS required: {text}", "tls"
+    if "auth" in text.lower():
+        return 0, f"authentication not possible: {text}", "auth"
+    return 0, text, "protocol"
+
+
+def _all(recipients: Sequence[str], code: int, text: str) -> tuple[RecipientResult, ...]:
+    return tuple(RecipientResult(r, code, text) for r in recipients)
+
+
+async def send(
+    pool: Pool,
+    relay: RelayConfig,
+    credentials: Credentials | None,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+) -> Delivery:
+    """Relay `data` from `sender` to `recipients` over a pooled session.
+
+    A pooled session found dead (its RSET fails) is replaced once before the message counts
+    as deferred: servers close idle connections without telling us.
+    """
+    for tries_left in (1, 0):
+        try:
+            session = await pool.acquire(relay, credentials)
+        except _SESSION_ERRORS as exc:
+            code, text, kind = describe_error(exc)
+            return Delivery(
+                relay.name,
+                deferred=_all(recipients, code, text),
+                code=code,
+                text=text,
+                session_error=kind,
+            )
+        if session.messages:
+            try:
+                await session.smtp.rset()
+            except _SESSION_ERRORS as exc:
+                await pool.release(session, reusable=False)
+                if tries_left:
+                    continue
+                code, text, kind = describe_error(exc)
+                return Delivery(
+                    relay.name,
+                    deferred=_all(recipients, code, text),
+                    code=code,
+                    text=text,
+                    session_error=kind,
+                )
+        reusable = False
+        try:
+            delivery = await _transaction(session, relay, sender, recipients, data)
+            reusable = not delivery.unknown and delivery.code != 421
+            return delivery
+        finally:
+            session.messages += 1
+            await pool.release(session, reusable=reusable)
+    raise AssertionError("unreachable")
+
+
+async def _transaction(
+    session: Session,
+    relay: RelayConfig,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+) -> Delivery:
+    smtp = session.smtp
+    ext = smtp.esmtp_extensions
+    name = relay.name
+    limit = _size_limit(ext.get("size", ""))
+    if limit and len(data) > limit:
+        text = f"{len(data)} bytes, larger than the server's SIZE limit of {limit}"
+        return Delivery(name, rejected=_all(recipients, 552, text), text=text, too_large=True)
+
+    options = [f"SIZE={len(data)}"] if "size" in ext else []
+    encoding = "ascii"
+    if not data.isascii():
+        if "8bitmime" in ext:
+            options.append("BODY=8BITMIME")
+        if "smtputf8" in ext:
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+    if not (sender.isascii() and all(r.isascii() for r in recipients)):
+        if "smtputf8" not in ext:
+            text = "an address is not ASCII and the server does not offer SMTPUTF8"
+            return Delivery(name, rejected=_all(recipients, 553, text), code=553, text=text)
+        if "SMTPUTF8" not in options:
+            options.append("SMTPUTF8")
+        encoding = "utf-8"
+
+    try:
+        await smtp.mail(sender, options=options, encoding=encoding)
+    except aiosmtplib.SMTPResponseException as exc:
+        text = f"MAIL FROM: {exc.code} {exc.message}"
+        if exc.code >= 500:
+            return Delivery(
+                name, rejected=_all(recipients, exc.code, text), code=exc.code, text=text
+            )
+        return Delivery(name, deferred=_all(recipients, exc.code, text), code=exc.code, text=text)
+    except _SESSION_ERRORS as exc:
+        code, text, kind = describe_error(exc)
+        return Delivery(
+            name, deferred=_all(recipients, code, text), code=code, text=text, session_error=kind
+        )
+
+    accepted: list[str] = []
+    deferred: list[RecipientResult] = []
+    rejected: list[RecipientResult] = []
+    for index, recipient in enumerate(recipients):
+        try:
+            await smtp.rcpt(recipient, encoding=encoding)
+            accepted.append(recipient)
+        except aiosmtplib.SMTPResponseException as exc:
+            result = RecipientResult(recipient, exc.code, f"RCPT TO: {exc.code} {exc.message}")
+            (rejected if exc.code >= 500 else deferred).append(result)
+            if exc.code == 421:  # the server is closing: the rest must wait too
+                deferred.extend(_all(recipients[index + 1 :], 421, result.text))
+                return Delivery(
+                    name,
+                    deferred=tuple(deferred),
+                    rejected=tuple(rejected),
+                    code=421,
+                    text=result.text,
+                )
+        except _SESSION_ERRORS as exc:
+            code, text, kind = describe_error(exc)
+            deferred.extend(_all(recipients[index:], code, text))
+            return Delivery(
+                name,
+                deferred=tuple(deferred),
+                rejected=tuple(rejected),
+                code=code,
+                text=text,
+                session_error=kind,
+            )
+
+    if not accepted:
+        last = (rejected or deferred)[-1]
+        return Delivery(
+            name, deferred=tuple(deferred), rejected=tuple(rejected), code=last.code, text=last.text
+        )
+
+    try:
+        reply = await smtp.data(data)
+    except aiosmtplib.SMTPResponseException as exc:
+        text = f"DATA: {exc.code} {exc.message}"
+        bucket = rejected if exc.code >= 500 else deferred
+        bucket.extend(_all(accepted, exc.code, text))
+        return Delivery(
+            name, deferred=tuple(deferred), rejected=tuple(rejected), code=exc.code, text=text
+        )
+    except _SESSION_ERRORS as exc:
+        # Lost during DATA: the server may have queued it. A duplicate beats a loss: defer.
+        code, text, kind = describe_error(exc)
+        text = f"outcome unknown, connection lost during DATA: {text}"
+        deferred.extend(_all(accepted, code, text))
+        return Delivery(
+            name,
+            deferred=tuple(deferred),
+            rejected=tuple(rejected),
+            code=code,
+            text=text,
+            unknown=True,
+            session_error=kind,
+        )
+    return Delivery(
+        name,
+        sent=tuple(accepted),
+        deferred=tuple(deferred),
+        rejected=tuple(rejected),
+        code=reply.code,
+        text=reply.message,
+    )
+
+
+def _size_limit(value: str) -> int:
+    try:
+        return int(value.split()[0]) if value.strip() else 0
+    except ValueError:
+        return 0

@@ -1,0 +1,81 @@
+"""The `<id>.json` record that travels beside a message in deferred/, failed/ and sent/."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["Attempt", "Sidecar", "from_timestamp", "to_timestamp"]
+
+
+def from_timestamp(seconds: float) -> str:
+    """Epoch seconds -> ISO 8601 UTC with milliseconds, as written in sidecars and logs."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def to_timestamp(text: str) -> float:
+    """ISO 8601 (as written by `from_timestamp`) -> epoch seconds."""
+    return datetime.fromisoformat(text).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One entry of `history`: what one delivery attempt did."""
+
+    time: str
+    relay: str | None
+    outcome: str
+    code: int | None
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    """Everything an operator needs to know about a queued or failed message."""
+
+    id: str
+    source: str
+    sender: str | None
+    recipients: tuple[str, ...]
+    attempts: int
+    first_seen: str
+    next_attempt: str | None = None
+    reason: str | None = None
+    detail: str = ""
+    message_id: str | None = None
+    split_from: str | None = None
+    history: tuple[Attempt, ...] = field(default=())
+
+    def with_attempt(self, attempt: Attempt, **changes: Any) -> Sidecar:
+        """A copy with `attempt` appended to history and the other fields changed."""
+        return replace(self, history=(*self.history, attempt), **changes)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["recipients"] = list(self.recipients)
+        data["history"] = [asdict(a) for a in self.history]
+        return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Sidecar:
+        """Parse a sidecar; raise ValueError if it is not one."""
+        try:
+            data = json.loads(raw)
+            return cls(
+                id=str(data["id"]),
+                source=str(data.get("source", "")),
+                sender=data.get("sender"),
+                recipients=tuple(str(r) for r in data.get("recipients", ())),
+                attempts=int(data.get("attempts", 0)),
+                first_seen=str(data["first_seen"]),
+                next_attempt=data.get("next_attempt"),
+                reason=data.get("reason"),
+                detail=str(data.get("detail", "")),
+                message_id=data.get("message_id"),
+                split_from=data.get("split_from"),
+                history=tuple(Attempt(**entry) for entry in data.get("history", ())),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a pickupd sidecar: {exc}") from None

@@ -1,0 +1,358 @@
+"""The spool: the only module that creates, reads, renames and removes message files.
+
+The folders are the state machine (pickup -> active -> deferred | failed | sent). A message is
+wherever its `.eml` is; the `.json` sidecar follows it and is written first, so a crash at any
+point leaves each message in exactly one folder. A deferred message's due time is the mtime of
+its `.eml` (as in Postfix), so scanning deferred/ needs no JSON parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from . import ids
+from .sidecar import Sidecar
+
+__all__ = [
+    "Candidate",
+    "Claimed",
+    "Spool",
+    "Unsafe",
+    "atomic_write",
+]
+
+Origin = Literal["new", "eml", "deferred", "recovered"]
+# Maildir: files in tmp/ older than this were abandoned by their writer and may be removed.
+TMP_MAX_AGE = 36 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A file that looks like a message waiting to be claimed."""
+
+    path: Path
+    source: str
+    origin: Origin
+    id: str | None = None  # known for deferred and recovered messages
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A message this process owns: its file is in active/ under a name only we use."""
+
+    id: str
+    path: Path
+    source: str
+    origin: Origin
+    claimed_at: float
+    sidecar: Sidecar | None  # None for a message seen for the first time
+
+
+@dataclass(frozen=True, slots=True)
+class Unsafe:
+    """The claimed file is not something we will read (symlink, fifo, hard link, ...)."""
+
+    detail: str
+    # A hard link may be the Maildir writer between its link() and unlink(): worth a re-read.
+    linked: bool = False
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
+    rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _owner_token() -> str:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+class Spool:
+    """One spool root. Several processes may share it; each claims under its own owner token."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pickup = root / "pickup"
+        self.new = self.pickup / "new"
+        self.tmp = self.pickup / "tmp"
+        self.active = root / "active"
+        self.deferred = root / "deferred"
+        self.failed = root / "failed"
+        self.sent = root / "sent"
+        self.owner = _owner_token()
+        self._host_prefix = self.owner.rpartition("-")[0] + "-"
+        self._lock_fd: int | None = None
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create missing folders (pickup/ is a Maildir root: tmp, new, cur)."""
+        for folder in (
+            self.tmp,
+            self.new,
+            self.pickup / "cur",
+            self.active,
+            self.deferred,
+            self.failed,
+            self.sent,
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> None:
+        """Hold a lock file for our owner token: while it is locked our claims are not stale."""
+        path = self.active / f".owner.{self.owner}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                (self.active / f".owner.{self.owner}").unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- finding work ---------------------------------------------------------------------------
+
+    def scan_pickup(self, now: float, settle: float) -> Iterator[Candidate | float]:
+        """Yield candidates from pickup/new/ and settled pickup/*.eml files.
+
+        For a direct .eml not yet unchanged for `settle`, yields the time it will be (a float),
+        so the caller can come back then.
+        """
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.new) as entries:
+            for entry in entries:
+                if not entry.name.startswith("."):
+                    yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.pickup) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or not name.lower().endswith(".eml"):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                ready = st.st_mtime + settle
+                if stat.S_ISREG(st.st_mode) and ready > now:
+                    yield ready
+                else:
+                    yield Candidate(Path(entry.path), name, "eml")
+
+    def scan_deferred(self, now: float) -> Iterator[Candidate | float]:
+        """Yield deferred messages that are due, and the due time (a float) of the others."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.deferred) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(".eml") or not ids.is_valid(name[:-4]):
+                    continue
+                try:
+                    due = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if due <= now:
+                    yield Candidate(Path(entry.path), name, "deferred", name[:-4])
+                else:
+                    yield due
+
+    def stale_claims(self) -> list[Candidate]:
+        """Claims in active/ left by a process of this host that is gone (its lock is free)."""
+        found = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.active) as entries:
+            names = [e.name for e in entries]
+        owners_alive: dict[str, bool] = {}
+        for name in names:
+            msg_id, dot, owner = name.partition(".")
+            if not dot or not ids.is_valid(msg_id) or not owner.startswith(self._host_prefix):
+                continue
+            if owner not in owners_alive:
+                owners_alive[owner] = owner == self.owner or self._owner_alive(owner)
+            if not owners_alive[owner]:
+                found.append(Candidate(self.active / name, name, "recovered", msg_id))
+        return found
+
+    def _owner_alive(self, owner: str) -> bool:
+        path = self.active / f".owner.{owner}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False
+
+    def clean_tmp(self, now: float) -> int:
+        """Remove Maildir tmp/ files older than 36 hours; return how many."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.tmp) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if now - st.st_mtime > TMP_MAX_AGE and not stat.S_ISDIR(st.st_mode):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
+    # -- claiming and reading -----------------------------------------------------------------
+
+    def claim(self, candidate: Candidate) -> Claimed | None:
+        """Atomically rename the candidate into active/; None if another process was first."""
+        msg_id = candidate.id or ids.new()
+        target = self.active / f"{msg_id}.{self.owner}"
+        try:
+            os.rename(candidate.path, target)
+        except FileNotFoundError:
+            return None
+        now = time.time()
+        sidecar = None
+        if candidate.origin in ("deferred", "recovered"):
+            sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")
+        return Claimed(msg_id, target, candidate.source, candidate.origin, now, sidecar)
+
+    @staticmethod
+    def read_sidecar(path: Path) -> Sidecar | None:
+        try:
+            return Sidecar.from_json(read_limited(path, 16 * 1024 * 1024))
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def read(claimed: Claimed, limit: int) -> bytes | Unsafe | int:
+        """The message bytes; `Unsafe` if the file is not a plain file of its own; or its size
+        (an int) if it is larger than `limit`."""
+        try:
+            fd = os.open(claimed.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return Unsafe("is a symbolic link: not followed")
+            return Unsafe(f"cannot be opened: {exc.strerror}")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return Unsafe(f"is not a regular file ({_file_kind(st.st_mode)})")
+            if st.st_nlink > 1:
+                return Unsafe(
+                    "has other hard links: refused, it could expose a file we can read",
+                    linked=True,
+                )
+            if st.st_size > limit:
+                return st.st_size
+            data = _read_fd(fd, limit + 1)
+        finally:
+            os.close(fd)
+        return len(data) if len(data) > limit else data
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def finish_sent(self, claimed: Claimed, archive: Sidecar | None) -> None:
+        """Delete the message, or archive it to sent/ with its sidecar when `archive` is given."""
+        if archive is None:
+            os.unlink(claimed.path)
+        else:
+            self._move_with_sidecar(claimed, self.sent, archive)
+        self._drop_old_sidecar(claimed)
+
+    def finish_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
+        """Move to deferred/ with its sidecar; it becomes due at `due` (the file's mtime)."""
+        os.utime(claimed.path, (due, due), follow_symlinks=False)
+        self._move_with_sidecar(claimed, self.deferred, sidecar)
+
+    def finish_failed(self, claimed: Claimed, sidecar: Sidecar) -> None:
+        """Move to failed/ with its sidecar (which holds the reason)."""
+        self._move_with_sidecar(claimed, self.failed, sidecar)
+        self._drop_old_sidecar(claimed)
+
+    def write_failed_copy(self, data: bytes, sidecar: Sidecar) -> None:
+        """Write a copy of a message into failed/ (the recipients refused for good, when others
+        of the same message are still to be tried)."""
+        atomic_write(self.failed / f"{sidecar.id}.json", sidecar.to_json())
+        atomic_write(self.failed / f"{sidecar.id}.eml", data)
+
+    def _move_with_sidecar(self, claimed: Claimed, folder: Path, sidecar: Sidecar) -> None:
+        atomic_write(folder / f"{claimed.id}.json", sidecar.to_json())
+        os.rename(claimed.path, folder / f"{claimed.id}.eml")
+        _fsync_dir(folder)
+
+    def _drop_old_sidecar(self, claimed: Claimed) -> None:
+        if claimed.sidecar is not None or claimed.origin == "recovered":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.deferred / f"{claimed.id}.json")
+
+    def count(self, folder: Path, suffix: str = ".eml") -> int:
+        """How many messages a folder holds (for status lines)."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+            return sum(1 for e in entries if e.name.endswith(suffix))
+        return 0
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """Read at most `limit` bytes of a regular file, never following a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return _read_fd(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    chunks = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "an unknown kind of file"

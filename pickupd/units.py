@@ -1,0 +1,56 @@
+"""Durations ("250ms", "30s", "5m", "2h", "5d") and sizes ("25MiB"): pure parsers."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["format_duration", "parse_duration", "parse_size"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_BYTES = {
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds for a duration string; raise ValueError with the expected form."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(
+            f'expected a duration like "250ms", "30s", "5m", "2h" or "5d", got "{text}"'
+        )
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way a person reads them ("1.5s", "2h", "3d")."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size:
+            value = seconds / size
+            return (
+                f"{value:.0f}{unit}" if value >= 10 or value.is_integer() else f"{value:.1f}{unit}"
+            )
+    return f"{seconds * 1000:.0f}ms"
+
+
+def parse_size(value: int | str) -> int:
+    """Return bytes for an integer or a string like "25MiB"; raise ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"expected a positive size, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            size = int(match.group(1)) * _BYTES[(match.group(2) or "b").lower()]
+            if size > 0:
+                return size
+    raise ValueError(f'expected a size like 26214400 or "25MiB", got {value!r}')

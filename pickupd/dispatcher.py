@@ -106,6 +106,13 @@ class Dispatcher:
                 ]
                 group.create_task(self._supervise(workers, helpers))
                 self._ready.set()
+                self.log.info(
+                    "ready",
+                    spool=str(self.spool.root),
+                    once=self.once,
+                    concurrency=self.config.dispatch.concurrency,
+                    relays=sorted(self.config.relays),
+                )
         finally:
             if watcher is not None:
                 watcher.stop()

@@ -36,11 +36,17 @@ class AddressError(ValueError):
 
 # ---- Addresses: a tokenizer, then recursive descent over RFC 5322 3.4 (with RFC 6532 UTF-8).
 
-_ATEXT = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
-)
 _SPECIALS = frozenset("<>@,;:.\\")
 _WORDS = ("atom", "quoted")
+# One token at a match. atext takes any non-ASCII character but C1 controls (RFC 6532);
+# comments nest, so they are skipped by hand (_skip_comment), not by this expression.
+_TOKEN = re.compile(
+    r"(?P<space>[ \t]+)"
+    r'|(?P<quoted>"(?:[^"\\]|\\.)*")'
+    r"|(?P<literal>\[[^\[\]\\\x00-\x08\x0a-\x1f\x7f-\x9f]*\])"
+    r"|(?P<atom>[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00a0-\U0010ffff]+)"
+    r"|(?P<special>[<>@,;:.\\])"
+)
 
 
 class _Token(NamedTuple):
@@ -53,11 +59,6 @@ def _is_control(char: str) -> bool:
     return unicodedata.category(char) == "Cc" and char != "\t"
 
 
-def _is_atext(char: str) -> bool:
-    # Any non-ASCII character is atext under RFC 6532, except C1 controls.
-    return char in _ATEXT or (char > "\x7f" and not _is_control(char))
-
-
 def _tokenize(value: str) -> list[_Token]:
     """Split `value` into tokens, dropping whitespace and comments but noting where they were."""
     if "\r" in value or "\n" in value or "\0" in value:
@@ -66,34 +67,32 @@ def _tokenize(value: str) -> list[_Token]:
     spaced = False
     i = 0
     while i < len(value):
-        char = value[i]
-        start = i
-        if char in " \t":
-            spaced, i = True, i + 1
+        if value[i] == "(":
+            i, spaced = _skip_comment(value, i), True
             continue
-        if char == "(":
-            spaced, i = True, _skip_comment(value, i)
+        match = _TOKEN.match(value, i)
+        if match is None:
+            raise _bad_character(value, i)
+        i, kind, text = match.end(), match.lastgroup or "", match.group()
+        if kind == "space":
+            spaced = True
             continue
-        if char == '"':
-            i = _skip_quoted(value, i)
-            tokens.append(_Token("quoted", value[start:i], spaced))
-        elif char == "[":
-            i = _skip_literal(value, i)
-            tokens.append(_Token("literal", value[start:i], spaced))
-        elif char in ")]":
-            raise AddressError("unbalanced parenthesis" if char == ")" else "unbalanced bracket")
-        elif char in _SPECIALS:
-            i += 1
-            tokens.append(_Token(char, char, spaced))
-        elif _is_atext(char):
-            while i < len(value) and _is_atext(value[i]):
-                i += 1
-            tokens.append(_Token("atom", value[start:i], spaced))
-        else:
-            raise AddressError(f"control character {char!r}")
+        tokens.append(_Token(text if kind == "special" else kind, text, spaced))
         spaced = False
     tokens.append(_Token("end", "", spaced))
     return tokens
+
+
+def _bad_character(value: str, i: int) -> AddressError:
+    """Why no token starts at `i`."""
+    char = value[i]
+    if char == '"':
+        return AddressError("unbalanced quote")
+    if char == "[":
+        return AddressError("bad domain literal" if "]" in value[i:] else "unbalanced bracket")
+    if char in ")]":
+        return AddressError("unbalanced parenthesis" if char == ")" else "unbalanced bracket")
+    return AddressError(f"control character {char!r}")
 
 
 def _skip_comment(value: str, i: int) -> int:
@@ -116,29 +115,10 @@ def _skip_comment(value: str, i: int) -> int:
     raise AddressError("unbalanced parenthesis")
 
 
-def _skip_quoted(value: str, i: int) -> int:
-    """Index just past the quoted string that opens at `i` (controls are allowed inside)."""
-    i += 1
-    while i < len(value):
-        if value[i] == '"':
-            return i + 1
-        i += 2 if value[i] == "\\" else 1
-    raise AddressError("unbalanced quote")
-
-
-def _skip_literal(value: str, i: int) -> int:
-    """Index just past the domain literal that opens at `i` (dtext: no quoted-pairs)."""
-    end = value.find("]", i)
-    if end < 0:
-        raise AddressError("unbalanced bracket")
-    if any(char in "[\\" or _is_control(char) for char in value[i + 1 : end]):
-        raise AddressError("bad domain literal")
-    return end + 1
-
-
-def _unexpected(token: _Token, default: str, end: str = "") -> AddressError:
-    """The error for `token` where it cannot stand; `default` names what is missing there."""
-    if token.kind in ("end", ",", ";", end):
+def _unexpected(token: _Token, default: str, also: str = "") -> AddressError:
+    """The error for `token` where it cannot stand; `default` names what is missing there
+    (said when the value, an element or the kind `also` ends at `token`)."""
+    if token.kind in ("end", ",", ";", also):
         return AddressError(default)
     if token.kind == ">":
         return AddressError("unbalanced angle bracket")
@@ -234,7 +214,7 @@ class _Parser:
         if token.kind in _WORDS:
             raise AddressError("display name without <> around the address")
         if token.kind != "@":  # after a local part, even ">" means the @ is missing
-            raise _unexpected(token, "address without @", end=">")
+            raise _unexpected(token, "address without @", also=">")
         token = self.take()
         if token.kind == "literal":
             inner = "".join(token.text[1:-1].split())  # FWS may appear inside the brackets
@@ -245,7 +225,7 @@ class _Parser:
             return f"{local}@{self.dot_atom(token.text, 'bad domain')}"
         if token.kind == ".":
             raise AddressError("bad domain")
-        raise _unexpected(token, "empty domain", end=">")
+        raise _unexpected(token, "empty domain", also=">")
 
     def dot_atom(self, first: str, problem: str) -> str:
         """The rest of a dot-atom: no CFWS between its parts (that is obsolete syntax)."""
@@ -279,20 +259,12 @@ def _is_null(value: str) -> bool:
 _EOL = re.compile(rb"\r\n|\r|\n")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+(?=:)")
 _LABELS = {
-    "from": "From",
-    "sender": "Sender",
-    "to": "To",
-    "cc": "Cc",
-    "bcc": "Bcc",
-    "x-sender": "X-Sender",
-    "x-receiver": "X-Receiver",
+    name.lower(): name for name in ("From", "Sender", "To", "Cc", "Bcc", "X-Sender", "X-Receiver")
 }
 
 
 class _Malformed(Exception):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+    """Carries the one-line detail of a MALFORMED refusal up to parse()."""
 
 
 @dataclass(slots=True)
@@ -322,14 +294,13 @@ class _Field:
         """The single address of a sender field, None for `<>`."""
         found = self.addresses(null_ok=True)
         if found is not None and len(found) != 1:
-            label = _LABELS[self.name]
-            raise _Malformed(
-                f"{label}: " + ("no address" if not found else "more than one address")
-            )
+            problem = "more than one address" if found else "no address"
+            raise _Malformed(f"{_LABELS[self.name]}: {problem}")
         return found[0] if found else None
 
 
 def _split_fields(head: bytes) -> list[_Field]:
+    """The header section (CRLF line ends) as fields, each with its continuation lines."""
     fields: list[_Field] = []
     for number, line in enumerate(head.splitlines(keepends=True), start=1):
         if line[:1] in (b" ", b"\t"):
@@ -344,16 +315,36 @@ def _split_fields(head: bytes) -> list[_Field]:
     return fields
 
 
+def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str]]:
+    """Sender and recipients from the leading X-Sender / X-Receiver fields."""
+    senders = [f for f in fields if f.name == "x-sender"]
+    # Anything but one sender and some receivers is refused: falling back to To/Cc would
+    # relay the X-Receiver lines (Bcc recipients among them) to everyone.
+    if len(senders) != 1:
+        raise _Malformed("more than one X-Sender: header" if senders else "no X-Sender: header")
+    if len(fields) == 1:
+        raise _Malformed("no X-Receiver: header")
+    recipients: list[str] = []
+    for f in fields:
+        if f.name == "x-receiver":
+            found = f.addresses()
+            if not found:
+                raise _Malformed("X-Receiver: no address")
+            recipients.extend(found)
+    return senders[0].mailbox(), recipients
+
+
 def parse(raw: bytes, *, max_header_size: int = 65536) -> Envelope | Refusal:
     """Envelope, or Refusal(Reason.MALFORMED, detail) — the only header parser of the project."""
     try:
         return _parse(raw, max_header_size)
     except _Malformed as error:
-        return Refusal(Reason.MALFORMED, error.detail)
+        return Refusal(Reason.MALFORMED, str(error))
 
 
 def _parse(raw: bytes, max_header_size: int) -> Envelope:
-    if not raw.strip():
+    """parse(), raising _Malformed."""
+    if not raw or raw.isspace():  # (not strip(): no copy of a large file)
         raise _Malformed("empty file")
     text = _EOL.sub(b"\r\n", raw)
     # The header section ends at the first empty line; it is measured with CRLF line ends,
@@ -372,24 +363,8 @@ def _parse(raw: bytes, max_header_size: int) -> Envelope:
     run = 0
     while run < len(fields) and fields[run].name in ("x-sender", "x-receiver"):
         run += 1
-    pickup = fields[:run]
-    sender: str | None = None
-    recipients: list[str] = []
-    if pickup:
-        senders = [f for f in pickup if f.name == "x-sender"]
-        # Anything but one sender and some receivers is refused: falling back to To/Cc would
-        # send the X-Receiver lines (Bcc recipients among them) on to everyone.
-        if len(senders) != 1:
-            raise _Malformed("X-Sender: " + ("missing" if not senders else "more than one"))
-        if len(pickup) == 1:
-            raise _Malformed("X-Receiver: missing")
-        for f in pickup:
-            if f.name == "x-sender":
-                sender = f.mailbox()
-            elif not (found := f.addresses()):
-                raise _Malformed("X-Receiver: no address")
-            else:
-                recipients.extend(found)
+    pickup = run > 0
+    sender, recipients = _pickup_envelope(fields[:run]) if pickup else (None, [])
 
     kept: list[bytes] = []
     single: dict[str, _Field] = {}  # From: and Sender:, which may appear once

@@ -172,6 +172,12 @@ class Pool:
         )
         await smtp.connect()
         try:
+            # aiosmtplib greets lazily; we need the extensions (SIZE, 8BITMIME) before MAIL.
+            if smtp.last_ehlo_response is None and smtp.last_helo_response is None:
+                try:
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await smtp.helo()
             if credentials is not None:
                 await smtp.login(credentials.username, credentials.password.reveal())
         except BaseException:

@@ -322,7 +322,8 @@ def test_fail_data(smtp_server: SmtpServer) -> None:
 
 
 def test_fail_next_counts_down(smtp_server: SmtpServer) -> None:
-    """fail_next=N applies the scripted fault N times, then the server is normal again."""
+    """fail_next=N applies the scripted fault N times (fail_mail, fail_data and, as an
+    extension, reply_421_at/drop_after_data), then clears it: the server is normal again."""
     smtp_server.fail_data = "451 4.3.0 later"
     smtp_server.fail_next = 2
     codes = []
@@ -342,6 +343,14 @@ def test_fail_next_counts_down(smtp_server: SmtpServer) -> None:
         run(send(smtp_server))
     run(send(smtp_server))
     assert len(smtp_server.received) == 2
+
+    smtp_server.reply_421_at = "RCPT"
+    smtp_server.fail_next = 1
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+        run(send(smtp_server))
+    run(send(smtp_server))
+    assert len(smtp_server.received) == 3
+    assert smtp_server.reply_421_at is None
 
 
 def test_fail_next_zero_means_always(smtp_server: SmtpServer) -> None:

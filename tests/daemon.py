@@ -1,0 +1,220 @@
+"""Run the real `pickupd` process as a user would, and look at what it did.
+
+A `Daemon` writes a TOML config (via tomli-w) pointing at a spool under the test's tmp_path,
+starts `pickupd run` (the installed console script), and offers bounded waits on the log and on
+the spool folders. Nothing here mocks SMTP or the filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mailbox
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+__all__ = ["PICKUPD", "Daemon", "drop_eml", "drop_maildir", "message", "wait_until"]
+
+PICKUPD = str(Path(sys.executable).with_name("pickupd"))
+FOLDERS = ("pickup/new", "active", "deferred", "failed", "sent")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+def message(
+    sender: str = "app@example.com",
+    to: str = "alice@example.net",
+    subject: str = "hello",
+    body: str = "Hello there.\n",
+    extra: str = "",
+    message_id: str | None = None,
+) -> bytes:
+    """A small message with LF line endings, as an app would write it."""
+    mid = message_id or f"<{time.time_ns()}.{os.getpid()}@example.com>"
+    return (
+        f"From: {sender}\nTo: {to}\nSubject: {subject}\nMessage-ID: {mid}\n{extra}\n{body}"
+    ).encode()
+
+
+def drop_maildir(spool: Path, data: bytes) -> str:
+    """Drop with the Maildir protocol (tmp/ then new/); returns the file name in new/."""
+    return mailbox.Maildir(spool / "pickup", create=False).add(data)
+
+
+def drop_eml(spool: Path, name: str, data: bytes) -> Path:
+    """Write a .eml straight into pickup/, as IIS-style writers do."""
+    path = spool / "pickup" / name
+    path.write_bytes(data)
+    return path
+
+
+class Daemon:
+    """One `pickupd` process with its own config and spool."""
+
+    def __init__(
+        self, tmp_path: Path, relays: dict[str, Any], senders: dict[str, Any], **sections: Any
+    ) -> None:
+        self.dir = tmp_path
+        self.spool = tmp_path / "spool"
+        self.config_path = tmp_path / "pickupd.toml"
+        self.log_path = tmp_path / "pickupd.log"
+        self.stderr_path = tmp_path / "pickupd.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, Any] = {
+            "spool": {"path": str(self.spool)},
+            "dispatch": {"settle": "100ms", "rescan_interval": "2s"},
+            "retry": {"schedule": ["300ms"], "max_age": "1h"},
+            "relays": relays,
+            "senders": senders,
+        }
+        for name, values in sections.items():
+            doc.setdefault(name, {}).update(values)
+        self.write_config(doc)
+        self.spool.mkdir(exist_ok=True)
+        for sub in ("tmp", "new", "cur"):
+            (self.spool / "pickup" / sub).mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.config_path.write_text(tomli_w.dumps(doc))
+        self.config_path.chmod(0o600)
+
+    # -- the process --------------------------------------------------------------------------
+
+    def run_once(self, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
+        """`pickupd run --once`: returns when it exits (bounded)."""
+        with self.log_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            return subprocess.run(
+                [PICKUPD, "run", "--once", "-c", str(self.config_path)],
+                stdout=out,
+                stderr=err,
+                timeout=timeout,
+                check=False,
+            )
+
+    def start(self) -> Daemon:
+        """Start `pickupd run` and wait until it logs that it is watching."""
+        ready_before = len(self.events("ready"))
+        out = self.log_path.open("ab")
+        err = self.stderr_path.open("ab")
+        self.proc = subprocess.Popen(
+            [PICKUPD, "run", "-c", str(self.config_path)], stdout=out, stderr=err
+        )
+        out.close()
+        err.close()
+        wait_until(
+            lambda: len(self.events("ready")) > ready_before or self.proc.poll() is not None,  # type: ignore[union-attr]
+            15,
+            "pickupd to log ready",
+        )
+        assert self.proc.poll() is None, f"pickupd exited: {self.stderr()}"
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        """Signal the process and wait for it to exit; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        return code
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    # -- what it did ----------------------------------------------------------------------------
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(raw))
+        return lines
+
+    def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.log_lines()
+            if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    def wait_event(
+        self, name: str, count: int = 1, timeout: float = 10.0, **match: Any
+    ) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: (found := self.events(name, **match)) and len(found) >= count and found,
+            timeout,
+            f"{count} '{name}' log line(s) {match or ''}; log: {self.log_tail()}",
+        )
+
+    def log_tail(self) -> str:
+        return "\n".join(json.dumps(e) for e in self.log_lines()[-8:]) + "\n" + self.stderr()
+
+    def files(self, folder: str, suffix: str = "") -> list[Path]:
+        path = self.spool / folder
+        if not path.exists():
+            return []
+        return sorted(
+            p for p in path.iterdir() if not p.name.startswith(".") and p.name.endswith(suffix)
+        )
+
+    def sidecars(self, folder: str) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in self.files(folder, ".json")]
+
+    def wait_sidecars(
+        self, folder: str, count: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: (
+                (found := self.sidecars(folder))
+                and len(found) >= count
+                and len(self.files(folder, ".eml")) >= count
+                and found
+            ),
+            timeout,
+            f"{count} message(s) in {folder}/; log: {self.log_tail()}",
+        )
+
+    def census(self) -> dict[str, int]:
+        """How many messages each folder holds (pickup counts new/ and direct .eml files)."""
+        counts = {
+            folder: len(
+                self.files(folder, ".eml" if folder in ("deferred", "failed", "sent") else "")
+            )
+            for folder in FOLDERS
+        }
+        counts["pickup/new"] += len(self.files("pickup", ".eml"))
+        return counts
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(signal.SIGKILL if exc[0] else signal.SIGTERM)

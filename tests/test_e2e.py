@@ -1,0 +1,443 @@
+"""End to end: the real `pickupd run` process, a real SMTP server, real folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon import Daemon, drop_eml, drop_maildir, message, wait_until
+from smtpserver import SmtpServer
+
+
+def relay_for(server: SmtpServer, **extra: Any) -> dict[str, Any]:
+    return {"host": server.host, "port": server.port, "security": "none", **extra}
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def make(
+        server: SmtpServer | None = None,
+        relays: dict[str, Any] | None = None,
+        senders: dict[str, Any] | None = None,
+        start: bool = True,
+        **sections: Any,
+    ) -> Daemon:
+        relays = relays or {"main": relay_for(server)} if server else relays or {}
+        senders = senders or {"app@example.com": {"relay": "main"}}
+        daemon = Daemon(tmp_path / f"d{len(daemons)}", relays, senders, **sections)
+        daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in daemons:
+        daemon.stop(signal.SIGKILL)
+
+
+def test_maildir_drop_is_relayed_byte_for_byte(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A Maildir drop reaches the server with the envelope from its headers, the bytes as
+    dropped (LF turned into CRLF, 8-bit UTF-8 kept), Bcc removed, and leaves no file behind."""
+    daemon = make_daemon(smtp_server)
+    body = "Grüße, 東京 — ünïcödé body.\n"
+    raw = message(
+        to="Alice <alice@example.net>",
+        extra="Cc: bob@example.net\nBcc: carol@example.net\n",
+        body=body,
+    )
+    drop_maildir(daemon.spool, raw)
+    (got,) = smtp_server.wait_for(1)
+    assert got.mail_from == "app@example.com"
+    assert got.rcpt_tos == ["alice@example.net", "bob@example.net", "carol@example.net"]
+    expected = raw.replace(b"Bcc: carol@example.net\n", b"").replace(b"\n", b"\r\n")
+    assert got.data == expected
+    assert "BODY=8BITMIME" in got.mail_options
+    daemon.wait_event("sent")
+    assert daemon.census() == {"pickup/new": 0, "active": 0, "deferred": 0, "failed": 0, "sent": 0}
+    (claimed,) = daemon.events("claimed")
+    (sent,) = daemon.events("sent")
+    assert sent["id"] == claimed["id"] and sent["relay"] == "main" and sent["attempt"] == 1
+    assert sent["code"] == 250 and sent["sender"] == "app@example.com"
+
+
+def test_direct_eml_and_x_sender_format(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """An IIS/System.Net.Mail style .eml written straight into pickup/ is taken once settled;
+    its X-Sender/X-Receiver lines give the envelope and are not relayed."""
+    daemon = make_daemon(smtp_server)
+    raw = (
+        b"X-Sender: app@example.com\r\n"
+        b"X-Receiver: one@example.net\r\nX-Receiver: two@example.net\r\n"
+        b"From: App <app@example.com>\r\nTo: someone-else@example.net\r\n"
+        b"Subject: iis\r\n\r\nbody\r\n"
+    )
+    drop_eml(daemon.spool, "iis-style.eml", raw)
+    (got,) = smtp_server.wait_for(1)
+    assert got.mail_from == "app@example.com"
+    assert got.rcpt_tos == ["one@example.net", "two@example.net"]
+    assert got.data == raw.split(b"X-Receiver: two@example.net\r\n", 1)[1]
+    daemon.wait_event("sent")
+    assert daemon.events("claimed")[0]["source"] == "iis-style.eml"
+    assert daemon.census()["pickup/new"] == 0
+
+
+def test_messages_already_waiting_are_taken_at_start(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Files dropped while pickupd was down are all sent when it starts, over one session."""
+    daemon = make_daemon(smtp_server, start=False)
+    for n in range(20):
+        drop_maildir(daemon.spool, message(subject=f"waiting {n}"))
+    daemon.start()
+    got = smtp_server.wait_for(20)
+    assert len(got) == 20
+    daemon.wait_event("sent", count=20)
+    # Connection reuse: 20 messages, 8 workers, default max_connections 4.
+    assert smtp_server.sessions <= 4
+    assert smtp_server.commands.count("RSET") >= 20 - smtp_server.sessions
+
+
+Rejection = tuple[str, dict[str, Any], bytes | None]
+
+
+def _refusal_cases(tmp: Path) -> list[tuple[str, bytes, dict[str, Any]]]:
+    return [
+        ("malformed", b"this is not\na message at all\n", {}),
+        ("malformed", message(sender='"unbalanced <app@example.com>'), {}),
+        ("malformed", message(sender="alice@example.org)<app@example.com>"), {}),
+        ("no_sender", b"To: alice@example.net\nSubject: x\n\nbody\n", {}),
+        ("sender_not_allowed", message(sender="mallory@evil.example"), {}),
+        (
+            "header_from_not_allowed",
+            b"Sender: app@example.com\nFrom: ceo@bank.example\nTo: alice@example.net\n\nx\n",
+            {},
+        ),
+        ("no_recipients", b"From: app@example.com\nSubject: nobody\n\nx\n", {}),
+        ("too_many_recipients", message(to=", ".join(f"r{i}@example.net" for i in range(4))), {}),
+        ("too_large", message(body="x" * 5000), {}),
+    ]
+
+
+def test_every_policy_reason_fails_without_connecting(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Each policy refusal lands in failed/ with its reason code and a readable detail, the
+    original bytes kept, and no connection is ever made to the relay."""
+    daemon = make_daemon(smtp_server, policy={"max_recipients": 3, "max_message_size": 4000})
+    cases = _refusal_cases(daemon.dir)
+    for _, raw, _ in cases:
+        drop_maildir(daemon.spool, raw)
+    sidecars = daemon.wait_sidecars("failed", len(cases))
+    assert sorted(s["reason"] for s in sidecars) == sorted(reason for reason, _, _ in cases)
+    for sidecar in sidecars:
+        assert sidecar["detail"] and sidecar["history"][-1]["outcome"] == "failed"
+        eml = daemon.spool / "failed" / f"{sidecar['id']}.eml"
+        assert eml.read_bytes() in [raw for _, raw, _ in cases]
+    assert smtp_server.sessions == 0
+    failed = daemon.events("failed")
+    assert len(failed) == len(cases) and all(e["reason"] for e in failed)
+
+
+def test_unsafe_files_go_to_failed_without_being_read(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A symlink and a FIFO planted in the pickup folder go to failed/ as unsafe_file; the
+    symlink's target is never read or sent, the FIFO does not block the daemon, and a normal
+    message dropped after them is still relayed."""
+    daemon = make_daemon(smtp_server)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(message(body="TOP SECRET\n"))
+    os.symlink(secret, daemon.spool / "pickup" / "new" / "link")
+    os.mkfifo(daemon.spool / "pickup" / "new" / "fifo")
+    os.symlink(secret, daemon.spool / "pickup" / "linked.eml")
+    drop_maildir(daemon.spool, message(subject="after the traps"))
+    smtp_server.wait_for(1)
+    sidecars = daemon.wait_sidecars("failed", 3)
+    assert {s["reason"] for s in sidecars} == {"unsafe_file"}
+    assert all(b"TOP SECRET" not in r.data for r in smtp_server.received)
+    assert secret.exists()
+    for sidecar in sidecars:
+        assert os.path.lexists(daemon.spool / "failed" / f"{sidecar['id']}.eml")
+
+
+def test_relay_rejections_and_partial_delivery(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Per recipient: 5xx at RCPT -> a failed/ copy with those recipients, 4xx -> deferred/
+    with those, the rest sent; the sidecars and the log say which."""
+    smtp_server.fail_rcpt = {
+        "gone@example.net": "550 5.1.1 no such user",
+        "busy@example.net": "452 4.2.2 mailbox full",
+    }
+    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"]})
+    drop_maildir(daemon.spool, message(to="ok@example.net, gone@example.net, busy@example.net"))
+    (got,) = smtp_server.wait_for(1)
+    assert got.rcpt_tos == ["ok@example.net"]
+    (failed,) = daemon.wait_sidecars("failed")
+    (deferred,) = daemon.wait_sidecars("deferred")
+    assert failed["reason"] == "rejected" and failed["recipients"] == ["gone@example.net"]
+    assert "550 5.1.1 no such user" in failed["detail"]
+    assert failed["split_from"] == deferred["id"]
+    assert deferred["recipients"] == ["busy@example.net"] and deferred["attempts"] == 1
+    assert deferred["next_attempt"] and deferred["history"][-1]["code"] == 452
+    assert daemon.events("sent")[0]["recipients"] == ["ok@example.net"]
+
+
+@pytest.mark.parametrize("where", ["mail", "data"])
+def test_5xx_at_mail_or_data_is_rejected(
+    where: str, smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A permanent refusal of MAIL FROM or of the DATA fails the message as `rejected` with
+    the server's reply in the detail."""
+    setattr(smtp_server, f"fail_{where}", "554 5.7.1 policy says no")
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message())
+    (failed,) = daemon.wait_sidecars("failed")
+    assert failed["reason"] == "rejected" and "554 5.7.1 policy says no" in failed["detail"]
+    assert failed["history"][-1]["code"] == 554 and failed["attempts"] == 1
+    assert daemon.census()["deferred"] == 0
+
+
+def test_transient_failure_is_retried_then_sent(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A 451 defers the message with a sidecar; the retry (schedule 300ms) sends it, and the
+    deferred files are gone afterwards."""
+    smtp_server.fail_mail = "451 4.3.0 try again later"
+    smtp_server.fail_next = 1
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message())
+    (got,) = smtp_server.wait_for(1)
+    assert got.mail_from == "app@example.com"
+    (deferred,) = daemon.events("deferred")
+    assert deferred["code"] == 451 and deferred["attempt"] == 1
+    (sent,) = daemon.wait_event("sent")
+    assert sent["attempt"] == 2 and sent["id"] == deferred["id"]
+    wait_until(lambda: not daemon.files("deferred"), 5, "deferred/ to empty")
+
+
+def test_expiry(smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]) -> None:
+    """Mail still undelivered after max_age fails as `expired`, after a last attempt."""
+    smtp_server.fail_rcpt = {"alice@example.net": "450 4.2.1 mailbox busy"}
+    daemon = make_daemon(smtp_server, retry={"schedule": ["200ms"], "max_age": "1s"})
+    drop_maildir(daemon.spool, message())
+    (failed,) = daemon.wait_sidecars("failed", timeout=15)
+    assert failed["reason"] == "expired" and failed["attempts"] >= 3
+    assert "450 4.2.1 mailbox busy" in failed["detail"]
+    assert daemon.census()["deferred"] == 0
+
+
+def test_outcome_unknown_defers_and_keeps_message_id(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Connection lost after the final dot: deferred (a duplicate beats a loss), logged as
+    outcome_unknown with the Message-ID, which is unchanged when the retry sends it."""
+    smtp_server.drop_after_data = True
+    smtp_server.fail_next = 1
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(message_id="<unknown-1@example.com>"))
+    (got,) = smtp_server.wait_for(1)
+    (unknown,) = daemon.events("outcome_unknown")
+    assert unknown["message_id"] == "<unknown-1@example.com>"
+    assert b"Message-ID: <unknown-1@example.com>\r\n" in got.data
+    assert daemon.wait_event("sent")[0]["attempt"] == 2
+
+
+def test_421_closes_session_and_defers(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A 421 defers what the session carried; the next attempt opens a new session."""
+    smtp_server.reply_421_at = "MAIL"
+    smtp_server.fail_next = 1
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message())
+    smtp_server.wait_for(1)
+    assert daemon.events("deferred")[0]["code"] == 421
+    assert smtp_server.sessions == 2
+
+
+def test_per_sender_credentials_over_starttls(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon], test_ca: Any
+) -> None:
+    """Each sender's mail is relayed logged in with that sender's own credentials (the server
+    sees the right username per message), over STARTTLS verified against the test CA, and a
+    session logged in as one sender never carries another sender's mail."""
+    server = smtp_factory(
+        security="starttls",
+        users={"relay-user": "pw-relay", "billing": "pw-billing"},
+        require_auth=True,
+    )
+    daemon = make_daemon(
+        relays={
+            "main": {
+                "host": "localhost",
+                "port": server.port,
+                "security": "starttls",
+                "ca_file": test_ca.ca_file,
+                "username": "relay-user",
+                "password_env": "PICKUPD_TEST_RELAY_PW",
+            }
+        },
+        senders={
+            "billing@example.com": {
+                "relay": "main",
+                "username": "billing",
+                "password_file": "billing.pw",
+            },
+            "*@example.com": {"relay": "main"},
+        },
+        start=False,
+    )
+    (daemon.dir / "billing.pw").write_text("pw-billing\n")
+    (daemon.dir / "billing.pw").chmod(0o600)
+    os.environ["PICKUPD_TEST_RELAY_PW"] = "pw-relay"
+    try:
+        daemon.start()
+    finally:
+        del os.environ["PICKUPD_TEST_RELAY_PW"]
+    for n in range(3):
+        drop_maildir(daemon.spool, message(sender="billing@example.com", subject=f"invoice {n}"))
+        drop_maildir(daemon.spool, message(sender="app@example.com", subject=f"app {n}"))
+    got = server.wait_for(6)
+    assert all(r.tls for r in got)
+    for r in got:
+        assert r.username == ("billing" if r.mail_from == "billing@example.com" else "relay-user")
+    by_session: dict[int, set[str | None]] = {}
+    for r in got:
+        by_session.setdefault(r.session, set()).add(r.username)
+    assert all(len(users) == 1 for users in by_session.values())
+    log = daemon.log_path.read_text()
+    assert "pw-billing" not in log and "pw-relay" not in log
+
+
+def test_starttls_required_but_not_offered_defers(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon]
+) -> None:
+    """A relay with security = "starttls" whose server does not offer STARTTLS: nothing is
+    sent in clear, the message is deferred with a TLS reason."""
+    server = smtp_factory(security="none", offer_starttls=False)
+    daemon = make_daemon(
+        relays={"main": {"host": "127.0.0.1", "port": server.port, "security": "starttls"}}
+    )
+    drop_maildir(daemon.spool, message())
+    (deferred,) = daemon.wait_sidecars("deferred")
+    assert "TLS" in deferred["detail"] or "STARTTLS" in deferred["detail"]
+    assert "MAIL" not in server.commands and server.received == []
+
+
+def test_auth_failure_defers_and_logs_an_error(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon], test_ca: Any
+) -> None:
+    """A wrong password (535) defers the message and logs an error an operator will see,
+    without the password in it."""
+    server = smtp_factory(security="tls", users={"u": "right"}, require_auth=True)
+    daemon = make_daemon(
+        relays={
+            "main": {
+                "host": "localhost",
+                "port": server.port,
+                "security": "tls",
+                "ca_file": test_ca.ca_file,
+                "username": "u",
+                "password": "wrong-pw",
+            }
+        },
+    )
+    drop_maildir(daemon.spool, message())
+    (deferred,) = daemon.wait_sidecars("deferred")
+    assert "535" in deferred["detail"]
+    (error,) = daemon.wait_event("relay_auth_failed")
+    assert error["level"] == "error" and error["code"] == 535
+    assert "wrong-pw" not in daemon.log_path.read_text()
+
+
+def test_fixing_the_password_rescues_deferred_mail(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon], test_ca: Any
+) -> None:
+    """Credentials are looked up at each attempt, never frozen into the queued message: after
+    the operator fixes the password and restarts, the deferred mail goes out."""
+    server = smtp_factory(security="tls", users={"u": "right"}, require_auth=True)
+    relay = {
+        "host": "localhost",
+        "port": server.port,
+        "security": "tls",
+        "ca_file": test_ca.ca_file,
+        "username": "u",
+        "password": "wrong",
+    }
+    daemon = make_daemon(relays={"main": relay}, retry={"schedule": ["500ms"]})
+    drop_maildir(daemon.spool, message())
+    daemon.wait_sidecars("deferred")
+    assert daemon.stop() == 0
+    daemon.write_config({**daemon.doc, "relays": {"main": {**relay, "password": "right"}}})
+    daemon.start()
+    (got,) = server.wait_for(1)
+    assert got.username == "u"
+    wait_until(lambda: not daemon.files("deferred"), 5, "deferred/ to empty")
+
+
+def test_sigterm_loses_nothing(smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]) -> None:
+    """SIGTERM in the middle of a backlog: exit 0, and every message is either received by
+    the server or still in the spool (pickup or deferred), never in active/, never twice."""
+    daemon = make_daemon(smtp_server, start=False)
+    total = 200
+    for n in range(total):
+        drop_maildir(daemon.spool, message(subject=f"m{n}", message_id=f"<m{n}@example.com>"))
+    daemon.start()
+    smtp_server.wait_for(5)
+    assert daemon.stop() == 0
+    census = daemon.census()
+    assert census["active"] == 0
+    received = {r.data.split(b"Message-ID: ")[1].split(b"\r\n")[0] for r in smtp_server.received}
+    assert len(received) == len(smtp_server.received)  # nothing sent twice
+    assert len(received) + census["pickup/new"] + census["deferred"] == total
+
+
+def test_stale_claims_are_recovered_at_start(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A message left in active/ by a run of this host that died (kill -9) is sent when the
+    next run starts."""
+    smtp_server.stall = "MAIL"
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(message_id="<stuck@example.com>"))
+    wait_until(lambda: daemon.files("active"), 5, "the claim")
+    daemon.stop(signal.SIGKILL)
+    assert len(daemon.files("active")) == 1
+    smtp_server.stall = None
+    daemon.start()
+    (got,) = smtp_server.wait_for(1)
+    assert b"<stuck@example.com>" in got.data
+    wait_until(lambda: not daemon.files("active"), 5, "active/ to empty")
+    assert daemon.events("recovered")
+
+
+def test_run_once_exits_when_done(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """`pickupd run --once` sends what is waiting and exits 0."""
+    daemon = make_daemon(smtp_server, start=False)
+    for n in range(5):
+        drop_maildir(daemon.spool, message(subject=f"once {n}"))
+    result = daemon.run_once()
+    assert result.returncode == 0, daemon.stderr()
+    assert len(smtp_server.received) == 5
+    assert daemon.census()["pickup/new"] == 0
+
+
+def test_keep_sent_archives_with_sidecar(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """With keep_sent, a relayed message is moved to sent/ beside its sidecar."""
+    daemon = make_daemon(smtp_server, spool={"keep_sent": True})
+    drop_maildir(daemon.spool, message())
+    (sidecar,) = daemon.wait_sidecars("sent")
+    assert sidecar["attempts"] == 1 and sidecar["history"][-1]["outcome"] == "sent"
+    assert sidecar["recipients"] == ["alice@example.net"]

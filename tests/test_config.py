@@ -1,0 +1,204 @@
+"""The config loader and `pickupd check`: real TOML files, real exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from daemon import PICKUPD
+
+from pickupd.config import Secret, load
+from pickupd.errors import ConfigError
+
+GOOD = """
+[spool]
+path = "spool"
+
+[relays.main]
+host = "smtp.example.com"
+port = 587
+username = "relay"
+password_file = "relay.pw"
+
+[relays.local]
+host = "127.0.0.1"
+port = 2525
+security = "none"
+
+[senders."app@example.com"]
+relay = "main"
+username = "app"
+password_env = "PICKUPD_TEST_APP_PW"
+
+[senders."*@example.com"]
+relay = "local"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "pickupd.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return info.value.problems
+
+
+@pytest.fixture
+def good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "relay.pw").write_text("s3cret\n")
+    (tmp_path / "relay.pw").chmod(0o600)
+    monkeypatch.setenv("PICKUPD_TEST_APP_PW", "app-secret")
+    return write(tmp_path, GOOD)
+
+
+def test_good_config_loads_with_defaults(good: Path) -> None:
+    """A valid file gives typed values, defaults where unset, paths relative to the file."""
+    config = load(good)
+    assert config.spool.path == good.parent / "spool"
+    main = config.relays["main"]
+    assert (main.host, main.port, main.security, main.timeout) == (
+        "smtp.example.com",
+        587,
+        "starttls",
+        30.0,
+    )
+    assert main.credentials is not None and main.credentials.password.reveal() == "s3cret"
+    assert config.relays["local"].credentials is None
+    assert config.retry.schedule == (60.0, 300.0, 900.0, 3600.0, 7200.0, 14400.0)
+    assert config.retry.max_age == 5 * 86400
+    assert config.policy.max_message_size == 25 * 1024 * 1024
+    assert config.dispatch.settle == 1.0 and config.dispatch.rescan_interval == 30.0
+    rule = config.sender_rule("APP@Example.COM")
+    assert rule is not None and rule.credentials is not None
+    assert rule.credentials.username == "app"
+    domain_rule = config.sender_rule("other@example.com")
+    assert domain_rule is not None and domain_rule.relay == "local"
+    assert config.sender_rule("app@example.com.evil") is None
+
+
+def test_secrets_never_print_themselves(good: Path) -> None:
+    """repr/str of the config, and of a Secret, never show a password."""
+    config = load(good)
+    text = repr(config) + str(config.relays["main"])
+    assert "s3cret" not in text and "app-secret" not in text
+    assert str(Secret("x")) == "Secret('***')"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[relays.main]\nhost = "h"\nport = "abc"\n[senders."a@b.c"]\nrelay = "main"\n',
+            'relays.main.port: expected an integer 1-65535, got "abc"',
+        ),
+        (
+            '[relays.main]\nhost = "h"\nprot = 25\n[senders."a@b.c"]\nrelay = "main"\n',
+            "relays.main.prot: unknown key",
+        ),
+        (
+            '[relays.main]\nhost = "h"\n[senders."a@b.c"]\nrelay = "mian"\n',
+            'senders."a@b.c".relay: no relay named "mian" (relays: main)',
+        ),
+        (
+            '[retry]\nschedule = ["1m", "soon"]\n[relays.m]\nhost = "h"\n'
+            '[senders."a@b.c"]\nrelay = "m"\n',
+            'retry.schedule: expected a duration like "250ms", "30s", "5m", "2h" or "5d", '
+            'got "soon"',
+        ),
+        (
+            '[relays.m]\nhost = "mail.example.com"\nsecurity = "none"\nusername = "u"\n'
+            'password = "p"\n[senders."a@b.c"]\nrelay = "m"\n',
+            "relays.m.username: credentials would be sent in clear to mail.example.com",
+        ),
+        ('[spool]\nkeep_sent = "yes"\n', "spool.keep_sent: expected true or false"),
+        ("[relays.m]\nport = 25\n", "relays.m.host: required"),
+        ('[senders."not-an-address"]\nrelay = "x"\n', 'senders."not-an-address": expected'),
+        ("[spool\n", "not valid TOML"),
+        ("[bogus]\n", "bogus: unknown key"),
+    ],
+)
+def test_problems_name_the_file_and_key_path(tmp_path: Path, toml: str, expected: str) -> None:
+    """Each problem is one line: `file: key.path: problem`."""
+    path = write(tmp_path, toml)
+    found = problems(path)
+    assert any(line.startswith(f"{path}: ") and expected in line for line in found), found
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    """The loader collects every problem instead of stopping at the first."""
+    path = write(tmp_path, '[relays.m]\nport = 0\ntimeout = "x"\n[senders."a@b.c"]\nrelay = "q"\n')
+    assert len(problems(path)) >= 4
+
+
+def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    """A password file others can read is a config error (as ssh and msmtp refuse it)."""
+    (tmp_path / "pw").write_text("secret\n")
+    (tmp_path / "pw").chmod(0o644)
+    path = write(
+        tmp_path,
+        '[relays.m]\nhost = "h"\nusername = "u"\npassword_file = "pw"\n'
+        '[senders."a@b.c"]\nrelay = "m"\n',
+    )
+    (line,) = problems(path)
+    assert "relays.m.password_file" in line and "can be read by others" in line
+    assert "secret" not in line
+
+
+def test_config_with_inline_password_must_be_private(tmp_path: Path) -> None:
+    """A config file that holds a password itself must not be readable by others."""
+    path = write(
+        tmp_path,
+        '[relays.m]\nhost = "h"\nusername = "u"\npassword = "hunter2"\n'
+        '[senders."a@b.c"]\nrelay = "m"\n',
+    )
+    load(path)
+    path.chmod(0o644)
+    (line,) = problems(path)
+    assert "others can read it" in line and "hunter2" not in line
+
+
+def test_password_file_single_trailing_newline_is_ignored(tmp_path: Path) -> None:
+    """`echo secret > file` works: one trailing newline is not part of the password."""
+    (tmp_path / "pw").write_text("pa ss\n\n")
+    (tmp_path / "pw").chmod(0o600)
+    path = write(
+        tmp_path,
+        '[relays.m]\nhost = "h"\nusername = "u"\npassword_file = "pw"\n'
+        '[senders."a@b.c"]\nrelay = "m"\n',
+    )
+    creds = load(path).relays["m"].credentials
+    assert creds is not None and creds.password.reveal() == "pa ss\n"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PICKUPD, *args], capture_output=True, text=True, timeout=30, check=False, env=env
+    )
+
+
+def test_check_command_exit_codes(tmp_path: Path, good: Path) -> None:
+    """`pickupd check` exits 0 on a good config and 78 with one line per problem on a bad
+    one; `run` refuses a bad config the same way; a usage error exits 64."""
+    import os
+
+    env = {**os.environ, "PICKUPD_TEST_APP_PW": "x"}
+    ok = run("check", "-c", str(good), env=env)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    bad = write(tmp_path, '[relays.main]\nhost = "h"\nport = "abc"\n', "bad.toml")
+    result = run("check", "-c", str(bad))
+    assert result.returncode == 78
+    assert f'{bad}: relays.main.port: expected an integer 1-65535, got "abc"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run("run", "-c", str(bad)).returncode == 78
+    via_env = run("check", env={**os.environ, "PICKUPD_CONFIG": str(bad)})
+    assert via_env.returncode == 78 and str(bad) in via_env.stderr
+    missing = run("check", "-c", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 78 and "nope.toml: cannot read config" in missing.stderr
+    assert run("frobnicate").returncode == 64
+    assert run("run", "--bogus").returncode == 64

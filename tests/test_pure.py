@@ -1,0 +1,129 @@
+"""Pure modules on real values: units, ids, retry, sidecar, policy."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from pickupd import envelope, ids, policy, retry
+from pickupd.config import Config, PolicyConfig, RelayConfig, SenderRule
+from pickupd.outcome import Reason, Refusal
+from pickupd.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
+from pickupd.units import format_duration, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30), ("5m", 300), ("2h", 7200), ("5d", 432000), ("1.5s", 1.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    """Duration strings of the contract parse to seconds."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "5 minutes", "-1s", "1w", "ms"])
+def test_bad_durations_say_what_is_expected(text: str) -> None:
+    """A bad duration raises ValueError naming the expected form."""
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text)
+
+
+def test_sizes_and_formatting() -> None:
+    """Sizes accept bytes or units; durations format for people."""
+    assert parse_size(100) == 100
+    assert parse_size("25MiB") == 25 * 1024 * 1024
+    assert parse_size("64KiB") == 65536
+    with pytest.raises(ValueError):
+        parse_size("lots")
+    assert format_duration(432000) == "5d"
+    assert format_duration(0.25) == "250ms"
+
+
+def test_ids_sort_by_time_and_are_unique() -> None:
+    """Ids are filename-safe, 26 characters, unique, and sort in creation order."""
+    made = [ids.new() for _ in range(2000)]
+    assert len(set(made)) == len(made)
+    assert all(ids.is_valid(i) for i in made)
+    assert not ids.is_valid("../etc/passwd") and not ids.is_valid("")
+    first = ids.new()
+    import time
+
+    time.sleep(0.002)
+    assert ids.new() > first
+
+
+def test_retry_schedule_repeats_last_with_jitter() -> None:
+    """Delays follow the schedule (+-10%), the last one repeating."""
+    rng = random.Random(7)
+    schedule = (60.0, 300.0, 3600.0)
+    for attempts, base in [(1, 60), (2, 300), (3, 3600), (9, 3600)]:
+        for _ in range(50):
+            due = retry.next_attempt(attempts, 0.0, 100.0, schedule, 10**9, rng)
+            assert due is not None
+            assert 0.9 * base <= due - 100.0 <= 1.1 * base
+    spread = {retry.next_attempt(1, 0.0, 100.0, schedule, 10**9, rng) for _ in range(20)}
+    assert len(spread) > 1  # jitter: a fleet does not retry in lock-step
+
+
+def test_retry_last_attempt_at_max_age_then_expired() -> None:
+    """The last attempt is scheduled at max_age exactly; after that it is expired."""
+    assert retry.next_attempt(5, 0.0, 990.0, (60.0,), 1000.0) == 1000.0
+    assert retry.next_attempt(5, 0.0, 1000.0, (60.0,), 1000.0) is None
+
+
+def test_sidecar_round_trip() -> None:
+    """A sidecar survives JSON and keeps its history; garbage is refused."""
+    car = Sidecar("X", "new/a", "a@b", ("c@d",), 0, from_timestamp(1.5)).with_attempt(
+        Attempt(from_timestamp(2), "main", "deferred", 451, "try later"), attempts=1
+    )
+    again = Sidecar.from_json(car.to_json())
+    assert again == car and to_timestamp(again.first_seen) == 1.5
+    with pytest.raises(ValueError):
+        Sidecar.from_json(b'{"no": "id"}')
+
+
+def _config(**policy_values: object) -> Config:
+    return Config(
+        path=Path("t.toml"),
+        policy=PolicyConfig(**policy_values),  # type: ignore[arg-type]
+        relays={"m": RelayConfig("m", "h", 25)},
+        senders=(SenderRule("app@example.com", "m"), SenderRule("*@corp.example", "m")),
+    )
+
+
+def _env(raw: bytes) -> envelope.Envelope:
+    parsed = envelope.parse(raw)
+    assert isinstance(parsed, envelope.Envelope)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"To: x@y\n\nb\n", Reason.NO_SENDER),
+        (b"From: a@evil.example\nTo: x@y\n\nb\n", Reason.SENDER_NOT_ALLOWED),
+        (b"From: a@corp.example.evil\nTo: x@y\n\nb\n", Reason.SENDER_NOT_ALLOWED),
+        (
+            b"Sender: app@example.com\nFrom: boss@evil\nTo: x@y\n\nb\n",
+            Reason.HEADER_FROM_NOT_ALLOWED,
+        ),
+        (b"From: APP@EXAMPLE.COM\n\nb\n", Reason.NO_RECIPIENTS),
+        (b"From: app@example.com\nTo: a@x, b@x, c@x\n\nb\n", Reason.TOO_MANY_RECIPIENTS),
+        (b"From: app@example.com\nTo: a@x\n\n" + b"x" * 300 + b"\n", Reason.TOO_LARGE),
+    ],
+)
+def test_policy_refusals(raw: bytes, reason: Reason) -> None:
+    """Each policy rule refuses with its reason code and a detail."""
+    result = policy.check(_env(raw), _config(max_recipients=2, max_message_size=200), len(raw))
+    assert isinstance(result, Refusal) and result.reason is reason and result.detail
+
+
+def test_policy_allows_exact_and_domain_senders() -> None:
+    """Exact addresses and *@domain entries match case-insensitively; check_header_from off
+    lets an allowed envelope carry another From:."""
+    ok = policy.check(_env(b"From: Bob <bob@CORP.example>\nTo: a@x\n\nb\n"), _config(), 40)
+    assert isinstance(ok, SenderRule) and ok.pattern == "*@corp.example"
+    raw = b"Sender: app@example.com\nFrom: boss@evil\nTo: x@y\n\nb\n"
+    assert isinstance(policy.check(_env(raw), _config(check_header_from=False), 40), SenderRule)

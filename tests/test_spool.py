@@ -1,0 +1,128 @@
+"""The spool on a real filesystem: claims, races, atomic writes, recovery."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pickupd.sidecar import Sidecar, from_timestamp
+from pickupd.spool import Candidate, Spool, Unsafe, atomic_write
+
+
+def make(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    return spool
+
+
+def test_layout_is_created(tmp_path: Path) -> None:
+    """ensure() creates the Maildir pickup root and the state folders."""
+    spool = make(tmp_path)
+    for sub in ("pickup/tmp", "pickup/new", "pickup/cur", "active", "deferred", "failed", "sent"):
+        assert (spool.root / sub).is_dir()
+
+
+def test_claim_is_exclusive(tmp_path: Path) -> None:
+    """Two spools (two dispatchers) claiming the same file: exactly one wins."""
+    first, second = make(tmp_path), Spool(tmp_path / "spool")
+    second.owner = "other-host-1"
+    (first.new / "m1").write_bytes(b"x")
+    candidate = Candidate(first.new / "m1", "new/m1", "new")
+    results = [first.claim(candidate), second.claim(candidate)]
+    assert sum(r is not None for r in results) == 1
+    assert len(os.listdir(first.active)) == 1
+
+
+def test_read_refuses_what_is_not_a_plain_file(tmp_path: Path) -> None:
+    """Symlinks are not followed, FIFOs do not block, oversize is reported without reading."""
+    spool = make(tmp_path)
+    (tmp_path / "target").write_bytes(b"secret")
+    os.symlink(tmp_path / "target", spool.new / "link")
+    os.mkfifo(spool.new / "fifo")
+    (spool.new / "big").write_bytes(b"y" * 1000)
+    found = {}
+    for name in ("link", "fifo", "big"):
+        claimed = spool.claim(Candidate(spool.new / name, name, "new"))
+        assert claimed is not None
+        found[name] = spool.read(claimed, 100)
+    assert isinstance(found["link"], Unsafe) and "symbolic link" in found["link"].detail
+    assert isinstance(found["fifo"], Unsafe) and "fifo" in found["fifo"].detail
+    assert found["big"] == 1000
+
+
+def test_hard_links_are_refused(tmp_path: Path) -> None:
+    """A file with another hard link (e.g. to a file only the daemon can read) is unsafe."""
+    spool = make(tmp_path)
+    (tmp_path / "private").write_bytes(b"From: a@b\n\nsecret\n")
+    os.link(tmp_path / "private", spool.new / "m")
+    claimed = spool.claim(Candidate(spool.new / "m", "new/m", "new"))
+    assert claimed is not None
+    result = spool.read(claimed, 1000)
+    assert isinstance(result, Unsafe) and result.linked
+
+
+def test_direct_eml_waits_for_settle(tmp_path: Path) -> None:
+    """A .eml in pickup/ is offered only once unchanged for `settle`; dotfiles never."""
+    spool = make(tmp_path)
+    (spool.pickup / "fresh.eml").write_bytes(b"x")
+    (spool.pickup / ".hidden.eml").write_bytes(b"x")
+    (spool.pickup / "notes.txt").write_bytes(b"x")
+    now = time.time()
+    items = list(spool.scan_pickup(now, 5.0))
+    assert len(items) == 1 and isinstance(items[0], float) and items[0] > now
+    items = list(spool.scan_pickup(now + 10, 5.0))
+    assert [i.source for i in items if isinstance(i, Candidate)] == ["fresh.eml"]
+
+
+def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
+    """finish_deferred sets the due time; scan_deferred offers it only once due."""
+    spool = make(tmp_path)
+    (spool.new / "m").write_bytes(b"x")
+    claimed = spool.claim(Candidate(spool.new / "m", "new/m", "new"))
+    assert claimed is not None
+    car = Sidecar(claimed.id, "new/m", "a@b", ("c@d",), 1, from_timestamp(time.time()))
+    due = time.time() + 100
+    spool.finish_deferred(claimed, car, due)
+    assert list(spool.scan_deferred(time.time())) == [due]
+    (item,) = spool.scan_deferred(due + 1)
+    assert isinstance(item, Candidate) and item.id == claimed.id
+    again = spool.claim(item)
+    assert again is not None and again.sidecar == car
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    """atomic_write replaces the file whole and leaves nothing else behind."""
+    target = tmp_path / "x.json"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two" and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_stale_claims_of_dead_owners_only(tmp_path: Path) -> None:
+    """Claims of a live owner (its lock held) are left alone; a dead owner's are recovered."""
+    spool = make(tmp_path)
+    spool.lock()
+    (spool.new / "mine").write_bytes(b"x")
+    assert spool.claim(Candidate(spool.new / "mine", "new/mine", "new")) is not None
+    live = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"],
+    )
+    try:
+        other = Spool(spool.root)
+        other.owner = f"{spool.owner.rpartition('-')[0]}-{live.pid}"
+        other.lock()  # held by this test process on behalf of the "live" owner
+        (spool.new / "theirs").write_bytes(b"x")
+        assert other.claim(Candidate(spool.new / "theirs", "new/theirs", "new")) is not None
+        dead = Spool(spool.root)
+        dead.owner = f"{spool.owner.rpartition('-')[0]}-999999999"
+        (spool.new / "dead").write_bytes(b"x")
+        dead_claim = dead.claim(Candidate(spool.new / "dead", "new/dead", "new"))
+        assert dead_claim is not None
+        stale = spool.stale_claims()
+        assert [c.id for c in stale] == [dead_claim.id]
+    finally:
+        live.kill()
+        live.wait()

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import envelope, ids, policy, relay, retry
 from . import log as logs
-from .config import Config
+from .config import Config, SenderRule
 from .outcome import Delivery, Reason, RecipientResult, Refusal
 from .pool import Pool
 from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
@@ -279,8 +279,6 @@ class Dispatcher:
         if claimed is None:
             return  # another dispatcher took it first
         self.stats.claimed += 1
-        if claimed.origin in ("new", "eml"):
-            self.log.info("claimed", id=claimed.id, source=claimed.source)
         try:
             await self._deliver(claimed)
         except asyncio.CancelledError:
@@ -298,6 +296,32 @@ class Dispatcher:
 
     async def _deliver(self, claimed: Claimed) -> None:
         config = self.config  # the config in force for this whole attempt
+        data, parsed, decision = await self._examine(claimed, config)
+        self.log.info(
+            "claimed",
+            id=claimed.id,
+            source=claimed.source,
+            sender=parsed.sender if parsed else None,
+            recipients=list(parsed.recipients) if parsed else [],
+            relay=None if isinstance(decision, Refusal) else decision.relay,
+            attempt=(claimed.sidecar.attempts if claimed.sidecar else 0) + 1,
+        )
+        if isinstance(decision, Refusal):
+            self._fail(claimed, parsed, decision)
+            return
+        assert parsed is not None and parsed.sender is not None  # policy.check saw to that
+        relay_config = config.relays[decision.relay]
+        credentials = decision.credentials or relay_config.credentials
+        delivery = await relay.send(
+            self.pool, relay_config, credentials, parsed.sender, parsed.recipients, parsed.data
+        )
+        self._record(claimed, parsed, delivery, data)
+
+    async def _examine(
+        self, claimed: Claimed, config: Config
+    ) -> tuple[bytes, envelope.Envelope | None, SenderRule | Refusal]:
+        """Read, parse and check a claimed message: the bytes, the envelope if it parsed, and
+        the sender's rule or the reason it may not be sent."""
         data = self.spool.read(claimed, config.policy.max_message_size)
         for _ in range(50):  # a Maildir writer between link() and unlink(): up to 1 s
             if not (isinstance(data, Unsafe) and data.linked):
@@ -305,33 +329,18 @@ class Dispatcher:
             await asyncio.sleep(0.02)
             data = self.spool.read(claimed, config.policy.max_message_size)
         if isinstance(data, Unsafe):
-            self._fail(
-                claimed, None, Refusal(Reason.UNSAFE_FILE, f"{claimed.source} {data.detail}")
-            )
-            return
+            return b"", None, Refusal(Reason.UNSAFE_FILE, f"{claimed.source} {data.detail}")
         if isinstance(data, int):
             limit = config.policy.max_message_size
             detail = f"{data} bytes, larger than max_message_size = {limit}"
-            self._fail(claimed, None, Refusal(Reason.TOO_LARGE, detail))
-            return
+            return b"", None, Refusal(Reason.TOO_LARGE, detail)
         parsed = envelope.parse(data, max_header_size=config.policy.max_header_size)
         if isinstance(parsed, Refusal):
-            self._fail(claimed, None, parsed)
-            return
+            return data, None, parsed
         if claimed.sidecar is not None and claimed.sidecar.recipients:
             # Recipients already delivered (or failed) are not sent to again.
             parsed = dataclasses.replace(parsed, recipients=claimed.sidecar.recipients)
-        decision = policy.check(parsed, config, len(data))
-        if isinstance(decision, Refusal):
-            self._fail(claimed, parsed, decision)
-            return
-        assert parsed.sender is not None  # policy.check refuses a message without one
-        relay_config = config.relays[decision.relay]
-        credentials = decision.credentials or relay_config.credentials
-        delivery = await relay.send(
-            self.pool, relay_config, credentials, parsed.sender, parsed.recipients, parsed.data
-        )
-        self._record(claimed, parsed, delivery, data)
+        return data, parsed, policy.check(parsed, config, len(data))
 
     # -- outcomes --------------------------------------------------------------------------------
 

@@ -25,6 +25,13 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _order(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Time, level and event first: the columns a person scans a journal by.
+    head = {key: event.pop(key) for key in ("timestamp", "level", "event") if key in event}
+    head.update(event)
+    return head
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Set up structlog for the whole process."""
     renderer: Any = (
@@ -38,6 +45,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
+            _order,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -310,6 +310,20 @@ class SmtpServer:
                 self._changed.wait(remaining)
             return list(self._received)
 
+    def drop_connections(self) -> None:
+        """Abort every open connection, as a server that times out idle clients does."""
+        loop = self._loop
+        assert loop is not None, "server not started"
+        done = threading.Event()
+
+        def abort_all() -> None:
+            for conn in list(self._live):
+                conn.abort()
+            done.set()
+
+        loop.call_soon_threadsafe(abort_all)
+        assert done.wait(5), "server loop did not answer"
+
     def reset(self) -> None:
         """Forget received messages, commands, auth attempts, the session count and faults."""
         with self._lock:

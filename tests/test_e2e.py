@@ -441,3 +441,47 @@ def test_keep_sent_archives_with_sidecar(
     (sidecar,) = daemon.wait_sidecars("sent")
     assert sidecar["attempts"] == 1 and sidecar["history"][-1]["outcome"] == "sent"
     assert sidecar["recipients"] == ["alice@example.net"]
+
+
+def test_server_size_limit_fails_as_too_large(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon]
+) -> None:
+    """A message larger than the server's advertised SIZE fails as too_large, never sent."""
+    server = smtp_factory(size_limit=600)
+    daemon = make_daemon(server)
+    drop_maildir(daemon.spool, message(body="x" * 1000 + "\n"))
+    (failed,) = daemon.wait_sidecars("failed")
+    assert failed["reason"] == "too_large" and "SIZE limit of 600" in failed["detail"]
+    assert "MAIL" not in server.commands
+
+
+@pytest.mark.parametrize(("stall", "unknown"), [("MAIL", False), ("DOT", True)])
+def test_every_command_has_a_timeout(
+    stall: str, unknown: bool, smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A server that stops answering is given up on after the relay's timeout: deferred; if it
+    went quiet after the final dot, the outcome is unknown and logged as such."""
+    smtp_server.stall = stall
+    relays = {"main": relay_for(smtp_server, timeout="1s")}
+    daemon = make_daemon(relays=relays, retry={"schedule": ["1h"]})
+    drop_maildir(daemon.spool, message(message_id="<slow@example.com>"))
+    (deferred,) = daemon.wait_sidecars("deferred")
+    assert "timed out" in deferred["detail"]
+    assert bool(daemon.events("outcome_unknown", message_id="<slow@example.com>")) is unknown
+
+
+def test_dead_pooled_session_is_replaced(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A pooled session the server dropped while idle is replaced before the message counts
+    as failed: the next message is sent on a new session, nothing deferred."""
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(subject="first"))
+    smtp_server.wait_for(1)
+    daemon.wait_event("sent")
+    smtp_server.drop_connections()
+    drop_maildir(daemon.spool, message(subject="second"))
+    second = smtp_server.wait_for(2)[1]
+    assert second.session == 2
+    daemon.wait_event("sent", count=2)
+    assert not daemon.events("deferred")

@@ -241,8 +241,8 @@ class Dispatcher:
             try:
                 await self._process(candidate)
             except Exception:
-                # One bad file must never stop the daemon: log it; the message stays in
-                # active/ (or was put back) and is recovered at the next start.
+                # One bad file must never stop the daemon (claiming failed: nothing to put
+                # back; the file stays where it was and the next scan sees it again).
                 self.log.exception("internal_error", source=candidate.source)
             finally:
                 self._busy -= 1
@@ -283,16 +283,25 @@ class Dispatcher:
             await self._deliver(claimed)
         except asyncio.CancelledError:
             # Shutdown ran out of time: put it back, due now, so it is sent next time.
-            self._put_back(claimed)
+            self._put_back(claimed, time.time())
             raise
+        except Exception:
+            # A bug or a full disk must not strand the message in active/: log it and put
+            # it back to be tried again in a minute.
+            self.log.exception("internal_error", id=claimed.id, source=claimed.source)
+            self._put_back(claimed, time.time() + 60)
 
-    def _put_back(self, claimed: Claimed) -> None:
+    def _put_back(self, claimed: Claimed, due: float) -> None:
+        """Move a claimed message to deferred/ without counting an attempt."""
         sidecar = claimed.sidecar or self._new_sidecar(claimed, None, ())
-        with contextlib.suppress(OSError):
-            self.spool.finish_deferred(
-                claimed, dataclasses.replace(sidecar, next_attempt=from_timestamp(time.time())), 0
-            )
-            self.log.info("put_back", id=claimed.id)
+        sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
+        try:
+            self.spool.finish_deferred(claimed, sidecar, due)
+        except OSError as exc:
+            if claimed.path.exists():  # else it had already reached its folder
+                self.log.error("put_back_failed", id=claimed.id, error=str(exc))
+            return
+        self.log.info("put_back", id=claimed.id, next_attempt=sidecar.next_attempt)
 
     async def _deliver(self, claimed: Claimed) -> None:
         config = self.config  # the config in force for this whole attempt

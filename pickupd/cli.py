@@ -127,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         asyncio.run(_serve(dispatcher))
     except BlockingIOError:
         print(
-            f"{config.spool.path}: another pickupd of this process id holds the spool lock",
+            f"{config.spool.path}: another pickupd with the same host name and process id"
+            " (a container?) holds the spool lock",
             file=sys.stderr,
         )
         return EX_CONFIG

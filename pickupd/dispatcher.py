@@ -31,6 +31,8 @@ __all__ = ["GRACE", "Dispatcher", "Stats"]
 GRACE = 30.0
 # How many candidates wait in memory per queue: the backlog stays on disk, not in RAM.
 _QUEUE_PER_WORKER = 4
+# A direct .eml still open by its writer after this long is taken anyway (missed event).
+WRITER_PATIENCE = 300.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -56,6 +58,7 @@ class Dispatcher:
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
         self._queued: set[Path] = set()
+        self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
         self._prefer_new = True
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -127,19 +130,38 @@ class Dispatcher:
         if self._stopping:
             return
         candidate_path = Path(path)
-        if candidate_path.parent == self.spool.new and not candidate_path.name.startswith("."):
-            room = len(self._new) < self._capacity()
-            if room and candidate_path not in self._queued:
+        if candidate_path.parent == self.spool.new:
+            if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
+                return
+            if len(self._new) >= self._capacity():
+                self._pickup_wake.set()  # the feeder rescans once it has room
+            elif candidate_path not in self._queued:
                 self._enqueue(
                     self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
                 )
-            elif not room:
-                self._pickup_wake.set()
         elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == self.spool.pickup:
-            # A direct .eml is taken once unchanged for `settle`: look again after that.
+            # A direct .eml is taken once its writer has closed it (inotify tells us on Linux)
+            # and it has been unchanged for `settle`: look again after that.
+            if event_type == "opened":
+                count, since = self._writers.get(candidate_path, (0, time.monotonic()))
+                self._writers[candidate_path] = (count + 1, since)
+                return
+            if event_type in ("closed", "closed_no_write"):
+                count, since = self._writers.pop(candidate_path, (1, 0.0))
+                if count > 1:
+                    self._writers[candidate_path] = (count - 1, since)
             asyncio.get_running_loop().call_later(
                 self.config.dispatch.settle + 0.01, self._pickup_wake.set
             )
+
+    def _still_open(self, path: Path) -> bool:
+        """True while a writer holds a direct .eml open (bounded: a missed close event must not
+        hold a message back for more than WRITER_PATIENCE)."""
+        count, since = self._writers.get(path, (0, 0.0))
+        if count and time.monotonic() - since > WRITER_PATIENCE:
+            del self._writers[path]
+            return False
+        return count > 0
 
     def _capacity(self) -> int:
         return self.config.dispatch.concurrency * _QUEUE_PER_WORKER
@@ -170,6 +192,8 @@ class Dispatcher:
                 for item in self.spool.scan_pickup(now, self.config.dispatch.settle):
                     if isinstance(item, float):
                         wake_at = min(wake_at, item + 0.01)
+                    elif item.origin == "eml" and self._still_open(item.path):
+                        continue  # its close event wakes us
                     elif item.path not in self._queued and not await self._put(self._new, item):
                         return
                 if self.once:
@@ -314,6 +338,7 @@ class Dispatcher:
             recipients=list(parsed.recipients) if parsed else [],
             relay=None if isinstance(decision, Refusal) else decision.relay,
             attempt=(claimed.sidecar.attempts if claimed.sidecar else 0) + 1,
+            code=None,
         )
         if isinstance(decision, Refusal):
             self._fail(claimed, parsed, decision)
@@ -378,6 +403,7 @@ class Dispatcher:
         now = time.time()
         sidecar = base.with_attempt(
             Attempt(from_timestamp(now), None, "failed", None, refusal.detail),
+            attempts=base.attempts + 1,
             reason=refusal.reason.value,
             detail=refusal.detail,
             next_attempt=None,
@@ -396,7 +422,7 @@ class Dispatcher:
             sender=base.sender,
             recipients=list(base.recipients),
             relay=None,
-            attempt=base.attempts,
+            attempt=sidecar.attempts,
             code=None,
             reason=refusal.reason.value,
             detail=refusal.detail,

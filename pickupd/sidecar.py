@@ -56,6 +56,11 @@ class Sidecar:
         data = asdict(self)
         data["recipients"] = list(self.recipients)
         data["history"] = [asdict(a) for a in self.history]
+        # next_attempt belongs to deferred messages, reason to failed ones; split_from only
+        # to copies: leave out what does not apply rather than write nulls.
+        for key in ("next_attempt", "reason", "split_from", "message_id"):
+            if data[key] is None:
+                del data[key]
         return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
     @classmethod

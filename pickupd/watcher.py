@@ -22,7 +22,7 @@ class _Handler(FileSystemEventHandler):
         self._hint = hint
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type in ("deleted", "opened", "closed_no_write"):
+        if event.is_directory or event.event_type == "deleted":
             return
         path = event.dest_path if event.event_type == "moved" else event.src_path
         with contextlib.suppress(RuntimeError):  # the loop closed while we were shutting down

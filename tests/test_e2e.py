@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -485,3 +486,21 @@ def test_dead_pooled_session_is_replaced(
     assert second.session == 2
     daemon.wait_event("sent", count=2)
     assert not daemon.events("deferred")
+
+
+def test_direct_eml_is_not_taken_while_its_writer_holds_it_open(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A writer that pauses longer than `settle` in the middle of a direct .eml: pickupd
+    waits for it to close the file, then relays the whole message."""
+    daemon = make_daemon(smtp_server)
+    raw = message(body="first half\n" + "second half\n" * 10)
+    path = daemon.spool / "pickup" / "slow-writer.eml"
+    with path.open("wb") as handle:
+        handle.write(raw[:60])
+        handle.flush()
+        time.sleep(1.0)  # settle is 100ms: ten times over
+        assert smtp_server.received == [] and path.exists()
+        handle.write(raw[60:])
+    (got,) = smtp_server.wait_for(1)
+    assert got.data == raw.replace(b"\n", b"\r\n")

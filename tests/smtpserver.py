@@ -95,13 +95,13 @@ class TestCA:
         return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
 
 
-class _Session(Session):  # type: ignore[misc]
+class _Session(Session):
     # aiosmtpd sets the deprecated login_data property on every AUTH, logging a warning each
     # time; a plain attribute keeps the test logs quiet.
     login_data: Any = None
 
 
-class _Connection(SMTP):  # type: ignore[misc]
+class _Connection(SMTP):
     """aiosmtpd's SMTP protocol, one instance per TCP connection, with command hooks."""
 
     def __init__(self, owner: SmtpServer, number: int, **kwargs: Any) -> None:
@@ -136,8 +136,10 @@ class _Connection(SMTP):  # type: ignore[misc]
 
     def abort(self) -> None:
         for transport in (self.transport, self._original_transport):
-            if transport is not None:
+            if isinstance(transport, asyncio.Transport):
                 transport.abort()
+            elif transport is not None:
+                transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         self.owner._forget(self)

@@ -241,13 +241,26 @@ class _Parser:
         return ".".join(parts)
 
 
+# The shape most apps write, `app@example.com` alone: unambiguous, so it needs no tokenizer.
+# Anything else (display names, comments, quotes, lists) takes the full parser below.
+_BARE_ADDR_SPEC = re.compile(
+    r"[ \t]*([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*"
+    r"@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*)[ \t]*"
+)
+
+
 def parse_address_list(value: str) -> list[str]:
     """The addr-specs of an RFC 5322 address-list, groups flattened; AddressError if malformed."""
+    bare = _BARE_ADDR_SPEC.fullmatch(value)
+    if bare is not None:
+        return [bare.group(1)]
     return _Parser(value).addresses("end")
 
 
 def _is_null(value: str) -> bool:
     """True if `value` is the null address `<>` (comments and whitespace aside)."""
+    if "<" not in value:
+        return False
     try:
         return [token.kind for token in _tokenize(value)] == ["<", ">", "end"]
     except AddressError:
@@ -334,6 +347,16 @@ def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str]]:
     return senders[0].mailbox(), recipients
 
 
+def _crlf(raw: bytes) -> bytes:
+    """Every line ending as CRLF (lone LF and lone CR included), copying only if need be."""
+    if b"\r" not in raw:
+        return raw.replace(b"\n", b"\r\n")
+    crlf = raw.count(b"\r\n")
+    if crlf == raw.count(b"\r") == raw.count(b"\n"):
+        return raw
+    return _EOL.sub(b"\r\n", raw)
+
+
 def parse(raw: bytes, *, max_header_size: int = 65536) -> Envelope | Refusal:
     """Envelope, or Refusal(Reason.MALFORMED, detail) — the only header parser of the project."""
     try:
@@ -346,7 +369,7 @@ def _parse(raw: bytes, max_header_size: int) -> Envelope:
     """parse(), raising _Malformed."""
     if not raw or raw.isspace():  # (not strip(): no copy of a large file)
         raise _Malformed("empty file")
-    text = _EOL.sub(b"\r\n", raw)
+    text = _crlf(raw)
     # The header section ends at the first empty line; it is measured with CRLF line ends,
     # as it will be sent.
     if text.startswith(b"\r\n"):

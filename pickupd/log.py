@@ -6,6 +6,7 @@ a password, so a careless `log.info(..., password=...)` cannot leak one.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -15,37 +16,34 @@ import structlog
 
 __all__ = ["configure", "get"]
 
-_SECRET_KEYS = ("password", "secret", "token")
+_SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "credentials"})
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in event:
-        if any(word in key.lower() for word in _SECRET_KEYS):
-            event[key] = "***"
+    for key in _SECRET_KEYS.intersection(event):
+        event[key] = "***"
     return event
 
 
-def _order(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+_encode = json.JSONEncoder(default=repr).encode
+
+
+def _render_json(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
     # Time, level and event first: the columns a person scans a journal by.
-    head = {key: event.pop(key) for key in ("timestamp", "level", "event") if key in event}
-    head.update(event)
-    return head
+    line = {key: event.pop(key, None) for key in ("timestamp", "level", "event")}
+    line.update(event)
+    return _encode(line)
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Set up structlog for the whole process."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=False)
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = _render_json if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
-            _order,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

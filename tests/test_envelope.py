@@ -388,3 +388,14 @@ def test_address_error_is_a_value_error_with_a_printable_reason() -> None:
     """AddressError is a ValueError whose text escapes control characters."""
     with pytest.raises(ValueError, match=r"control character '\\x1b'"):
         parse_address_list("a\x1b@x")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["app@example.com", " a.b+c@x-y.example ", "o'neil@example.com", "x@localhost", "a/b=c@d"],
+)
+def test_bare_address_fast_path_agrees_with_the_full_parser(value: str) -> None:
+    """The fast path for a bare addr-spec returns exactly what the full parser returns."""
+    from pickupd.envelope import _Parser
+
+    assert parse_address_list(value) == _Parser(value).addresses("end") == [value.strip()]

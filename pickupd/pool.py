@@ -22,6 +22,8 @@ __all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
 
 # A session is retired after this long even if busy: servers and middleboxes drop old ones.
 MAX_SESSION_AGE = 300.0
+# How long a closing session may take to say goodbye before it is cut.
+QUIT_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class Pool:
         self._open: dict[str, int] = {}
         self._changed = asyncio.Condition()
         self._tls: dict[Path | None, ssl.SSLContext] = {}
+        self._quitting: set[asyncio.Task[None]] = set()
         self._hostname = socket.gethostname()
 
     async def acquire(self, relay: RelayConfig, credentials: Credentials | None) -> Session:
@@ -127,16 +130,12 @@ class Pool:
     async def close_all(self) -> None:
         """Close every idle session (politely, with QUIT, bounded in time)."""
         async with self._changed:
-            sessions = [s for group in self._idle.values() for s in group]
+            for sessions in self._idle.values():
+                for session in sessions:
+                    self._close_locked(session)
             self._idle.clear()
-        for session in sessions:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(session.smtp.quit(), timeout=2.0)
-            session.smtp.close()
-        async with self._changed:
-            for session in sessions:
-                self._open[session.key.relay] -= 1
-            self._changed.notify_all()
+        if self._quitting:
+            await asyncio.wait(list(self._quitting), timeout=QUIT_TIMEOUT + 1)
 
     def _idle_victim(self, relay: str, keep: SessionKey) -> Session | None:
         for key, sessions in self._idle.items():
@@ -145,8 +144,23 @@ class Pool:
         return None
 
     def _close_locked(self, session: Session) -> None:
+        """Close a session: politely (QUIT, in the background) if it is still up, so servers
+        do not log a lost connection; its slot is free once it is really closed."""
+        if not session.smtp.is_connected:
+            session.smtp.close()
+            self._open[session.key.relay] -= 1
+            return
+        task = asyncio.get_running_loop().create_task(self._quit(session))
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    async def _quit(self, session: Session) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(session.smtp.quit(), timeout=QUIT_TIMEOUT)
         session.smtp.close()
-        self._open[session.key.relay] -= 1
+        async with self._changed:
+            self._open[session.key.relay] -= 1
+            self._changed.notify_all()
 
     def _tls_context(self, ca_file: Path | None) -> ssl.SSLContext:
         # Building a context loads the system store: tens of milliseconds, so once per file.

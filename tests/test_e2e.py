@@ -504,3 +504,22 @@ def test_direct_eml_is_not_taken_while_its_writer_holds_it_open(
         handle.write(raw[60:])
     (got,) = smtp_server.wait_for(1)
     assert got.data == raw.replace(b"\n", b"\r\n")
+
+
+def test_sessions_are_retired_politely(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A session is retired after max_messages_per_connection messages and closed after
+    idle_timeout, each time with QUIT rather than a dropped connection."""
+    relays = {
+        "main": relay_for(
+            smtp_server, max_messages_per_connection=2, idle_timeout="300ms", max_connections=1
+        )
+    }
+    daemon = make_daemon(relays=relays)
+    for n in range(4):
+        drop_maildir(daemon.spool, message(subject=f"retire {n}"))
+    got = smtp_server.wait_for(4)
+    assert sorted({r.session for r in got}) == [1, 2]
+    assert [len([r for r in got if r.session == s]) for s in (1, 2)] == [2, 2]
+    wait_until(lambda: smtp_server.commands.count("QUIT") == 2, 5, "two QUITs")

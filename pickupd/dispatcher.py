@@ -21,7 +21,7 @@ from .config import Config, SenderRule
 from .outcome import Delivery, Reason, RecipientResult, Refusal
 from .pool import Pool
 from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
-from .spool import Candidate, Claimed, Spool, Unsafe
+from .spool import Candidate, Claimed, Spool, Unsafe, printable
 from .units import format_duration
 from .watcher import Watcher
 
@@ -59,6 +59,7 @@ class Dispatcher:
         self._due: deque[Candidate] = deque()
         self._queued: set[Path] = set()
         self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
+        self._unmovable: set[Path] = set()  # logged once, skipped since
         self._prefer_new = True
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -194,6 +195,8 @@ class Dispatcher:
                         wake_at = min(wake_at, item + 0.01)
                     elif item.origin == "eml" and self._still_open(item.path):
                         continue  # its close event wakes us
+                    elif item.path in self._unmovable:
+                        continue
                     elif item.path not in self._queued and not await self._put(self._new, item):
                         return
                 if self.once:
@@ -299,7 +302,19 @@ class Dispatcher:
         all_workers.cancel()
 
     async def _process(self, candidate: Candidate) -> None:
-        claimed = self.spool.claim(candidate)
+        try:
+            claimed = self.spool.claim(candidate)
+        except OSError as exc:
+            # Not ours to move (a directory we may not rename, a file on a read-only mount):
+            # say so once, leave it where it is, and keep going.
+            if candidate.path not in self._unmovable:
+                if len(self._unmovable) > 10_000:
+                    self._unmovable.clear()
+                self._unmovable.add(candidate.path)
+                self.log.error(
+                    "unmovable", source=printable(candidate.source), error=exc.strerror or str(exc)
+                )
+            return
         if claimed is None:
             return  # another dispatcher took it first
         self.stats.claimed += 1

@@ -30,6 +30,7 @@ __all__ = [
     "Spool",
     "Unsafe",
     "atomic_write",
+    "printable",
 ]
 
 Origin = Literal["new", "eml", "deferred", "recovered"]
@@ -243,7 +244,7 @@ class Spool:
         sidecar = None
         if candidate.origin in ("deferred", "recovered"):
             sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")
-        return Claimed(msg_id, target, candidate.source, candidate.origin, now, sidecar)
+        return Claimed(msg_id, target, printable(candidate.source), candidate.origin, now, sidecar)
 
     @staticmethod
     def read_sidecar(path: Path) -> Sidecar | None:
@@ -319,6 +320,13 @@ class Spool:
         with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
             return sum(1 for e in entries if e.name.endswith(suffix))
         return 0
+
+
+def printable(name: str) -> str:
+    """A file name fit for a sidecar and a log line: undecodable bytes and control characters
+    (a newline in a name is legal) become '?'. Names are shown, never used as paths."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join("?" if not char.isprintable() else char for char in text)
 
 
 def read_limited(path: Path, limit: int) -> bytes:

@@ -523,3 +523,37 @@ def test_sessions_are_retired_politely(
     assert sorted({r.session for r in got}) == [1, 2]
     assert [len([r for r in got if r.session == s]) for s in (1, 2)] == [2, 2]
     wait_until(lambda: smtp_server.commands.count("QUIT") == 2, 5, "two QUITs")
+
+
+def test_hostile_file_names_are_relayed_and_shown_safely(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A Maildir name with a newline, a terminal escape and bytes that are not UTF-8 is
+    relayed like any other; its `source` in the log is printable."""
+    daemon = make_daemon(smtp_server, start=False)
+    name = b"evil\nname\x1b[31m\xff"
+    with open(os.path.join(os.fsencode(daemon.spool / "pickup" / "new"), name), "wb") as handle:
+        handle.write(message(subject="hostile name"))
+    daemon.start()
+    smtp_server.wait_for(1)
+    (claimed,) = daemon.wait_event("claimed")
+    assert claimed["source"] == "new/evil?name?[31m\ufffd"
+
+
+def test_smtputf8_addresses(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon]
+) -> None:
+    """A UTF-8 address is relayed with SMTPUTF8 when the server offers it; a server that does
+    not gets no attempt at all: the message fails as rejected, saying why."""
+    with_utf8 = smtp_factory(smtputf8=True)
+    without = smtp_factory(smtputf8=False)
+    relays = {"main": relay_for(with_utf8), "old": relay_for(without)}
+    senders = {"app@example.com": {"relay": "main"}, "legacy@example.com": {"relay": "old"}}
+    daemon = make_daemon(relays=relays, senders=senders)
+    drop_maildir(daemon.spool, message(to="jürgen@bücher.example"))
+    (got,) = with_utf8.wait_for(1)
+    assert got.rcpt_tos == ["jürgen@bücher.example"] and "SMTPUTF8" in got.mail_options
+    drop_maildir(daemon.spool, message(sender="legacy@example.com", to="jürgen@bücher.example"))
+    (failed,) = daemon.wait_sidecars("failed")
+    assert failed["reason"] == "rejected" and "SMTPUTF8" in failed["detail"]
+    assert "MAIL" not in without.commands

@@ -1,0 +1,65 @@
+"""The dispatcher in-process, for what the end-to-end tests cannot reach from outside."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pickupd import log
+from pickupd.config import Config, RelayConfig, SenderRule, SpoolConfig
+from pickupd.dispatcher import Dispatcher
+from pickupd.spool import Candidate
+
+
+def _config(tmp_path: Path) -> Config:
+    return Config(
+        path=tmp_path / "pickupd.toml",
+        spool=SpoolConfig(path=tmp_path / "spool"),
+        relays={"m": RelayConfig("m", "127.0.0.1", 9)},
+        senders=(SenderRule("app@example.com", "m"),),
+    )
+
+
+def test_new_mail_is_not_held_back_behind_due_deferred_mail(tmp_path: Path) -> None:
+    """With a backlog of deferred mail all due at once, new mail is taken in turn with it
+    (one new, one deferred), not after the whole backlog."""
+
+    async def order() -> list[str]:
+        dispatcher = Dispatcher(_config(tmp_path))
+        for n in range(20):
+            dispatcher._due.append(Candidate(tmp_path / f"d{n}", f"d{n}", "deferred"))
+        for n in range(3):
+            dispatcher._new.append(Candidate(tmp_path / f"n{n}", f"n{n}", "new"))
+        taken = []
+        for _ in range(8):
+            candidate = await dispatcher._next()
+            assert candidate is not None
+            taken.append(candidate.origin)
+        return taken
+
+    taken = asyncio.run(order())
+    assert taken[:6].count("new") == 3
+
+
+def test_a_file_that_cannot_be_moved_is_logged_once_and_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A candidate whose claim (a rename) fails for a reason other than a lost race is logged
+    once as `unmovable` and skipped; the dispatcher goes on."""
+    log.configure("info", "json")
+    (tmp_path / "plain-file").write_bytes(b"not a directory")
+
+    async def run() -> None:
+        dispatcher = Dispatcher(_config(tmp_path))
+        dispatcher.spool.ensure()
+        # Renaming "plain-file/x" fails with ENOTDIR: not a race, an unmovable entry.
+        candidate = Candidate(tmp_path / "plain-file" / "x", "plain-file/x", "new")
+        await dispatcher._process(candidate)
+        await dispatcher._process(candidate)
+        assert dispatcher.stats.claimed == 0
+
+    asyncio.run(run())
+    out = capsys.readouterr().out
+    assert out.count('"unmovable"') == 1 and "plain-file/x" in out

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import socket
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +34,13 @@ __all__ = [
 ]
 
 Origin = Literal["new", "eml", "deferred", "recovered"]
+# Hostile-input flags: never follow a link, never block on a planted FIFO. Windows has
+# neither (and no fork to leak descriptors into): there the flags are 0 and the fstat check
+# on the open descriptor still refuses what is not a regular file.
+_SAFE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_PRIVATE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+
 # Maildir: files in tmp/ older than this were abandoned by their writer and may be removed.
 TMP_MAX_AGE = 36 * 3600.0
 
@@ -73,7 +80,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
     rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _PRIVATE | _BINARY, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -86,11 +93,30 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Make a rename in `path` durable (POSIX; Windows cannot open a directory, nor needs to)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _PRIVATE)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on an open file without waiting; False if someone holds it."""
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _owner_token() -> str:
@@ -132,8 +158,10 @@ class Spool:
     def lock(self) -> None:
         """Hold a lock file for our owner token: while it is locked our claims are not stale."""
         path = self.active / f".owner.{self.owner}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _PRIVATE, 0o600)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise BlockingIOError(f"{path} is locked by another process")
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -205,13 +233,12 @@ class Spool:
     def _owner_alive(self, owner: str) -> bool:
         path = self.active / f".owner.{owner}"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | _PRIVATE)
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            if not _try_lock(fd):
+                return True
         finally:
             os.close(fd)
         with contextlib.suppress(OSError):
@@ -258,7 +285,7 @@ class Spool:
         """The message bytes; `Unsafe` if the file is not a plain file of its own; or its size
         (an int) if it is larger than `limit`."""
         try:
-            fd = os.open(claimed.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(claimed.path, os.O_RDONLY | _SAFE | _BINARY)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return Unsafe("is a symbolic link: not followed")
@@ -331,7 +358,7 @@ def printable(name: str) -> str:
 
 def read_limited(path: Path, limit: int) -> bytes:
     """Read at most `limit` bytes of a regular file, never following a symlink."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | _SAFE | _BINARY)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))

@@ -46,6 +46,14 @@ def _all(recipients: Sequence[str], code: int, text: str) -> tuple[RecipientResu
     return tuple(RecipientResult(r, code, text) for r in recipients)
 
 
+def _session_failed(relay: str, recipients: Sequence[str], exc: BaseException) -> Delivery:
+    """The session broke before anything was handed over: every recipient waits for a retry."""
+    code, text, kind = describe_error(exc)
+    return Delivery(
+        relay, deferred=_all(recipients, code, text), code=code, text=text, session_error=kind
+    )
+
+
 async def send(
     pool: Pool,
     relay: RelayConfig,
@@ -63,14 +71,7 @@ async def send(
         try:
             session = await pool.acquire(relay, credentials)
         except _SESSION_ERRORS as exc:
-            code, text, kind = describe_error(exc)
-            return Delivery(
-                relay.name,
-                deferred=_all(recipients, code, text),
-                code=code,
-                text=text,
-                session_error=kind,
-            )
+            return _session_failed(relay.name, recipients, exc)
         if session.messages:
             try:
                 await session.smtp.rset()
@@ -78,14 +79,7 @@ async def send(
                 await pool.release(session, reusable=False)
                 if tries_left:
                     continue
-                code, text, kind = describe_error(exc)
-                return Delivery(
-                    relay.name,
-                    deferred=_all(recipients, code, text),
-                    code=code,
-                    text=text,
-                    session_error=kind,
-                )
+                return _session_failed(relay.name, recipients, exc)
         reusable = False
         try:
             delivery = await _transaction(session, relay, sender, recipients, data)
@@ -138,10 +132,7 @@ async def _transaction(
             )
         return Delivery(name, deferred=_all(recipients, exc.code, text), code=exc.code, text=text)
     except _SESSION_ERRORS as exc:
-        code, text, kind = describe_error(exc)
-        return Delivery(
-            name, deferred=_all(recipients, code, text), code=code, text=text, session_error=kind
-        )
+        return _session_failed(name, recipients, exc)
 
     accepted: list[str] = []
     deferred: list[RecipientResult] = []

@@ -21,7 +21,7 @@ Fault semantics:
   354) is never answered; ``"DOT"`` reads the whole message and never answers the final
   dot (nothing recorded). The connection stays open until the client leaves or the server
   stops.
-* ``reply_421_at``: ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` is answered with 421 and the
+* ``reply_421_at``: ``"RSET"``, ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` is answered with 421 and the
   connection is closed.
 """
 
@@ -47,7 +47,7 @@ __all__ = ["Received", "SmtpServer", "TestCA"]
 HOST = "127.0.0.1"
 SECURITY_MODES = ("none", "starttls", "tls")
 STALL_POINTS = ("EHLO", "MAIL", "RCPT", "DATA", "DOT")
-REPLY_421_POINTS = ("MAIL", "RCPT", "DATA")
+REPLY_421_POINTS = ("RSET", "MAIL", "RCPT", "DATA")
 # Commands a STARTTLS-only server accepts before TLS (RFC 3207 section 4, as in aiosmtpd).
 ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 REPLY_421 = "421 4.3.2 Service shutting down, closing transmission channel"

@@ -36,8 +36,9 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         return daemon.start() if start else daemon
 
     yield make
-    for daemon in daemons:
-        daemon.stop(signal.SIGKILL)
+    # SIGTERM, as systemd would: every test also ends with a clean drain and exit 0.
+    codes = [daemon.stop(signal.SIGTERM, timeout=40) for daemon in daemons]
+    assert all(code == 0 for code in codes), codes
 
 
 def test_maildir_drop_is_relayed_byte_for_byte(
@@ -557,3 +558,54 @@ def test_smtputf8_addresses(
     (failed,) = daemon.wait_sidecars("failed")
     assert failed["reason"] == "rejected" and "SMTPUTF8" in failed["detail"]
     assert "MAIL" not in without.commands
+
+
+def test_session_that_fails_its_rset_is_replaced(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A pooled session whose RSET gets 421 (the server is going away) is replaced at once:
+    the message goes out on a new session, without a deferral."""
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(subject="first"))
+    smtp_server.wait_for(1)
+    daemon.wait_event("sent")
+    smtp_server.reply_421_at, smtp_server.fail_next = "RSET", 1
+    drop_maildir(daemon.spool, message(subject="second"))
+    assert smtp_server.wait_for(2)[1].session == 2
+    assert not daemon.events("deferred")
+
+
+def test_421_at_rcpt_defers_the_rest(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A 421 in answer to a RCPT closes the session: that recipient and the ones not yet
+    tried are deferred together, and the retry delivers to all of them."""
+    smtp_server.reply_421_at, smtp_server.fail_next = "RCPT", 1
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(to="a@example.net, b@example.net"))
+    (got,) = smtp_server.wait_for(1)
+    assert got.rcpt_tos == ["a@example.net", "b@example.net"]
+    (deferred,) = daemon.events("deferred")
+    assert deferred["code"] == 421 and deferred["recipients"] == ["a@example.net", "b@example.net"]
+
+
+def test_unverifiable_certificate_is_never_trusted(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon]
+) -> None:
+    """A server whose certificate does not verify against the system store (no ca_file for
+    the test CA) gets no mail and no password: deferred, saying why."""
+    server = smtp_factory(security="tls", users={"u": "pw"})
+    relays = {
+        "main": {
+            "host": "localhost",
+            "port": server.port,
+            "security": "tls",
+            "username": "u",
+            "password": "pw",
+        }
+    }
+    daemon = make_daemon(relays=relays)
+    drop_maildir(daemon.spool, message())
+    (deferred,) = daemon.wait_sidecars("deferred")
+    assert "certificate verification failed" in deferred["detail"]
+    assert server.auth_attempts == [] and server.received == []

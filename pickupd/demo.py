@@ -145,6 +145,25 @@ def _where(spool: Path, message_id: str, capture: _Capture) -> str | None:
     return None
 
 
+async def _follow(spool: Path) -> None:
+    """Print each message that lands in failed/ or deferred/ from now on, and why."""
+    seen = {p.name for folder in ("failed", "deferred") for p in (spool / folder).glob("*.json")}
+    while True:
+        await asyncio.sleep(0.25)
+        for folder in ("failed", "deferred"):
+            for sidecar in sorted((spool / folder).glob("*.json")):
+                if sidecar.name in seen:
+                    continue
+                seen.add(sidecar.name)
+                with contextlib.suppress(OSError, ValueError):
+                    data = json.loads(sidecar.read_text())
+                    why = data.get("reason") or f"retry at {data.get('next_attempt')}"
+                    print(
+                        f"  {folder}/{sidecar.with_suffix('.eml').name}: {why}: {data['detail']}",
+                        flush=True,
+                    )
+
+
 async def _demo(folder: Path) -> int:
     received = folder / "received"
     received.mkdir(parents=True, exist_ok=True)
@@ -201,9 +220,11 @@ async def _demo(folder: Path) -> int:
         "Press Ctrl-C to stop.",
         flush=True,
     )
+    follower = asyncio.create_task(_follow(config.spool.path))
     try:
         await task
     finally:
+        follower.cancel()
         server.close()
         await server.wait_closed()
         log_file.close()

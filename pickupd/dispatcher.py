@@ -84,6 +84,7 @@ class Dispatcher:
 
     async def run(self) -> Stats:
         """Recover, take what is waiting, then react to new files until `stop()`."""
+        started = time.monotonic()
         self.spool.ensure()
         self.spool.lock()
         watcher = None
@@ -122,6 +123,11 @@ class Dispatcher:
                 watcher.stop()
             await self.pool.close_all()
             self.spool.unlock()
+        self.log.info(
+            "stopped",
+            seconds=round(time.monotonic() - started, 3),
+            **dataclasses.asdict(self.stats),
+        )
         return self.stats
 
     # -- feeding ---------------------------------------------------------------------------------

@@ -41,9 +41,14 @@ def test_demo_shows_each_outcome_then_relays_user_drops(tmp_path: Path) -> None:
         pickup = folder / "spool" / "pickup"
         (pickup / "mine.eml").write_bytes(message(sender="app@demo.example", subject="mine"))
         wait_until(lambda: len(list(received.glob("*.eml"))) == 2, 10, "the user's drop")
+        (pickup / "theirs.eml").write_bytes(message(sender="eve@example.org"))
+        failed = folder / "spool" / "failed"
+        wait_until(lambda: len(list(failed.glob("*.json"))) == 3, 10, "the refused drop")
+        time.sleep(0.5)  # the demo looks every 0.25 s
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=40)
         assert proc.returncode == 0, rest
+        assert "sender_not_allowed: eve@example.org matches no [senders] entry" in rest
         assert "stopped" in rest
     finally:
         if proc.poll() is None:

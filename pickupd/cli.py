@@ -124,15 +124,16 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(config, int):
         return config
     logs.configure(config.log.level, config.log.format)
+    dispatcher = Dispatcher(config, once=args.once)
     try:
-        config.spool.path.mkdir(parents=True, exist_ok=True)
+        dispatcher.spool.ensure()
     except OSError as exc:
+        where = exc.filename or config.spool.path
         print(
-            f"{config.path}: spool.path: cannot create {config.spool.path}: {exc.strerror}",
+            f"{config.path}: spool.path: cannot create {where}: {exc.strerror or exc}",
             file=sys.stderr,
         )
         return EX_CONFIG
-    dispatcher = Dispatcher(config, once=args.once)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(dispatcher))

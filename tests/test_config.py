@@ -202,3 +202,17 @@ def test_check_command_exit_codes(tmp_path: Path, good: Path) -> None:
     assert missing.returncode == 78 and "nope.toml: cannot read config" in missing.stderr
     assert run("frobnicate").returncode == 64
     assert run("run", "--bogus").returncode == 64
+
+
+def test_run_with_an_unusable_spool_says_so_in_one_line(tmp_path: Path) -> None:
+    """A spool path that cannot be created is one clear line naming the key, exit 78, and
+    no traceback."""
+    (tmp_path / "a-file").write_text("not a directory")
+    path = write(
+        tmp_path,
+        f'[spool]\npath = "{tmp_path}/a-file/spool"\n[relays.m]\nhost = "127.0.0.1"\n'
+        'security = "none"\n[senders."a@b.c"]\nrelay = "m"\n',
+    )
+    result = run("run", "-c", str(path))
+    assert result.returncode == 78
+    assert "spool.path: cannot create" in result.stderr and "Traceback" not in result.stderr

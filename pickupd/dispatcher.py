@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -31,6 +32,9 @@ __all__ = ["GRACE", "Dispatcher", "Stats"]
 GRACE = 30.0
 # How many candidates wait in memory per queue: the backlog stays on disk, not in RAM.
 _QUEUE_PER_WORKER = 4
+# Messages larger than this are relayed LARGE_AT_ONCE at a time, to bound memory.
+LARGE_MESSAGE = 1024 * 1024
+LARGE_AT_ONCE = 2
 # A direct .eml still open by its writer after this long is taken anyway (missed event).
 WRITER_PATIENCE = 300.0
 
@@ -60,6 +64,7 @@ class Dispatcher:
         self._queued: set[Path] = set()
         self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
         self._unmovable: set[Path] = set()  # logged once, skipped since
+        self._large = asyncio.Semaphore(LARGE_AT_ONCE)
         self._prefer_new = True
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -349,6 +354,19 @@ class Dispatcher:
         self.log.info("put_back", id=claimed.id, next_attempt=sidecar.next_attempt)
 
     async def _deliver(self, claimed: Claimed) -> None:
+        try:
+            large = os.stat(claimed.path, follow_symlinks=False).st_size > LARGE_MESSAGE
+        except OSError:
+            large = False  # the read below says what is wrong with it
+        if not large:
+            await self._attempt(claimed)
+            return
+        # A message is copied a few times on its way to the socket: at 25 MiB, a handful of
+        # them at once would take a gigabyte. Large ones go a few at a time.
+        async with self._large:
+            await self._attempt(claimed)
+
+    async def _attempt(self, claimed: Claimed) -> None:
         config = self.config  # the config in force for this whole attempt
         data, parsed, decision = await self._examine(claimed, config)
         self.log.info(

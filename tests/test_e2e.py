@@ -609,3 +609,23 @@ def test_unverifiable_certificate_is_never_trusted(
     (deferred,) = daemon.wait_sidecars("deferred")
     assert "certificate verification failed" in deferred["detail"]
     assert server.auth_attempts == [] and server.received == []
+
+
+def test_large_messages_go_a_few_at_a_time(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Messages over 1 MiB are relayed two at a time (bounded memory), while small ones
+    keep flowing beside them."""
+    smtp_server.stall = "DOT"
+    relays = {"main": relay_for(smtp_server, max_connections=8, timeout="3s")}
+    daemon = make_daemon(relays=relays, retry={"schedule": ["1h"]})
+    big = "y" * 100 + "\n"
+    for n in range(5):
+        drop_maildir(daemon.spool, message(subject=f"big {n}", body=big * 12_000))
+    wait_until(lambda: smtp_server.sessions == 2, 5, "two sessions")
+    time.sleep(0.5)
+    assert smtp_server.sessions == 2  # the other three wait their turn
+    smtp_server.stall = None
+    drop_maildir(daemon.spool, message(subject="small"))
+    (got,) = smtp_server.wait_for(1)
+    assert b"Subject: small" in got.data

@@ -510,7 +510,7 @@ class Dispatcher:
         if delivery.rejected:
             detail = _detail(delivery.rejected, delivery.sent)
             failed = base.with_attempt(
-                Attempt(stamp, delivery.relay, "failed", delivery.rejected[0].code, detail),
+                Attempt(stamp, delivery.relay, "failed", delivery.rejected[0].code or None, detail),
                 recipients=rejected,
                 attempts=attempt,
                 reason=reason.value,
@@ -528,7 +528,7 @@ class Dispatcher:
                 "failed",
                 **{**fields, "id": failed.id},
                 recipients=list(rejected),
-                code=delivery.rejected[0].code,
+                code=delivery.rejected[0].code or None,
                 reason=reason.value,
                 detail=detail,
             )

@@ -104,7 +104,8 @@ async def _transaction(
     limit = _size_limit(ext.get("size", ""))
     if limit and len(data) > limit:
         text = f"{len(data)} bytes, larger than the server's SIZE limit of {limit}"
-        return Delivery(name, rejected=_all(recipients, 552, text), text=text, too_large=True)
+        # Our own decision, from the SIZE the server advertised: no reply code to report.
+        return Delivery(name, rejected=_all(recipients, 0, text), text=text, too_large=True)
 
     options = [f"SIZE={len(data)}"] if "size" in ext else []
     encoding = "ascii"
@@ -117,7 +118,7 @@ async def _transaction(
     if not (sender.isascii() and all(r.isascii() for r in recipients)):
         if "smtputf8" not in ext:
             text = "an address is not ASCII and the server does not offer SMTPUTF8"
-            return Delivery(name, rejected=_all(recipients, 553, text), code=553, text=text)
+            return Delivery(name, rejected=_all(recipients, 0, text), text=text)
         if "SMTPUTF8" not in options:
             options.append("SMTPUTF8")
         encoding = "utf-8"

@@ -504,50 +504,73 @@ class Dispatcher:
             self.spool.finish_sent(claimed, archive)
             return
 
-        rejected = tuple(r.recipient for r in delivery.rejected)
-        deferred = tuple(r.recipient for r in delivery.deferred)
-        reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
         if delivery.rejected:
-            detail = _detail(delivery.rejected, delivery.sent)
-            failed = base.with_attempt(
-                Attempt(stamp, delivery.relay, "failed", delivery.rejected[0].code or None, detail),
-                recipients=rejected,
-                attempts=attempt,
-                reason=reason.value,
-                detail=detail,
-                next_attempt=None,
-            )
-            if delivery.deferred:
-                # The refused recipients fail for good as a copy; the message lives on.
-                failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
-                self.spool.write_failed_copy(data, failed)
-            else:
-                self.spool.finish_failed(claimed, failed)
-            self.stats.failed += 1
-            self.log.warning(
-                "failed",
-                **{**fields, "id": failed.id},
-                recipients=list(rejected),
-                code=delivery.rejected[0].code or None,
-                reason=reason.value,
-                detail=detail,
-            )
-            if not delivery.deferred:
-                return
+            self._reject(claimed, base, delivery, data, attempt, fields)
+        if delivery.deferred:
+            self._defer(claimed, base, delivery, attempt, fields)
 
+    def _reject(
+        self,
+        claimed: Claimed,
+        base: Sidecar,
+        delivery: Delivery,
+        data: bytes,
+        attempt: int,
+        fields: dict[str, Any],
+    ) -> None:
+        """Recipients refused for good: the message to failed/, or a copy of it there when
+        other recipients are still to be tried."""
+        reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
+        code = delivery.rejected[0].code or None
+        detail = _detail(delivery.rejected, delivery.sent)
+        failed = base.with_attempt(
+            Attempt(from_timestamp(time.time()), delivery.relay, "failed", code, detail),
+            recipients=tuple(r.recipient for r in delivery.rejected),
+            attempts=attempt,
+            reason=reason.value,
+            detail=detail,
+            next_attempt=None,
+        )
+        if delivery.deferred:
+            failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
+            self.spool.write_failed_copy(data, failed)
+        else:
+            self.spool.finish_failed(claimed, failed)
+        self.stats.failed += 1
+        self.log.warning(
+            "failed",
+            **{**fields, "id": failed.id},
+            recipients=list(failed.recipients),
+            code=code,
+            reason=reason.value,
+            detail=detail,
+        )
+
+    def _defer(
+        self,
+        claimed: Claimed,
+        base: Sidecar,
+        delivery: Delivery,
+        attempt: int,
+        fields: dict[str, Any],
+    ) -> None:
+        """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
+        as expired once max_age is reached."""
+        now = time.time()
         first_seen = _seconds(base.first_seen)
-        code = delivery.deferred[0].code
+        recipients = tuple(r.recipient for r in delivery.deferred)
+        code = delivery.deferred[0].code or None
         detail = _detail(delivery.deferred, delivery.sent)
+        retry_config = self.config.retry
         due = retry.next_attempt(
-            attempt, first_seen, now, self.config.retry.schedule, self.config.retry.max_age
+            attempt, first_seen, now, retry_config.schedule, retry_config.max_age
         )
-        history = Attempt(
-            stamp, delivery.relay, "deferred" if due else "failed", code or None, detail
-        )
+        outcome = "deferred" if due else "failed"
+        history = Attempt(from_timestamp(now), delivery.relay, outcome, code, detail)
         if due is None:
             sidecar = base.with_attempt(
                 history,
-                recipients=deferred,
+                recipients=recipients,
                 attempts=attempt,
                 reason=Reason.EXPIRED.value,
                 detail=f"undelivered after {format_duration(now - first_seen)}; last: {detail}",
@@ -558,15 +581,15 @@ class Dispatcher:
             self.log.warning(
                 "failed",
                 **fields,
-                recipients=list(deferred),
-                code=code or None,
+                recipients=list(recipients),
+                code=code,
                 reason=Reason.EXPIRED.value,
                 detail=sidecar.detail,
             )
             return
         sidecar = base.with_attempt(
             history,
-            recipients=deferred,
+            recipients=recipients,
             attempts=attempt,
             detail=detail,
             next_attempt=from_timestamp(due),
@@ -578,8 +601,8 @@ class Dispatcher:
         self.log.warning(
             "deferred",
             **fields,
-            recipients=list(deferred),
-            code=code or None,
+            recipients=list(recipients),
+            code=code,
             detail=detail,
             next_attempt=sidecar.next_attempt,
         )

@@ -137,7 +137,7 @@ class Spool:
         self.failed = root / "failed"
         self.sent = root / "sent"
         self.owner = _owner_token()
-        self._host_prefix = self.owner.rpartition("-")[0] + "-"
+        self._host = self.owner.rpartition("-")[0]
         self._lock_fd: int | None = None
 
     # -- layout -------------------------------------------------------------------------------
@@ -216,13 +216,15 @@ class Spool:
 
     def stale_claims(self) -> list[Candidate]:
         """Claims in active/ left by a process of this host that is gone (its lock is free)."""
-        found = []
+        found: list[Candidate] = []
+        names: list[str] = []
         with contextlib.suppress(FileNotFoundError), os.scandir(self.active) as entries:
             names = [e.name for e in entries]
         owners_alive: dict[str, bool] = {}
         for name in names:
             msg_id, dot, owner = name.partition(".")
-            if not dot or not ids.is_valid(msg_id) or not owner.startswith(self._host_prefix):
+            # Only our host's claims: a lock held on another host may not show here (NFS).
+            if not dot or not ids.is_valid(msg_id) or owner.rpartition("-")[0] != self._host:
                 continue
             if owner not in owners_alive:
                 owners_alive[owner] = owner == self.owner or self._owner_alive(owner)

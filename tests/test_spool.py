@@ -126,3 +126,15 @@ def test_stale_claims_of_dead_owners_only(tmp_path: Path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+def test_claims_of_another_host_are_never_recovered(tmp_path: Path) -> None:
+    """On a shared spool, a claim by host "web-1" is not recovered by host "web" even though
+    one name starts with the other: locks may not be visible across hosts."""
+    spool = make(tmp_path)
+    spool.owner, spool._host = "web-100", "web"
+    other = Spool(spool.root)
+    other.owner = "web-1-200"
+    (spool.new / "m").write_bytes(b"x")
+    assert other.claim(Candidate(spool.new / "m", "new/m", "new")) is not None
+    assert spool.stale_claims() == []

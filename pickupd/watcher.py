@@ -21,13 +21,16 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 if sys.platform.startswith("linux"):
-    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-
     # watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and every
     # later event waits behind it. Each claim renames a file out of new/, so with the delay a
     # drop right after a claim was seen up to 500 ms late. We never need the pairing: an
     # unpaired move into new/ arrives as a created event, which is what we act on.
-    InotifyMoveEventGrouper.delay = 0.0
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # watchdog < 7 called it InotifyBuffer; the rescan still finds files
+        pass
+    else:
+        InotifyMoveEventGrouper.delay = 0.0
 
 # Only what the dispatcher acts on: a file arriving, and a direct .eml being opened or closed
 # (so a busy writer's stream of modify events never reaches Python).

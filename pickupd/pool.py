@@ -51,6 +51,7 @@ class Session:
     opened_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     messages: int = 0
+    clean: bool = True  # no transaction left open on it
 
     def fresh(self, relay: RelayConfig, now: float) -> bool:
         return (

@@ -12,7 +12,8 @@ Fault semantics:
   normal reply (to MAIL, to the end of DATA, to RCPT for that recipient, case-insensitive).
   A 2xx line is accepted normally but answered with that line; anything else refuses.
 * ``fail_next``: 0 means the scripted faults apply every time. N > 0 means only the next N
-  faults fired by ``fail_mail``, ``fail_data``, ``drop_after_data`` or ``reply_421_at``
+  faults fired by ``fail_mail``, ``fail_data``, ``drop_after_data``, ``drop_at`` or
+  ``reply_421_at``
   apply; each one counts down and when the count reaches 0 those four are cleared.
   ``fail_rcpt`` and ``stall`` are never counted.
 * ``drop_after_data``: the connection is aborted after the final dot, before any reply;
@@ -21,6 +22,8 @@ Fault semantics:
   354) is never answered; ``"DOT"`` reads the whole message and never answers the final
   dot (nothing recorded). The connection stays open until the client leaves or the server
   stops.
+* ``drop_at``: ``"RSET"``, ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` gets no answer: the connection
+  is aborted (counted by ``fail_next`` too).
 * ``reply_421_at``: ``"RSET"``, ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` is answered with 421 and the
   connection is closed.
 """
@@ -274,6 +277,7 @@ class SmtpServer:
         self.drop_after_data: bool = False
         self.stall: str | None = None
         self.reply_421_at: str | None = None
+        self.drop_at: str | None = None
 
     # -- test-thread API -------------------------------------------------------------------
 
@@ -474,6 +478,9 @@ class SmtpServer:
             if conn.transport is not None:
                 conn.transport.close()
             return
+        if verb in REPLY_421_POINTS and self._fire("drop_at", lambda at: str(at).upper() == verb):
+            conn.abort()  # a connection the server closed without a word
+            return
         if verb == "AUTH" and self.users is None:
             await conn.push("502 5.5.1 AUTH not supported")
             return
@@ -524,6 +531,7 @@ class SmtpServer:
                     self.fail_data = None
                     self.drop_after_data = False
                     self.reply_421_at = None
+                    self.drop_at = None
             return value
 
     def _rcpt_fault(self, address: str) -> str | None:

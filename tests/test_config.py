@@ -136,15 +136,20 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     assert len(problems(path)) >= 4
 
 
-def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
-    """A password file others can read is a config error (as ssh and msmtp refuse it)."""
-    (tmp_path / "pw").write_text("secret\n")
-    (tmp_path / "pw").chmod(0o644)
-    path = write(
+def with_password_file(tmp_path: Path, content: str, mode: int) -> Path:
+    """A config whose relay reads its password from the file `pw` (written with `mode`)."""
+    (tmp_path / "pw").write_text(content)
+    (tmp_path / "pw").chmod(mode)
+    return write(
         tmp_path,
         '[relays.m]\nhost = "h"\nusername = "u"\npassword_file = "pw"\n'
         '[senders."a@b.c"]\nrelay = "m"\n',
     )
+
+
+def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    """A password file others can read is a config error (as ssh and msmtp refuse it)."""
+    path = with_password_file(tmp_path, "secret\n", 0o644)
     (line,) = problems(path)
     assert "relays.m.password_file" in line and "can be read by others" in line
     assert "secret" not in line
@@ -165,13 +170,7 @@ def test_config_with_inline_password_must_be_private(tmp_path: Path) -> None:
 
 def test_password_file_single_trailing_newline_is_ignored(tmp_path: Path) -> None:
     """`echo secret > file` works: one trailing newline is not part of the password."""
-    (tmp_path / "pw").write_text("pa ss\n\n")
-    (tmp_path / "pw").chmod(0o600)
-    path = write(
-        tmp_path,
-        '[relays.m]\nhost = "h"\nusername = "u"\npassword_file = "pw"\n'
-        '[senders."a@b.c"]\nrelay = "m"\n',
-    )
+    path = with_password_file(tmp_path, "pa ss\n\n", 0o600)
     creds = load(path).relays["m"].credentials
     assert creds is not None and creds.password.reveal() == "pa ss\n"
 

@@ -93,7 +93,8 @@ def test_direct_eml_and_x_sender_format(
 def test_messages_already_waiting_are_taken_at_start(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    """Files dropped while pickupd was down are all sent when it starts, over one session."""
+    """Files dropped while pickupd was down are all sent when it starts, over a few reused
+    sessions."""
     daemon = make_daemon(smtp_server, start=False)
     for n in range(20):
         drop_maildir(daemon.spool, message(subject=f"waiting {n}"))

@@ -4,23 +4,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, daemonize, probe, queuetools, sendmail, winservice
 from . import log as logs
 from .config import DEFAULT_CONFIG_PATH, Config, config_path, load
 from .dispatcher import Dispatcher
-from .errors import ConfigError
+from .errors import ConfigError, PickupdError
 
-__all__ = ["EX_CONFIG", "EX_OK", "EX_USAGE", "main"]
+__all__ = [
+    "CONFIG_HELP",
+    "EX_CONFIG",
+    "EX_NOINPUT",
+    "EX_OK",
+    "EX_TEMPFAIL",
+    "EX_USAGE",
+    "load_or_exit_code",
+    "main",
+]
 
+# sysexits.h, as sendmail and Postfix use them.
 EX_OK = 0
 EX_USAGE = 64
+EX_NOINPUT = 66  # no such message (or input file)
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
+CONFIG_HELP = f"config file (default: $PICKUPD_CONFIG or {DEFAULT_CONFIG_PATH})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,11 +52,14 @@ def _parser() -> argparse.ArgumentParser:
             "Relays mail dropped as files in a pickup folder over SMTP: allow-listed senders "
             "only, per-sender credentials, retries for transient failures, failed/ for the rest."
         ),
-        epilog="Exit codes: 0 ok, 64 usage error, 78 configuration error.",
+        epilog=(
+            "Exit codes: 0 ok, 64 usage error, 66 no such message, 75 temporary failure,"
+            " 78 configuration error. `pickupd COMMAND --help` explains each command."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"pickupd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    config_help = f"config file (default: $PICKUPD_CONFIG or {DEFAULT_CONFIG_PATH})"
+    config_help = CONFIG_HELP
 
     run = commands.add_parser(
         "run",
@@ -59,12 +76,36 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="process everything waiting and every deferred message that is due, then exit",
     )
+    run.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach from the terminal (for hosts without systemd); needs --pidfile",
+    )
+    run.add_argument(
+        "--pidfile",
+        metavar="FILE",
+        type=Path,
+        help="with --daemon: write the process id here, locked; a second pickupd with the same"
+        " pidfile refuses to start",
+    )
+    run.add_argument(
+        "--log-file",
+        metavar="FILE",
+        type=Path,
+        help="with --daemon: append the log here (default: the log is discarded)",
+    )
 
     check = commands.add_parser(
         "check",
         help="validate the config: exit 0 if good, 78 with one line per problem if not",
     )
     check.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="then connect to every relay with every credential set (EHLO, STARTTLS, AUTH;"
+        " no mail is sent) and print one line each: exit 0 only if all are ok",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -79,10 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dir", default="pickupd-demo", type=Path, help="where to put it (default: ./pickupd-demo)"
     )
+    commands.add_parser(
+        "sendmail",
+        help="a /usr/sbin/sendmail for submission: reads a message on stdin into the pickup folder",
+        add_help=False,
+    )
+    queuetools.register(commands)
+    winservice.register(commands)
     return parser
 
 
-def _load(path_arg: str | None) -> Config | int:
+def load_or_exit_code(path_arg: str | None) -> Config | int:
+    """The config named by `-c`, or EX_CONFIG after printing one line per problem."""
     try:
         return load(config_path(path_arg))
     except ConfigError as exc:
@@ -92,13 +141,15 @@ def _load(path_arg: str | None) -> Config | int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_or_exit_code(args.config)
     if isinstance(config, int):
         return config
     print(
         f"{config.path}: ok: {len(config.relays)} relay(s), {len(config.senders)} sender"
         f" entr{'y' if len(config.senders) == 1 else 'ies'}, spool {config.spool.path}"
     )
+    if args.connect:
+        return probe.run(config)
     return EX_OK
 
 
@@ -120,9 +171,27 @@ async def _serve(dispatcher: Dispatcher) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_or_exit_code(args.config)
     if isinstance(config, int):
         return config
+    if args.daemon and args.pidfile is None:
+        print("pickupd run: --daemon needs --pidfile FILE", file=sys.stderr)
+        return EX_USAGE
+    if (args.pidfile or args.log_file) and not args.daemon:
+        print("pickupd run: --pidfile and --log-file go with --daemon", file=sys.stderr)
+        return EX_USAGE
+    detached: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if args.daemon:
+        try:
+            detached = daemonize.detached(args.pidfile, args.log_file)
+        except PickupdError as exc:
+            print(f"pickupd run: {exc}", file=sys.stderr)
+            return EX_TEMPFAIL
+    with detached:
+        return _serve_config(config, args)
+
+
+def _serve_config(config: Config, args: argparse.Namespace) -> int:
     logs.configure(config.log.level, config.log.format)
     dispatcher = Dispatcher(config, once=args.once)
     try:
@@ -149,7 +218,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pickupd` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sendmail"]:
+        # sendmail's own flags (-t, -f ADDR, -oi, -odi...) are not argparse-shaped.
+        return sendmail.main(argv[1:])
     args = _parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is not None:
+        return handler(args)
     if args.command == "run":
         return _run(args)
     if args.command == "check":

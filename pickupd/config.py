@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from .errors import ConfigError
-from .units import parse_duration, parse_size
+from .units import Rate, parse_duration, parse_rate, parse_size
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -20,6 +21,7 @@ __all__ = [
     "Credentials",
     "DispatchConfig",
     "LogConfig",
+    "MetricsConfig",
     "PolicyConfig",
     "RelayConfig",
     "RetryConfig",
@@ -84,6 +86,7 @@ class RelayConfig:
     idle_timeout: float = 10.0
     max_messages_per_connection: int = 100
     credentials: Credentials | None = None
+    rate: Rate | None = None  # for the whole relay, all credentials together
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,7 @@ class SenderRule:
     pattern: str  # lower-cased: "a@example.com" or "*@example.com"
     relay: str
     credentials: Credentials | None = None
+    rate: Rate | None = None  # for this sender's credentials (or the relay's, if it has none)
 
     def matches(self, address: str) -> bool:
         """Case-insensitive match of an addr-spec against this entry."""
@@ -121,6 +125,8 @@ class PolicyConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_header_size: int = 64 * 1024
     check_header_from: bool = True
+    # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
+    local_domain: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`[metrics]`: a Prometheus endpoint, off unless `listen` is set."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration, as loaded from one file."""
 
@@ -145,6 +158,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     relays: Mapping[str, RelayConfig] = field(default_factory=dict)
     senders: tuple[SenderRule, ...] = ()
 
@@ -275,6 +289,31 @@ def _size(value: Any) -> int:
     return parse_size(value)
 
 
+def _rate(value: Any) -> Rate:
+    if not isinstance(value, str):
+        raise ValueError('expected a rate like "30/min"')
+    return parse_rate(value)
+
+
+def _domain(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(
+        r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
+    ):
+        raise ValueError('expected a domain name like "example.com"')
+    return value.lower()
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    expected = 'expected "host:port", like "127.0.0.1:9464" or "[::1]:9464"'
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    host, colon, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(expected)
+    return host, int(port)
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in options:
@@ -352,6 +391,7 @@ _RELAY_KEYS = {
     "max_connections",
     "idle_timeout",
     "max_messages_per_connection",
+    "rate",
 } | _CREDENTIAL_KEYS
 
 
@@ -394,6 +434,7 @@ def _relay(reader: _Reader, name: str, table: Mapping[str, Any]) -> RelayConfig 
             "an integer >= 1",
         ),
         credentials=_credentials(reader, table, prefix),
+        rate=reader.get(table, prefix, "rate", None, _rate, ""),
     )
     return relay if host else None
 
@@ -411,7 +452,7 @@ def _sender(
     reader: _Reader, pattern: str, table: Mapping[str, Any], relays: Mapping[str, RelayConfig]
 ) -> SenderRule | None:
     prefix = f'senders."{pattern}".'
-    reader.unknown(table, prefix, {"relay"} | _CREDENTIAL_KEYS)
+    reader.unknown(table, prefix, {"relay", "rate"} | _CREDENTIAL_KEYS)
     local, at, domain = pattern.rpartition("@")
     if not at or not local or not domain or ("*" in local and local != "*") or "*" in domain:
         reader.problem(
@@ -431,10 +472,11 @@ def _sender(
         problem = _cleartext_problem(relays[relay])
         if problem:
             reader.problem(prefix + "username", problem)
-    return SenderRule(pattern.lower(), relay, credentials)
+    rate = reader.get(table, prefix, "rate", None, _rate, "")
+    return SenderRule(pattern.lower(), relay, credentials, rate)
 
 
-_SECTIONS = {"spool", "dispatch", "policy", "retry", "log", "relays", "senders"}
+_SECTIONS = {"spool", "dispatch", "policy", "retry", "log", "metrics", "relays", "senders"}
 
 
 def load(path: Path) -> Config:
@@ -476,7 +518,13 @@ def load(path: Path) -> Config:
     reader.unknown(
         t,
         "policy.",
-        {"max_recipients", "max_message_size", "max_header_size", "check_header_from"},
+        {
+            "max_recipients",
+            "max_message_size",
+            "max_header_size",
+            "check_header_from",
+            "local_domain",
+        },
     )
     policy = PolicyConfig(
         max_recipients=reader.get(
@@ -485,6 +533,7 @@ def load(path: Path) -> Config:
         max_message_size=reader.get(t, "policy.", "max_message_size", 25 * 1024**2, _size, ""),
         max_header_size=reader.get(t, "policy.", "max_header_size", 64 * 1024, _size, ""),
         check_header_from=reader.get(t, "policy.", "check_header_from", True, _bool, "a boolean"),
+        local_domain=reader.get(t, "policy.", "local_domain", None, _domain, ""),
     )
 
     t = reader.table(doc, "retry")
@@ -502,6 +551,10 @@ def load(path: Path) -> Config:
         ),
         format=reader.get(t, "log.", "format", "json", _choice("json", "console"), ""),  # type: ignore[arg-type]
     )
+
+    t = reader.table(doc, "metrics")
+    reader.unknown(t, "metrics.", {"listen"})
+    metrics = MetricsConfig(listen=reader.get(t, "metrics.", "listen", None, _listen, ""))
 
     relays: dict[str, RelayConfig] = {}
     for name, table in reader.table(doc, "relays").items():
@@ -544,6 +597,7 @@ def load(path: Path) -> Config:
         policy=policy,
         retry=retry,
         log=log,
+        metrics=metrics,
         relays=relays,
         senders=tuple(senders),
     )

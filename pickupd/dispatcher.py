@@ -557,7 +557,7 @@ class Dispatcher:
         """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
         as expired once max_age is reached."""
         now = time.time()
-        first_seen = _seconds(base.first_seen)
+        first_seen = _seconds(base.queued_since)
         recipients = tuple(r.recipient for r in delivery.deferred)
         code = delivery.deferred[0].code or None
         detail = _detail(delivery.deferred, delivery.sent)

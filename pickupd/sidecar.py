@@ -48,6 +48,15 @@ class Sidecar:
     split_from: str | None = None
     history: tuple[Attempt, ...] = field(default=())
 
+    @property
+    def queued_since(self) -> str:
+        """When `[retry] max_age` starts counting: first_seen, or the last time an operator
+        put the message back with `pickupd retry` (a history entry with outcome "retried")."""
+        for attempt in reversed(self.history):
+            if attempt.outcome == "retried":
+                return attempt.time
+        return self.first_seen
+
     def with_attempt(self, attempt: Attempt, **changes: Any) -> Sidecar:
         """A copy with `attempt` appended to history and the other fields changed."""
         return replace(self, history=(*self.history, attempt), **changes)

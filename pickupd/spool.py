@@ -136,6 +136,7 @@ class Spool:
         self.deferred = root / "deferred"
         self.failed = root / "failed"
         self.sent = root / "sent"
+        self.hold = root / "hold"  # put aside by an operator: nothing here is sent
         self.owner = _owner_token()
         self._host = self.owner.rpartition("-")[0]
         self._lock_fd: int | None = None
@@ -152,6 +153,7 @@ class Spool:
             self.deferred,
             self.failed,
             self.sent,
+            self.hold,
         ):
             folder.mkdir(parents=True, exist_ok=True)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-__all__ = ["format_duration", "parse_duration", "parse_size"]
+__all__ = ["Rate", "format_duration", "parse_duration", "parse_rate", "parse_size"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -54,3 +55,29 @@ def parse_size(value: int | str) -> int:
             if size > 0:
                 return size
     raise ValueError(f'expected a size like 26214400 or "25MiB", got {value!r}')
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `count` messages every `per` seconds (a token bucket of `count` tokens)."""
+
+    count: int
+    per: float
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}.get(self.per)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per}s"
+
+
+def parse_rate(text: str) -> Rate:
+    """Return the Rate for "30/min" (also "/s", "/h", "/day"); raise ValueError otherwise."""
+    match = _RATE.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(
+            f'expected a rate like "30/min", "5/s", "1000/h" or "10000/day", got "{text}"'
+        )
+    return Rate(int(match.group(1)), _PER[match.group(2)[0].lower()])

@@ -13,28 +13,19 @@ from typing import NoReturn
 
 from . import __version__, daemonize, probe, queuetools, sendmail, winservice
 from . import log as logs
-from .config import DEFAULT_CONFIG_PATH, Config, config_path, load
+from .commands import (
+    CONFIG_HELP,
+    EX_CONFIG,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    load_or_exit_code,
+)
+from .config import Config
 from .dispatcher import Dispatcher
-from .errors import ConfigError, PickupdError
+from .errors import PickupdError
 
-__all__ = [
-    "CONFIG_HELP",
-    "EX_CONFIG",
-    "EX_NOINPUT",
-    "EX_OK",
-    "EX_TEMPFAIL",
-    "EX_USAGE",
-    "load_or_exit_code",
-    "main",
-]
-
-# sysexits.h, as sendmail and Postfix use them.
-EX_OK = 0
-EX_USAGE = 64
-EX_NOINPUT = 66  # no such message (or input file)
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-CONFIG_HELP = f"config file (default: $PICKUPD_CONFIG or {DEFAULT_CONFIG_PATH})"
+__all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pickupd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    config_help = CONFIG_HELP
 
     run = commands.add_parser(
         "run",
@@ -70,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
             "sends (up to 30 s), put the rest back, exit 0."
         ),
     )
-    run.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    run.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     run.add_argument(
         "--once",
         action="store_true",
@@ -99,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="validate the config: exit 0 if good, 78 with one line per problem if not",
     )
-    check.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    check.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
     check.add_argument(
         "--connect",
         action="store_true",
@@ -128,16 +118,6 @@ def _parser() -> argparse.ArgumentParser:
     queuetools.register(commands)
     winservice.register(commands)
     return parser
-
-
-def load_or_exit_code(path_arg: str | None) -> Config | int:
-    """The config named by `-c`, or EX_CONFIG after printing one line per problem."""
-    try:
-        return load(config_path(path_arg))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EX_CONFIG
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import socket
@@ -346,11 +347,46 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.deferred / f"{claimed.id}.json")
 
+    def drop(self, data: bytes) -> Path:
+        """Enqueue a message with the Maildir protocol: write it under pickup/tmp/, fsync, then
+        rename it into pickup/new/ (where the dispatcher takes it) and fsync that folder.
+        Returns its path in new/. Raises OSError if the spool cannot be written."""
+        name = _maildir_name()
+        tmp = self.tmp / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PRIVATE | _BINARY, 0o640)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            target = self.new / name
+            os.rename(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.new)
+        return target
+
     def count(self, folder: Path, suffix: str = ".eml") -> int:
         """How many messages a folder holds (for status lines)."""
         with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
             return sum(1 for e in entries if e.name.endswith(suffix))
         return 0
+
+
+_drops = itertools.count()
+
+
+def _maildir_name() -> str:
+    """A Maildir file name unique across hosts, processes and calls: time, pid, counter, host."""
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+    unique = f"M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_drops)}R{os.urandom(4).hex()}"
+    return f"{int(now)}.{unique}.{host}"
 
 
 def printable(name: str) -> str:

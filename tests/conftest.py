@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon import Daemon, relay_for
 from smtpserver import SmtpServer, TestCA
 
 # -- SMTP test server (tests/smtpserver.py) ----------------------------------------------
@@ -42,3 +45,31 @@ def smtp_factory(test_ca: TestCA) -> Iterator[Callable[..., SmtpServer]]:
     yield make
     for server in reversed(servers):
         server.stop()
+
+
+# -- the real daemon (tests/daemon.py) ----------------------------------------------------
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start real `pickupd run` processes: `make_daemon(server, relays=, senders=, start=,
+    **sections)`. Each is stopped with SIGTERM after the test, which must exit 0."""
+    daemons: list[Daemon] = []
+
+    def make(
+        server: SmtpServer | None = None,
+        relays: dict[str, Any] | None = None,
+        senders: dict[str, Any] | None = None,
+        start: bool = True,
+        **sections: Any,
+    ) -> Daemon:
+        relays = relays or {"main": relay_for(server)} if server else relays or {}
+        senders = senders or {"app@example.com": {"relay": "main"}}
+        daemon = Daemon(tmp_path / f"d{len(daemons)}", relays, senders, **sections)
+        daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    # SIGTERM, as systemd would: every test also ends with a clean drain and exit 0.
+    codes = [daemon.stop(signal.SIGTERM, timeout=40) for daemon in daemons]
+    assert all(code == 0 for code in codes), codes

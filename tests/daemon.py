@@ -21,7 +21,15 @@ from typing import Any
 
 import tomli_w
 
-__all__ = ["PICKUPD", "Daemon", "drop_eml", "drop_maildir", "message", "wait_until"]
+__all__ = [
+    "PICKUPD",
+    "Daemon",
+    "drop_eml",
+    "drop_maildir",
+    "message",
+    "relay_for",
+    "wait_until",
+]
 
 PICKUPD = str(Path(sys.executable).with_name("pickupd"))
 FOLDERS = ("pickup/new", "active", "deferred", "failed", "sent")
@@ -52,6 +60,11 @@ def message(
     return (
         f"From: {sender}\nTo: {to}\nSubject: {subject}\nMessage-ID: {mid}\n{extra}\n{body}"
     ).encode()
+
+
+def relay_for(server: Any, **extra: Any) -> dict[str, Any]:
+    """A `[relays.<name>]` table for a tests/smtpserver.py server (plain, no credentials)."""
+    return {"host": server.host, "port": server.port, "security": "none", **extra}
 
 
 def drop_maildir(spool: Path, data: bytes) -> str:

@@ -5,40 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Daemon, drop_eml, drop_maildir, message, wait_until
+from daemon import Daemon, drop_eml, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
-
-
-def relay_for(server: SmtpServer, **extra: Any) -> dict[str, Any]:
-    return {"host": server.host, "port": server.port, "security": "none", **extra}
-
-
-@pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    daemons: list[Daemon] = []
-
-    def make(
-        server: SmtpServer | None = None,
-        relays: dict[str, Any] | None = None,
-        senders: dict[str, Any] | None = None,
-        start: bool = True,
-        **sections: Any,
-    ) -> Daemon:
-        relays = relays or {"main": relay_for(server)} if server else relays or {}
-        senders = senders or {"app@example.com": {"relay": "main"}}
-        daemon = Daemon(tmp_path / f"d{len(daemons)}", relays, senders, **sections)
-        daemons.append(daemon)
-        return daemon.start() if start else daemon
-
-    yield make
-    # SIGTERM, as systemd would: every test also ends with a clean drain and exit 0.
-    codes = [daemon.stop(signal.SIGTERM, timeout=40) for daemon in daemons]
-    assert all(code == 0 for code in codes), codes
 
 
 def test_maildir_drop_is_relayed_byte_for_byte(

@@ -147,6 +147,8 @@ async def _serve(dispatcher: Dispatcher) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, dispatcher.stop)
+    if hasattr(signal, "SIGHUP"):  # POSIX: reload the config, as every daemon does
+        loop.add_signal_handler(signal.SIGHUP, dispatcher.reload)
     await dispatcher.run()
 
 

@@ -18,12 +18,14 @@ from typing import Any
 
 from . import envelope, ids, policy, relay, retry
 from . import log as logs
-from .config import Config, SenderRule
+from .config import Config, Credentials, RelayConfig, SenderRule, load
+from .errors import ConfigError
 from .outcome import Delivery, Reason, RecipientResult, Refusal
 from .pool import Pool
+from .ratelimit import Limiter, is_throttling
 from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from .spool import Candidate, Claimed, Spool, Unsafe, printable
-from .units import format_duration
+from .units import Rate, format_duration
 from .watcher import Watcher
 
 __all__ = ["GRACE", "Dispatcher", "Stats"]
@@ -37,6 +39,11 @@ LARGE_MESSAGE = 1024 * 1024
 LARGE_AT_ONCE = 2
 # A direct .eml still open by its writer after this long is taken anyway (missed event).
 WRITER_PATIENCE = 300.0
+# After an operator's change in deferred/ (retry, flush, release), look again this soon: a
+# burst of renames gives one rescan, and the message still goes out well within a second.
+DEFERRED_DEBOUNCE = 0.1
+# Config keys a reload cannot change in a running process (they need a restart).
+_FIXED_ON_RELOAD = ("spool.path", "dispatch.concurrency", "metrics.listen")
 
 
 @dataclasses.dataclass(slots=True)
@@ -57,6 +64,7 @@ class Dispatcher:
         self.once = once
         self.spool = Spool(config.spool.path)
         self.pool = Pool()
+        self.limiter = Limiter()
         self.stats = Stats()
         self.log = logs.get()
         self._new: deque[Candidate] = deque()
@@ -64,6 +72,8 @@ class Dispatcher:
         self._queued: set[Path] = set()
         self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
         self._unmovable: set[Path] = set()  # logged once, skipped since
+        self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
+        self._deferred_rescan: asyncio.TimerHandle | None = None
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
         self._prefer_new = True
         self._has_work = asyncio.Event()
@@ -82,6 +92,45 @@ class Dispatcher:
     def stop(self) -> None:
         """Stop taking new messages; in-flight sends get GRACE seconds. Safe to call twice."""
         self._stop.set()
+
+    def reload(self) -> None:
+        """Read the config file again (SIGHUP). A valid one is used from the next attempt on,
+        in-flight sends go on with the old one; an invalid one is logged and ignored."""
+        try:
+            new = load(self.config.path)
+        except ConfigError as exc:
+            self.log.error("reload_failed", config=str(self.config.path), problems=exc.problems)
+            return
+        old = self.config
+        fixed = {
+            "spool.path": (old.spool.path, new.spool.path),
+            "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
+            "metrics.listen": (old.metrics.listen, new.metrics.listen),
+        }
+        unchanged = [key for key in _FIXED_ON_RELOAD if fixed[key][0] != fixed[key][1]]
+        new = dataclasses.replace(
+            new,
+            spool=dataclasses.replace(new.spool, path=old.spool.path),
+            dispatch=dataclasses.replace(new.dispatch, concurrency=old.dispatch.concurrency),
+            metrics=old.metrics,
+        )
+        self.config = new
+        logs.configure(new.log.level, new.log.format)
+        self.log = logs.get()
+        if unchanged:
+            self.log.warning("reload_needs_restart", keys=unchanged)
+        self.log.info(
+            "reloaded",
+            config=str(new.path),
+            relays=sorted(new.relays),
+            senders=len(new.senders),
+        )
+        self._pickup_wake.set()
+        self._deferred_wake.set()
+
+    def wake_deferred(self) -> None:
+        """Look at deferred/ again now (an operator made messages due)."""
+        self._deferred_wake.set()
 
     async def wait_ready(self) -> None:
         """Return once the dispatcher is watching the pickup folder."""
@@ -102,7 +151,9 @@ class Dispatcher:
                 self._queued.add(candidate.path)
                 self._due.append(candidate)
             if not self.once:
-                watcher = Watcher([self.spool.pickup, self.spool.new], self._hint)
+                watcher = Watcher(
+                    [self.spool.pickup, self.spool.new, self.spool.deferred], self._hint
+                )
                 watcher.start(asyncio.get_running_loop())
             async with asyncio.TaskGroup() as group:
                 workers = [
@@ -142,7 +193,9 @@ class Dispatcher:
         if self._stopping:
             return
         candidate_path = Path(path)
-        if candidate_path.parent == self.spool.new:
+        if candidate_path.parent == self.spool.deferred:
+            self._deferred_hint(event_type, candidate_path.name)
+        elif candidate_path.parent == self.spool.new:
             if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
                 return
             if len(self._new) >= self._capacity():
@@ -165,6 +218,25 @@ class Dispatcher:
             asyncio.get_running_loop().call_later(
                 self.config.dispatch.settle + 0.01, self._pickup_wake.set
             )
+
+    def _deferred_hint(self, event_type: str, name: str) -> None:
+        """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
+        ourselves, which is no news). Rescan shortly, once per burst."""
+        if event_type not in ("created", "moved") or name.startswith("."):
+            return
+        msg_id, _, suffix = name.partition(".")
+        if msg_id in self._own_deferrals:
+            if suffix == "eml":  # our sidecar came first; the .eml is the last of our two
+                self._own_deferrals.discard(msg_id)
+            return
+        if self._deferred_rescan is None:
+
+            def rescan() -> None:
+                self._deferred_rescan = None
+                self._deferred_wake.set()
+
+            loop = asyncio.get_running_loop()
+            self._deferred_rescan = loop.call_later(DEFERRED_DEBOUNCE, rescan)
 
     def _still_open(self, path: Path) -> bool:
         """True while a writer holds a direct .eml open (bounded: a missed close event must not
@@ -254,6 +326,7 @@ class Dispatcher:
             await asyncio.sleep(1.0)
             timeouts = {name: r.idle_timeout for name, r in self.config.relays.items()}
             await self.pool.close_idle(timeouts)
+            self.limiter.prune(time.time())
 
     # -- working ---------------------------------------------------------------------------------
 
@@ -341,17 +414,29 @@ class Dispatcher:
             self.log.exception("internal_error", id=claimed.id, source=claimed.source)
             self._put_back(claimed, time.time() + 60)
 
-    def _put_back(self, claimed: Claimed, due: float) -> None:
+    def _put_back(
+        self, claimed: Claimed, due: float, sidecar: Sidecar | None = None, event: str = "put_back"
+    ) -> None:
         """Move a claimed message to deferred/ without counting an attempt."""
-        sidecar = claimed.sidecar or self._new_sidecar(claimed, None, ())
+        sidecar = sidecar or claimed.sidecar or self._new_sidecar(claimed, None, ())
         sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
         try:
-            self.spool.finish_deferred(claimed, sidecar, due)
+            self._to_deferred(claimed, sidecar, due)
         except OSError as exc:
             if claimed.path.exists():  # else it had already reached its folder
                 self.log.error("put_back_failed", id=claimed.id, error=str(exc))
             return
-        self.log.info("put_back", id=claimed.id, next_attempt=sidecar.next_attempt)
+        self.log.info(
+            event, id=claimed.id, next_attempt=sidecar.next_attempt, detail=sidecar.detail
+        )
+
+    def _to_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
+        if not self.once:
+            # Our own rename into deferred/ is not news for the deferred/ watch.
+            if len(self._own_deferrals) > 10_000:
+                self._own_deferrals.clear()
+            self._own_deferrals.add(claimed.id)
+        self.spool.finish_deferred(claimed, sidecar, due)
 
     async def _deliver(self, claimed: Claimed) -> None:
         try:
@@ -385,10 +470,37 @@ class Dispatcher:
         assert parsed is not None and parsed.sender is not None  # policy.check saw to that
         relay_config = config.relays[decision.relay]
         credentials = decision.credentials or relay_config.credentials
+        now = time.time()
+        slot = self.limiter.slot(
+            claimed.id, relay_config.name, _buckets(relay_config, decision, credentials), now
+        )
+        if slot > now:
+            # Over a provider limit: not an attempt, not an error; it waits its turn.
+            detail = f"waiting its turn: {_limits(relay_config, decision)}"
+            waiting = dataclasses.replace(self._base(claimed, parsed), detail=detail)
+            self._put_back(claimed, slot, waiting, event="waiting")
+            self._deferred_until(slot)
+            return
         delivery = await relay.send(
             self.pool, relay_config, credentials, parsed.sender, parsed.recipients, parsed.data
         )
+        self._pace(relay_config.name, delivery)
         self._record(claimed, parsed, delivery, data)
+
+    def _pace(self, relay_name: str, delivery: Delivery) -> None:
+        """A throttling reply slows the whole relay down; an accepted message ends that."""
+        throttling = next((r for r in delivery.deferred if is_throttling(r.code, r.text)), None)
+        if throttling is not None:
+            until = self.limiter.throttled(relay_name, time.time())
+            self.log.warning(
+                "relay_throttled",
+                relay=relay_name,
+                code=throttling.code,
+                detail=throttling.text,
+                paused_until=from_timestamp(until),
+            )
+        elif delivery.sent:
+            self.limiter.accepted(relay_name)
 
     async def _examine(
         self, claimed: Claimed, config: Config
@@ -595,7 +707,7 @@ class Dispatcher:
             next_attempt=from_timestamp(due),
             reason=None,
         )
-        self.spool.finish_deferred(claimed, sidecar, due)
+        self._to_deferred(claimed, sidecar, due)
         self._deferred_until(due)
         self.stats.deferred += 1
         self.log.warning(
@@ -606,6 +718,29 @@ class Dispatcher:
             detail=detail,
             next_attempt=sidecar.next_attempt,
         )
+
+
+def _buckets(
+    relay_config: RelayConfig, rule: SenderRule, credentials: Credentials | None
+) -> list[tuple[tuple[str, ...], Rate]]:
+    """The token buckets a message draws on: its relay's, and its credentials' (a sender
+    entry's `rate` is per mailbox: Microsoft 365 counts 30 a minute per mailbox)."""
+    buckets: list[tuple[tuple[str, ...], Rate]] = []
+    if relay_config.rate is not None:
+        buckets.append((("relay", relay_config.name), relay_config.rate))
+    if rule.rate is not None:
+        user = credentials.username if credentials else f"sender {rule.pattern}"
+        buckets.append((("credentials", relay_config.name, user), rule.rate))
+    return buckets
+
+
+def _limits(relay_config: RelayConfig, rule: SenderRule) -> str:
+    parts = []
+    if relay_config.rate is not None:
+        parts.append(f"relays.{relay_config.name}.rate = {relay_config.rate}")
+    if rule.rate is not None:
+        parts.append(f'senders."{rule.pattern}".rate = {rule.rate}')
+    return ", ".join(parts) or f"relay {relay_config.name} asked us to slow down"
 
 
 def _detail(results: tuple[RecipientResult, ...], sent: tuple[str, ...]) -> str:

@@ -1,0 +1,106 @@
+"""Provider limits: `rate` on relays and senders, and slowing down when a relay throttles us.
+
+The real daemon and a real SMTP server; times are read from the daemon's own log lines, and
+only lower bounds are asserted (a slow machine can only make the spacing larger).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from daemon import Daemon, drop_maildir, message, relay_for, wait_until
+from smtpserver import SmtpServer
+
+from pickupd.ratelimit import PAUSE_FIRST, Limiter, is_throttling
+from pickupd.sidecar import to_timestamp
+from pickupd.units import Rate
+
+
+def test_over_the_limit_waits_its_turn_without_an_attempt(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """At 1/min, of three messages one goes now; the others wait in deferred/ with no attempt
+    counted, each with its own reserved turn a minute apart, and the reason in the sidecar."""
+    daemon = make_daemon(relays={"main": relay_for(smtp_server, rate="1/min")})
+    for n in range(3):
+        drop_maildir(daemon.spool, message(subject=f"n{n}"))
+    smtp_server.wait_for(1)
+    waiting = daemon.wait_event("waiting", count=2)
+    sidecars = daemon.wait_sidecars("deferred", count=2)
+    assert len(smtp_server.received) == 1
+    for sidecar in sidecars:
+        assert sidecar["attempts"] == 0 and sidecar["history"] == []
+        assert "relays.main.rate = 1/min" in sidecar["detail"]
+        assert sidecar["recipients"] == ["alice@example.net"]
+    (sent,) = daemon.events("sent")
+    turns = sorted(to_timestamp(w["next_attempt"]) for w in waiting)
+    start = to_timestamp(sent["timestamp"])
+    assert turns[0] - start > 55 and turns[1] - turns[0] > 59.9, (start, turns)
+    assert daemon.events("deferred") == [] and daemon.events("failed") == []
+
+
+def test_sender_rate_spaces_messages_out(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A sender entry's 5/s lets five go at once, then one every 200 ms: ten messages take at
+    least a second, and all of them arrive."""
+    daemon = make_daemon(smtp_server, senders={"app@example.com": {"relay": "main", "rate": "5/s"}})
+    for n in range(10):
+        drop_maildir(daemon.spool, message(subject=f"n{n}"))
+    smtp_server.wait_for(10, timeout=15)
+    sent = daemon.wait_event("sent", count=10)
+    times = sorted(to_timestamp(e["timestamp"]) for e in sent)
+    assert times[-1] - times[0] >= 0.9, times
+    assert daemon.events("waiting"), "some messages must have waited for their turn"
+    assert wait_until(lambda: daemon.census()["deferred"] == 0, 5, "deferred/ to empty")
+
+
+def test_throttling_reply_pauses_the_relay(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """SES's "454 Throttling failure" defers the message and pauses the whole relay: the next
+    message waits (no attempt) instead of hammering it, and both go once the pause is over."""
+    daemon = make_daemon(smtp_server)
+    smtp_server.fail_mail = "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
+    smtp_server.fail_next = 1
+    drop_maildir(daemon.spool, message(subject="first"))
+    (throttled,) = daemon.wait_event("relay_throttled")
+    assert throttled["relay"] == "main" and throttled["code"] == 454
+    daemon.wait_event("deferred")
+    drop_maildir(daemon.spool, message(subject="second"))
+    (waiting, *_) = daemon.wait_event("waiting")
+    assert "asked us to slow down" in waiting["detail"]
+    paused_until = to_timestamp(throttled["paused_until"])
+    got = smtp_server.wait_for(2, timeout=PAUSE_FIRST + 10)
+    assert sorted(r.data.split(b"Subject: ")[1][:6] for r in got) == [b"first\r", b"second"]
+    sent = daemon.events("sent")
+    assert min(to_timestamp(e["timestamp"]) for e in sent) >= paused_until - 0.05
+
+
+def test_limiter_reserves_turns_and_keeps_them() -> None:
+    """The bucket arithmetic: a burst of `count`, then one per interval; a message asking
+    again gets the turn it was given, not a new one at the back."""
+    limiter = Limiter()
+    bucket = [(("relay", "main"), Rate(2, 1.0))]
+    now = 1000.0
+    slots = [limiter.slot(f"m{n}", "main", bucket, now) for n in range(5)]
+    assert slots == [now, now, now + 0.5, now + 1.0, now + 1.5]
+    assert limiter.slot("m3", "main", bucket, now + 0.2) == now + 1.0  # same turn again
+    assert limiter.slot("m3", "main", bucket, now + 1.0) == now + 1.0  # its turn: go
+    assert limiter.slot("m5", "main", bucket, now + 1.0) == now + 2.0
+    until = limiter.throttled("main", now + 1.0)
+    assert until == now + 1.0 + PAUSE_FIRST
+    assert limiter.slot("m4", "main", bucket, now + 1.5) == until  # paused: its turn moves
+    assert limiter.throttled("main", now + 2) == now + 2 + 2 * PAUSE_FIRST  # doubles
+    limiter.accepted("main")
+    assert limiter.slot("x", "other", [], now) == now  # no limit, no pause: at once
+
+
+def test_which_replies_count_as_throttling() -> None:
+    assert is_throttling(454, "4.7.0 Throttling failure: Maximum sending rate exceeded.")
+    assert is_throttling(451, "4.7.500 Server busy. Please try again later.")
+    assert is_throttling(421, "4.7.28 Our system has detected an unusual rate of mail")
+    assert not is_throttling(452, "4.2.2 Mailbox full, quota exceeded")
+    assert not is_throttling(451, "4.3.0 Temporary local problem")
+    assert not is_throttling(554, "5.7.1 Throttling failure")  # permanent: not ours to pace
+    assert not is_throttling(None, "throttled")

@@ -121,6 +121,17 @@ def test_secrets_never_print_themselves(good: Path) -> None:
         ('[senders."not-an-address"]\nrelay = "x"\n', 'senders."not-an-address": expected'),
         ("[spool\n", "not valid TOML"),
         ("[bogus]\n", "bogus: unknown key"),
+        (
+            '[relays.m]\nhost = "h"\nrate = "30 per minute"\n[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.rate: expected a rate like "30/min", "5/s", "1000/h" or "10000/day"',
+        ),
+        (
+            '[relays.m]\nhost = "h"\n[senders."a@b.c"]\nrelay = "m"\nrate = "0/s"\n',
+            'senders."a@b.c".rate: expected a rate like',
+        ),
+        ('[policy]\nlocal_domain = "not a domain"\n', "policy.local_domain: expected a domain"),
+        ('[metrics]\nlisten = "9464"\n', 'metrics.listen: expected "host:port"'),
+        ('[metrics]\nlisten = "127.0.0.1:99999"\n', 'metrics.listen: expected "host:port"'),
     ],
 )
 def test_problems_name_the_file_and_key_path(tmp_path: Path, toml: str, expected: str) -> None:
@@ -215,3 +226,20 @@ def test_run_with_an_unusable_spool_says_so_in_one_line(tmp_path: Path) -> None:
     result = run("run", "-c", str(path))
     assert result.returncode == 78
     assert "spool.path: cannot create" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_operations_keys_load(tmp_path: Path) -> None:
+    """The keys issue 3 adds: rates (also /s, /h, /day), local_domain, metrics listen."""
+    path = write(
+        tmp_path,
+        '[policy]\nlocal_domain = "Example.COM"\n[metrics]\nlisten = "[::1]:9464"\n'
+        '[relays.m]\nhost = "h"\nrate = "100/min"\n'
+        '[senders."a@b.c"]\nrelay = "m"\nrate = "10000/day"\n'
+        '[senders."*@b.c"]\nrelay = "m"\nrate = "2/s"\n',
+    )
+    config = load(path)
+    assert config.policy.local_domain == "example.com"
+    assert config.metrics.listen == ("::1", 9464)
+    assert (config.relays["m"].rate.count, config.relays["m"].rate.per) == (100, 60.0)  # type: ignore[union-attr]
+    rates = [str(rule.rate) for rule in config.senders]
+    assert rates == ["10000/day", "2/s"]

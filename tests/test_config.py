@@ -243,3 +243,20 @@ def test_operations_keys_load(tmp_path: Path) -> None:
     assert (config.relays["m"].rate.count, config.relays["m"].rate.per) == (100, 60.0)  # type: ignore[union-attr]
     rates = [str(rule.rate) for rule in config.senders]
     assert rates == ["10000/day", "2/s"]
+
+
+def test_shipped_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """etc/pickupd.toml, with its password files put in a temp folder, loads as documented."""
+    example = (Path(__file__).parent.parent / "etc" / "pickupd.toml").read_text()
+    for name in ("main.password", "billing.password"):
+        (tmp_path / name).write_text("pw\n")
+        (tmp_path / name).chmod(0o600)
+    monkeypatch.setenv("PICKUPD_SES_PASSWORD", "pw")
+    config = load(write(tmp_path, example.replace("/etc/pickupd/", f"{tmp_path}/")))
+    assert sorted(config.relays) == ["main", "ses"]
+    assert [rule.pattern for rule in config.senders] == [
+        "billing@example.com",
+        "*@example.com",
+        "alerts@example.org",
+    ]
+    assert str(config.senders[0].rate) == "30/min"

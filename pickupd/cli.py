@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, daemonize, probe, queuetools, sendmail, winservice
+from . import __version__, daemonize, probe, queuetools, sendmail, starter, winservice
 from . import log as logs
 from .commands import (
     CONFIG_HELP,
@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a /usr/sbin/sendmail for submission: reads a message on stdin into the pickup folder",
         add_help=False,
     )
+    starter.register(commands)
     queuetools.register(commands)
     winservice.register(commands)
     return parser
@@ -149,6 +150,7 @@ async def _serve(dispatcher: Dispatcher) -> None:
         loop.add_signal_handler(signum, dispatcher.stop)
     if hasattr(signal, "SIGHUP"):  # POSIX: reload the config, as every daemon does
         loop.add_signal_handler(signal.SIGHUP, dispatcher.reload)
+        loop.add_signal_handler(signal.SIGUSR1, dispatcher.flush)
     await dispatcher.run()
 
 

@@ -74,6 +74,7 @@ class Dispatcher:
         self._unmovable: set[Path] = set()  # logged once, skipped since
         self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
         self._deferred_rescan: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
         self._prefer_new = True
         self._has_work = asyncio.Event()
@@ -128,9 +129,19 @@ class Dispatcher:
         self._pickup_wake.set()
         self._deferred_wake.set()
 
-    def wake_deferred(self) -> None:
-        """Look at deferred/ again now (an operator made messages due)."""
-        self._deferred_wake.set()
+    def flush(self) -> None:
+        """Make every deferred message due now (SIGUSR1, as `pickupd flush`)."""
+        if self._stopping:
+            return
+
+        async def flush() -> None:
+            count = await asyncio.to_thread(self.spool.make_due, time.time())
+            self.log.info("flushed", messages=count)
+            self._deferred_wake.set()
+
+        task = asyncio.get_running_loop().create_task(flush())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def wait_ready(self) -> None:
         """Return once the dispatcher is watching the pickup folder."""

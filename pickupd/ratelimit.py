@@ -27,7 +27,7 @@ _EARLY = 0.05
 # Replies that say "you are sending too fast", as opposed to "try later, I am broken".
 _THROTTLING = re.compile(
     r"throttl|rate[ -]?limit|too many (messages|mails|connections|recipients)|sending rate"
-    r"|slow down|\b4\.7\.(0|28|500)\b",
+    r"|slow down|\b4\.7\.(28|500)\b",
     re.IGNORECASE,
 )
 

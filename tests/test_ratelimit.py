@@ -32,7 +32,7 @@ def test_over_the_limit_waits_its_turn_without_an_attempt(
         assert sidecar["attempts"] == 0 and sidecar["history"] == []
         assert "relays.main.rate = 1/min" in sidecar["detail"]
         assert sidecar["recipients"] == ["alice@example.net"]
-    (sent,) = daemon.events("sent")
+    (sent,) = daemon.wait_event("sent")
     turns = sorted(to_timestamp(w["next_attempt"]) for w in waiting)
     start = to_timestamp(sent["timestamp"])
     assert turns[0] - start > 55 and turns[1] - turns[0] > 59.9, (start, turns)
@@ -102,5 +102,6 @@ def test_which_replies_count_as_throttling() -> None:
     assert is_throttling(421, "4.7.28 Our system has detected an unusual rate of mail")
     assert not is_throttling(452, "4.2.2 Mailbox full, quota exceeded")
     assert not is_throttling(451, "4.3.0 Temporary local problem")
+    assert not is_throttling(451, "4.7.0 Temporary authentication failure")
     assert not is_throttling(554, "5.7.1 Throttling failure")  # permanent: not ours to pace
     assert not is_throttling(None, "throttled")

@@ -1,0 +1,125 @@
+"""`pickupd init`: a commented starter config and a spool with safe modes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .commands import CONFIG_HELP, EX_CONFIG, EX_OK, EX_USAGE
+from .config import DEFAULT_CONFIG_PATH, config_path
+from .spool import Spool
+
+__all__ = ["register"]
+
+# Apps in the group write into pickup/ (setgid: files keep the group); the rest of the spool
+# belongs to the service user alone. The root is traversable by the group, not listable.
+PICKUP_MODE = 0o2770
+PRIVATE_MODE = 0o700
+ROOT_MODE = 0o710
+CONFIG_MODE = 0o640
+
+_HEADER = """\
+# pickupd configuration, written by `pickupd init`.
+# Every key is described in etc/pickupd.toml of pickupd's source and in its README.
+# After editing, check it and test the relay login (no mail is sent):
+#     pickupd check -c {path}
+#     pickupd check -c {path} --connect
+#
+# The relay below is a mail server on this host (port 25, no TLS, no login). For a
+# provider, use for example:
+#     [relays.main]
+#     host = "smtp.example.com"
+#     port = 587                      # STARTTLS, required and verified
+#     username = "relay@example.com"
+#     password_file = "/etc/pickupd/main.password"   # chmod 600
+#
+# Senders: only these envelope senders are relayed (pickupd is never an open relay).
+# Add one [senders."address"] or [senders."*@domain"] entry per sender.
+
+"""
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add `pickupd init`."""
+    init = commands.add_parser(
+        "init",
+        help="write a starter config and create the spool with safe modes",
+        description="Writes a commented starter config (refusing to overwrite one unless "
+        "--force) and creates the spool: pickup/ writable by the apps' group (setgid), "
+        "everything else private to the user running pickupd. Then prints the next steps.",
+    )
+    init.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    init.add_argument(
+        "--spool",
+        metavar="DIR",
+        type=Path,
+        default=Path("/var/spool/pickupd"),
+        help="the spool root (default: /var/spool/pickupd)",
+    )
+    init.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="the group the apps that drop mail run in (default: your primary group)",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing config")
+    init.set_defaults(handler=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    import grp  # POSIX only; `pickupd init` on Windows is the service's install step
+
+    path = config_path(args.config)
+    spool_root = args.spool.absolute()
+    try:
+        gid = grp.getgrnam(args.group).gr_gid if args.group else os.getgid()
+    except KeyError:
+        print(f"pickupd init: no group named {args.group!r}", file=sys.stderr)
+        return EX_USAGE
+    if path.exists() and not args.force:
+        print(f"pickupd init: {path} exists; --force overwrites it", file=sys.stderr)
+        return EX_USAGE
+    doc = {
+        "spool": {"path": str(spool_root)},
+        "relays": {"main": {"host": "localhost", "port": 25, "security": "none"}},
+        "senders": {"app@example.com": {"relay": "main"}},
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CONFIG_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(_HEADER.format(path=path) + tomli_w.dumps(doc))
+        os.chmod(path, CONFIG_MODE)
+        _make_spool(Spool(spool_root), gid)
+    except OSError as exc:
+        where = exc.filename or path
+        print(f"pickupd init: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CONFIG
+    group = grp.getgrgid(gid).gr_name
+    default = "" if str(path) == DEFAULT_CONFIG_PATH else f" -c {path}"
+    print(
+        f"wrote {path}\n"
+        f"created {spool_root}: pickup/ writable by group {group} (setgid), the rest private\n"
+        "next:\n"
+        f"  1. edit {path}: your relay and the senders your apps use\n"
+        f"  2. pickupd check{default} --connect     (validates it, tests the relay login)\n"
+        f"  3. pickupd run{default}                 (or: systemctl enable --now pickupd)\n"
+        f"  4. apps (in group {group}) drop mail into {spool_root / 'pickup'}/ or use"
+        " pickupd-sendmail"
+    )
+    return EX_OK
+
+
+def _make_spool(spool: Spool, gid: int) -> None:
+    spool.ensure()
+    os.chmod(spool.root, ROOT_MODE)
+    os.chown(spool.root, -1, gid)
+    for folder in (spool.pickup, spool.tmp, spool.new, spool.pickup / "cur"):
+        os.chown(folder, -1, gid)
+        os.chmod(folder, PICKUP_MODE)
+    for folder in (spool.active, spool.deferred, spool.failed, spool.sent, spool.hold):
+        os.chmod(folder, PRIVATE_MODE)

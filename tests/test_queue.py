@@ -1,0 +1,258 @@
+"""The operator's queue tools, run as real commands against a spool a real daemon is using."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon import PICKUPD, Daemon, drop_maildir, message, wait_until
+from smtpserver import SmtpServer
+
+
+def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """`pickupd ARGS -c <the daemon's config>`, bounded in time."""
+    return subprocess.run(
+        [PICKUPD, *args, "-c", str(daemon.config_path)],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+
+
+def one_id(daemon: Daemon, folder: str) -> str:
+    (sidecar,) = daemon.wait_sidecars(folder)
+    return str(sidecar["id"])
+
+
+def test_queue_shows_counts_and_each_message(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
+    smtp_server.fail_mail = "451 4.3.0 Try again later"
+    drop_maildir(daemon.spool, message(to="bob@example.net"))
+    drop_maildir(daemon.spool, message(sender="intruder@example.org"))
+    deferred = daemon.wait_sidecars("deferred")[0]
+    failed = daemon.wait_sidecars("failed")[0]
+
+    text = cli(daemon, "queue")
+    assert text.returncode == 0, text.stderr
+    assert f"{deferred['id']}  deferred" in text.stdout
+    assert "app@example.com -> bob@example.net" in text.stdout
+    assert "last: MAIL FROM: 451 4.3.0 Try again later (relay main)" in text.stdout
+    assert f"{failed['id']}  failed" in text.stdout and "reason sender_not_allowed" in text.stdout
+
+    doc = json.loads(cli(daemon, "queue", "--json").stdout)
+    counts = {name: folder["count"] for name, folder in doc["folders"].items()}
+    assert counts == {
+        "pickup": 0,
+        "active": 0,
+        "deferred": 1,
+        "hold": 0,
+        "failed": 1,
+        "sent": 0,
+    }
+    assert doc["folders"]["deferred"]["oldest_age_seconds"] >= 0
+    rows = {row["id"]: row for row in doc["messages"]}
+    assert rows[deferred["id"]]["last_reply"]["code"] == 451
+    assert rows[deferred["id"]]["attempts"] == 1 and rows[deferred["id"]]["next_attempt"]
+    assert rows[failed["id"]]["reason"] == "sender_not_allowed"
+
+
+def test_retry_puts_failed_mail_back_and_the_daemon_sends_it(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A message rejected while the relay was misconfigured goes out after `pickupd retry`,
+    at once: attempts count afresh and the history is kept."""
+    daemon = make_daemon(smtp_server, spool={"keep_sent": True})
+    smtp_server.fail_mail = "550 5.7.1 Relaying denied"
+    drop_maildir(daemon.spool, message())
+    msg_id = one_id(daemon, "failed")
+    smtp_server.fail_mail = None
+
+    done = cli(daemon, "retry", msg_id)
+    assert done.returncode == 0, done.stderr
+    assert f"{msg_id}: failed/ -> deferred/, due now" in done.stdout
+    smtp_server.wait_for(1, timeout=3)
+    (archived,) = daemon.wait_sidecars("sent")
+    assert archived["id"] == msg_id and archived["attempts"] == 1
+    assert [h["outcome"] for h in archived["history"]] == ["failed", "retried", "sent"]
+    assert daemon.files("failed") == []
+
+
+def test_retry_all_by_reason_and_unknown_ids(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(sender="intruder@example.org"))
+    drop_maildir(daemon.spool, message(to="nobody"))  # malformed: no domain
+    daemon.wait_sidecars("failed", count=2)
+
+    only = cli(daemon, "retry", "--all", "--reason", "malformed")
+    assert only.returncode == 0 and "1 message put back" in only.stdout, only
+    reasons = [s["reason"] for s in daemon.wait_sidecars("failed", count=2)]
+    assert sorted(reasons) == ["malformed", "sender_not_allowed"]  # failed again, as it must
+
+    unknown = cli(daemon, "retry", "01ARZ3NDEKTSV4RRFFQ69G5FAV", "../../etc/passwd")
+    assert unknown.returncode == 66
+    assert "01ARZ3NDEKTSV4RRFFQ69G5FAV: no such message" in unknown.stderr
+    assert "'../../etc/passwd': no such message" in unknown.stderr
+    assert cli(daemon, "retry").returncode == 64
+    assert cli(daemon, "retry", "--reason", "expired").returncode == 64
+
+
+def test_flush_makes_deferred_mail_due_now(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
+    smtp_server.fail_mail = "451 4.3.0 Try again later"
+    smtp_server.fail_next = 1
+    drop_maildir(daemon.spool, message())
+    (before,) = daemon.wait_sidecars("deferred")
+
+    flushed = cli(daemon, "flush")
+    assert flushed.returncode == 0 and "1 deferred message made due now" in flushed.stdout
+    smtp_server.wait_for(1, timeout=3)
+    assert daemon.wait_event("sent")[0]["id"] == before["id"]
+
+
+def test_sigusr1_flushes_like_the_command(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
+    smtp_server.fail_mail = "451 4.3.0 Try again later"
+    smtp_server.fail_next = 1
+    drop_maildir(daemon.spool, message())
+    daemon.wait_sidecars("deferred")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(10)  # SIGUSR1
+    assert daemon.wait_event("flushed")[0]["messages"] == 1
+    smtp_server.wait_for(1, timeout=3)
+
+
+def test_hold_and_release(smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]) -> None:
+    """Held mail is not sent, not even by flush; released mail goes out at once."""
+    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
+    smtp_server.fail_mail = "451 4.7.0 Temporary authentication failure"
+    drop_maildir(daemon.spool, message(subject="one"))
+    drop_maildir(daemon.spool, message(subject="two"))
+    daemon.wait_sidecars("deferred", count=2)
+    smtp_server.fail_mail = None
+
+    held = cli(daemon, "hold", "--sender", "APP@example.com")
+    assert held.returncode == 0 and "2 messages held" in held.stdout, held
+    assert daemon.files("deferred") == []
+    sidecars = daemon.wait_sidecars("hold", count=2)
+    assert all(s["history"][-1]["outcome"] == "held" for s in sidecars)
+    assert cli(daemon, "flush").stdout.startswith("0 deferred messages")
+    queue = json.loads(cli(daemon, "queue", "--json").stdout)
+    assert queue["folders"]["hold"]["count"] == 2
+
+    first = str(sidecars[0]["id"])
+    released = cli(daemon, "release", first)
+    assert released.returncode == 0, released.stderr
+    smtp_server.wait_for(1, timeout=3)
+    assert len(daemon.files("hold", ".eml")) == 1
+    assert cli(daemon, "release", "--all").returncode == 0
+    smtp_server.wait_for(2, timeout=3)
+    assert cli(daemon, "hold", first).returncode == 66  # sent: nothing to hold
+
+
+def test_delete_asks_or_needs_yes(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(sender="intruder@example.org"))
+    msg_id = one_id(daemon, "failed")
+
+    refused = cli(daemon, "delete", msg_id)  # stdin is not a terminal
+    assert refused.returncode == 64 and "--yes" in refused.stderr
+    assert len(daemon.files("failed")) == 2
+    done = cli(daemon, "delete", "--yes", msg_id)
+    assert done.returncode == 0 and f"{msg_id}: deleted from failed/" in done.stdout
+    assert daemon.files("failed") == []
+    assert cli(daemon, "delete", "--yes", msg_id).returncode == 66
+
+
+def test_show_prints_sidecar_and_headers_only(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(sender="intruder@example.org", body="SECRET BODY\n"))
+    msg_id = one_id(daemon, "failed")
+    shown = cli(daemon, "show", msg_id.lower())
+    assert shown.returncode == 0, shown.stderr
+    assert f"failed/{msg_id}.eml" in shown.stdout
+    assert '"reason": "sender_not_allowed"' in shown.stdout
+    assert "From: intruder@example.org" in shown.stdout
+    assert "SECRET BODY" not in shown.stdout
+    assert cli(daemon, "show", "01ARZ3NDEKTSV4RRFFQ69G5FAV").returncode == 66
+
+
+def test_drop_files_and_stdin(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = make_daemon(smtp_server)
+    path = tmp_path / "one.eml"
+    path.write_bytes(message(subject="from a file"))
+    dropped = cli(daemon, "drop", str(path), "-", stdin=message(subject="from stdin"))
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout.count(str(daemon.spool / "pickup" / "new")) == 2
+    got = smtp_server.wait_for(2)
+    subjects = sorted(r.data.split(b"Subject: ")[1].split(b"\r\n")[0] for r in got)
+    assert subjects == [b"from a file", b"from stdin"]
+    assert daemon.files("pickup/tmp") == []
+
+    missing = cli(daemon, "drop", str(tmp_path / "nope.eml"))
+    assert missing.returncode == 66 and "nope.eml" in missing.stderr
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
+    config = tmp_path / "pickupd.toml"
+    config.write_text(
+        f'[spool]\npath = "{tmp_path / "absent"}"\n[relays.m]\nhost = "localhost"\n'
+        'security = "none"\n[senders."a@example.com"]\nrelay = "m"\n'
+    )
+    run = [PICKUPD, "queue", "-c", str(config)]
+    absent = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
+    assert absent.returncode == 78
+    assert absent.stderr.strip().count("\n") == 0 and "does not exist" in absent.stderr
+    config.write_text("[relays.m]\nport = 99999\n")
+    bad = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
+    assert bad.returncode == 78 and "relays.m.port" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_init_writes_a_valid_config_and_a_safe_spool(tmp_path: Path) -> None:
+    config = tmp_path / "etc" / "pickupd.toml"
+    spool = tmp_path / "spool"
+    args = [PICKUPD, "init", "-c", str(config), "--spool", str(spool)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "next:" in done.stdout
+    checked = subprocess.run(
+        [PICKUPD, "check", "-c", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(spool) == 0o710
+    for sub in ("pickup", "pickup/tmp", "pickup/new", "pickup/cur"):
+        assert mode(spool / sub) == 0o2770, sub
+        assert (spool / sub).stat().st_gid == os.getgid()
+    for sub in ("active", "deferred", "hold", "failed", "sent"):
+        assert mode(spool / sub) == 0o700, sub
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    assert again.returncode == 64 and "--force" in again.stderr
+    forced = subprocess.run([*args, "--force"], capture_output=True, text=True, timeout=30)
+    assert forced.returncode == 0
+    assert wait_until(lambda: config.exists(), 1)

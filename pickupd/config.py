@@ -28,9 +28,11 @@ __all__ = [
     "Secret",
     "SenderRule",
     "SpoolConfig",
+    "Submission",
     "config_path",
     "is_loopback",
     "load",
+    "load_submission",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/pickupd/pickupd.toml"
@@ -601,6 +603,39 @@ def load(path: Path) -> Config:
         relays=relays,
         senders=tuple(senders),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """The few settings the sendmail shim needs, read by users who may not read secrets."""
+
+    spool_path: Path
+    local_domain: str | None
+    max_message_size: int
+
+
+def load_submission(path: Path) -> Submission:
+    """Read only `[spool] path` and `[policy] local_domain` / `max_message_size`: an app user
+    running pickupd-sendmail may read the config but not the password files it names (and
+    need not: the daemon checks everything else). Raise ConfigError."""
+    reader = _Reader(path)
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    spool = reader.table(doc, "spool")
+    spool_path = Path(reader.get(spool, "spool.", "path", "/var/spool/pickupd", _string, "a path"))
+    policy = reader.table(doc, "policy")
+    submission = Submission(
+        spool_path=spool_path if spool_path.is_absolute() else path.parent / spool_path,
+        local_domain=reader.get(policy, "policy.", "local_domain", None, _domain, ""),
+        max_message_size=reader.get(policy, "policy.", "max_message_size", 25 * 1024**2, _size, ""),
+    )
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return submission
 
 
 def _holds_inline_secret(doc: Mapping[str, Any]) -> bool:

@@ -530,7 +530,11 @@ class Dispatcher:
             limit = config.policy.max_message_size
             detail = f"{data} bytes, larger than max_message_size = {limit}"
             return b"", None, Refusal(Reason.TOO_LARGE, detail)
-        parsed = envelope.parse(data, max_header_size=config.policy.max_header_size)
+        parsed = envelope.parse(
+            data,
+            max_header_size=config.policy.max_header_size,
+            local_domain=config.policy.local_domain,
+        )
         if isinstance(parsed, Refusal):
             return data, None, parsed
         if claimed.sidecar is not None and claimed.sidecar.recipients:

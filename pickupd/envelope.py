@@ -53,6 +53,7 @@ class _Token(NamedTuple):
     kind: str  # "atom", "quoted", "literal", "end", or the special character itself
     text: str  # as written (a quoted string keeps its quotes and quoted-pairs)
     spaced: bool  # whitespace or a comment came just before it
+    end: int = 0  # where it ends in the value (to qualify a bare local part in place)
 
 
 def _is_control(char: str) -> bool:
@@ -77,9 +78,9 @@ def _tokenize(value: str) -> list[_Token]:
         if kind == "space":
             spaced = True
             continue
-        tokens.append(_Token(text if kind == "special" else kind, text, spaced))
+        tokens.append(_Token(text if kind == "special" else kind, text, spaced, i))
         spaced = False
-    tokens.append(_Token("end", "", spaced))
+    tokens.append(_Token("end", "", spaced, len(value)))
     return tokens
 
 
@@ -129,12 +130,24 @@ def _unexpected(token: _Token, default: str, also: str = "") -> AddressError:
     return AddressError(default)
 
 
-class _Parser:
-    """Recursive descent over the tokens of one header value; methods return addr-specs."""
+# Said where an address has no @: local tools (cron, mailx) write bare names like "root".
+_NO_AT = "address without @"
+_NO_AT_HINT = f"{_NO_AT} (set [policy] local_domain to qualify bare names like root)"
 
-    def __init__(self, value: str) -> None:
+
+class _Parser:
+    """Recursive descent over the tokens of one header value; methods return addr-specs.
+
+    With `local_domain`, a mailbox that is a bare local part (`root`, `root (Cron Daemon)`,
+    `Cron <root>`) is qualified as `root@<local_domain>`, as Postfix's myorigin does; where
+    its domain goes in the value is noted in `qualified` (offsets, for rewriting the header).
+    """
+
+    def __init__(self, value: str, local_domain: str | None = None) -> None:
         self.tokens = _tokenize(value)
         self.pos = 0
+        self.local_domain = local_domain
+        self.qualified: list[int] = []
 
     def peek(self) -> _Token:
         return self.tokens[self.pos]
@@ -173,7 +186,7 @@ class _Parser:
         token = self.peek()
         if token.kind == "<":
             return [self.angle_addr()]
-        if token.kind == "@":
+        if token.kind == "@" or (words and self.local_domain and token.kind in ("end", ",", ";")):
             if not words:
                 raise AddressError("empty local part")
             self.pos = start
@@ -183,7 +196,7 @@ class _Parser:
                 raise AddressError("nested group")
             self.take()
             return self.addresses(";")
-        raise _unexpected(token, "address without @" if words else "empty element in list")
+        raise _unexpected(token, _NO_AT_HINT if words else "empty element in list")
 
     def angle_addr(self) -> str:
         self.take()  # "<"
@@ -210,11 +223,14 @@ class _Parser:
             local = self.dot_atom(token.text, "bad local part")
         else:
             raise _unexpected(token, "unbalanced angle bracket")
+        if self.local_domain and self.peek().kind in (">", "end", ",", ";"):
+            self.qualified.append(self.tokens[self.pos - 1].end)
+            return f"{local}@{self.local_domain}"
         token = self.take()
         if token.kind in _WORDS:
             raise AddressError("display name without <> around the address")
         if token.kind != "@":  # after a local part, even ">" means the @ is missing
-            raise _unexpected(token, "address without @", also=">")
+            raise _unexpected(token, _NO_AT_HINT, also=">")
         token = self.take()
         if token.kind == "literal":
             inner = "".join(token.text[1:-1].split())  # FWS may appear inside the brackets
@@ -249,12 +265,26 @@ _BARE_ADDR_SPEC = re.compile(
 )
 
 
-def parse_address_list(value: str) -> list[str]:
-    """The addr-specs of an RFC 5322 address-list, groups flattened; AddressError if malformed."""
+def parse_address_list(value: str, local_domain: str | None = None) -> list[str]:
+    """The addr-specs of an RFC 5322 address-list, groups flattened; AddressError if malformed.
+    With `local_domain`, bare local parts are qualified with it."""
+    return _qualify(value, local_domain)[0]
+
+
+def _qualify(value: str, local_domain: str | None) -> tuple[list[str], str | None]:
+    """The addr-specs, and the value rewritten with bare local parts qualified (None if it
+    had none)."""
     bare = _BARE_ADDR_SPEC.fullmatch(value)
     if bare is not None:
-        return [bare.group(1)]
-    return _Parser(value).addresses("end")
+        return [bare.group(1)], None
+    parser = _Parser(value, local_domain)
+    found = parser.addresses("end")
+    if not parser.qualified:
+        return found, None
+    rewritten = value
+    for offset in reversed(parser.qualified):
+        rewritten = f"{rewritten[:offset]}@{local_domain}{rewritten[offset:]}"
+    return found, rewritten
 
 
 def _is_null(value: str) -> bool:
@@ -284,6 +314,7 @@ class _Malformed(Exception):
 class _Field:
     name: str  # lower case
     lines: list[bytes]  # each with its CRLF (the last may lack it)
+    local_domain: str | None = None
 
     def value(self) -> bytes:
         """The unfolded value: folding CRLFs removed, the WSP after them kept."""
@@ -299,9 +330,15 @@ class _Field:
         if null_ok and _is_null(value):
             return None
         try:
-            return parse_address_list(value)
+            found, rewritten = _qualify(value, self.local_domain)
         except AddressError as error:
             raise _Malformed(f"{label}: {error}") from None
+        if rewritten is not None:
+            # Bare names qualified: the relayed field carries the qualified addresses too
+            # (relays refuse an unqualified From:), every other character as it was.
+            name = self.lines[0][: len(self.name)]
+            self.lines = [name + b":" + rewritten.encode("utf-8") + b"\r\n"]
+        return found
 
     def mailbox(self) -> str | None:
         """The single address of a sender field, None for `<>`."""
@@ -312,7 +349,7 @@ class _Field:
         return found[0] if found else None
 
 
-def _split_fields(head: bytes) -> list[_Field]:
+def _split_fields(head: bytes, local_domain: str | None) -> list[_Field]:
     """The header section (CRLF line ends) as fields, each with its continuation lines."""
     fields: list[_Field] = []
     for number, line in enumerate(head.splitlines(keepends=True), start=1):
@@ -324,7 +361,7 @@ def _split_fields(head: bytes) -> list[_Field]:
         match = _FIELD_NAME.match(line)
         if match is None:
             raise _Malformed(f"line {number} is not a header field")
-        fields.append(_Field(match.group().decode("ascii").lower(), [line]))
+        fields.append(_Field(match.group().decode("ascii").lower(), [line], local_domain))
     return fields
 
 
@@ -357,15 +394,19 @@ def _crlf(raw: bytes) -> bytes:
     return _EOL.sub(b"\r\n", raw)
 
 
-def parse(raw: bytes, *, max_header_size: int = 65536) -> Envelope | Refusal:
-    """Envelope, or Refusal(Reason.MALFORMED, detail) — the only header parser of the project."""
+def parse(
+    raw: bytes, *, max_header_size: int = 65536, local_domain: str | None = None
+) -> Envelope | Refusal:
+    """Envelope, or Refusal(Reason.MALFORMED, detail) — the only header parser of the project.
+    With `local_domain`, bare local parts ("root") in the envelope and in From/Sender/To/Cc
+    are qualified as root@local_domain, in the envelope and in the relayed header fields."""
     try:
-        return _parse(raw, max_header_size)
+        return _parse(raw, max_header_size, local_domain)
     except _Malformed as error:
         return Refusal(Reason.MALFORMED, str(error))
 
 
-def _parse(raw: bytes, max_header_size: int) -> Envelope:
+def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelope:
     """parse(), raising _Malformed."""
     if not raw or raw.isspace():  # (not strip(): no copy of a large file)
         raise _Malformed("empty file")
@@ -380,7 +421,7 @@ def _parse(raw: bytes, max_header_size: int) -> Envelope:
         head, body = text[: end + 2], text[end + 2 :]
     if len(head) > max_header_size:
         raise _Malformed(f"header section larger than {max_header_size} bytes")
-    fields = _split_fields(head)
+    fields = _split_fields(head, local_domain)
 
     # IIS / System.Net.Mail pickup files start with the envelope as X-Sender / X-Receiver lines.
     run = 0
@@ -389,12 +430,12 @@ def _parse(raw: bytes, max_header_size: int) -> Envelope:
     pickup = run > 0
     sender, recipients = _pickup_envelope(fields[:run]) if pickup else (None, [])
 
-    kept: list[bytes] = []
+    kept: list[_Field] = []  # joined at the end: qualifying a bare name rewrites its field
     single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
     message_id: str | None = None
     for f in fields[run:]:
         if f.name != "bcc":  # Bcc: is for the envelope only, in both formats
-            kept.extend(f.lines)
+            kept.append(f)
         if f.name in ("from", "sender"):
             if f.name in single:
                 raise _Malformed(f"more than one {_LABELS[f.name]}: header")
@@ -422,4 +463,5 @@ def _parse(raw: bytes, max_header_size: int) -> Envelope:
         if address.lower() not in seen:
             seen.add(address.lower())
             unique.append(address)
-    return Envelope(sender, tuple(unique), header_from, b"".join(kept) + body, message_id)
+    head = b"".join(line for f in kept for line in f.lines)
+    return Envelope(sender, tuple(unique), header_from, head + body, message_id)

@@ -1,14 +1,224 @@
-"""`pickupd-sendmail` / `pickupd sendmail`: a /usr/sbin/sendmail for submission."""
+"""`pickupd-sendmail` / `pickupd sendmail`: a /usr/sbin/sendmail for submission.
+
+Reads one message on stdin and puts it in the pickup folder (Maildir protocol, fsynced), with
+the envelope as `X-Sender:` / `X-Receiver:` lines in front, the format the daemon reads. It
+decides nothing about who may send: the daemon checks the allow-list, as it does for every
+drop. It needs only to read the config's `[spool] path` and `[policy]` keys and to write into
+pickup/tmp and pickup/new, so apps in the pickup folder's group can run it.
+
+Flags follow Postfix's sendmail(1): `-t` adds the To/Cc/Bcc recipients to those given as
+arguments; `-f`/`-r` set the envelope sender (else the single From:, else the login name);
+`-F` is the full name for a From: added when the message has none; `-i`/`-oi` keep a line
+with a lone dot as text. Date: and Message-ID: are added when missing, as Postfix does.
+"""
 
 from __future__ import annotations
 
+import email.utils
+import getpass
+import re
+import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import envelope
+from .commands import EX_OK, EX_TEMPFAIL, EX_USAGE
+from .config import config_path, load_submission
+from .errors import ConfigError
+from .outcome import Refusal
+from .spool import Spool
 
 __all__ = ["main"]
 
+EX_DATAERR = 65  # sysexits.h: the message itself cannot be taken (too large)
+PROG = "pickupd-sendmail"
+
+# Flags clients pass that change nothing here: delivery mode (-od*), error mode (-oe*), other
+# -o options, body type (-B), DSN (-N, -R, -V), verbose (-v), and a few more sendmail knows.
+_IGNORED_WITH_ARGUMENT = frozenset("BNRVXLhO")
+_IGNORED_ALONE = frozenset("vmnUGA")
+# A bare local part ("root", "www-data"): the daemon qualifies it with [policy] local_domain.
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+class _Usage(Exception):
+    """A bad command line: one line for stderr, exit 64."""
+
+
+@dataclass(slots=True)
+class _Options:
+    sender: str | None = None
+    full_name: str | None = None
+    from_headers: bool = False  # -t
+    dots_are_text: bool = False  # -i / -oi
+    config: str | None = None  # -C FILE
+    recipients: list[str] = field(default_factory=list)
+
+
+def _parse_args(argv: Sequence[str]) -> _Options:
+    options = _Options()
+    args = list(argv)
+    i = 0
+
+    def value(flag: str, rest: str) -> str:
+        nonlocal i
+        if rest:
+            return rest
+        i += 1
+        if i >= len(args):
+            raise _Usage(f"option -{flag} needs a value")
+        return args[i]
+
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            options.recipients.extend(args[i + 1 :])
+            break
+        if not arg.startswith("-") or arg == "-":
+            options.recipients.append(arg)
+        else:
+            flag, rest = arg[1], arg[2:]
+            if flag in "fr":
+                options.sender = value(flag, rest)
+            elif flag == "F":
+                options.full_name = value(flag, rest)
+            elif flag == "C":
+                options.config = value(flag, rest)
+            elif arg == "-t":
+                options.from_headers = True
+            elif arg in ("-i", "-oi"):
+                options.dots_are_text = True
+            elif flag == "o":
+                pass  # -odi, -odb, -oem, -oee, -oQ..., -oX...: nothing to do here
+            elif flag == "b":
+                if rest != "m":
+                    hint = ": use `pickupd queue`" if rest == "p" else ""
+                    raise _Usage(f"-b{rest}: only -bm (submit a message) is supported{hint}")
+            elif flag in _IGNORED_WITH_ARGUMENT:
+                value(flag, rest)
+            elif flag in _IGNORED_ALONE and not rest:
+                pass
+            elif flag == "q":
+                raise _Usage(f"{arg}: the queue is run by the pickupd daemon (`pickupd flush`)")
+            else:
+                raise _Usage(f"unknown option {arg}")
+        i += 1
+    return options
+
+
+def _read_message(dots_are_text: bool, limit: int) -> bytes | None:
+    """The message on stdin (None if larger than `limit`). Without -i a line holding a lone
+    dot ends it, as sendmail does."""
+    stdin = sys.stdin.buffer
+    if dots_are_text:
+        data = stdin.read(limit + 1)
+        return None if len(data) > limit else data
+    lines: list[bytes] = []
+    size = 0
+    for line in stdin:
+        if line.rstrip(b"\r\n") == b".":
+            break
+        size += len(line)
+        if size > limit:
+            return None
+        lines.append(line)
+    return b"".join(lines)
+
+
+def _addresses(text: str, local_domain: str | None) -> list[str]:
+    """The addr-specs in one argument (it may be a list); a bare name is kept bare."""
+    if _LOCAL_PART.fullmatch(text.strip()):
+        return [text.strip()]
+    try:
+        return envelope.parse_address_list(text, local_domain)
+    except envelope.AddressError as error:
+        raise _Usage(f"bad address {text!r}: {error}") from None
+
+
+def _head_and_body(data: bytes) -> tuple[bytes, bytes]:
+    text = data.replace(b"\r\n", b"\n")
+    if text.startswith(b"\n"):
+        return b"", text
+    end = text.find(b"\n\n")
+    if end < 0:
+        return text if text.endswith(b"\n") else text + b"\n", b""
+    return text[: end + 1], text[end + 1 :]
+
+
+def _has_field(head: bytes, name: bytes) -> bool:
+    return re.search(rb"(?im)^" + re.escape(name) + rb"[ \t]*:", head) is not None
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Read a message on stdin into the pickup folder; exit 0, 64 (usage) or 75 (tempfail)."""
-    print("pickupd sendmail: being built", file=sys.stderr)
-    return 75
+    """Read a message on stdin into the pickup folder; exit 0, 64 (usage), 65 (too large)
+    or 75 (the spool cannot be written: try again later)."""
+    try:
+        options = _parse_args(sys.argv[1:] if argv is None else argv)
+    except _Usage as problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return EX_USAGE
+    path = config_path(options.config)
+    try:
+        settings = load_submission(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return EX_TEMPFAIL
+    local_domain = settings.local_domain
+    try:
+        recipients = [a for r in options.recipients for a in _addresses(r, local_domain)]
+        if options.sender is not None and options.sender not in ("", "<>"):
+            (sender,) = _addresses(options.sender, local_domain) or [""]
+        else:
+            sender = options.sender or ""
+    except (_Usage, ValueError) as problem:
+        print(f"{PROG}: {problem or 'bad -f address'}", file=sys.stderr)
+        return EX_USAGE
+
+    data = _read_message(options.dots_are_text, settings.max_message_size)
+    if data is None:
+        limit = settings.max_message_size
+        print(f"{PROG}: message larger than max_message_size ({limit} bytes)", file=sys.stderr)
+        return EX_DATAERR
+    head, body = _head_and_body(data)
+    parsed = envelope.parse(head + b"\n", local_domain=local_domain)
+    if options.from_headers:
+        if isinstance(parsed, Refusal):
+            print(f"{PROG}: -t: {parsed.detail}", file=sys.stderr)
+            return EX_USAGE
+        recipients += list(parsed.recipients)
+    if not recipients:
+        print(f"{PROG}: no recipients (give them as arguments, or -t)", file=sys.stderr)
+        return EX_USAGE
+    if options.sender is None:
+        # The message's own sender, else the user running us (as sendmail does).
+        found = None if isinstance(parsed, Refusal) else parsed.sender
+        sender = found or getpass.getuser()
+
+    added = b""
+    if not _has_field(head, b"From"):
+        name = options.full_name
+        added += f"From: {name} <{sender}>\n".encode() if name else f"From: {sender}\n".encode()
+    if not _has_field(head, b"Date"):
+        added += f"Date: {email.utils.formatdate(localtime=True)}\n".encode()
+    if not _has_field(head, b"Message-ID"):
+        domain = sender.partition("@")[2] or local_domain or socket.getfqdn()
+        added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\n".encode()
+    envelope_lines = f"X-Sender: <{sender}>\n" if sender else "X-Sender: <>\n"
+    seen: set[str] = set()
+    for recipient in recipients:
+        if recipient.lower() not in seen:
+            seen.add(recipient.lower())
+            envelope_lines += f"X-Receiver: <{recipient}>\n"
+    try:
+        Spool(settings.spool_path).drop(envelope_lines.encode() + added + head + body)
+    except OSError as exc:
+        where = exc.filename or settings.spool_path
+        print(f"{PROG}: cannot write into {where}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

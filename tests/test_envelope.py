@@ -399,3 +399,67 @@ def test_bare_address_fast_path_agrees_with_the_full_parser(value: str) -> None:
     from pickupd.envelope import _Parser
 
     assert parse_address_list(value) == _Parser(value).addresses("end") == [value.strip()]
+
+
+# ---- [policy] local_domain: bare local parts qualified, strictness kept
+
+
+@pytest.mark.parametrize(
+    ("raw", "sender", "recipients", "relayed_head"),
+    [
+        (
+            b"From: root (Cron Daemon)\nTo: root\n\nx\n",
+            "root@example.com",
+            ("root@example.com",),
+            b"From: root@example.com (Cron Daemon)\r\nTo: root@example.com\r\n",
+        ),
+        (
+            b'From: "Cron" <root>\nTo: a@b.example, bob\n\nx\n',
+            "root@example.com",
+            ("a@b.example", "bob@example.com"),
+            b'From: "Cron" <root@example.com>\r\nTo: a@b.example, bob@example.com\r\n',
+        ),
+        (
+            b"X-Sender: <www-data>\nX-Receiver: ops\nFrom: app@example.com\n\nx\n",
+            "www-data@example.com",
+            ("ops@example.com",),
+            b"From: app@example.com\r\n",
+        ),
+    ],
+)
+def test_local_domain_qualifies_bare_names(
+    raw: bytes, sender: str, recipients: tuple[str, ...], relayed_head: bytes
+) -> None:
+    parsed = parse(raw, local_domain="example.com")
+    assert isinstance(parsed, Envelope), parsed
+    assert parsed.sender == sender and parsed.recipients == recipients
+    assert parsed.data.startswith(relayed_head + b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "John Smith",  # a display name without an address is not a bare local part
+        "alice@example.org)<bob>",  # CVE-2023-27043 shapes stay malformed
+        "<root",
+        "root@",
+        "root.",
+        "ro ot",
+    ],
+)
+def test_local_domain_keeps_the_parser_strict(value: str) -> None:
+    raw = f"From: {value}\nTo: x@example.net\n\nx\n".encode()
+    parsed = parse(raw, local_domain="example.com")
+    assert isinstance(parsed, Refusal) and parsed.reason is Reason.MALFORMED, (value, parsed)
+
+
+def test_local_domain_qualifies_what_a_mail_client_shows() -> None:
+    """A quoted display name that looks like an address is a name: the address is <bob>."""
+    parsed = parse(b'From: "alice@example.org" <bob>\n\nx\n', local_domain="example.com")
+    assert isinstance(parsed, Envelope) and parsed.sender == "bob@example.com"
+
+
+def test_without_local_domain_a_bare_name_names_the_setting() -> None:
+    parsed = parse(b"From: root\nTo: a@example.net\n\nx\n")
+    assert isinstance(parsed, Refusal) and parsed.reason is Reason.MALFORMED
+    assert "[policy] local_domain" in parsed.detail

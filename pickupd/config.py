@@ -207,7 +207,8 @@ class _Reader:
     """Walks the TOML tables, converting values and collecting problems with their key paths."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = path  # as the user named it, for messages
+        self.dir = path.absolute().parent  # what relative paths in the file are relative to
         self.problems: list[str] = []
 
     def problem(self, key: str, text: str) -> None:
@@ -361,7 +362,7 @@ def _credentials(reader: _Reader, table: Mapping[str, Any], prefix: str) -> Cred
         return Credentials(username, Secret(env))
     file = Path(value)
     if not file.is_absolute():
-        file = reader.path.parent / file
+        file = reader.dir / file
     try:
         if _others_can_access(file):
             reader.problem(
@@ -413,7 +414,7 @@ def _relay(reader: _Reader, name: str, table: Mapping[str, Any]) -> RelayConfig 
     ca_file = reader.get(table, prefix, "ca_file", None, _string, "a file path")
     ca_path = None
     if ca_file is not None:
-        ca_path = Path(ca_file) if Path(ca_file).is_absolute() else reader.path.parent / ca_file
+        ca_path = Path(ca_file) if Path(ca_file).is_absolute() else reader.dir / ca_file
         if not ca_path.is_file():
             reader.problem(prefix + "ca_file", f"{ca_path} does not exist")
     relay = RelayConfig(
@@ -498,7 +499,7 @@ def load(path: Path) -> Config:
     reader.unknown(t, "spool.", {"path", "keep_sent"})
     spool_path = Path(reader.get(t, "spool.", "path", "/var/spool/pickupd", _string, "a path"))
     if not spool_path.is_absolute():
-        spool_path = path.parent / spool_path
+        spool_path = reader.dir / spool_path
     spool = SpoolConfig(
         path=spool_path,
         keep_sent=reader.get(t, "spool.", "keep_sent", False, _bool, "true or false"),
@@ -593,7 +594,7 @@ def load(path: Path) -> Config:
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
-        path=path,
+        path=path.absolute(),  # a daemon chdirs to / and reloads from here
         spool=spool,
         dispatch=dispatch,
         policy=policy,
@@ -629,7 +630,7 @@ def load_submission(path: Path) -> Submission:
     spool_path = Path(reader.get(spool, "spool.", "path", "/var/spool/pickupd", _string, "a path"))
     policy = reader.table(doc, "policy")
     submission = Submission(
-        spool_path=spool_path if spool_path.is_absolute() else path.parent / spool_path,
+        spool_path=spool_path if spool_path.is_absolute() else reader.dir / spool_path,
         local_domain=reader.get(policy, "policy.", "local_domain", None, _domain, ""),
         max_message_size=reader.get(policy, "policy.", "max_message_size", 25 * 1024**2, _size, ""),
     )

@@ -20,6 +20,7 @@ from . import envelope, ids, policy, relay, retry
 from . import log as logs
 from .config import Config, Credentials, RelayConfig, SenderRule, load
 from .errors import ConfigError
+from .notify import Notifier
 from .outcome import Delivery, Reason, RecipientResult, Refusal
 from .pool import Pool
 from .ratelimit import Limiter, is_throttling
@@ -42,6 +43,8 @@ WRITER_PATIENCE = 300.0
 # After an operator's change in deferred/ (retry, flush, release), look again this soon: a
 # burst of renames gives one rescan, and the message still goes out well within a second.
 DEFERRED_DEBOUNCE = 0.1
+# How often the status line for systemd is renewed.
+STATUS_EVERY = 5.0
 # Config keys a reload cannot change in a running process (they need a restart).
 _FIXED_ON_RELOAD = ("spool.path", "dispatch.concurrency", "metrics.listen")
 
@@ -65,6 +68,7 @@ class Dispatcher:
         self.spool = Spool(config.spool.path)
         self.pool = Pool()
         self.limiter = Limiter()
+        self.notifier = None if once else Notifier.from_env()
         self.stats = Stats()
         self.log = logs.get()
         self._new: deque[Candidate] = deque()
@@ -97,10 +101,14 @@ class Dispatcher:
     def reload(self) -> None:
         """Read the config file again (SIGHUP). A valid one is used from the next attempt on,
         in-flight sends go on with the old one; an invalid one is logged and ignored."""
+        if self.notifier:
+            self.notifier.reloading()
         try:
             new = load(self.config.path)
         except ConfigError as exc:
             self.log.error("reload_failed", config=str(self.config.path), problems=exc.problems)
+            if self.notifier:
+                self.notifier.ready(self.status_line())
             return
         old = self.config
         fixed = {
@@ -128,6 +136,19 @@ class Dispatcher:
         )
         self._pickup_wake.set()
         self._deferred_wake.set()
+        if self.notifier:
+            self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: this run's outcomes and what the spool holds."""
+        spool = self.spool
+        waiting = spool.count(spool.new, "") + spool.count(spool.pickup)
+        return (
+            f"sent {self.stats.sent}, deferred {self.stats.deferred}, failed"
+            f" {self.stats.failed} since start; queue: pickup {waiting}, deferred"
+            f" {spool.count(spool.deferred)}, hold {spool.count(spool.hold)}, failed"
+            f" {spool.count(spool.failed)}"
+        )
 
     def flush(self) -> None:
         """Make every deferred message due now (SIGUSR1, as `pickupd flush`)."""
@@ -176,6 +197,8 @@ class Dispatcher:
                     group.create_task(self._feed_deferred()),
                     group.create_task(self._reap_sessions()),
                 ]
+                if self.notifier:
+                    helpers.append(group.create_task(self._heartbeat(self.notifier)))
                 group.create_task(self._supervise(workers, helpers))
                 self._ready.set()
                 self.log.info(
@@ -190,6 +213,8 @@ class Dispatcher:
                 watcher.stop()
             await self.pool.close_all()
             self.spool.unlock()
+            if self.notifier:
+                self.notifier.close()
         self.log.info(
             "stopped",
             seconds=round(time.monotonic() - started, 3),
@@ -332,6 +357,21 @@ class Dispatcher:
             self._next_due = due
             self._deferred_wake.set()
 
+    async def _heartbeat(self, notifier: Notifier) -> None:
+        """READY=1, then STATUS= every few seconds and WATCHDOG=1 pings. They come from the
+        event loop itself, so a loop that is stuck stops them and systemd notices."""
+        notifier.ready(self.status_line())
+        interval = notifier.watchdog_interval()
+        every = min(STATUS_EVERY, interval) if interval else STATUS_EVERY
+        last_status = time.monotonic()
+        while True:
+            if interval:
+                notifier.watchdog()
+            if time.monotonic() - last_status >= STATUS_EVERY:
+                notifier.status(self.status_line())
+                last_status = time.monotonic()
+            await asyncio.sleep(every)
+
     async def _reap_sessions(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -383,6 +423,8 @@ class Dispatcher:
             event.set()
         for task in helpers:
             task.cancel()
+        if self.notifier:
+            self.notifier.stopping()
         if not all_workers.done():
             self.log.info("stopping", in_flight=self._busy, grace=GRACE)
             self._stop.clear()

@@ -124,13 +124,17 @@ class Daemon:
                 check=False,
             )
 
-    def start(self) -> Daemon:
-        """Start `pickupd run` and wait until it logs that it is watching."""
+    def start(self, env: dict[str, str] | None = None) -> Daemon:
+        """Start `pickupd run` (with `env` added to the environment) and wait until it logs
+        that it is watching."""
         ready_before = len(self.events("ready"))
         out = self.log_path.open("ab")
         err = self.stderr_path.open("ab")
         self.proc = subprocess.Popen(
-            [PICKUPD, "run", "-c", str(self.config_path)], stdout=out, stderr=err
+            [PICKUPD, "run", "-c", str(self.config_path)],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
         )
         out.close()
         err.close()

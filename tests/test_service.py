@@ -1,0 +1,157 @@
+"""Service integration: the systemd unit, the notify protocol and classic daemon mode, each
+with the real `pickupd` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from daemon import PICKUPD, Daemon, drop_maildir, message, wait_until
+from smtpserver import SmtpServer
+
+UNIT = Path(__file__).parent.parent / "systemd" / "pickupd.service"
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The shipped unit, with ExecStart pointing at this venv's pickupd (the unit names
+    /usr/local/bin/pickupd, absent here), verifies without a word on stderr."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (Debian's systemd; .ci/run installs it)"
+    unit = tmp_path / "pickupd.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/pickupd", PICKUPD))
+    done = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    text = UNIT.read_text()
+    for directive in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=",
+        "RestartPreventExitStatus=78",
+        "User=pickupd",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=\n",
+        "SystemCallFilter=@system-service",
+    ):
+        assert directive in text, directive
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's: collects what pickupd says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
+
+    def having(self, key: str) -> list[dict[str, str]]:
+        return [m for m in list(self.messages) if key in m]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def test_notify_ready_status_watchdog_reload_stopping(
+    smtp_server: SmtpServer,
+    make_daemon: Callable[..., Daemon],
+    notify_socket: NotifySocket,
+) -> None:
+    daemon = make_daemon(smtp_server, start=False)
+    daemon.start(env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"})
+    (ready, *_) = wait_until(lambda: notify_socket.having("READY"), 5, "READY=1")
+    assert ready["READY"] == "1" and "queue: pickup 0, deferred 0" in ready["STATUS"]
+    drop_maildir(daemon.spool, message())
+    smtp_server.wait_for(1)
+    wait_until(lambda: len(notify_socket.having("WATCHDOG")) >= 5, 5, "WATCHDOG=1 pings")
+
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: notify_socket.having("RELOADING"), 5, "RELOADING=1")
+    reload_at = notify_socket.messages.index(notify_socket.having("RELOADING")[-1])
+    wait_until(lambda: len(notify_socket.having("READY")) >= 2, 5, "READY=1 after the reload")
+    after = notify_socket.having("READY")[-1]
+    assert notify_socket.messages.index(after) > reload_at
+    assert "sent 1," in after["STATUS"]
+    assert notify_socket.having("RELOADING")[-1]["MONOTONIC_USEC"].isdigit()
+
+    assert daemon.stop() == 0
+    assert notify_socket.having("STOPPING")
+
+
+def test_no_watchdog_pings_without_watchdog_usec(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], notify_socket: NotifySocket
+) -> None:
+    daemon = make_daemon(smtp_server, start=False)
+    daemon.start(env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    wait_until(lambda: notify_socket.having("READY"), 5, "READY=1")
+    time.sleep(0.5)
+    assert notify_socket.having("WATCHDOG") == []
+
+
+def test_daemon_mode_detaches_with_a_locked_pidfile(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = make_daemon(smtp_server, start=False)
+    pidfile, log = tmp_path / "pickupd.pid", tmp_path / "daemon.log"
+    run = [PICKUPD, "run", "-c", str(daemon.config_path), "--daemon", "--pidfile", str(pidfile)]
+    started = subprocess.run([*run, "--log-file", str(log)], timeout=30, check=False)
+    assert started.returncode == 0
+    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 5, "pid"))
+    try:
+        assert pid != os.getpid()
+        os.kill(pid, 0)  # alive
+        wait_until(lambda: log.exists() and '"event": "ready"' in log.read_text(), 10, "ready")
+        drop_maildir(daemon.spool, message())
+        smtp_server.wait_for(1)
+
+        second = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
+        assert second.returncode == 75
+        assert f"pickupd is already running as pid {pid}" in second.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pidfile.exists(), 40, "the pidfile to be removed")
+    assert '"event": "stopped"' in log.read_text()
+    assert daemon.census()["active"] == 0
+
+    no_pidfile = subprocess.run(
+        [PICKUPD, "run", "-c", str(daemon.config_path), "--daemon"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert no_pidfile.returncode == 64 and "--pidfile" in no_pidfile.stderr

@@ -97,7 +97,7 @@ class Pool:
                     continue
                 await self._changed.wait()
         try:
-            return Session(key, await self._connect(relay, credentials))
+            return Session(key, await self.connect(relay, credentials))
         except BaseException:
             async with self._changed:
                 self._open[relay.name] -= 1
@@ -171,7 +171,7 @@ class Pool:
             )
         return self._tls[ca_file]
 
-    async def _connect(
+    async def connect(
         self, relay: RelayConfig, credentials: Credentials | None
     ) -> aiosmtplib.SMTP:
         tls = relay.security != "none"

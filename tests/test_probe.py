@@ -1,0 +1,100 @@
+"""`pickupd check --connect`: the real command against real test servers (STARTTLS from a test
+CA, AUTH), one line per relay and credential set, exit 0 only if all are ok."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from daemon import PICKUPD
+from smtpserver import SmtpServer, TestCA
+
+Factory = Callable[..., SmtpServer]
+
+
+def check_connect(
+    tmp_path: Path, relays: dict[str, Any], senders: dict[str, Any]
+) -> tuple[int, str]:
+    config = tmp_path / "pickupd.toml"
+    doc = {"spool": {"path": str(tmp_path / "spool")}, "relays": relays, "senders": senders}
+    config.write_text(tomli_w.dumps(doc))
+    config.chmod(0o600)
+    done = subprocess.run(
+        [PICKUPD, "check", "-c", str(config), "--connect"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    validated, _, probes = done.stdout.partition("\n")
+    assert validated.startswith(f"{config}: ok: "), done.stdout  # the config is checked first
+    return done.returncode, probes
+
+
+def starttls(server: SmtpServer, ca: TestCA, **extra: Any) -> dict[str, Any]:
+    return {
+        "host": server.host,
+        "port": server.port,
+        "security": "starttls",
+        "ca_file": str(ca.ca_file),
+        "timeout": "5s",
+        **extra,
+    }
+
+
+def test_every_relay_and_login_is_probed_without_sending_mail(
+    smtp_factory: Factory, test_ca: TestCA, tmp_path: Path
+) -> None:
+    server = smtp_factory(security="starttls", users={"relay": "pw-relay", "billing": "pw-bill"})
+    relays = {"main": starttls(server, test_ca, username="relay", password="pw-relay")}
+    senders = {
+        "*@example.com": {"relay": "main"},
+        "billing@example.com": {"relay": "main", "username": "billing", "password": "pw-bill"},
+    }
+    code, out = check_connect(tmp_path, relays, senders)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    assert any(
+        line.startswith(f'main (senders."billing@example.com" login as billing) {server.host}:')
+        for line in lines
+    ), out
+    assert all(": ok: STARTTLS TLSv1." in line and "certificate verified" in line for line in lines)
+    assert "AUTH accepted for relay" in out and "AUTH accepted for billing" in out
+    assert server.received == [] and sorted(server.auth_attempts) == [
+        ("billing", True),
+        ("relay", True),
+    ]
+    assert "pw-" not in out
+
+
+def test_failures_are_named(smtp_factory: Factory, test_ca: TestCA, tmp_path: Path) -> None:
+    authed = smtp_factory(security="starttls", users={"relay": "right"})
+    plain = smtp_factory(security="none")  # offers no STARTTLS
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    relays = {
+        "badpw": starttls(authed, test_ca, username="relay", password="wrong-secret"),
+        "nocert": {**starttls(authed, test_ca), "ca_file": None},
+        "notls": {"host": plain.host, "port": plain.port, "security": "starttls"},
+        "refused": {"host": "127.0.0.1", "port": closed, "security": "none"},
+        "nodns": {"host": "relay.example.invalid", "port": 25, "security": "none"},
+    }
+    relays["nocert"].pop("ca_file")
+    senders = {f"{name}@example.com": {"relay": name} for name in relays}
+    code, out = check_connect(tmp_path, relays, senders)
+    assert code == 1
+    lines = {line.split(" ", 1)[0]: line for line in out.splitlines()}
+    assert sorted(lines) == sorted(relays), out
+    assert "FAILED: authentication failed: 535" in lines["badpw"]
+    assert "FAILED: certificate not trusted" in lines["nocert"]
+    assert "FAILED: STARTTLS not offered by the server" in lines["notls"]
+    assert "FAILED: connection refused" in lines["refused"]
+    assert "FAILED: DNS: the host name does not resolve" in lines["nodns"]
+    assert "wrong-secret" not in out

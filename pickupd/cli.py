@@ -190,6 +190,9 @@ def _serve_config(config: Config, args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(dispatcher))
+    except PickupdError as exc:
+        print(f"{config.path}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except BlockingIOError:
         print(
             f"{config.spool.path}: another pickupd with the same host name and process id"

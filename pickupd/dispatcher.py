@@ -20,6 +20,7 @@ from . import envelope, ids, policy, relay, retry
 from . import log as logs
 from .config import Config, Credentials, RelayConfig, SenderRule, load
 from .errors import ConfigError
+from .metrics import Metrics
 from .notify import Notifier
 from .outcome import Delivery, Reason, RecipientResult, Refusal
 from .pool import Pool
@@ -69,6 +70,7 @@ class Dispatcher:
         self.pool = Pool()
         self.limiter = Limiter()
         self.notifier = None if once else Notifier.from_env()
+        self.metrics = Metrics(self.spool) if config.metrics.listen and not once else None
         self.stats = Stats()
         self.log = logs.get()
         self._new: deque[Candidate] = deque()
@@ -175,6 +177,8 @@ class Dispatcher:
         self.spool.lock()
         watcher = None
         try:
+            if self.metrics is not None and self.config.metrics.listen:
+                self.metrics.start(self.config.metrics.listen)
             removed = self.spool.clean_tmp(time.time())
             if removed:
                 self.log.info("tmp_cleaned", removed=removed)
@@ -215,6 +219,8 @@ class Dispatcher:
             self.spool.unlock()
             if self.notifier:
                 self.notifier.close()
+            if self.metrics is not None:
+                self.metrics.stop()
         self.log.info(
             "stopped",
             seconds=round(time.monotonic() - started, 3),
@@ -534,9 +540,14 @@ class Dispatcher:
             self._put_back(claimed, slot, waiting, event="waiting")
             self._deferred_until(slot)
             return
+        started = time.monotonic()
         delivery = await relay.send(
             self.pool, relay_config, credentials, parsed.sender, parsed.recipients, parsed.data
         )
+        if self.metrics is not None:
+            self.metrics.send_seconds(relay_config.name, time.monotonic() - started)
+            if delivery.session_error:
+                self.metrics.connection_error(relay_config.name, delivery.session_error)
         self._pace(relay_config.name, delivery)
         self._record(claimed, parsed, delivery, data)
 
@@ -586,6 +597,10 @@ class Dispatcher:
 
     # -- outcomes --------------------------------------------------------------------------------
 
+    def _count(self, outcome: str, reason: str | None, relay: str | None) -> None:
+        if self.metrics is not None:
+            self.metrics.outcome(outcome, reason, relay)
+
     def _new_sidecar(
         self, claimed: Claimed, parsed: envelope.Envelope | None, recipients: tuple[str, ...]
     ) -> Sidecar:
@@ -624,6 +639,7 @@ class Dispatcher:
             )
             return
         self.stats.failed += 1
+        self._count("failed", refusal.reason.value, None)
         self.log.warning(
             "failed",
             id=claimed.id,
@@ -661,6 +677,7 @@ class Dispatcher:
 
         if delivery.sent:
             self.stats.sent += 1
+            self._count("sent", None, delivery.relay)
             self.log.info("sent", **fields, recipients=list(delivery.sent), code=delivery.code)
         if not delivery.deferred and not delivery.rejected:
             archive = None
@@ -706,6 +723,7 @@ class Dispatcher:
         else:
             self.spool.finish_failed(claimed, failed)
         self.stats.failed += 1
+        self._count("failed", reason.value, delivery.relay)
         self.log.warning(
             "failed",
             **{**fields, "id": failed.id},
@@ -747,6 +765,7 @@ class Dispatcher:
             )
             self.spool.finish_failed(claimed, sidecar)
             self.stats.failed += 1
+            self._count("failed", Reason.EXPIRED.value, delivery.relay)
             self.log.warning(
                 "failed",
                 **fields,
@@ -767,6 +786,7 @@ class Dispatcher:
         self._to_deferred(claimed, sidecar, due)
         self._deferred_until(due)
         self.stats.deferred += 1
+        self._count("deferred", None, delivery.relay)
         self.log.warning(
             "deferred",
             **fields,

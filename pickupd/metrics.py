@@ -1,0 +1,130 @@
+"""The optional Prometheus endpoint (`[metrics] listen`), with prometheus-client.
+
+Counters and the histogram are fed by the dispatcher as outcomes happen; the queue gauges are
+read from the spool at scrape time (a directory count per folder), so they are right even
+with several dispatchers, the queue tools and the sendmail shim changing the spool.
+
+Metrics:
+- `pickupd_messages_total{outcome, reason, relay}`: sent / deferred / failed, one per outcome
+  line in the log (`reason` only on failed; `relay` empty when none was reached)
+- `pickupd_send_duration_seconds{relay}`: one SMTP attempt, from taking a session to the
+  reply to the data
+- `pickupd_relay_connection_errors_total{relay, kind}`: sessions that could not be opened or
+  broke (kind: connect, tls, auth, timeout, protocol)
+- `pickupd_queue_messages{folder}`: pickup, active, deferred, hold, failed, sent
+- `pickupd_oldest_deferred_age_seconds`: since the first_seen of the oldest deferred message
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .errors import PickupdError
+from .sidecar import to_timestamp
+from .spool import Spool
+
+__all__ = ["Metrics"]
+
+# SMTP attempts take milliseconds on a LAN and up to the relay's timeout on a bad day.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _SpoolCollector(Collector):
+    """Queue depth per folder and the age of the oldest deferred message, read at scrape."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        spool = self._spool
+        depth = GaugeMetricFamily(
+            "pickupd_queue_messages", "Messages in each spool folder", labels=["folder"]
+        )
+        depth.add_metric(["pickup"], spool.count(spool.new, "") + spool.count(spool.pickup))
+        depth.add_metric(["active"], spool.count(spool.active, "") - self._owner_files())
+        for name in ("deferred", "hold", "failed", "sent"):
+            depth.add_metric([name], spool.count(spool.root / name))
+        yield depth
+        oldest = GaugeMetricFamily(
+            "pickupd_oldest_deferred_age_seconds",
+            "Seconds since the oldest deferred message was first seen (0 if none)",
+        )
+        oldest.add_metric([], self._oldest_deferred())
+        yield oldest
+
+    def _owner_files(self) -> int:
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._spool.active) as entries:
+            return sum(1 for e in entries if e.name.startswith("."))
+        return 0
+
+    def _oldest_deferred(self) -> float:
+        # Ids begin with their first claim's time and sort by it: the smallest id is the
+        # oldest message, so only one sidecar is read per scrape.
+        spool = self._spool
+        for msg_id in spool.ids_in(spool.deferred):
+            sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
+            if sidecar is not None:
+                with contextlib.suppress(ValueError):
+                    return max(0.0, time.time() - to_timestamp(sidecar.first_seen))
+        return 0.0
+
+
+class Metrics:
+    """The dispatcher's metrics and, once started, their HTTP endpoint."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._messages = Counter(
+            "pickupd_messages",
+            "Messages by outcome (sent, deferred, failed), reason and relay",
+            ["outcome", "reason", "relay"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "pickupd_send_duration_seconds",
+            "Duration of one SMTP attempt",
+            ["relay"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._connection_errors = Counter(
+            "pickupd_relay_connection_errors",
+            "SMTP sessions that could not be opened or broke, by kind",
+            ["relay", "kind"],
+            registry=self.registry,
+        )
+        self.registry.register(_SpoolCollector(spool))
+        self._server: WSGIServer | None = None
+
+    def start(self, listen: tuple[str, int]) -> None:
+        """Serve /metrics on host:port; PickupdError (one line) if it cannot listen."""
+        host, port = listen
+        try:
+            self._server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise PickupdError(
+                f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None:
+        self._messages.labels(outcome, reason or "", relay or "").inc()
+
+    def send_seconds(self, relay: str, seconds: float) -> None:
+        self._duration.labels(relay).observe(seconds)
+
+    def connection_error(self, relay: str, kind: str) -> None:
+        self._connection_errors.labels(relay, kind).inc()

@@ -171,9 +171,9 @@ class Pool:
             )
         return self._tls[ca_file]
 
-    async def connect(
-        self, relay: RelayConfig, credentials: Credentials | None
-    ) -> aiosmtplib.SMTP:
+    async def connect(self, relay: RelayConfig, credentials: Credentials | None) -> aiosmtplib.SMTP:
+        """A new session: connected, TLS as configured, greeted, logged in (not pooled; the
+        pool's own sessions come from `acquire`, `check --connect` uses this directly)."""
         tls = relay.security != "none"
         smtp = aiosmtplib.SMTP(
             hostname=relay.host,

@@ -71,15 +71,17 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
-    import grp  # POSIX only; `pickupd init` on Windows is the service's install step
-
     path = config_path(args.config)
     spool_root = args.spool.absolute()
-    try:
-        gid = grp.getgrnam(args.group).gr_gid if args.group else os.getgid()
-    except KeyError:
-        print(f"pickupd init: no group named {args.group!r}", file=sys.stderr)
-        return EX_USAGE
+    gid: int | None = None  # Windows: no POSIX groups; folder ACLs are the operator's
+    if sys.platform != "win32":
+        import grp
+
+        try:
+            gid = grp.getgrnam(args.group).gr_gid if args.group else os.getgid()
+        except KeyError:
+            print(f"pickupd init: no group named {args.group!r}", file=sys.stderr)
+            return EX_USAGE
     if path.exists() and not args.force:
         print(f"pickupd init: {path} exists; --force overwrites it", file=sys.stderr)
         return EX_USAGE
@@ -99,7 +101,7 @@ def _init(args: argparse.Namespace) -> int:
         where = exc.filename or path
         print(f"pickupd init: {where}: {exc.strerror or exc}", file=sys.stderr)
         return EX_CONFIG
-    group = grp.getgrgid(gid).gr_name
+    group = "of the apps" if gid is None else _group_name(gid)
     default = "" if str(path) == DEFAULT_CONFIG_PATH else f" -c {path}"
     print(
         f"wrote {path}\n"
@@ -114,8 +116,16 @@ def _init(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _make_spool(spool: Spool, gid: int) -> None:
+def _group_name(gid: int) -> str:
+    import grp
+
+    return grp.getgrgid(gid).gr_name
+
+
+def _make_spool(spool: Spool, gid: int | None) -> None:
     spool.ensure()
+    if gid is None:
+        return
     os.chmod(spool.root, ROOT_MODE)
     os.chown(spool.root, -1, gid)
     for folder in (spool.pickup, spool.tmp, spool.new, spool.pickup / "cur"):

@@ -82,7 +82,14 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
     rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _PRIVATE | _BINARY, 0o600)
+    _write_synced(tmp, data, os.O_TRUNC, 0o600)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, data: bytes, flags: int, mode: int) -> None:
+    """Create (or with O_TRUNC, overwrite) `path` holding `data`, and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags | _PRIVATE | _BINARY, mode)
     try:
         view = memoryview(data)
         while view:
@@ -90,8 +97,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -354,15 +359,9 @@ class Spool:
         Returns its path in new/. Raises OSError if the spool cannot be written."""
         name = _maildir_name()
         tmp = self.tmp / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PRIVATE | _BINARY, 0o640)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            # Readable by the group: the daemon may run as another user than the writer.
+            _write_synced(tmp, data, os.O_EXCL, 0o640)
             target = self.new / name
             os.rename(tmp, target)
         except BaseException:

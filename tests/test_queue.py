@@ -107,15 +107,21 @@ def test_retry_all_by_reason_and_unknown_ids(
     assert cli(daemon, "retry", "--reason", "expired").returncode == 64
 
 
+def deferred_for_an_hour(server: SmtpServer, make_daemon: Callable[..., Daemon]) -> Daemon:
+    """A daemon with one message deferred (451 once) and its next attempt an hour away."""
+    daemon = make_daemon(server, retry={"schedule": ["1h"], "max_age": "1d"})
+    server.fail_mail = "451 4.3.0 Try again later"
+    server.fail_next = 1
+    drop_maildir(daemon.spool, message())
+    daemon.wait_sidecars("deferred")
+    return daemon
+
+
 def test_flush_makes_deferred_mail_due_now(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
-    smtp_server.fail_mail = "451 4.3.0 Try again later"
-    smtp_server.fail_next = 1
-    drop_maildir(daemon.spool, message())
-    (before,) = daemon.wait_sidecars("deferred")
-
+    daemon = deferred_for_an_hour(smtp_server, make_daemon)
+    (before,) = daemon.sidecars("deferred")
     flushed = cli(daemon, "flush")
     assert flushed.returncode == 0 and "1 deferred message made due now" in flushed.stdout
     smtp_server.wait_for(1, timeout=3)
@@ -125,11 +131,7 @@ def test_flush_makes_deferred_mail_due_now(
 def test_sigusr1_flushes_like_the_command(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
-    smtp_server.fail_mail = "451 4.3.0 Try again later"
-    smtp_server.fail_next = 1
-    drop_maildir(daemon.spool, message())
-    daemon.wait_sidecars("deferred")
+    daemon = deferred_for_an_hour(smtp_server, make_daemon)
     assert daemon.proc is not None
     daemon.proc.send_signal(10)  # SIGUSR1
     assert daemon.wait_event("flushed")[0]["messages"] == 1

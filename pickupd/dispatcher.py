@@ -744,14 +744,13 @@ class Dispatcher:
         """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
         as expired once max_age is reached."""
         now = time.time()
-        first_seen = _seconds(base.queued_since)
+        first_attempt = base.lifetime_start()
+        since = _seconds(first_attempt) if first_attempt else now
         recipients = tuple(r.recipient for r in delivery.deferred)
         code = delivery.deferred[0].code or None
         detail = _detail(delivery.deferred, delivery.sent)
         retry_config = self.config.retry
-        due = retry.next_attempt(
-            attempt, first_seen, now, retry_config.schedule, retry_config.max_age
-        )
+        due = retry.next_attempt(attempt, since, now, retry_config.schedule, retry_config.max_age)
         outcome = "deferred" if due else "failed"
         history = Attempt(from_timestamp(now), delivery.relay, outcome, code, detail)
         if due is None:
@@ -760,7 +759,7 @@ class Dispatcher:
                 recipients=recipients,
                 attempts=attempt,
                 reason=Reason.EXPIRED.value,
-                detail=f"undelivered after {format_duration(now - first_seen)}; last: {detail}",
+                detail=f"undelivered after {format_duration(now - since)}; last: {detail}",
                 next_attempt=None,
             )
             self.spool.finish_failed(claimed, sidecar)

@@ -216,7 +216,7 @@ def _census(spool: Spool, now: float) -> dict[str, dict[str, Any]]:
                     continue
             else:
                 sidecar = _sidecar(spool.root / name, entry.name[:-4])
-                age = _seconds_since(sidecar.queued_since if sidecar else None, now) or 0.0
+                age = _seconds_since(sidecar.first_seen if sidecar else None, now) or 0.0
             count += 1
             oldest = age if oldest is None else max(oldest, age)
         census[name] = {"count": count, "oldest_age_seconds": oldest}

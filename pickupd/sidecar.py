@@ -48,14 +48,17 @@ class Sidecar:
     split_from: str | None = None
     history: tuple[Attempt, ...] = field(default=())
 
-    @property
-    def queued_since(self) -> str:
-        """When `[retry] max_age` starts counting: first_seen, or the last time an operator
-        put the message back with `pickupd retry` (a history entry with outcome "retried")."""
-        for attempt in reversed(self.history):
+    def lifetime_start(self) -> str | None:
+        """When `[retry] max_age` started counting: the first delivery attempt since the
+        message was (re)queued by `pickupd retry`; None before any. Time spent waiting for a
+        provider limit's turn (no attempt) is not held against a message."""
+        start = None
+        for attempt in self.history:
             if attempt.outcome == "retried":
-                return attempt.time
-        return self.first_seen
+                start = None
+            elif start is None and attempt.outcome in ("sent", "deferred", "failed"):
+                start = attempt.time
+        return start
 
     def with_attempt(self, attempt: Attempt, **changes: Any) -> Sidecar:
         """A copy with `attempt` appended to history and the other fields changed."""

@@ -127,3 +127,19 @@ def test_policy_allows_exact_and_domain_senders() -> None:
     assert isinstance(ok, SenderRule) and ok.pattern == "*@corp.example"
     raw = b"Sender: app@example.com\nFrom: boss@evil\nTo: x@y\n\nb\n"
     assert isinstance(policy.check(_env(raw), _config(check_header_from=False), 40), SenderRule)
+
+
+def test_max_age_counts_from_the_first_attempt_since_requeue() -> None:
+    """Waiting for a provider limit's turn leaves no history, so it is not held against a
+    message; `pickupd retry` starts the count again at the next attempt."""
+    base = Sidecar("01ARZ3NDEKTSV4RRFFQ69G5FAV", "x", "a@b.c", ("d@e.f",), 0, "2026-01-01T00:00Z")
+    assert base.lifetime_start() is None  # still waiting for its first attempt
+    tried = base.with_attempt(Attempt("2026-01-03T00:00Z", "main", "deferred", 451, "later"))
+    again = tried.with_attempt(Attempt("2026-01-04T00:00Z", "main", "deferred", 451, "later"))
+    assert again.lifetime_start() == "2026-01-03T00:00Z"
+    failed = again.with_attempt(Attempt("2026-01-05T00:00Z", "main", "failed", None, "expired"))
+    retried = failed.with_attempt(Attempt("2026-02-01T00:00Z", None, "retried", None, "op"))
+    assert retried.lifetime_start() is None
+    held = retried.with_attempt(Attempt("2026-02-01T00:01Z", None, "held", None, "op"))
+    next_try = held.with_attempt(Attempt("2026-02-02T00:00Z", "main", "deferred", 421, "bye"))
+    assert next_try.lifetime_start() == "2026-02-02T00:00Z"

@@ -14,13 +14,12 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import envelope, ids, policy, relay, retry
 from . import log as logs
 from .config import Config, Credentials, RelayConfig, SenderRule, load
 from .errors import ConfigError
-from .metrics import Metrics
 from .notify import Notifier
 from .outcome import Delivery, Reason, RecipientResult, Refusal
 from .pool import Pool
@@ -29,6 +28,9 @@ from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from .spool import Candidate, Claimed, Spool, Unsafe, printable
 from .units import Rate, format_duration
 from .watcher import Watcher
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = ["GRACE", "Dispatcher", "Stats"]
 
@@ -70,7 +72,12 @@ class Dispatcher:
         self.pool = Pool()
         self.limiter = Limiter()
         self.notifier = None if once else Notifier.from_env()
-        self.metrics = Metrics(self.spool) if config.metrics.listen and not once else None
+        self.metrics: Metrics | None = None
+        if config.metrics.listen and not once:
+            # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
+            from .metrics import Metrics
+
+            self.metrics = Metrics(self.spool)
         self.stats = Stats()
         self.log = logs.get()
         self._new: deque[Candidate] = deque()

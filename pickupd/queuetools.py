@@ -459,10 +459,12 @@ def _hold(args: argparse.Namespace) -> int:
     chosen, code = _selected(spool, spool.deferred, args.ids, False, args.sender)
     moved = 0
     for msg_id in chosen:
-        sidecar = _sidecar(spool.deferred, msg_id)
-        noted = _note(sidecar, msg_id, "held", "held by pickupd hold", time.time())
-        noted = dataclasses.replace(noted, next_attempt=None)
-        if spool.hold_message(msg_id, noted):
+
+        def held(sidecar: Sidecar | None, msg_id: str = msg_id) -> Sidecar:
+            noted = _note(sidecar, msg_id, "held", "held by pickupd hold", time.time())
+            return dataclasses.replace(noted, next_attempt=None)
+
+        if spool.hold_message(msg_id, held):
             print(f"{msg_id}: deferred/ -> hold/")
             moved += 1
         else:

@@ -18,7 +18,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -406,15 +406,16 @@ class Spool:
             os.unlink(source / f"{msg_id}.json")
         return True
 
-    def hold_message(self, msg_id: str, sidecar: Sidecar | None) -> bool:
-        """Move a deferred message into hold/ (nothing there is sent). False if a dispatcher
-        claimed it first (or it was gone)."""
+    def hold_message(self, msg_id: str, note: Callable[[Sidecar | None], Sidecar]) -> bool:
+        """Move a deferred message into hold/ (nothing there is sent), its sidecar passed
+        through `note`. False if a dispatcher claimed it first (or it was gone)."""
         try:
             os.rename(self.deferred / f"{msg_id}.eml", self.hold / f"{msg_id}.eml")
         except FileNotFoundError:
             return False
-        if sidecar is not None:
-            atomic_write(self.hold / f"{msg_id}.json", sidecar.to_json())
+        # Read only now: until the rename a dispatcher could still have been updating it.
+        sidecar = note(self.read_sidecar(self.deferred / f"{msg_id}.json"))
+        atomic_write(self.hold / f"{msg_id}.json", sidecar.to_json())
         _fsync_dir(self.hold)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.deferred / f"{msg_id}.json")

@@ -38,6 +38,7 @@ __all__ = ["register"]
 
 FOLDERS = ("pickup", "active", "deferred", "hold", "failed", "sent")
 _OPERATOR_OUTCOMES = ("retried", "released", "held")
+_IDS_HELP = "message ids, as `pickupd queue` shows them"
 # `show` prints at most this much of a header section.
 _HEADER_LIMIT = 64 * 1024
 
@@ -62,7 +63,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     queue.add_argument("--json", action="store_true", help="one JSON document, for scripts")
 
     show = add("show", _show, help="a message's sidecar and its header section")
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", help="a message id, as `pickupd queue` shows it")
 
     retry = add(
         "retry",
@@ -71,7 +72,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         description="Moves messages from failed/ back to deferred/, due now. Their history is "
         "kept; attempts and max_age count afresh.",
     )
-    retry.add_argument("ids", metavar="ID", nargs="*")
+    retry.add_argument("ids", metavar="ID", nargs="*", help=_IDS_HELP)
     retry.add_argument("--all", action="store_true", help="every message in failed/")
     retry.add_argument(
         "--reason",
@@ -92,7 +93,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="remove messages from deferred/, hold/ or failed/",
         description="Removes messages for good. Asks for confirmation on a terminal.",
     )
-    delete.add_argument("ids", metavar="ID", nargs="+")
+    delete.add_argument("ids", metavar="ID", nargs="+", help=_IDS_HELP)
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask (for scripts)")
 
     hold = add(
@@ -102,7 +103,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         description="Moves deferred messages into hold/: nothing there is sent until "
         "`pickupd release`. Use it while a sender's credentials are being fixed.",
     )
-    hold.add_argument("ids", metavar="ID", nargs="*")
+    hold.add_argument("ids", metavar="ID", nargs="*", help=_IDS_HELP)
     hold.add_argument("--sender", metavar="ADDR", help="every deferred message from ADDR")
 
     release = add(
@@ -110,7 +111,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         _release,
         help="put held messages back in the queue, due now",
     )
-    release.add_argument("ids", metavar="ID", nargs="*")
+    release.add_argument("ids", metavar="ID", nargs="*", help=_IDS_HELP)
     release.add_argument("--all", action="store_true", help="every message in hold/")
     release.add_argument("--sender", metavar="ADDR", help="every held message from ADDR")
 

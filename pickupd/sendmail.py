@@ -1,5 +1,7 @@
 """`pickupd-sendmail` / `pickupd sendmail`: a /usr/sbin/sendmail for submission.
 
+usage: pickupd-sendmail [-t] [-i] [-f ADDR] [-F NAME] [-C CONFIG] [RECIPIENT ...] < message
+
 Reads one message on stdin and puts it in the pickup folder (Maildir protocol, fsynced), with
 the envelope as `X-Sender:` / `X-Receiver:` lines in front, the format the daemon reads. It
 decides nothing about who may send: the daemon checks the allow-list, as it does for every
@@ -153,8 +155,12 @@ def _has_field(head: bytes, name: bytes) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Read a message on stdin into the pickup folder; exit 0, 64 (usage), 65 (too large)
     or 75 (the spool cannot be written: try again later)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["--help"], ["-help"]):
+        print(__doc__)
+        return EX_OK
     try:
-        options = _parse_args(sys.argv[1:] if argv is None else argv)
+        options = _parse_args(args)
     except _Usage as problem:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return EX_USAGE

@@ -168,3 +168,9 @@ def test_pickupd_sendmail_subcommand_is_the_same(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert wait_until(lambda: daemon.files("pickup/new"), 2)
+
+
+def test_help_explains_the_flags() -> None:
+    done = subprocess.run([SENDMAIL, "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert "usage: pickupd-sendmail" in done.stdout and "-t" in done.stdout

@@ -140,6 +140,10 @@ def _addresses(text: str, local_domain: str | None) -> list[str]:
 
 def _head_and_body(data: bytes) -> tuple[bytes, bytes]:
     text = data.replace(b"\r\n", b"\n")
+    if text.startswith(b"From "):
+        # An mbox "From sender date" line, as some tools write first: not a header field
+        # (sendmail and Postfix drop it too).
+        text = text.partition(b"\n")[2]
     if text.startswith(b"\n"):
         return b"", text
     end = text.find(b"\n\n")

@@ -174,3 +174,12 @@ def test_help_explains_the_flags() -> None:
     done = subprocess.run([SENDMAIL, "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     assert "usage: pickupd-sendmail" in done.stdout and "-t" in done.stdout
+
+
+def test_a_leading_mbox_from_line_is_dropped(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, {"main": {"host": "localhost", "security": "none"}}, ANY_EXAMPLE)
+    raw = b"From app@example.com Tue Nov 24 10:00:00 2026\nFrom: app@example.com\n\nx\n"
+    assert sendmail(daemon, "-i", "a@example.net", stdin=raw).returncode == 0
+    (path,) = daemon.files("pickup/new")
+    assert b"From app@example.com Tue" not in path.read_bytes()
+    assert b"\nFrom: app@example.com\n" in path.read_bytes()

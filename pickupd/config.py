@@ -1,22 +1,34 @@
-"""TOML -> frozen `Config`. Collects every problem as `file: key.path: problem`."""
+"""TOML -> frozen `Config`. Collects every problem as `file: key.path: problem`.
+
+The section dataclasses below are the one table of config keys: each field declared with
+`setting(default, converter, expected, help, shown)` is a key (see settings.py).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
-import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal
 
+from . import settings as s
+from .credentials import (
+    CREDENTIAL_KEYS,
+    Credentials,
+    Secret,
+    others_can_access,
+    read_credentials,
+)
 from .errors import ConfigError
-from .units import Rate, parse_duration, parse_rate, parse_size
+from .settings import Reader, setting
+from .units import Rate
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "SECTIONS",
     "Config",
     "Credentials",
     "DispatchConfig",
@@ -37,68 +49,183 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = "/etc/pickupd/pickupd.toml"
 Security = Literal["starttls", "tls", "none"]
-DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 3600.0, 7200.0, 14400.0)
-_DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
-T = TypeVar("T")
+DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
 
 
-class Secret:
-    """A password. It never prints itself: repr, str and f-strings show `***`."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpoolConfig:
+    """`[spool]`"""
 
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The password itself, for the one place that sends it (AUTH)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+    path: Path = setting(
+        Path("/var/spool/pickupd"),
+        s.string,
+        "a path",
+        "the root of pickup/, active/, deferred/, hold/, failed/ and sent/ (one filesystem)",
+        '"/var/spool/pickupd"',
+    )
+    keep_sent: bool = setting(
+        False,
+        s.boolean,
+        "true or false",
+        "keep relayed messages in sent/ with their .json",
+        "false",
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A username and its password; the pool keys sessions by these."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DispatchConfig:
+    """`[dispatch]`"""
 
-    username: str
-    password: Secret
+    concurrency: int = setting(
+        8, s.int_range(1, 1000), "an integer 1-1000", "messages relayed at the same time", "8"
+    )
+    settle: float = setting(
+        1.0,
+        s.duration,
+        "a duration",
+        "a .eml written straight into pickup/ is taken once unchanged this long",
+        '"1s"',
+    )
+    rescan_interval: float = setting(
+        30.0,
+        s.positive_duration,
+        "a duration",
+        "rescan pickup/ and deferred/ this often, in case a file event was missed",
+        '"30s"',
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    """`[policy]`"""
+
+    max_recipients: int = setting(
+        100,
+        s.int_range(1, 100_000),
+        "an integer >= 1",
+        "more recipients: failed/ with reason too_many_recipients",
+        "100",
+    )
+    max_message_size: int = setting(
+        25 * 1024 * 1024, s.size, "", "larger messages: failed/ with reason too_large", '"25MiB"'
+    )
+    max_header_size: int = setting(
+        64 * 1024, s.size, "", "a larger header section: failed/ as malformed", '"64KiB"'
+    )
+    check_header_from: bool = setting(
+        True,
+        s.boolean,
+        "a boolean",
+        "every From: address must match a [senders] entry too",
+        "true",
+    )
+    # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
+    local_domain: str | None = setting(
+        None, s.domain, "", "qualify bare names like root as root@local_domain (not set)"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryConfig:
+    """`[retry]`"""
+
+    schedule: tuple[float, ...] = setting(
+        (60.0, 300.0, 900.0, 3600.0, 7200.0, 14400.0),
+        s.schedule,
+        "",
+        "wait after the 1st, 2nd, 3rd ... failed attempt; the last value repeats",
+        '["1m", "5m", "15m", "1h", "2h", "4h"]',
+    )
+    max_age: float = setting(
+        5 * 86400.0,
+        s.positive_duration,
+        "a duration",
+        "give up after this long: failed/ with reason expired",
+        '"5d"',
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """`[log]`"""
+
+    level: str = setting(
+        "info",
+        s.choice("debug", "info", "warning", "error"),
+        "",
+        "debug | info | warning | error",
+        '"info"',
+    )
+    format: Literal["json", "console"] = setting(
+        "json",
+        s.choice("json", "console"),
+        "",
+        '"json": one JSON object per line (journald); "console": text for people',
+        '"json"',
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """`[metrics]`: a Prometheus endpoint, off unless `listen` is set."""
+
+    listen: tuple[str, int] | None = setting(
+        None, s.listen, "", 'serve /metrics on "host:port" (not set: off)'
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RelayConfig:
-    """One `[relays.<name>]` section."""
+    """One `[relays.<name>]` section (`name`, `host`, `port` and the login are read apart)."""
 
     name: str
     host: str
     port: int
-    security: Security = "starttls"
-    ca_file: Path | None = None
-    timeout: float = 30.0
-    max_connections: int = 4
-    idle_timeout: float = 10.0
-    max_messages_per_connection: int = 100
+    security: Security = setting(
+        "starttls",
+        s.choice("starttls", "tls", "none"),
+        "",
+        '"starttls" (required, verified), "tls" (implicit, port 465) or "none"',
+        '"starttls"',
+    )
+    ca_file: Path | None = setting(
+        None, s.string, "a file path", "CA certificates to verify the server with (not set)"
+    )
+    timeout: float = setting(
+        30.0,
+        s.positive_duration,
+        "a duration",
+        "for connecting and for each SMTP command",
+        '"30s"',
+    )
+    max_connections: int = setting(
+        4, s.int_range(1, 1000), "an integer 1-1000", "open sessions to this relay at most", "4"
+    )
+    idle_timeout: float = setting(
+        10.0, s.duration, "a duration", "close a session idle this long", '"10s"'
+    )
+    max_messages_per_connection: int = setting(
+        100,
+        s.int_range(1, 1_000_000),
+        "an integer >= 1",
+        "then open a new session (also after 300 s)",
+        "100",
+    )
+    rate: Rate | None = setting(
+        None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'
+    )
     credentials: Credentials | None = None
-    rate: Rate | None = None  # for the whole relay, all credentials together
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SenderRule:
     """One `[senders."<address or *@domain>"]` entry."""
 
     pattern: str  # lower-cased: "a@example.com" or "*@example.com"
     relay: str
     credentials: Credentials | None = None
-    rate: Rate | None = None  # for this sender's credentials (or the relay's, if it has none)
+    # For this sender's credentials (or the relay's, if it has none).
+    rate: Rate | None = setting(None, s.rate, "", 'per mailbox, like "30/min" (not set)')
 
     def matches(self, address: str) -> bool:
         """Case-insensitive match of an addr-spec against this entry."""
@@ -108,49 +235,18 @@ class SenderRule:
         return address == self.pattern
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolConfig:
-    path: Path = Path("/var/spool/pickupd")
-    keep_sent: bool = False
+# The plain sections, in the order the docs show them.
+SECTIONS: dict[str, type] = {
+    "spool": SpoolConfig,
+    "dispatch": DispatchConfig,
+    "policy": PolicyConfig,
+    "retry": RetryConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+}
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchConfig:
-    concurrency: int = 8
-    settle: float = 1.0
-    rescan_interval: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    max_recipients: int = 100
-    max_message_size: int = 25 * 1024 * 1024
-    max_header_size: int = 64 * 1024
-    check_header_from: bool = True
-    # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
-    local_domain: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RetryConfig:
-    schedule: tuple[float, ...] = DEFAULT_SCHEDULE
-    max_age: float = 5 * 86400.0
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    level: str = "info"
-    format: Literal["json", "console"] = "json"
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    """`[metrics]`: a Prometheus endpoint, off unless `listen` is set."""
-
-    listen: tuple[str, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration, as loaded from one file."""
 
@@ -191,255 +287,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _type_name(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return repr(value)
-
-
-class _Reader:
-    """Walks the TOML tables, converting values and collecting problems with their key paths."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path  # as the user named it, for messages
-        self.dir = path.absolute().parent  # what relative paths in the file are relative to
-        self.problems: list[str] = []
-
-    def problem(self, key: str, text: str) -> None:
-        self.problems.append(f"{self.path}: {key}: {text}" if key else f"{self.path}: {text}")
-
-    def table(self, parent: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
-        value = parent.get(key, {})
-        if not isinstance(value, dict):
-            self.problem(prefix + key, f"expected a table, got {_type_name(value)}")
-            return {}
-        return value
-
-    def unknown(self, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
-        for key in table:
-            if key not in known:
-                self.problem(f"{prefix}{key}", "unknown key")
-
-    def get(
-        self,
-        table: Mapping[str, Any],
-        prefix: str,
-        key: str,
-        default: T,
-        convert: Callable[[Any], T],
-        expected: str,
-    ) -> T:
-        if key not in table:
-            return default
-        value = table[key]
-        try:
-            return convert(value)
-        except (TypeError, ValueError) as exc:
-            detail = str(exc) if str(exc).startswith("expected") else None
-            self.problem(prefix + key, detail or f"expected {expected}, got {_type_name(value)}")
-            return default
-
-
-def _int_range(low: int, high: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError
-        return value
-
-    return convert
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError
-    return value
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError
-    return value
-
-
-def _duration(value: Any) -> float:
-    if not isinstance(value, str):
-        raise ValueError
-    return parse_duration(value)
-
-
-def _positive_duration(value: Any) -> float:
-    seconds = _duration(value)
-    if seconds <= 0:
-        raise ValueError("expected a duration greater than zero")
-    return seconds
-
-
-def _schedule(value: Any) -> tuple[float, ...]:
-    if not isinstance(value, list) or not value:
-        raise ValueError('expected a non-empty array of durations like ["1m", "5m"]')
-    return tuple(_positive_duration(item) for item in value)
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError
-    return parse_size(value)
-
-
-def _rate(value: Any) -> Rate:
-    if not isinstance(value, str):
-        raise ValueError('expected a rate like "30/min"')
-    return parse_rate(value)
-
-
-def _domain(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(
-        r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
-    ):
-        raise ValueError('expected a domain name like "example.com"')
-    return value.lower()
-
-
-def _listen(value: Any) -> tuple[str, int]:
-    expected = 'expected "host:port", like "127.0.0.1:9464" or "[::1]:9464"'
-    if not isinstance(value, str):
-        raise ValueError(expected)
-    host, colon, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(expected)
-    return host, int(port)
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in options:
-            raise ValueError("expected one of " + ", ".join(f'"{o}"' for o in options))
-        return str(value)
-
-    return convert
-
-
-def _others_can_access(path: Path) -> bool:
-    return bool(path.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH))
-
-
-_CREDENTIAL_KEYS = {"username", "password", "password_file", "password_env"}
-
-
-def _credentials(reader: _Reader, table: Mapping[str, Any], prefix: str) -> Credentials | None:
-    """Read username + one of password / password_file / password_env."""
-    username = reader.get(table, prefix, "username", None, _string, "a non-empty string")
-    sources = [key for key in ("password", "password_file", "password_env") if key in table]
-    if len(sources) > 1:
-        reader.problem(prefix + sources[1], f"give only one of {', '.join(sources)}")
-        return None
-    if username is None:
-        if sources:
-            reader.problem(prefix + "username", f"required with {sources[0]}")
-        return None
-    if not sources:
-        reader.problem(prefix + "username", "needs a password, password_file or password_env")
-        return None
-    source = sources[0]
-    value = table[source]
-    if not isinstance(value, str) or not value:
-        reader.problem(prefix + source, f"expected a non-empty string, got {_type_name(value)}")
-        return None
-    if source == "password":
-        return Credentials(username, Secret(value))
-    if source == "password_env":
-        env = os.environ.get(value)
-        if env is None:
-            reader.problem(prefix + source, f"environment variable {value} is not set")
-            return None
-        return Credentials(username, Secret(env))
-    file = Path(value)
-    if not file.is_absolute():
-        file = reader.dir / file
-    try:
-        if _others_can_access(file):
-            reader.problem(
-                prefix + source,
-                f"{file} can be read by others; chmod o-rw {file} (as with ssh and msmtp)",
-            )
-            return None
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        reader.problem(prefix + source, f"cannot read {file}: {exc.strerror or exc}")
-        return None
-    # `echo secret > file` leaves one newline: that is not part of the password.
-    if text.endswith("\r\n"):
-        text = text[:-2]
-    elif text.endswith("\n"):
-        text = text[:-1]
-    if not text:
-        reader.problem(prefix + source, f"{file} is empty")
-        return None
-    return Credentials(username, Secret(text))
-
-
-_RELAY_KEYS = {
-    "host",
-    "port",
-    "security",
-    "ca_file",
-    "timeout",
-    "max_connections",
-    "idle_timeout",
-    "max_messages_per_connection",
-    "rate",
-} | _CREDENTIAL_KEYS
-
-
-def _relay(reader: _Reader, name: str, table: Mapping[str, Any]) -> RelayConfig | None:
+def _relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConfig | None:
     prefix = f"relays.{name}."
-    reader.unknown(table, prefix, _RELAY_KEYS)
+    values = reader.values(table, prefix, RelayConfig, {"host", "port"} | CREDENTIAL_KEYS)
     if "host" not in table:
         reader.problem(prefix + "host", "required")
-    host = reader.get(table, prefix, "host", "", _string, "a host name or address")
-    security = cast(
-        Security,
-        reader.get(table, prefix, "security", "starttls", _choice("starttls", "tls", "none"), ""),
-    )
+    host = reader.get(table, prefix, "host", "", s.string, "a host name or address")
     port = reader.get(
-        table, prefix, "port", _DEFAULT_PORTS[security], _int_range(1, 65535), "an integer 1-65535"
+        table,
+        prefix,
+        "port",
+        DEFAULT_PORTS[values["security"]],
+        s.int_range(1, 65535),
+        "an integer 1-65535",
     )
-    ca_file = reader.get(table, prefix, "ca_file", None, _string, "a file path")
-    ca_path = None
-    if ca_file is not None:
-        ca_path = Path(ca_file) if Path(ca_file).is_absolute() else reader.dir / ca_file
-        if not ca_path.is_file():
-            reader.problem(prefix + "ca_file", f"{ca_path} does not exist")
-    relay = RelayConfig(
-        name=name,
-        host=host,
-        port=port,
-        security=security,
-        ca_file=ca_path,
-        timeout=reader.get(table, prefix, "timeout", 30.0, _positive_duration, "a duration"),
-        max_connections=reader.get(
-            table, prefix, "max_connections", 4, _int_range(1, 1000), "an integer 1-1000"
-        ),
-        idle_timeout=reader.get(table, prefix, "idle_timeout", 10.0, _duration, "a duration"),
-        max_messages_per_connection=reader.get(
-            table,
-            prefix,
-            "max_messages_per_connection",
-            100,
-            _int_range(1, 1_000_000),
-            "an integer >= 1",
-        ),
-        credentials=_credentials(reader, table, prefix),
-        rate=reader.get(table, prefix, "rate", None, _rate, ""),
-    )
-    return relay if host else None
+    if values["ca_file"] is not None:
+        values["ca_file"] = reader.file(values["ca_file"])
+        if not values["ca_file"].is_file():
+            reader.problem(prefix + "ca_file", f"{values['ca_file']} does not exist")
+    credentials = read_credentials(reader, table, prefix)
+    if not host:
+        return None
+    relay = RelayConfig(name=name, host=host, port=port, credentials=credentials, **values)
+    if credentials is not None:
+        problem = _cleartext_problem(relay)
+        if problem:
+            reader.problem(prefix + "username", problem)
+    return relay
 
 
 def _cleartext_problem(relay: RelayConfig) -> str | None:
@@ -452,10 +326,10 @@ def _cleartext_problem(relay: RelayConfig) -> str | None:
 
 
 def _sender(
-    reader: _Reader, pattern: str, table: Mapping[str, Any], relays: Mapping[str, RelayConfig]
+    reader: Reader, pattern: str, table: Mapping[str, Any], relays: Mapping[str, RelayConfig]
 ) -> SenderRule | None:
     prefix = f'senders."{pattern}".'
-    reader.unknown(table, prefix, {"relay", "rate"} | _CREDENTIAL_KEYS)
+    values = reader.values(table, prefix, SenderRule, {"relay"} | CREDENTIAL_KEYS)
     local, at, domain = pattern.rpartition("@")
     if not at or not local or not domain or ("*" in local and local != "*") or "*" in domain:
         reader.problem(
@@ -465,119 +339,65 @@ def _sender(
     if "relay" not in table:
         reader.problem(prefix + "relay", "required: the name of a [relays.<name>] section")
         return None
-    relay = reader.get(table, prefix, "relay", "", _string, "a relay name")
+    relay = reader.get(table, prefix, "relay", "", s.string, "a relay name")
     if relay and relay not in relays:
         known = ", ".join(sorted(relays)) or "none defined"
         reader.problem(prefix + "relay", f'no relay named "{relay}" (relays: {known})')
         return None
-    credentials = _credentials(reader, table, prefix)
+    credentials = read_credentials(reader, table, prefix)
     if credentials is not None and relay in relays:
         problem = _cleartext_problem(relays[relay])
         if problem:
             reader.problem(prefix + "username", problem)
-    rate = reader.get(table, prefix, "rate", None, _rate, "")
-    return SenderRule(pattern.lower(), relay, credentials, rate)
+    return SenderRule(pattern=pattern.lower(), relay=relay, credentials=credentials, **values)
 
 
-_SECTIONS = {"spool", "dispatch", "policy", "retry", "log", "metrics", "relays", "senders"}
+def _named_tables(reader: Reader, doc: Mapping[str, Any], section: str) -> Mapping[str, Any]:
+    """`[relays.<name>]` / `[senders."<pattern>"]`: the tables by name; others are problems."""
+    found = {}
+    for name, table in reader.table(doc, section).items():
+        if isinstance(table, dict):
+            found[name] = table
+        else:
+            where = f"relays.{name}" if section == "relays" else f'senders."{name}"'
+            reader.problem(where, f"expected a table, got {s.type_name(table)}")
+    return found
 
 
-def load(path: Path) -> Config:
-    """Read and validate the config file; raise ConfigError listing every problem found."""
-    reader = _Reader(path)
+def _parse(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    reader.unknown(doc, "", _SECTIONS)
 
-    t = reader.table(doc, "spool")
-    reader.unknown(t, "spool.", {"path", "keep_sent"})
-    spool_path = Path(reader.get(t, "spool.", "path", "/var/spool/pickupd", _string, "a path"))
-    if not spool_path.is_absolute():
-        spool_path = reader.dir / spool_path
-    spool = SpoolConfig(
-        path=spool_path,
-        keep_sent=reader.get(t, "spool.", "keep_sent", False, _bool, "true or false"),
-    )
 
-    t = reader.table(doc, "dispatch")
-    reader.unknown(t, "dispatch.", {"concurrency", "settle", "rescan_interval"})
-    dispatch = DispatchConfig(
-        concurrency=reader.get(
-            t, "dispatch.", "concurrency", 8, _int_range(1, 1000), "an integer 1-1000"
-        ),
-        settle=reader.get(t, "dispatch.", "settle", 1.0, _duration, "a duration"),
-        rescan_interval=reader.get(
-            t, "dispatch.", "rescan_interval", 30.0, _positive_duration, "a duration"
-        ),
-    )
+def _spool(reader: Reader, doc: Mapping[str, Any]) -> SpoolConfig:
+    values = reader.values(reader.table(doc, "spool"), "spool.", SpoolConfig)
+    values["path"] = reader.file(str(values["path"]))
+    return SpoolConfig(**values)
 
-    t = reader.table(doc, "policy")
-    reader.unknown(
-        t,
-        "policy.",
-        {
-            "max_recipients",
-            "max_message_size",
-            "max_header_size",
-            "check_header_from",
-            "local_domain",
-        },
-    )
-    policy = PolicyConfig(
-        max_recipients=reader.get(
-            t, "policy.", "max_recipients", 100, _int_range(1, 100_000), "an integer >= 1"
-        ),
-        max_message_size=reader.get(t, "policy.", "max_message_size", 25 * 1024**2, _size, ""),
-        max_header_size=reader.get(t, "policy.", "max_header_size", 64 * 1024, _size, ""),
-        check_header_from=reader.get(t, "policy.", "check_header_from", True, _bool, "a boolean"),
-        local_domain=reader.get(t, "policy.", "local_domain", None, _domain, ""),
-    )
 
-    t = reader.table(doc, "retry")
-    reader.unknown(t, "retry.", {"schedule", "max_age"})
-    retry = RetryConfig(
-        schedule=reader.get(t, "retry.", "schedule", DEFAULT_SCHEDULE, _schedule, ""),
-        max_age=reader.get(t, "retry.", "max_age", 5 * 86400.0, _positive_duration, "a duration"),
-    )
-
-    t = reader.table(doc, "log")
-    reader.unknown(t, "log.", {"level", "format"})
-    log = LogConfig(
-        level=reader.get(
-            t, "log.", "level", "info", _choice("debug", "info", "warning", "error"), ""
-        ),
-        format=reader.get(t, "log.", "format", "json", _choice("json", "console"), ""),  # type: ignore[arg-type]
-    )
-
-    t = reader.table(doc, "metrics")
-    reader.unknown(t, "metrics.", {"listen"})
-    metrics = MetricsConfig(listen=reader.get(t, "metrics.", "listen", None, _listen, ""))
+def load(path: Path) -> Config:
+    """Read and validate the config file; raise ConfigError listing every problem found."""
+    reader = Reader(path)
+    doc = _parse(path)
+    reader.unknown(doc, "", set(SECTIONS) | {"relays", "senders"})
+    sections: dict[str, Any] = {"spool": _spool(reader, doc)}
+    for name, section in SECTIONS.items():
+        if name != "spool":
+            sections[name] = section(**reader.values(reader.table(doc, name), f"{name}.", section))
 
     relays: dict[str, RelayConfig] = {}
-    for name, table in reader.table(doc, "relays").items():
-        if not isinstance(table, dict):
-            reader.problem(f"relays.{name}", f"expected a table, got {_type_name(table)}")
-            continue
+    for name, table in _named_tables(reader, doc, "relays").items():
         relay = _relay(reader, name, table)
-        if relay is None:
-            continue
-        if relay.credentials is not None:
-            problem = _cleartext_problem(relay)
-            if problem:
-                reader.problem(f"relays.{name}.username", problem)
-        relays[name] = relay
-
+        if relay is not None:
+            relays[name] = relay
     senders: list[SenderRule] = []
-    for pattern, table in reader.table(doc, "senders").items():
-        if not isinstance(table, dict):
-            reader.problem(f'senders."{pattern}"', f"expected a table, got {_type_name(table)}")
-            continue
+    for pattern, table in _named_tables(reader, doc, "senders").items():
         rule = _sender(reader, pattern, table, relays)
         if rule is not None:
             senders.append(rule)
@@ -586,27 +406,18 @@ def load(path: Path) -> Config:
 
     if _holds_inline_secret(doc):
         try:
-            if _others_can_access(path):
+            if others_can_access(path):
                 reader.problem("", f"holds a password but others can read it; chmod o-rw {path}")
         except OSError:
             pass
 
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Config(
-        path=path.absolute(),  # a daemon chdirs to / and reloads from here
-        spool=spool,
-        dispatch=dispatch,
-        policy=policy,
-        retry=retry,
-        log=log,
-        metrics=metrics,
-        relays=relays,
-        senders=tuple(senders),
-    )
+    # Absolute: a daemon chdirs to / and reloads from here.
+    return Config(path=path.absolute(), relays=relays, senders=tuple(senders), **sections)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Submission:
     """The few settings the sendmail shim needs, read by users who may not read secrets."""
 
@@ -619,20 +430,13 @@ def load_submission(path: Path) -> Submission:
     """Read only `[spool] path` and `[policy] local_domain` / `max_message_size`: an app user
     running pickupd-sendmail may read the config but not the password files it names (and
     need not: the daemon checks everything else). Raise ConfigError."""
-    reader = _Reader(path)
-    try:
-        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    spool = reader.table(doc, "spool")
-    spool_path = Path(reader.get(spool, "spool.", "path", "/var/spool/pickupd", _string, "a path"))
-    policy = reader.table(doc, "policy")
+    reader = Reader(path)
+    doc = _parse(path)
+    spool, policy = reader.table(doc, "spool"), reader.table(doc, "policy")
     submission = Submission(
-        spool_path=spool_path if spool_path.is_absolute() else reader.dir / spool_path,
-        local_domain=reader.get(policy, "policy.", "local_domain", None, _domain, ""),
-        max_message_size=reader.get(policy, "policy.", "max_message_size", 25 * 1024**2, _size, ""),
+        spool_path=reader.file(str(reader.value(spool, "spool.", SpoolConfig, "path"))),
+        local_domain=reader.value(policy, "policy.", PolicyConfig, "local_domain"),
+        max_message_size=reader.value(policy, "policy.", PolicyConfig, "max_message_size"),
     )
     if reader.problems:
         raise ConfigError(reader.problems)

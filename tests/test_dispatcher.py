@@ -17,8 +17,8 @@ def _config(tmp_path: Path) -> Config:
     return Config(
         path=tmp_path / "pickupd.toml",
         spool=SpoolConfig(path=tmp_path / "spool"),
-        relays={"m": RelayConfig("m", "127.0.0.1", 9)},
-        senders=(SenderRule("app@example.com", "m"),),
+        relays={"m": RelayConfig(name="m", host="127.0.0.1", port=9)},
+        senders=(SenderRule(pattern="app@example.com", relay="m"),),
     )
 
 

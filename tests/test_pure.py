@@ -88,8 +88,8 @@ def _config(**policy_values: object) -> Config:
     return Config(
         path=Path("t.toml"),
         policy=PolicyConfig(**policy_values),  # type: ignore[arg-type]
-        relays={"m": RelayConfig("m", "h", 25)},
-        senders=(SenderRule("app@example.com", "m"), SenderRule("*@corp.example", "m")),
+        relays={"m": RelayConfig(name="m", host="h", port=25)},
+        senders=(SenderRule(pattern="app@example.com", relay="m"), SenderRule(pattern="*@corp.example", relay="m")),
     )
 
 

@@ -1,0 +1,235 @@
+"""How a config key is declared and read: `setting()` on a dataclass field, the converters,
+and the reader that collects every problem with its `file: key.path`.
+
+A section of the config is a frozen dataclass whose fields are declared with `setting(...)`:
+the field's name is the key, and the metadata holds its converter, the words of the error
+when a value does not convert, its help text and how its default is written in TOML. Config
+loading, `pickupd init` and the documentation test all read this one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .units import Rate, parse_duration, parse_rate, parse_size
+
+__all__ = [
+    "Key",
+    "Reader",
+    "boolean",
+    "choice",
+    "domain",
+    "duration",
+    "int_range",
+    "keys",
+    "listen",
+    "positive_duration",
+    "rate",
+    "schedule",
+    "setting",
+    "size",
+    "string",
+    "type_name",
+]
+
+T = TypeVar("T")
+Convert = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One config key: what converts it, what the error says it expected, and its help."""
+
+    name: str
+    convert: Convert
+    expected: str
+    help: str
+    shown: str  # the default as written in TOML ("" when unset by default)
+    default: Any
+
+
+def setting(default: Any, convert: Convert, expected: str, help: str, shown: str = "") -> Any:
+    """A dataclass field that is a config key (see the module docstring)."""
+    meta = {"convert": convert, "expected": expected, "help": help, "shown": shown}
+    return field(default=default, metadata=meta)
+
+
+def keys(section: type) -> Iterator[Key]:
+    """The config keys a section's dataclass declares, in order."""
+    for item in dataclasses.fields(section):
+        if "convert" in item.metadata:
+            meta = item.metadata
+            yield Key(
+                item.name,
+                meta["convert"],
+                meta["expected"],
+                meta["help"],
+                meta["shown"],
+                item.default,
+            )
+
+
+def type_name(value: object) -> str:
+    """A TOML value as an error message shows it."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+class Reader:
+    """Walks the TOML tables, converting values and collecting problems with their key paths."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path  # as the user named it, for messages
+        self.dir = path.absolute().parent  # what relative paths in the file are relative to
+        self.problems: list[str] = []
+
+    def problem(self, key: str, text: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {text}" if key else f"{self.path}: {text}")
+
+    def table(self, parent: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(prefix + key, f"expected a table, got {type_name(value)}")
+            return {}
+        return value
+
+    def unknown(self, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+        for key in table:
+            if key not in known:
+                self.problem(f"{prefix}{key}", "unknown key")
+
+    def get(
+        self,
+        table: Mapping[str, Any],
+        prefix: str,
+        key: str,
+        default: T,
+        convert: Callable[[Any], T],
+        expected: str,
+    ) -> T:
+        if key not in table:
+            return default
+        value = table[key]
+        try:
+            return convert(value)
+        except (TypeError, ValueError) as exc:
+            detail = str(exc) if str(exc).startswith("expected") else None
+            self.problem(prefix + key, detail or f"expected {expected}, got {type_name(value)}")
+            return default
+
+    def values(
+        self, table: Mapping[str, Any], prefix: str, section: type, extra: set[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Every key `section` declares, read from `table` (defaults where absent); unknown
+        keys are problems unless in `extra` (keys the caller reads itself)."""
+        declared = list(keys(section))
+        self.unknown(table, prefix, {k.name for k in declared} | set(extra))
+        return {
+            k.name: self.get(table, prefix, k.name, k.default, k.convert, k.expected)
+            for k in declared
+        }
+
+    def value(self, table: Mapping[str, Any], prefix: str, section: type, name: str) -> Any:
+        """One key `section` declares, read from `table` (its default where absent)."""
+        (key,) = (k for k in keys(section) if k.name == name)
+        return self.get(table, prefix, name, key.default, key.convert, key.expected)
+
+    def file(self, value: str) -> Path:
+        """A path from the file: relative ones are relative to the config's folder."""
+        path = Path(value)
+        return path if path.is_absolute() else self.dir / path
+
+
+# -- converters: raise ValueError (or TypeError); a message starting "expected" is shown ----
+
+
+def int_range(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError
+        return value
+
+    return convert
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError
+    return value
+
+
+def duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise ValueError
+    return parse_duration(value)
+
+
+def positive_duration(value: Any) -> float:
+    seconds = duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return seconds
+
+
+def schedule(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('expected a non-empty array of durations like ["1m", "5m"]')
+    return tuple(positive_duration(item) for item in value)
+
+
+def size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError
+    return parse_size(value)
+
+
+def rate(value: Any) -> Rate:
+    if not isinstance(value, str):
+        raise ValueError('expected a rate like "30/min"')
+    return parse_rate(value)
+
+
+def domain(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(
+        r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
+    ):
+        raise ValueError('expected a domain name like "example.com"')
+    return value.lower()
+
+
+def listen(value: Any) -> tuple[str, int]:
+    expected = 'expected "host:port", like "127.0.0.1:9464" or "[::1]:9464"'
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    host, colon, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(expected)
+    return host, int(port)
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError("expected one of " + ", ".join(f'"{o}"' for o in options))
+        return str(value)
+
+    return convert

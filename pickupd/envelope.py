@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from pickupd.outcome import Reason, Refusal
 
-__all__ = ["AddressError", "Envelope", "parse", "parse_address_list"]
+__all__ = ["AddressError", "Envelope", "field_names", "parse", "parse_address_list", "split"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +394,29 @@ def _crlf(raw: bytes) -> bytes:
     return _EOL.sub(b"\r\n", raw)
 
 
+def split(raw: bytes) -> tuple[bytes, bytes]:
+    """The header section (ending with its last field's CRLF, if it has one) and the body
+    (starting with the empty line), every line ending as CRLF."""
+    text = _crlf(raw)
+    if text.startswith(b"\r\n"):
+        return b"", text
+    end = text.find(b"\r\n\r\n")
+    if end < 0:
+        return text, b""
+    return text[: end + 2], text[end + 2 :]
+
+
+def field_names(head: bytes) -> set[str]:
+    """The names (lower case) of the fields of a header section, as the parser reads them;
+    lines that are not fields are skipped (parse() refuses them)."""
+    names = set()
+    for line in head.splitlines():
+        match = _FIELD_NAME.match(line)
+        if match is not None:
+            names.add(match.group().decode("ascii").lower())
+    return names
+
+
 def parse(
     raw: bytes, *, max_header_size: int = 65536, local_domain: str | None = None
 ) -> Envelope | Refusal:
@@ -410,15 +433,9 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
     """parse(), raising _Malformed."""
     if not raw or raw.isspace():  # (not strip(): no copy of a large file)
         raise _Malformed("empty file")
-    text = _crlf(raw)
     # The header section ends at the first empty line; it is measured with CRLF line ends,
     # as it will be sent.
-    if text.startswith(b"\r\n"):
-        head, body = b"", text
-    elif (end := text.find(b"\r\n\r\n")) < 0:
-        head, body = text, b""
-    else:
-        head, body = text[: end + 2], text[end + 2 :]
+    head, body = split(raw)
     if len(head) > max_header_size:
         raise _Malformed(f"header section larger than {max_header_size} bytes")
     fields = _split_fields(head, local_domain)

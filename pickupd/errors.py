@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "PickupdError", "SpoolError"]
+__all__ = [
+    "AuthNotOffered",
+    "CommandError",
+    "ConfigError",
+    "PickupdError",
+    "SessionError",
+    "StartTLSNotOffered",
+]
 
 
 class PickupdError(Exception):
@@ -17,5 +24,37 @@ class ConfigError(PickupdError):
         self.problems = problems
 
 
-class SpoolError(PickupdError):
-    """The spool cannot be used (missing, not a directory, not writable)."""
+class CommandError(PickupdError):
+    """A command cannot go on: `cli.main` prints `message` (one line each) to stderr and
+    exits with `exit_code` (sysexits.h)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+
+
+class SessionError(PickupdError):
+    """An SMTP session cannot be used as configured; `kind` is the metrics label."""
+
+    kind = "protocol"
+
+
+class StartTLSNotOffered(SessionError):
+    """security = "starttls" and the server does not offer STARTTLS: never send in clear."""
+
+    kind = "tls"
+
+    def __init__(self) -> None:
+        super().__init__("STARTTLS not offered by the server (security = starttls requires it)")
+
+
+class AuthNotOffered(SessionError):
+    """Credentials are configured and the server offers no AUTH we can use."""
+
+    kind = "auth"
+
+    def __init__(self, offered: str) -> None:
+        super().__init__(
+            f"AUTH not offered by the server{f' (it offers {offered})' if offered else ''}"
+        )

@@ -14,7 +14,10 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure", "get"]
+__all__ = ["Logger", "configure", "get"]
+
+# What `get()` returns: structlog's bound logger with a level filter (info(), warning()...).
+Logger = structlog.typing.FilteringBoundLogger
 
 _SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "credentials"})
 
@@ -54,6 +57,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     )
 
 
-def get(**context: Any) -> Any:
+def get(**context: Any) -> Logger:
     """A logger with `context` bound."""
-    return structlog.get_logger().bind(**context)
+    logger: Logger = structlog.get_logger().bind(**context)
+    return logger

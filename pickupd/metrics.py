@@ -17,8 +17,6 @@ Metrics:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
@@ -28,7 +26,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .errors import PickupdError
-from .sidecar import to_timestamp
 from .spool import Spool
 
 __all__ = ["Metrics"]
@@ -44,37 +41,19 @@ class _SpoolCollector(Collector):
         self._spool = spool
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        spool = self._spool
+        census = self._spool.census(time.time(), ages=("deferred",))
         depth = GaugeMetricFamily(
             "pickupd_queue_messages", "Messages in each spool folder", labels=["folder"]
         )
-        depth.add_metric(["pickup"], spool.count(spool.new, "") + spool.count(spool.pickup))
-        depth.add_metric(["active"], spool.count(spool.active, "") - self._owner_files())
-        for name in ("deferred", "hold", "failed", "sent"):
-            depth.add_metric([name], spool.count(spool.root / name))
+        for name, counted in census.items():
+            depth.add_metric([name], counted.count)
         yield depth
         oldest = GaugeMetricFamily(
             "pickupd_oldest_deferred_age_seconds",
             "Seconds since the oldest deferred message was first seen (0 if none)",
         )
-        oldest.add_metric([], self._oldest_deferred())
+        oldest.add_metric([], census["deferred"].oldest_age or 0.0)
         yield oldest
-
-    def _owner_files(self) -> int:
-        with contextlib.suppress(FileNotFoundError), os.scandir(self._spool.active) as entries:
-            return sum(1 for e in entries if e.name.startswith("."))
-        return 0
-
-    def _oldest_deferred(self) -> float:
-        # Ids begin with their first claim's time and sort by it: the smallest id is the
-        # oldest message, so only one sidecar is read per scrape.
-        spool = self._spool
-        for msg_id in spool.ids_in(spool.deferred):
-            sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
-            if sidecar is not None:
-                with contextlib.suppress(ValueError):
-                    return max(0.0, time.time() - to_timestamp(sidecar.first_seen))
-        return 0.0
 
 
 class Metrics:

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiosmtplib
 
 from .config import Credentials, RelayConfig
+from .errors import AuthNotOffered, StartTLSNotOffered
 
 __all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
 
@@ -179,23 +180,34 @@ class Pool:
             hostname=relay.host,
             port=relay.port,
             use_tls=relay.security == "tls",
-            # True: STARTTLS is required, and issued even if not offered (so it fails, loudly).
-            start_tls=relay.security == "starttls",
+            start_tls=False,  # done below, where "not offered" is an error of its own
             tls_context=self._tls_context(relay.ca_file) if tls else None,
             timeout=relay.timeout,
             local_hostname=self._hostname,
         )
         await smtp.connect()
         try:
-            # aiosmtplib greets lazily; we need the extensions (SIZE, 8BITMIME) before MAIL.
-            if smtp.last_ehlo_response is None and smtp.last_helo_response is None:
-                try:
-                    await smtp.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    await smtp.helo()
+            await _greet(smtp)
+            if relay.security == "starttls":
+                # Required: a server that does not offer it never sees the mail in clear.
+                if not smtp.supports_extension("starttls"):
+                    raise StartTLSNotOffered()
+                await smtp.starttls()
+                await _greet(smtp)  # RFC 3207: what was offered before TLS no longer counts
             if credentials is not None:
+                if not smtp.supported_auth_methods:
+                    raise AuthNotOffered(" ".join(smtp.server_auth_methods))
                 await smtp.login(credentials.username, credentials.password.reveal())
         except BaseException:
             smtp.close()
             raise
         return smtp
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO if refused): aiosmtplib greets lazily, and we need the extensions (SIZE,
+    8BITMIME, AUTH) before MAIL."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await smtp.helo()

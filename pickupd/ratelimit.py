@@ -16,9 +16,11 @@ import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+from .config import Credentials, RelayConfig, SenderRule
+from .outcome import Delivery, RecipientResult
 from .units import Rate
 
-__all__ = ["PAUSE_FIRST", "PAUSE_MAX", "Limiter", "is_throttling"]
+__all__ = ["PAUSE_FIRST", "PAUSE_MAX", "Limiter", "buckets", "is_throttling", "limits"]
 
 PAUSE_FIRST = 10.0
 PAUSE_MAX = 300.0
@@ -94,6 +96,18 @@ class Limiter:
         pause.until = max(pause.until, now + pause.length)
         return pause.until
 
+    def pace(
+        self, relay: str, delivery: Delivery, now: float
+    ) -> tuple[RecipientResult, float] | None:
+        """Learn from one attempt: a throttling reply pauses the relay (returned with the
+        pause's end, for the log); an accepted message ends a pause."""
+        throttling = next((r for r in delivery.deferred if is_throttling(r.code, r.text)), None)
+        if throttling is not None:
+            return throttling, self.throttled(relay, now)
+        if delivery.sent:
+            self.accepted(relay)
+        return None
+
     def accepted(self, relay: str) -> None:
         """The relay took a message: whatever pause it asked for is over."""
         self._pauses.pop(relay, None)
@@ -106,3 +120,27 @@ class Limiter:
         for msg_id, at in list(self._slots.items()):
             if at < now - 3600:
                 del self._slots[msg_id]
+
+
+def buckets(
+    relay: RelayConfig, rule: SenderRule, credentials: Credentials | None
+) -> list[tuple[tuple[str, ...], Rate]]:
+    """The token buckets a message draws on: its relay's, and its credentials' (a sender
+    entry's `rate` is per mailbox: Microsoft 365 counts 30 a minute per mailbox)."""
+    found: list[tuple[tuple[str, ...], Rate]] = []
+    if relay.rate is not None:
+        found.append((("relay", relay.name), relay.rate))
+    if rule.rate is not None:
+        user = credentials.username if credentials else f"sender {rule.pattern}"
+        found.append((("credentials", relay.name, user), rule.rate))
+    return found
+
+
+def limits(relay: RelayConfig, rule: SenderRule) -> str:
+    """The limits a waiting message is under, as the config names them."""
+    parts = []
+    if relay.rate is not None:
+        parts.append(f"relays.{relay.name}.rate = {relay.rate}")
+    if rule.rate is not None:
+        parts.append(f'senders."{rule.pattern}".rate = {rule.rate}')
+    return ", ".join(parts) or f"relay {relay.name} asked us to slow down"

@@ -10,18 +10,22 @@ from collections.abc import Sequence
 import aiosmtplib
 
 from .config import Credentials, RelayConfig
+from .errors import SessionError
 from .outcome import Delivery, RecipientResult
 from .pool import Pool, Session
 
 __all__ = ["describe_error", "send"]
 
-_SESSION_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError)
+_SESSION_ERRORS = (aiosmtplib.SMTPException, SessionError, OSError, asyncio.TimeoutError)
 # A session idle in the pool this long is probed with RSET before it carries a message.
 PROBE_AFTER = 1.0
 
 
 def describe_error(exc: BaseException) -> tuple[int, str, str]:
-    """(SMTP code or 0, one line for an operator, kind) for an error that ended a session."""
+    """(SMTP code or 0, one line for an operator, kind) for an error that ended a session.
+    The kind (a metrics label) comes from the exception's type, never from its text."""
+    if isinstance(exc, SessionError):
+        return 0, str(exc), exc.kind
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         return exc.code, f"authentication failed: {exc.code} {exc.message}", "auth"
     if isinstance(exc, aiosmtplib.SMTPResponseException):
@@ -37,12 +41,7 @@ def describe_error(exc: BaseException) -> tuple[int, str, str]:
         if isinstance(cause, ssl.SSLError):
             return describe_error(cause)
         return 0, f"cannot connect: {cause}", "connect"
-    text = str(exc) or type(exc).__name__
-    if "STARTTLS" in text:
-        return 0, f"TLS required: {text}", "tls"
-    if "auth" in text.lower():
-        return 0, f"authentication not possible: {text}", "auth"
-    return 0, text, "protocol"
+    return 0, str(exc) or type(exc).__name__, "protocol"
 
 
 def _all(recipients: Sequence[str], code: int, text: str) -> tuple[RecipientResult, ...]:

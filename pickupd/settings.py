@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,7 +130,11 @@ class Reader:
             return default
 
     def values(
-        self, table: Mapping[str, Any], prefix: str, section: type, extra: set[str] = frozenset()
+        self,
+        table: Mapping[str, Any],
+        prefix: str,
+        section: type,
+        extra: Collection[str] = frozenset(),
     ) -> dict[str, Any]:
         """Every key `section` declares, read from `table` (defaults where absent); unknown
         keys are problems unless in `extra` (keys the caller reads itself)."""

@@ -16,33 +16,44 @@ import os
 import re
 import socket
 import stat
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from . import ids
-from .sidecar import Sidecar, from_timestamp
+from .files import (
+    BINARY,
+    PRIVATE,
+    SAFE,
+    atomic_write,
+    file_kind,
+    fsync_dir,
+    maildir_name,
+    printable,
+    read_fd,
+    read_limited,
+    try_lock,
+    write_synced,
+)
+from .sidecar import Sidecar, from_timestamp, to_timestamp
 
 __all__ = [
+    "FOLDERS",
     "Candidate",
     "Claimed",
+    "FolderCount",
+    "Later",
     "Spool",
+    "TooLarge",
     "Unsafe",
-    "atomic_write",
-    "printable",
 ]
 
-Origin = Literal["new", "eml", "deferred", "recovered"]
-# Hostile-input flags: never follow a link, never block on a planted FIFO. Windows has
-# neither (and no fork to leak descriptors into): there the flags are 0 and the fstat check
-# on the open descriptor still refuses what is not a regular file.
-_SAFE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-_PRIVATE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_BINARY = getattr(os, "O_BINARY", 0)
+# The folders a census counts, in the order people read them.
+FOLDERS = ("pickup", "active", "deferred", "hold", "failed", "sent")
 
+Origin = Literal["new", "eml", "deferred", "recovered"]
 # Maildir: files in tmp/ older than this were abandoned by their writer and may be removed.
 TMP_MAX_AGE = 36 * 3600.0
 
@@ -70,60 +81,36 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
+class Later:
+    """Nothing to take yet: come back at `at` (a direct .eml still settling, a deferred
+    message not yet due)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """The claimed file is larger than the limit it was read with."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FolderCount:
+    """What a spool folder holds: how many messages, and the age of the oldest (None when
+    the census was taken without ages, or the folder is empty)."""
+
+    count: int
+    oldest_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Unsafe:
     """The claimed file is not something we will read (symlink, fifo, hard link, ...)."""
 
     detail: str
     # A hard link may be the Maildir writer between its link() and unlink(): worth a re-read.
     linked: bool = False
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
-    rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_synced(tmp, data, os.O_TRUNC, 0o600)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _write_synced(path: Path, data: bytes, flags: int, mode: int) -> None:
-    """Create (or with O_TRUNC, overwrite) `path` holding `data`, and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags | _PRIVATE | _BINARY, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (POSIX; Windows cannot open a directory, nor needs to)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _PRIVATE)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive lock on an open file without waiting; False if someone holds it."""
-    try:
-        if sys.platform == "win32":
-            import msvcrt
-
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
 
 
 def _owner_token() -> str:
@@ -167,8 +154,8 @@ class Spool:
     def lock(self) -> None:
         """Hold a lock file for our owner token: while it is locked our claims are not stale."""
         path = self.active / f".owner.{self.owner}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _PRIVATE, 0o600)
-        if not _try_lock(fd):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | PRIVATE, 0o600)
+        if not try_lock(fd):
             os.close(fd)
             raise BlockingIOError(f"{path} is locked by another process")
         self._lock_fd = fd
@@ -182,53 +169,47 @@ class Spool:
 
     # -- finding work ---------------------------------------------------------------------------
 
-    def scan_pickup(self, now: float, settle: float) -> Iterator[Candidate | float]:
+    def scan_pickup(self, now: float, settle: float) -> Iterator[Candidate | Later]:
         """Yield candidates from pickup/new/ and settled pickup/*.eml files.
 
-        For a direct .eml not yet unchanged for `settle`, yields the time it will be (a float),
-        so the caller can come back then.
+        For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
+        will be, so the caller can come back then.
         """
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.new) as entries:
-            for entry in entries:
-                if not entry.name.startswith("."):
-                    yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.pickup) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or not name.lower().endswith(".eml"):
-                    continue
+        for entry in _entries(self.new):
+            if _is_drop(entry.name, maildir=True):
+                yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
+        for entry in _entries(self.pickup):
+            name = entry.name
+            if _is_drop(name, maildir=False):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 ready = st.st_mtime + settle
                 if stat.S_ISREG(st.st_mode) and ready > now:
-                    yield ready
+                    yield Later(ready)
                 else:
                     yield Candidate(Path(entry.path), name, "eml")
 
-    def scan_deferred(self, now: float) -> Iterator[Candidate | float]:
-        """Yield deferred messages that are due, and the due time (a float) of the others."""
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.deferred) as entries:
-            for entry in entries:
-                name = entry.name
-                if not name.endswith(".eml") or not ids.is_valid(name[:-4]):
-                    continue
-                try:
-                    due = entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
-                    continue
-                if due <= now:
-                    yield Candidate(Path(entry.path), name, "deferred", name[:-4])
-                else:
-                    yield due
+    def scan_deferred(self, now: float) -> Iterator[Candidate | Later]:
+        """Yield deferred messages that are due, and `Later` with the due time of the others."""
+        for entry in _entries(self.deferred):
+            msg_id = _message_id(entry.name)
+            if msg_id is None:
+                continue
+            try:
+                due = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            if due <= now:
+                yield Candidate(Path(entry.path), entry.name, "deferred", msg_id)
+            else:
+                yield Later(due)
 
     def stale_claims(self) -> list[Candidate]:
         """Claims in active/ left by a process of this host that is gone (its lock is free)."""
         found: list[Candidate] = []
-        names: list[str] = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.active) as entries:
-            names = [e.name for e in entries]
+        names = [e.name for e in _entries(self.active)]
         owners_alive: dict[str, bool] = {}
         for name in names:
             msg_id, dot, owner = name.partition(".")
@@ -244,11 +225,11 @@ class Spool:
     def _owner_alive(self, owner: str) -> bool:
         path = self.active / f".owner.{owner}"
         try:
-            fd = os.open(path, os.O_RDWR | _PRIVATE)
+            fd = os.open(path, os.O_RDWR | PRIVATE)
         except FileNotFoundError:
             return False
         try:
-            if not _try_lock(fd):
+            if not try_lock(fd):
                 return True
         finally:
             os.close(fd)
@@ -292,11 +273,11 @@ class Spool:
             return None
 
     @staticmethod
-    def read(claimed: Claimed, limit: int) -> bytes | Unsafe | int:
-        """The message bytes; `Unsafe` if the file is not a plain file of its own; or its size
-        (an int) if it is larger than `limit`."""
+    def read(claimed: Claimed, limit: int) -> bytes | Unsafe | TooLarge:
+        """The message bytes; `Unsafe` if the file is not a plain file of its own; `TooLarge`
+        if it is larger than `limit`."""
         try:
-            fd = os.open(claimed.path, os.O_RDONLY | _SAFE | _BINARY)
+            fd = os.open(claimed.path, os.O_RDONLY | SAFE | BINARY)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return Unsafe("is a symbolic link: not followed")
@@ -304,18 +285,18 @@ class Spool:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return Unsafe(f"is not a regular file ({_file_kind(st.st_mode)})")
+                return Unsafe(f"is not a regular file ({file_kind(st.st_mode)})")
             if st.st_nlink > 1:
                 return Unsafe(
                     "has other hard links: refused, it could expose a file we can read",
                     linked=True,
                 )
             if st.st_size > limit:
-                return st.st_size
-            data = _read_fd(fd, limit + 1)
+                return TooLarge(st.st_size)
+            data = read_fd(fd, limit + 1)
         finally:
             os.close(fd)
-        return len(data) if len(data) > limit else data
+        return TooLarge(len(data)) if len(data) > limit else data
 
     # -- outcomes -------------------------------------------------------------------------------
 
@@ -346,7 +327,7 @@ class Spool:
     def _move_with_sidecar(self, claimed: Claimed, folder: Path, sidecar: Sidecar) -> None:
         atomic_write(folder / f"{claimed.id}.json", sidecar.to_json())
         os.rename(claimed.path, folder / f"{claimed.id}.eml")
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     def _drop_old_sidecar(self, claimed: Claimed) -> None:
         if claimed.sidecar is not None or claimed.origin == "recovered":
@@ -357,18 +338,18 @@ class Spool:
         """Enqueue a message with the Maildir protocol: write it under pickup/tmp/, fsync, then
         rename it into pickup/new/ (where the dispatcher takes it) and fsync that folder.
         Returns its path in new/. Raises OSError if the spool cannot be written."""
-        name = _maildir_name()
+        name = maildir_name()
         tmp = self.tmp / name
         try:
             # Readable by the group: the daemon may run as another user than the writer.
-            _write_synced(tmp, data, os.O_EXCL, 0o640)
+            write_synced(tmp, data, os.O_EXCL, 0o640)
             target = self.new / name
             os.rename(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.new)
+        fsync_dir(self.new)
         return target
 
     # -- operator moves (pickupd retry, flush, hold, release, delete) -------------------------
@@ -401,7 +382,7 @@ class Spool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.deferred / f"{msg_id}.json")
             return False
-        _fsync_dir(self.deferred)
+        fsync_dir(self.deferred)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(source / f"{msg_id}.json")
         return True
@@ -416,7 +397,7 @@ class Spool:
         # Read only now: until the rename a dispatcher could still have been updating it.
         sidecar = note(self.read_sidecar(self.deferred / f"{msg_id}.json"))
         atomic_write(self.hold / f"{msg_id}.json", sidecar.to_json())
-        _fsync_dir(self.hold)
+        fsync_dir(self.hold)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.deferred / f"{msg_id}.json")
         return True
@@ -456,71 +437,83 @@ class Spool:
 
     def ids_in(self, folder: Path) -> list[str]:
         """The ids of the messages in deferred/, hold/, failed/ or sent/, oldest first."""
-        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-            return sorted(
-                e.name[:-4]
-                for e in entries
-                if e.name.endswith(".eml") and ids.is_valid(e.name[:-4])
-            )
-        return []
+        found = (_message_id(e.name) for e in _entries(folder))
+        return sorted((msg_id for msg_id in found if msg_id), key=ids.sort_key)
 
-    def count(self, folder: Path, suffix: str = ".eml") -> int:
-        """How many messages a folder holds (for status lines)."""
-        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-            return sum(1 for e in entries if e.name.endswith(suffix))
-        return 0
+    # -- census -----------------------------------------------------------------------------
+
+    def census(self, now: float, ages: Collection[str] = ()) -> dict[str, FolderCount]:
+        """How many messages each folder holds, by one rule for everyone (`pickupd queue`, the
+        metrics gauge, the systemd status line): in pickup/, the files of new/ and the .eml
+        files (any case) of pickup/ itself; in active/, the claims; elsewhere, `<id>.eml`.
+        Names starting with a dot are never messages, and pickup/tmp/ holds none yet.
+
+        For the folders named in `ages`, also the oldest message's age: from its file's mtime
+        in pickup/ and active/ (a stat per file), from the first_seen of the oldest id's
+        sidecar elsewhere (ids sort by time: one sidecar read)."""
+        census: dict[str, FolderCount] = {}
+        for name in FOLDERS:
+            if name in ("pickup", "active"):
+                entries: Iterator[os.DirEntry[str]]
+                if name == "pickup":
+                    new = (e for e in _entries(self.new) if _is_drop(e.name, maildir=True))
+                    direct = (e for e in _entries(self.pickup) if _is_drop(e.name, maildir=False))
+                    entries = itertools.chain(new, direct)
+                else:
+                    entries = (e for e in _entries(self.active) if _claim_id(e.name))
+                if name not in ages:
+                    census[name] = FolderCount(sum(1 for _ in entries))
+                    continue
+                times = [t for t in map(_mtime, entries) if t is not None]
+                oldest = now - min(times) if times else None
+                census[name] = FolderCount(len(times), oldest)
+                continue
+            folder = self.root / name
+            msg_ids = [i for i in (_message_id(e.name) for e in _entries(folder)) if i]
+            oldest = None
+            if name in ages and msg_ids:
+                oldest = self._oldest_seen(folder, sorted(msg_ids, key=ids.sort_key), now)
+            census[name] = FolderCount(len(msg_ids), oldest)
+        return census
+
+    def _oldest_seen(self, folder: Path, msg_ids: list[str], now: float) -> float | None:
+        for msg_id in msg_ids[:10]:  # the first with a readable sidecar
+            sidecar = self.read_sidecar(folder / f"{msg_id}.json")
+            if sidecar is not None:
+                with contextlib.suppress(ValueError):
+                    return max(0.0, now - to_timestamp(sidecar.first_seen))
+        return None
 
 
-_drops = itertools.count()
-
-
-def _maildir_name() -> str:
-    """A Maildir file name unique across hosts, processes and calls: time, pid, counter, host."""
-    now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
-    unique = f"M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_drops)}R{os.urandom(4).hex()}"
-    return f"{int(now)}.{unique}.{host}"
-
-
-def printable(name: str) -> str:
-    """A file name fit for a sidecar and a log line: undecodable bytes and control characters
-    (a newline in a name is legal) become '?'. Names are shown, never used as paths."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return "".join("?" if not char.isprintable() else char for char in text)
-
-
-def read_limited(path: Path, limit: int) -> bytes:
-    """Read at most `limit` bytes of a regular file, never following a symlink."""
-    fd = os.open(path, os.O_RDONLY | _SAFE | _BINARY)
+def _entries(folder: Path) -> Iterator[os.DirEntry[str]]:
+    """The entries of `folder`, streamed (a backlog of 100,000 files stays on disk)."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return _read_fd(fd, limit)
-    finally:
-        os.close(fd)
+        with os.scandir(folder) as entries:
+            yield from entries
+    except FileNotFoundError:
+        return
 
 
-def _read_fd(fd: int, limit: int) -> bytes:
-    chunks = []
-    remaining = limit
-    while remaining > 0:
-        chunk = os.read(fd, min(remaining, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def _is_drop(name: str, *, maildir: bool) -> bool:
+    """A name in pickup/new/ (`maildir`) or pickup/ that is a message waiting to be taken."""
+    if name.startswith("."):
+        return False
+    return maildir or name.lower().endswith(".eml")
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a fifo"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return name
-    return "an unknown kind of file"
+def _message_id(name: str) -> str | None:
+    """The id of `<id>.eml` in deferred/, hold/, failed/ or sent/; None for other names."""
+    return name[:-4] if name.endswith(".eml") and ids.is_valid(name[:-4]) else None
+
+
+def _claim_id(name: str) -> str | None:
+    """The id of a claim `<id>.<owner>` in active/; None for lock files and strays."""
+    msg_id, dot, owner = name.partition(".")
+    return msg_id if dot and owner and ids.is_valid(msg_id) else None
+
+
+def _mtime(entry: os.DirEntry[str]) -> float | None:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return None

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from pickupd import log
-from pickupd.config import Config, RelayConfig, SenderRule, SpoolConfig
+from pickupd.config import Config, DispatchConfig, RelayConfig, SenderRule, SpoolConfig
 from pickupd.dispatcher import Dispatcher
-from pickupd.spool import Candidate
+from pickupd.intake import Intake
+from pickupd.spool import Candidate, Spool
 
 
 def _config(tmp_path: Path) -> Config:
@@ -27,14 +28,14 @@ def test_new_mail_is_not_held_back_behind_due_deferred_mail(tmp_path: Path) -> N
     (one new, one deferred), not after the whole backlog."""
 
     async def order() -> list[str]:
-        dispatcher = Dispatcher(_config(tmp_path))
-        for n in range(20):
-            dispatcher._due.append(Candidate(tmp_path / f"d{n}", f"d{n}", "deferred"))
+        spool = Spool(tmp_path / "spool")
+        intake = Intake(spool, DispatchConfig(), once=False)
+        intake.recover([Candidate(tmp_path / f"d{n}", f"d{n}", "deferred") for n in range(20)])
         for n in range(3):
-            dispatcher._new.append(Candidate(tmp_path / f"n{n}", f"n{n}", "new"))
+            intake.hint("created", str(spool.new / f"n{n}"))
         taken = []
         for _ in range(8):
-            candidate = await dispatcher._next()
+            candidate = await intake.next()
             assert candidate is not None
             taken.append(candidate.origin)
         return taken

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from pickupd.sidecar import Sidecar, from_timestamp
-from pickupd.spool import Candidate, Spool, Unsafe, atomic_write
+from pickupd.files import atomic_write
+from pickupd.spool import Candidate, Later, Spool, TooLarge, Unsafe
 
 
 def make(tmp_path: Path) -> Spool:
@@ -50,7 +51,7 @@ def test_read_refuses_what_is_not_a_plain_file(tmp_path: Path) -> None:
         found[name] = spool.read(claimed, 100)
     assert isinstance(found["link"], Unsafe) and "symbolic link" in found["link"].detail
     assert isinstance(found["fifo"], Unsafe) and "fifo" in found["fifo"].detail
-    assert found["big"] == 1000
+    assert found["big"] == TooLarge(1000)
 
 
 def test_hard_links_are_refused(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_direct_eml_waits_for_settle(tmp_path: Path) -> None:
     (spool.pickup / "notes.txt").write_bytes(b"x")
     now = time.time()
     items = list(spool.scan_pickup(now, 5.0))
-    assert len(items) == 1 and isinstance(items[0], float) and items[0] > now
+    assert len(items) == 1 and isinstance(items[0], Later) and items[0].at > now
     items = list(spool.scan_pickup(now + 10, 5.0))
     assert [i.source for i in items if isinstance(i, Candidate)] == ["fresh.eml"]
 
@@ -86,7 +87,7 @@ def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
     car = Sidecar(claimed.id, "new/m", "a@b", ("c@d",), 1, from_timestamp(time.time()))
     due = time.time() + 100
     spool.finish_deferred(claimed, car, due)
-    assert list(spool.scan_deferred(time.time())) == [due]
+    assert list(spool.scan_deferred(time.time())) == [Later(due)]
     (item,) = spool.scan_deferred(due + 1)
     assert isinstance(item, Candidate) and item.id == claimed.id
     again = spool.claim(item)

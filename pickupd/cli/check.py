@@ -1,4 +1,5 @@
-"""`pickupd check --connect`: EHLO, STARTTLS and AUTH against every relay, no mail sent.
+"""`pickupd check [--connect]`: validate the config; with --connect, EHLO, STARTTLS and AUTH
+against every relay, no mail sent.
 
 One probe per relay and credential set it is used with (the relay's own login, each sender
 entry's own login, or none), all at once, each bounded by the relay's timeout. Every probe
@@ -8,18 +9,56 @@ act on (DNS, refused, timeout, TLS, certificate, STARTTLS not offered, AUTH 535 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 import aiosmtplib
 
-from .config import Config, Credentials, RelayConfig
-from .pool import Pool
-from .relay import describe_error
+from ..config import Config, Credentials, RelayConfig
+from ..errors import SessionError
+from ..pool import Pool
+from ..relay import describe_error
+from .common import EX_OK, add_command, load_config
 
-__all__ = ["Probe", "probes", "run"]
+__all__ = ["Probe", "ProbeResult", "probe_all", "probes", "register"]
+
+# Exit code when a probe failed (the config itself was fine).
+EX_PROBE_FAILED = 1
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add `check`."""
+    check = add_command(
+        commands,
+        "check",
+        _check,
+        help="validate the config: exit 0 if good, 78 with one line per problem if not",
+    )
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="then connect to every relay with every credential set (EHLO, STARTTLS, AUTH;"
+        " no mail is sent) and print one line each: exit 0 only if all are ok",
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    entries = "entry" if len(config.senders) == 1 else "entries"
+    print(
+        f"{config.path}: ok: {len(config.relays)} relay(s), {len(config.senders)} sender"
+        f" {entries}, spool {config.spool.path}"
+    )
+    if not args.connect:
+        return EX_OK
+    results = asyncio.run(probe_all(probes(config)))
+    for result in results:
+        print(result.line())
+    return EX_OK if all(result.ok for result in results) else EX_PROBE_FAILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +68,23 @@ class Probe:
     relay: RelayConfig
     credentials: Credentials | None
     used_by: str
+
+    def label(self) -> str:
+        relay = self.relay
+        who = f" as {self.credentials.username}" if self.credentials else ""
+        return f"{relay.name} ({self.used_by}{who}) {relay.host}:{relay.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What one probe found: ok and what the server offered, or the failure in words."""
+
+    probe: Probe
+    ok: bool
+    text: str
+
+    def line(self) -> str:
+        return f"{self.probe.label()}: {'ok' if self.ok else 'FAILED'}: {self.text}"
 
 
 def probes(config: Config) -> list[Probe]:
@@ -50,31 +106,22 @@ def probes(config: Config) -> list[Probe]:
     return sorted(found.values(), key=lambda p: (p.relay.name, p.used_by))
 
 
-def run(config: Config) -> int:
-    """Probe everything, print one line each; 0 if all are ok, else 1."""
-    results = asyncio.run(_probe_all(probes(config)))
-    for line in results:
-        print(line)
-    return 0 if all(": ok: " in line for line in results) else 1
-
-
-async def _probe_all(todo: list[Probe]) -> list[str]:
+async def probe_all(todo: list[Probe]) -> list[ProbeResult]:
+    """Run every probe at once; one result each, in the order given."""
     pool = Pool()
     return list(await asyncio.gather(*(_probe(pool, probe) for probe in todo)))
 
 
-async def _probe(pool: Pool, probe: Probe) -> str:
+async def _probe(pool: Pool, probe: Probe) -> ProbeResult:
     relay = probe.relay
-    who = f" as {probe.credentials.username}" if probe.credentials else ""
-    label = f"{relay.name} ({probe.used_by}{who}) {relay.host}:{relay.port}"
     try:
         # connect: TCP, greeting, STARTTLS or TLS, EHLO, AUTH; the relay's timeout applies
         # to each step, and this bounds the whole.
         smtp = await asyncio.wait_for(pool.connect(relay, probe.credentials), relay.timeout * 4)
-    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        return f"{label}: FAILED: {_explain(exc)}"
+    except (aiosmtplib.SMTPException, SessionError, OSError, TimeoutError) as exc:
+        return ProbeResult(probe, False, _explain(exc))
     try:
-        return f"{label}: ok: {_offered(smtp, relay, probe.credentials)}"
+        return ProbeResult(probe, True, _offered(smtp, relay, probe.credentials))
     finally:
         try:
             await asyncio.wait_for(smtp.quit(), relay.timeout)
@@ -114,9 +161,4 @@ def _explain(exc: BaseException) -> str:
         return f"certificate not trusted: {cause.verify_message} (ca_file, or the system store)"
     if isinstance(exc, TimeoutError) and not str(exc):
         return "timed out"
-    text = describe_error(exc)[1]
-    if "STARTTLS" in text and "not supported" in text:
-        return "STARTTLS not offered by the server (security = starttls requires it)"
-    if isinstance(exc, aiosmtplib.SMTPException) and "AUTH" in str(exc) and "not" in str(exc):
-        return f"AUTH not offered by the server ({exc})"
-    return text
+    return describe_error(exc)[1]

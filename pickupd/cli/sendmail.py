@@ -16,6 +16,7 @@ with a lone dot as text. Date: and Message-ID: are added when missing, as Postfi
 
 from __future__ import annotations
 
+import argparse
 import email.utils
 import getpass
 import re
@@ -23,17 +24,17 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import envelope
-from .commands import EX_OK, EX_TEMPFAIL, EX_USAGE
-from .config import config_path, load_submission
-from .errors import ConfigError
-from .outcome import Refusal
-from .spool import Spool
+from .. import envelope
+from ..config import config_path, load_submission
+from ..errors import ConfigError
+from ..outcome import Refusal
+from ..spool import Spool
+from .common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command
 
-__all__ = ["main"]
+__all__ = ["main", "register"]
 
-EX_DATAERR = 65  # sysexits.h: the message itself cannot be taken (too large)
 PROG = "pickupd-sendmail"
 
 # Flags clients pass that change nothing here: delivery mode (-od*), error mode (-oe*), other
@@ -138,22 +139,26 @@ def _addresses(text: str, local_domain: str | None) -> list[str]:
         raise _Usage(f"bad address {text!r}: {error}") from None
 
 
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add `sendmail` to the help (`cli.main` hands its arguments to `main` untouched)."""
+    add_command(
+        commands,
+        "sendmail",
+        lambda args: main(["--help"]),
+        config=False,
+        help="a /usr/sbin/sendmail for submission: reads a message on stdin into the pickup folder",
+        add_help=False,
+    )
+
+
 def _head_and_body(data: bytes) -> tuple[bytes, bytes]:
-    text = data.replace(b"\r\n", b"\n")
-    if text.startswith(b"From "):
+    if data.startswith(b"From "):
         # An mbox "From sender date" line, as some tools write first: not a header field
         # (sendmail and Postfix drop it too).
-        text = text.partition(b"\n")[2]
-    if text.startswith(b"\n"):
-        return b"", text
-    end = text.find(b"\n\n")
-    if end < 0:
-        return text if text.endswith(b"\n") else text + b"\n", b""
-    return text[: end + 1], text[end + 1 :]
-
-
-def _has_field(head: bytes, name: bytes) -> bool:
-    return re.search(rb"(?im)^" + re.escape(name) + rb"[ \t]*:", head) is not None
+        data = data.partition(b"\n")[2]
+    head, body = envelope.split(data)
+    # Written with LF line ends, as the sendmail of Postfix writes its maildrop files.
+    return head.replace(b"\r\n", b"\n"), body.replace(b"\r\n", b"\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,12 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     local_domain = settings.local_domain
     try:
         recipients = [a for r in options.recipients for a in _addresses(r, local_domain)]
-        if options.sender is not None and options.sender not in ("", "<>"):
-            (sender,) = _addresses(options.sender, local_domain) or [""]
-        else:
-            sender = options.sender or ""
-    except (_Usage, ValueError) as problem:
-        print(f"{PROG}: {problem or 'bad -f address'}", file=sys.stderr)
+        sender = options.sender or ""
+        if sender not in ("", "<>"):
+            found = _addresses(sender, local_domain)
+            if len(found) != 1:
+                raise _Usage(f"-f {sender!r}: give one address")
+            sender = found[0]
+    except _Usage as problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
         return EX_USAGE
 
     data = _read_message(options.dots_are_text, settings.max_message_size)
@@ -192,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: message larger than max_message_size ({limit} bytes)", file=sys.stderr)
         return EX_DATAERR
     head, body = _head_and_body(data)
+    if head and not head.endswith(b"\n"):
+        head += b"\n"
     parsed = envelope.parse(head + b"\n", local_domain=local_domain)
     if options.from_headers:
         if isinstance(parsed, Refusal):
@@ -203,18 +212,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     if options.sender is None:
         # The message's own sender, else the user running us (as sendmail does).
-        found = None if isinstance(parsed, Refusal) else parsed.sender
-        sender = found or getpass.getuser()
+        own = None if isinstance(parsed, Refusal) else parsed.sender
+        sender = own or getpass.getuser()
 
-    added = b""
-    if not _has_field(head, b"From"):
+    added = ""
+    present = envelope.field_names(head)
+    if "from" not in present:
         name = options.full_name
-        added += f"From: {name} <{sender}>\n".encode() if name else f"From: {sender}\n".encode()
-    if not _has_field(head, b"Date"):
-        added += f"Date: {email.utils.formatdate(localtime=True)}\n".encode()
-    if not _has_field(head, b"Message-ID"):
+        added += f"From: {name} <{sender}>\n" if name else f"From: {sender}\n"
+    if "date" not in present:
+        added += f"Date: {email.utils.formatdate(localtime=True)}\n"
+    if "message-id" not in present:
         domain = sender.partition("@")[2] or local_domain or socket.getfqdn()
-        added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\n".encode()
+        added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\n"
     envelope_lines = f"X-Sender: <{sender}>\n" if sender else "X-Sender: <>\n"
     seen: set[str] = set()
     for recipient in recipients:
@@ -222,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seen.add(recipient.lower())
             envelope_lines += f"X-Receiver: <{recipient}>\n"
     try:
-        Spool(settings.spool_path).drop(envelope_lines.encode() + added + head + body)
+        Spool(settings.spool_path).drop((envelope_lines + added).encode() + head + body)
     except OSError as exc:
         where = exc.filename or settings.spool_path
         print(f"{PROG}: cannot write into {where}: {exc.strerror or exc}", file=sys.stderr)

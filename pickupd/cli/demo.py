@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -16,11 +17,33 @@ from aiosmtpd.smtp import SMTP as SMTPServerProtocol
 from aiosmtpd.smtp import Envelope as ServerEnvelope
 from aiosmtpd.smtp import Session as ServerSession
 
-from . import log as logs
-from .config import load
-from .dispatcher import Dispatcher
+from .. import log as logs
+from ..config import load
+from ..dispatcher import Dispatcher
+from .common import add_command
 
-__all__ = ["run_demo"]
+__all__ = ["register", "run_demo"]
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add `demo`."""
+    demo = add_command(
+        commands,
+        "demo",
+        lambda args: run_demo(args.dir),
+        config=False,
+        help="a first look without any mail server: capture server, dispatcher, sample mail",
+        description=(
+            "Writes a demo config and spool under DIR, starts a capture SMTP server on a free "
+            "loopback port (it stores what it receives in DIR/received/), runs the dispatcher, "
+            "drops three sample messages, prints where each ended up and why, then keeps "
+            "running so you can drop your own files, until Ctrl-C."
+        ),
+    )
+    demo.add_argument(
+        "--dir", default="pickupd-demo", type=Path, help="where to put it (default: ./pickupd-demo)"
+    )
+
 
 REFUSED = "nobody@example.net"
 _SAMPLES = [

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .commands import EX_CONFIG, EX_OK, EX_USAGE, load_or_exit_code
-from .servicehost import ServiceHost, State
+from ..errors import CommandError
+from ..servicehost import ServiceHost, State
+from .common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
 
 __all__ = ["SERVICE_NAME", "default_config_path", "register"]
 
@@ -33,8 +34,11 @@ def default_config_path() -> Path:
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add the `service` subcommand; it sets `handler` (args -> exit code)."""
-    service = commands.add_parser(
+    service = add_command(
+        commands,
         "service",
+        _service,
+        config=False,
         help="install, remove, start or stop pickupd as a Windows service (Windows only)",
         description="Manage the pickupd Windows service (needs pickupd[windows], i.e. "
         "pywin32). The service runs the same dispatcher as `pickupd run`, with the config "
@@ -48,27 +52,24 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE",
         help=r"config file (default: %%ProgramData%%\pickupd\pickupd.toml)",
     )
-    service.set_defaults(handler=_service)
 
 
 def _service(args: argparse.Namespace) -> int:
     if sys.platform != "win32":
-        print(
+        raise CommandError(
+            EX_USAGE,
             "pickupd service: Windows only; on Linux use the systemd unit (systemd/) or"
             " `pickupd run --daemon`",
-            file=sys.stderr,
         )
-        return EX_USAGE
     config_arg = args.config or str(default_config_path())
     if args.action in ("install", "debug"):
-        config = load_or_exit_code(config_arg)
-        if isinstance(config, int):
-            return config
+        load_config(config_arg)
     try:
         return _Win32().act(args.action, config_arg)
     except ImportError:
-        print("pickupd service: needs pywin32: pip install 'pickupd[windows]'", file=sys.stderr)
-        return EX_CONFIG
+        raise CommandError(
+            EX_CONFIG, "pickupd service: needs pywin32: pip install 'pickupd[windows]'"
+        ) from None
 
 
 class _Win32:
@@ -101,9 +102,7 @@ class _Win32:
             win32serviceutil.StopService(SERVICE_NAME)
             print(f"service {SERVICE_NAME} stopped")
         else:  # debug: the service's work in this console, Ctrl-C stops it
-            config = load_or_exit_code(config_arg)
-            if isinstance(config, int):
-                return config
+            config = load_config(config_arg)
             host = ServiceHost(config, lambda state, hint: print(f"service: {state.value}"))
             if not host.start():
                 return EX_CONFIG
@@ -143,9 +142,10 @@ def _service_class() -> type:
             self.ReportServiceStatus(states[state], waitHint=int(wait_hint * 1000))
 
         def SvcDoRun(self) -> None:
-            config = load_or_exit_code(self.config_arg)
-            if isinstance(config, int):
-                servicemanager.LogErrorMsg(f"pickupd: bad config {self.config_arg}")
+            try:
+                config = load_config(self.config_arg)
+            except CommandError as exc:
+                servicemanager.LogErrorMsg(f"pickupd: bad config {self.config_arg}: {exc}")
                 return
             self.host = ServiceHost(config, self._report)
             if self.host.start():

@@ -10,11 +10,13 @@ from typing import Any
 
 import tomli_w
 
-from .commands import CONFIG_HELP, EX_CONFIG, EX_OK, EX_USAGE
-from .config import DEFAULT_CONFIG_PATH, config_path
-from .spool import Spool
+from ..config import DEFAULT_CONFIG_PATH, SECTIONS, SpoolConfig, config_path
+from ..errors import CommandError
+from ..settings import keys
+from ..spool import Spool
+from .common import EX_CONFIG, EX_OK, EX_USAGE, add_command
 
-__all__ = ["register"]
+__all__ = ["register", "starter_config"]
 
 # Apps in the group write into pickup/ (setgid: files keep the group); the rest of the spool
 # belongs to the service user alone. The root is traversable by the group, not listable.
@@ -40,26 +42,30 @@ _HEADER = """\
 #
 # Senders: only these envelope senders are relayed (pickupd is never an open relay).
 # Add one [senders."address"] or [senders."*@domain"] entry per sender.
+#
+# Every other key is below with its default, commented out: uncomment to change it.
 
 """
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add `pickupd init`."""
-    init = commands.add_parser(
+    init = add_command(
+        commands,
         "init",
+        _init,
         help="write a starter config and create the spool with safe modes",
         description="Writes a commented starter config (refusing to overwrite one unless "
         "--force) and creates the spool: pickup/ writable by the apps' group (setgid), "
         "everything else private to the user running pickupd. Then prints the next steps.",
     )
-    init.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+    default_spool = SpoolConfig().path
     init.add_argument(
         "--spool",
         metavar="DIR",
         type=Path,
-        default=Path("/var/spool/pickupd"),
-        help="the spool root (default: /var/spool/pickupd)",
+        default=default_spool,
+        help=f"the spool root (default: {default_spool})",
     )
     init.add_argument(
         "--group",
@@ -67,7 +73,27 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         help="the group the apps that drop mail run in (default: your primary group)",
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
-    init.set_defaults(handler=_init)
+
+
+def starter_config(path: Path, spool_root: Path) -> str:
+    """The text `pickupd init` writes: a loopback relay, one sender, the spool, and every
+    other key of the plain sections commented out with its default and help."""
+    lines = [_HEADER.format(path=path).rstrip("\n"), ""]
+    for name, section in SECTIONS.items():
+        lines.append(f"[{name}]")
+        if name == "spool":
+            lines.append(tomli_w.dumps({"path": str(spool_root)}).rstrip("\n"))
+        for key in keys(section):
+            if name == "spool" and key.name == "path":
+                continue
+            shown = key.shown or '"..."'
+            lines.append(f"# {key.name} = {shown}".ljust(44) + f"# {key.help}")
+        lines.append("")
+    doc = {
+        "relays": {"main": {"host": "localhost", "port": 25, "security": "none"}},
+        "senders": {"app@example.com": {"relay": "main"}},
+    }
+    return "\n".join(lines) + tomli_w.dumps(doc)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -80,27 +106,19 @@ def _init(args: argparse.Namespace) -> int:
         try:
             gid = grp.getgrnam(args.group).gr_gid if args.group else os.getgid()
         except KeyError:
-            print(f"pickupd init: no group named {args.group!r}", file=sys.stderr)
-            return EX_USAGE
+            raise CommandError(EX_USAGE, f"pickupd init: no group named {args.group!r}") from None
     if path.exists() and not args.force:
-        print(f"pickupd init: {path} exists; --force overwrites it", file=sys.stderr)
-        return EX_USAGE
-    doc = {
-        "spool": {"path": str(spool_root)},
-        "relays": {"main": {"host": "localhost", "port": 25, "security": "none"}},
-        "senders": {"app@example.com": {"relay": "main"}},
-    }
+        raise CommandError(EX_USAGE, f"pickupd init: {path} exists; --force overwrites it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CONFIG_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(_HEADER.format(path=path) + tomli_w.dumps(doc))
+            handle.write(starter_config(path, spool_root))
         os.chmod(path, CONFIG_MODE)
         _make_spool(Spool(spool_root), gid)
     except OSError as exc:
         where = exc.filename or path
-        print(f"pickupd init: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return EX_CONFIG
+        raise CommandError(EX_CONFIG, f"pickupd init: {where}: {exc.strerror or exc}") from None
     group = "of the apps" if gid is None else _group_name(gid)
     default = "" if str(path) == DEFAULT_CONFIG_PATH else f" -c {path}"
     print(

@@ -1,0 +1,7 @@
+"""`python -m pickupd`: the same as the `pickupd` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""`pickupd queue` and `pickupd show`: what the spool holds, read-only.
+
+They work while daemons run on the same spool; a message that moves while being read is
+shown where it was, or not at all, never twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .. import ids
+from ..errors import CommandError
+from ..files import read_limited
+from ..sidecar import Sidecar, from_timestamp, to_timestamp
+from ..spool import FOLDERS, Spool
+from ..units import format_duration
+from .common import EX_NOINPUT, EX_OK, add_command, open_spool
+
+__all__ = ["OPERATOR_OUTCOMES", "no_such", "register", "resolve", "sidecar_of"]
+
+# History entries an operator's command adds (not attempts on a relay).
+OPERATOR_OUTCOMES = ("retried", "released", "held")
+# `show` prints at most this much of a header section.
+_HEADER_LIMIT = 64 * 1024
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add `queue` and `show`."""
+    queue = add_command(
+        commands,
+        "queue",
+        _queue,
+        help="what is queued: counts per folder, then each deferred, held and failed message",
+        description="Counts and the oldest message's age per folder, then one entry per message "
+        "in deferred/, hold/ and failed/: id, age, sender, recipients, attempts, next attempt or "
+        "reason, and the last SMTP reply.",
+    )
+    queue.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    show = add_command(commands, "show", _show, help="a message's sidecar and its header section")
+    show.add_argument("id", metavar="ID", help="a message id, as `pickupd queue` shows it")
+
+
+def sidecar_of(folder: Path, msg_id: str) -> Sidecar | None:
+    """The sidecar of message `msg_id` in `folder`, if it has a readable one."""
+    return Spool.read_sidecar(folder / f"{msg_id}.json")
+
+
+def resolve(spool: Spool, given: list[str]) -> Iterator[tuple[str, Path | None]]:
+    """Each given id with the folder that holds it (None: no such message, or not an id)."""
+    for text in given:
+        msg_id = text.strip().upper()
+        if ids.is_valid(msg_id):
+            yield msg_id, spool.locate(msg_id)
+        else:
+            yield text, None
+
+
+def no_such(text: str) -> str:
+    """The line for an id that is nowhere."""
+    shown = text if ids.is_valid(text) else repr(text)
+    return f"{shown}: no such message in deferred/, hold/, failed/ or sent/"
+
+
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(max(0.0, seconds))
+
+
+def _seconds_since(iso: str | None, now: float) -> float | None:
+    if not iso:
+        return None
+    try:
+        return now - to_timestamp(iso)
+    except ValueError:
+        return None
+
+
+def _rows(spool: Spool, now: float) -> list[dict[str, Any]]:
+    rows = []
+    for folder in (spool.deferred, spool.hold, spool.failed):
+        for msg_id in spool.ids_in(folder):
+            sidecar = sidecar_of(folder, msg_id)
+            if sidecar is None:
+                # A message whose sidecar is missing or unreadable is still a message.
+                rows.append({"id": msg_id, "folder": folder.name, "sidecar": False})
+                continue
+            # The last attempt on a relay, not the operator's own retry/hold/release entries.
+            relayed = [h for h in sidecar.history if h.outcome not in OPERATOR_OUTCOMES]
+            last = relayed[-1] if relayed else None
+            rows.append(
+                {
+                    "id": msg_id,
+                    "folder": folder.name,
+                    "age_seconds": _seconds_since(sidecar.first_seen, now),
+                    "sender": sidecar.sender,
+                    "recipients": list(sidecar.recipients),
+                    "attempts": sidecar.attempts,
+                    "next_attempt": sidecar.next_attempt,
+                    "reason": sidecar.reason,
+                    "detail": sidecar.detail,
+                    "last_reply": (
+                        {
+                            "time": last.time,
+                            "relay": last.relay,
+                            "code": last.code,
+                            "text": last.text,
+                        }
+                        if last
+                        else None
+                    ),
+                }
+            )
+    return rows
+
+
+def _queue(args: argparse.Namespace) -> int:
+    _, spool = open_spool(args.config)
+    now = time.time()
+    census = {
+        name: {"count": counted.count, "oldest_age_seconds": counted.oldest_age}
+        for name, counted in spool.census(now, ages=FOLDERS).items()
+    }
+    rows = _rows(spool, now)
+    if args.json:
+        doc = {"spool": str(spool.root), "time": from_timestamp(now), "folders": census}
+        print(json.dumps({**doc, "messages": rows}, indent=2, ensure_ascii=False))
+        return EX_OK
+    print(f"spool {spool.root}")
+    for name, numbers in census.items():
+        oldest = numbers["oldest_age_seconds"]
+        tail = f"  oldest {_age(oldest)}" if oldest is not None else ""
+        print(f"  {name:<9}{numbers['count']:>7}{tail}")
+    if not rows:
+        print("\nNothing deferred, held or failed.")
+        return EX_OK
+    for row in rows:
+        print()
+        _print_row(row, now)
+    return EX_OK
+
+
+def _print_row(row: dict[str, Any], now: float) -> None:
+    if not row.get("sidecar", True):
+        print(f"{row['id']}  {row['folder']}  (no readable sidecar)")
+        return
+    if row["folder"] == "deferred" and row["next_attempt"]:
+        due = -(_seconds_since(row["next_attempt"], now) or 0.0)
+        state = "due now" if due <= 0 else f"next attempt in {_age(due)}"
+    elif row["folder"] == "failed":
+        state = f"reason {row['reason']}"
+    else:
+        state = "held"
+    print(
+        f"{row['id']}  {row['folder']}  age {_age(row['age_seconds'])}"
+        f"  attempts {row['attempts']}  {state}"
+    )
+    print(f"  {row['sender'] or '(no sender)'} -> {', '.join(row['recipients']) or '-'}")
+    last = row["last_reply"]
+    if last:
+        relay = f" (relay {last['relay']})" if last["relay"] else ""
+        print(f"  last: {last['text']}{relay}"[:200])
+    elif row["detail"]:
+        print(f"  {row['detail']}"[:200])
+
+
+def _show(args: argparse.Namespace) -> int:
+    _, spool = open_spool(args.config)
+    ((msg_id, folder),) = resolve(spool, [args.id])
+    if folder is None:
+        raise CommandError(EX_NOINPUT, f"pickupd: {no_such(args.id)}")
+    print(f"{folder.name}/{msg_id}.eml")
+    sidecar_path = folder / f"{msg_id}.json"
+    try:
+        print(read_limited(sidecar_path, 16 * 1024 * 1024).decode("utf-8", "replace").rstrip())
+    except OSError as exc:
+        print(f"(no sidecar: {exc.strerror or exc})")
+    print()
+    try:
+        data = read_limited(folder / f"{msg_id}.eml", _HEADER_LIMIT)
+    except OSError as exc:
+        raise CommandError(
+            EX_NOINPUT, f"pickupd: {msg_id}: cannot read the message: {exc.strerror or exc}"
+        ) from None
+    end = min((i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0), default=-1)
+    header = data if end < 0 else data[:end]
+    print(header.decode("utf-8", "replace").replace("\r\n", "\n").rstrip())
+    if end < 0 and len(data) >= _HEADER_LIMIT:
+        print(f"(header section longer than {_HEADER_LIMIT} bytes: cut)")
+    return EX_OK

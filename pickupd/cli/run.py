@@ -1,0 +1,118 @@
+"""`pickupd run`: the dispatcher in the foreground (systemd), or detached (--daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import daemonize
+from .. import log as logs
+from ..config import Config
+from ..dispatcher import Dispatcher
+from ..errors import CommandError, PickupdError
+from .common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command, load_config
+
+__all__ = ["loop_factory", "register"]
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add `run`."""
+    run = add_command(
+        commands,
+        "run",
+        _run,
+        help="run the dispatcher in the foreground (right for systemd)",
+        description=(
+            "Recover messages left in active/ by an earlier run of this host, take everything "
+            "waiting, then relay new files as they are dropped. SIGTERM/SIGINT: finish in-flight "
+            "sends (up to 30 s), put the rest back, exit 0."
+        ),
+    )
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="process everything waiting and every deferred message that is due, then exit",
+    )
+    run.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach from the terminal (for hosts without systemd); needs --pidfile",
+    )
+    run.add_argument(
+        "--pidfile",
+        metavar="FILE",
+        type=Path,
+        help="with --daemon: write the process id here, locked; a second pickupd with the same"
+        " pidfile refuses to start",
+    )
+    run.add_argument(
+        "--log-file",
+        metavar="FILE",
+        type=Path,
+        help="with --daemon: append the log here (default: the log is discarded)",
+    )
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (Linux and macOS): the same asyncio API, and about 10%
+    more messages a second on the same CPU; else the standard loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.daemon and args.pidfile is None:
+        raise CommandError(EX_USAGE, "pickupd run: --daemon needs --pidfile FILE")
+    if (args.pidfile or args.log_file) and not args.daemon:
+        raise CommandError(EX_USAGE, "pickupd run: --pidfile and --log-file go with --daemon")
+    detached: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if args.daemon:
+        try:
+            detached = daemonize.detached(args.pidfile, args.log_file)
+        except PickupdError as exc:
+            raise CommandError(EX_TEMPFAIL, f"pickupd run: {exc}") from None
+    with detached:
+        return _serve(config, once=args.once)
+
+
+async def _serve_signals(dispatcher: Dispatcher) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, dispatcher.stop)
+    if hasattr(signal, "SIGHUP"):  # POSIX: reload the config, as every daemon does
+        loop.add_signal_handler(signal.SIGHUP, dispatcher.reload)
+        loop.add_signal_handler(signal.SIGUSR1, dispatcher.flush)
+    await dispatcher.run()
+
+
+def _serve(config: Config, *, once: bool) -> int:
+    logs.configure(config.log.level, config.log.format)
+    dispatcher = Dispatcher(config, once=once)
+    try:
+        dispatcher.spool.ensure()
+    except OSError as exc:
+        where = exc.filename or config.spool.path
+        raise CommandError(
+            EX_CONFIG, f"{config.path}: spool.path: cannot create {where}: {exc.strerror or exc}"
+        ) from None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(_serve_signals(dispatcher))
+    except PickupdError as exc:
+        raise CommandError(EX_CONFIG, f"{config.path}: {exc}") from None
+    except BlockingIOError:
+        raise CommandError(
+            EX_CONFIG,
+            f"{config.spool.path}: another pickupd with the same host name and process id"
+            " (a container?) holds the spool lock",
+        ) from None
+    return EX_OK

@@ -1,0 +1,141 @@
+"""File primitives for a spool shared with possibly hostile writers: synced atomic writes,
+reads that never follow a link or block on a fifo, lock files, Maildir names.
+
+Nothing here knows the spool's folders; spool.py decides what moves where.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+__all__ = [
+    "BINARY",
+    "PRIVATE",
+    "SAFE",
+    "atomic_write",
+    "file_kind",
+    "fsync_dir",
+    "maildir_name",
+    "printable",
+    "read_fd",
+    "read_limited",
+    "try_lock",
+    "write_synced",
+]
+
+# Hostile-input flags: never follow a link, never block on a planted FIFO. Windows has
+# neither (and no fork to leak descriptors into): there the flags are 0 and the fstat check
+# on the open descriptor still refuses what is not a regular file.
+SAFE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+PRIVATE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+BINARY = getattr(os, "O_BINARY", 0)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
+    rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_synced(tmp, data, os.O_TRUNC, 0o600)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_synced(path: Path, data: bytes, flags: int, mode: int) -> None:
+    """Create (or with O_TRUNC, overwrite) `path` holding `data`, and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags | PRIVATE | BINARY, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX; Windows cannot open a directory, nor needs to)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | PRIVATE)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive lock on an open file without waiting; False if someone holds it."""
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+_drops = itertools.count()
+
+
+def maildir_name() -> str:
+    """A Maildir file name unique across hosts, processes and calls: time, pid, counter, host."""
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+    unique = f"M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_drops)}R{os.urandom(4).hex()}"
+    return f"{int(now)}.{unique}.{host}"
+
+
+def printable(name: str) -> str:
+    """A file name fit for a sidecar and a log line: undecodable bytes and control characters
+    (a newline in a name is legal) become '?'. Names are shown, never used as paths."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join("?" if not char.isprintable() else char for char in text)
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """Read at most `limit` bytes of a regular file, never following a symlink."""
+    fd = os.open(path, os.O_RDONLY | SAFE | BINARY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return read_fd(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def read_fd(fd: int, limit: int) -> bytes:
+    chunks = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "an unknown kind of file"

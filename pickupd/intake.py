@@ -1,0 +1,243 @@
+"""Intake: what to work on next. Watcher hints, rescans of pickup/ and deferred/, the
+due-deferred scheduler, and the two queues (new mail, due mail) that workers take from in turn.
+
+Events are hints; the directory scan is the truth (as Postfix's pickup). Only a bounded number
+of candidates wait in memory: the backlog stays on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from pathlib import Path
+
+from .config import DispatchConfig
+from .spool import Candidate, Later, Spool
+
+__all__ = ["DEFERRED_DEBOUNCE", "WRITER_PATIENCE", "Intake"]
+
+# How many candidates wait in memory per queue and worker.
+_QUEUE_PER_WORKER = 4
+# A direct .eml still open by its writer after this long is taken anyway (missed event).
+WRITER_PATIENCE = 300.0
+# After an operator's change in deferred/ (retry, flush, release), look again this soon: a
+# burst of renames gives one rescan, and the message still goes out well within a second.
+DEFERRED_DEBOUNCE = 0.1
+
+
+class Intake:
+    """Feeds candidates to the workers until `close()` (or, `once`, until all is taken)."""
+
+    def __init__(self, spool: Spool, dispatch: DispatchConfig, *, once: bool) -> None:
+        self.spool = spool
+        self.dispatch = dispatch  # swapped on reload
+        self.once = once
+        self.busy = 0  # candidates being worked on
+        self.unmovable: set[Path] = set()  # logged once, skipped since
+        self._concurrency = dispatch.concurrency  # fixed for the process
+        self._new: deque[Candidate] = deque()
+        self._due: deque[Candidate] = deque()
+        self._queued: set[Path] = set()
+        self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
+        self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
+        self._deferred_rescan: asyncio.TimerHandle | None = None
+        self._prefer_new = True
+        self._has_work = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._pickup_wake = asyncio.Event()
+        self._deferred_wake = asyncio.Event()
+        self._closed = False
+        self._feeders_done = 0
+        self._next_due = float("inf")
+
+    # -- what the dispatcher tells us --------------------------------------------------------
+
+    def recover(self, candidates: list[Candidate]) -> None:
+        """Claims left by a process that is gone: due at once."""
+        for candidate in candidates:
+            self._queued.add(candidate.path)
+            self._due.append(candidate)
+
+    def wake(self) -> None:
+        """Scan both folders again now (a reload, a flush)."""
+        self._pickup_wake.set()
+        self._deferred_wake.set()
+
+    def deferring(self, msg_id: str) -> None:
+        """We are about to move `msg_id` into deferred/ ourselves: that is no news for the watch."""
+        if self.once:
+            return
+        if len(self._own_deferrals) > 10_000:
+            self._own_deferrals.clear()
+        self._own_deferrals.add(msg_id)
+
+    def due_at(self, due: float) -> None:
+        """A message now waits in deferred/ until `due`: wake the scheduler then, if sooner."""
+        if due < self._next_due:
+            self._next_due = due
+            self._deferred_wake.set()
+
+    def done(self, candidate: Candidate) -> None:
+        """A worker is finished with `candidate` (whatever became of it)."""
+        self._queued.discard(candidate.path)
+        self._has_work.set()
+
+    def close(self) -> None:
+        """Stop feeding: `next()` returns None from now on, and waiting feeders end."""
+        self._closed = True
+        for event in (self._has_work, self._has_room, self._pickup_wake, self._deferred_wake):
+            event.set()
+
+    # -- watcher hints (called on the loop) ------------------------------------------------
+
+    def hint(self, event_type: str, path: str) -> None:
+        """A watchdog event: enqueue a Maildir file at once, or rescan later."""
+        if self._closed:
+            return
+        candidate_path = Path(path)
+        spool = self.spool
+        if candidate_path.parent == spool.deferred:
+            self._deferred_hint(event_type, candidate_path.name)
+        elif candidate_path.parent == spool.new:
+            if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
+                return
+            if len(self._new) >= self._capacity():
+                self._pickup_wake.set()  # the feeder rescans once it has room
+            elif candidate_path not in self._queued:
+                self._enqueue(
+                    self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
+                )
+        elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == spool.pickup:
+            # A direct .eml is taken once its writer has closed it (inotify tells us on Linux)
+            # and it has been unchanged for `settle`: look again after that.
+            if event_type == "opened":
+                count, since = self._writers.get(candidate_path, (0, time.monotonic()))
+                self._writers[candidate_path] = (count + 1, since)
+                return
+            if event_type in ("closed", "closed_no_write"):
+                count, since = self._writers.pop(candidate_path, (1, 0.0))
+                if count > 1:
+                    self._writers[candidate_path] = (count - 1, since)
+            asyncio.get_running_loop().call_later(
+                self.dispatch.settle + 0.01, self._pickup_wake.set
+            )
+
+    def _deferred_hint(self, event_type: str, name: str) -> None:
+        """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
+        ourselves, which is no news). Rescan shortly, once per burst."""
+        if event_type not in ("created", "moved") or name.startswith("."):
+            return
+        msg_id, _, suffix = name.partition(".")
+        if msg_id in self._own_deferrals:
+            if suffix == "eml":  # our sidecar came first; the .eml is the last of our two
+                self._own_deferrals.discard(msg_id)
+            return
+        if self._deferred_rescan is None:
+
+            def rescan() -> None:
+                self._deferred_rescan = None
+                self._deferred_wake.set()
+
+            loop = asyncio.get_running_loop()
+            self._deferred_rescan = loop.call_later(DEFERRED_DEBOUNCE, rescan)
+
+    def _still_open(self, path: Path) -> bool:
+        """True while a writer holds a direct .eml open (bounded: a missed close event must not
+        hold a message back for more than WRITER_PATIENCE)."""
+        count, since = self._writers.get(path, (0, 0.0))
+        if count and time.monotonic() - since > WRITER_PATIENCE:
+            del self._writers[path]
+            return False
+        return count > 0
+
+    # -- the queues ----------------------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        return self._concurrency * _QUEUE_PER_WORKER
+
+    def _enqueue(self, queue: deque[Candidate], candidate: Candidate) -> None:
+        self._queued.add(candidate.path)
+        queue.append(candidate)
+        self._has_work.set()
+
+    async def _put(self, queue: deque[Candidate], candidate: Candidate) -> bool:
+        """Enqueue, waiting for room; False once closed."""
+        while len(queue) >= self._capacity():
+            self._has_room.clear()
+            await self._has_room.wait()
+        if self._closed:
+            return False
+        if candidate.path not in self._queued:
+            self._enqueue(queue, candidate)
+        return True
+
+    async def next(self) -> Candidate | None:
+        """The next candidate, one new and one deferred in turn so neither starves the other;
+        None once closed (or, `once`, when everything has been taken and worked on)."""
+        while not self._closed:
+            first, second = (self._new, self._due) if self._prefer_new else (self._due, self._new)
+            queue = first if first else second
+            if queue:
+                self._prefer_new = queue is not self._new
+                self._has_room.set()
+                return queue.popleft()
+            if self.once and self._feeders_done >= 2 and self.busy == 0:
+                self._has_work.set()  # wake the other idle workers so they see it too
+                return None
+            self._has_work.clear()
+            await self._has_work.wait()
+        return None
+
+    # -- the feeders ---------------------------------------------------------------------------
+
+    async def feed_pickup(self) -> None:
+        """Scan pickup/ on start, on hints that did not fit the queue, and every rescan_interval."""
+        try:
+            while not self._closed:
+                self._pickup_wake.clear()
+                now = time.time()
+                wake_at = now + self.dispatch.rescan_interval
+                for item in self.spool.scan_pickup(now, self.dispatch.settle):
+                    if isinstance(item, Later):
+                        wake_at = min(wake_at, item.at + 0.01)
+                    elif item.origin == "eml" and self._still_open(item.path):
+                        continue  # its close event wakes us
+                    elif item.path in self.unmovable:
+                        continue
+                    elif item.path not in self._queued and not await self._put(self._new, item):
+                        return
+                if self.once:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._pickup_wake.wait(), max(0.0, wake_at - time.time())
+                    )
+        finally:
+            self._feeder_done()
+
+    async def feed_deferred(self) -> None:
+        """Take deferred messages as they come due (their file's mtime is the due time)."""
+        try:
+            while not self._closed:
+                self._deferred_wake.clear()
+                now = time.time()
+                self._next_due = now + self.dispatch.rescan_interval
+                for item in self.spool.scan_deferred(now):
+                    if isinstance(item, Later):
+                        self._next_due = min(self._next_due, item.at)
+                    elif item.path not in self._queued and not await self._put(self._due, item):
+                        return
+                if self.once:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._deferred_wake.wait(), max(0.0, self._next_due - time.time())
+                    )
+        finally:
+            self._feeder_done()
+
+    def _feeder_done(self) -> None:
+        self._feeders_done += 1
+        self._has_work.set()

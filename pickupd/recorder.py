@@ -1,0 +1,317 @@
+"""Recording: the one place that turns a `Delivery` or a `Refusal` into a folder, a sidecar,
+a log line and a metric. No event loop here: every method is a plain synchronous call.
+
+Each call is given the config the attempt was made under, so a reload in the middle of a send
+does not apply the new retry schedule to an attempt made with the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import ids, retry
+from .config import Config
+from .envelope import Envelope
+from .log import Logger
+from .outcome import Delivery, Outcome, Reason, RecipientResult, Refusal
+from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
+from .spool import Claimed, Spool
+from .units import format_duration
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+__all__ = ["Recorder", "Stats"]
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    """Counts of outcomes in this run (for `--once` summaries, the demo, the status line)."""
+
+    claimed: int = 0
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+
+
+class Recorder:
+    """Moves finished attempts to their folder and says so in the log and the metrics."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        log: Logger,
+        metrics: Metrics | None = None,
+        deferring: Callable[[str], None] = lambda msg_id: None,
+    ) -> None:
+        self.spool = spool
+        self.log = log  # swapped on reload (a new level or format)
+        self.metrics = metrics
+        self.stats = Stats()
+        # Called with a message's id just before we move it into deferred/ ourselves.
+        self._deferring = deferring
+
+    # -- refused before any connection ---------------------------------------------------------
+
+    def fail(self, claimed: Claimed, parsed: Envelope | None, refusal: Refusal) -> None:
+        """A message refused before any connection: to failed/ with the reason."""
+        base = self._base(claimed, parsed)
+        sidecar = base.with_attempt(
+            Attempt(from_timestamp(time.time()), None, Outcome.FAILED.value, None, refusal.detail),
+            attempts=base.attempts + 1,
+            reason=refusal.reason.value,
+            detail=refusal.detail,
+            next_attempt=None,
+        )
+        try:
+            self.spool.finish_failed(claimed, sidecar)
+        except OSError as exc:
+            self.log.error(
+                "failed_stuck", id=claimed.id, reason=refusal.reason.value, error=str(exc)
+            )
+            return
+        self._counted(Outcome.FAILED, refusal.reason, None)
+        self.log.warning(
+            "failed",
+            id=claimed.id,
+            sender=base.sender,
+            recipients=list(base.recipients),
+            relay=None,
+            attempt=sidecar.attempts,
+            code=None,
+            reason=refusal.reason.value,
+            detail=refusal.detail,
+        )
+
+    # -- not an attempt --------------------------------------------------------------------------
+
+    def put_back(
+        self,
+        claimed: Claimed,
+        due: float,
+        sidecar: Sidecar | None = None,
+        event: str = "put_back",
+    ) -> bool:
+        """Move a claimed message to deferred/ without counting an attempt (shutdown, an
+        internal error, waiting for its turn under a provider limit). False if it could not."""
+        sidecar = sidecar or claimed.sidecar or self._new_sidecar(claimed, None, ())
+        sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
+        try:
+            self._to_deferred(claimed, sidecar, due)
+        except OSError as exc:
+            if claimed.path.exists():  # else it had already reached its folder
+                self.log.error("put_back_failed", id=claimed.id, error=str(exc))
+                return False
+            return True
+        self.log.info(
+            event, id=claimed.id, next_attempt=sidecar.next_attempt, detail=sidecar.detail
+        )
+        return True
+
+    def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> bool:
+        """Over a provider limit: not an attempt, not an error; it waits for its turn."""
+        waiting = dataclasses.replace(self._base(claimed, parsed), detail=detail)
+        return self.put_back(claimed, due, waiting, event="waiting")
+
+    # -- one SMTP attempt ------------------------------------------------------------------------
+
+    def record(
+        self, claimed: Claimed, parsed: Envelope, delivery: Delivery, data: bytes, config: Config
+    ) -> float | None:
+        """Turn one SMTP attempt into folders and log lines; return the time the message (or
+        what is left of it) is due again, if it was deferred."""
+        base = self._base(claimed, parsed)
+        attempt = base.attempts + 1
+        fields: dict[str, Any] = {
+            "id": claimed.id,
+            "sender": parsed.sender,
+            "relay": delivery.relay,
+            "attempt": attempt,
+        }
+        if delivery.session_error == "auth":
+            self.log.error(
+                "relay_auth_failed", relay=delivery.relay, code=delivery.code, detail=delivery.text
+            )
+        if delivery.unknown:
+            self.log.warning(
+                "outcome_unknown", message_id=parsed.message_id, **fields, detail=delivery.text
+            )
+
+        if delivery.sent:
+            self._counted(Outcome.SENT, None, delivery.relay)
+            self.log.info("sent", **fields, recipients=list(delivery.sent), code=delivery.code)
+        if not delivery.deferred and not delivery.rejected:
+            archive = None
+            if config.spool.keep_sent:
+                archive = base.with_attempt(
+                    Attempt(
+                        from_timestamp(time.time()),
+                        delivery.relay,
+                        Outcome.SENT.value,
+                        delivery.code,
+                        delivery.text,
+                    ),
+                    attempts=attempt,
+                    next_attempt=None,
+                )
+            self.spool.finish_sent(claimed, archive)
+            return None
+
+        if delivery.rejected:
+            self._reject(claimed, base, delivery, data, attempt, fields)
+        if delivery.deferred:
+            return self._defer(claimed, base, delivery, attempt, fields, config)
+        return None
+
+    def _reject(
+        self,
+        claimed: Claimed,
+        base: Sidecar,
+        delivery: Delivery,
+        data: bytes,
+        attempt: int,
+        fields: dict[str, Any],
+    ) -> None:
+        """Recipients refused for good: the message to failed/, or a copy of it there when
+        other recipients are still to be tried."""
+        reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
+        code = delivery.rejected[0].code or None
+        detail = _detail(delivery.rejected, delivery.sent)
+        failed = base.with_attempt(
+            Attempt(
+                from_timestamp(time.time()), delivery.relay, Outcome.FAILED.value, code, detail
+            ),
+            recipients=tuple(r.recipient for r in delivery.rejected),
+            attempts=attempt,
+            reason=reason.value,
+            detail=detail,
+            next_attempt=None,
+        )
+        if delivery.deferred:
+            failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
+            self.spool.write_failed_copy(data, failed)
+        else:
+            self.spool.finish_failed(claimed, failed)
+        self._counted(Outcome.FAILED, reason, delivery.relay)
+        self.log.warning(
+            "failed",
+            **{**fields, "id": failed.id},
+            recipients=list(failed.recipients),
+            code=code,
+            reason=reason.value,
+            detail=detail,
+        )
+
+    def _defer(
+        self,
+        claimed: Claimed,
+        base: Sidecar,
+        delivery: Delivery,
+        attempt: int,
+        fields: dict[str, Any],
+        config: Config,
+    ) -> float | None:
+        """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
+        as expired once max_age is reached."""
+        now = time.time()
+        first_attempt = base.lifetime_start()
+        since = _seconds(first_attempt) if first_attempt else now
+        recipients = tuple(r.recipient for r in delivery.deferred)
+        code = delivery.deferred[0].code or None
+        detail = _detail(delivery.deferred, delivery.sent)
+        schedule, max_age = config.retry.schedule, config.retry.max_age
+        due = retry.next_attempt(attempt, since, now, schedule, max_age)
+        outcome = Outcome.DEFERRED if due else Outcome.FAILED
+        history = Attempt(from_timestamp(now), delivery.relay, outcome.value, code, detail)
+        if due is None:
+            sidecar = base.with_attempt(
+                history,
+                recipients=recipients,
+                attempts=attempt,
+                reason=Reason.EXPIRED.value,
+                detail=f"undelivered after {format_duration(now - since)}; last: {detail}",
+                next_attempt=None,
+            )
+            self.spool.finish_failed(claimed, sidecar)
+            self._counted(Outcome.FAILED, Reason.EXPIRED, delivery.relay)
+            self.log.warning(
+                "failed",
+                **fields,
+                recipients=list(recipients),
+                code=code,
+                reason=Reason.EXPIRED.value,
+                detail=sidecar.detail,
+            )
+            return None
+        sidecar = base.with_attempt(
+            history,
+            recipients=recipients,
+            attempts=attempt,
+            detail=detail,
+            next_attempt=from_timestamp(due),
+            reason=None,
+        )
+        self._to_deferred(claimed, sidecar, due)
+        self._counted(Outcome.DEFERRED, None, delivery.relay)
+        self.log.warning(
+            "deferred",
+            **fields,
+            recipients=list(recipients),
+            code=code,
+            detail=detail,
+            next_attempt=sidecar.next_attempt,
+        )
+        return due
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _to_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
+        self._deferring(claimed.id)
+        self.spool.finish_deferred(claimed, sidecar, due)
+
+    def _counted(self, outcome: Outcome, reason: Reason | None, relay: str | None) -> None:
+        if outcome is Outcome.SENT:
+            self.stats.sent += 1
+        elif outcome is Outcome.DEFERRED:
+            self.stats.deferred += 1
+        else:
+            self.stats.failed += 1
+        if self.metrics is not None:
+            self.metrics.outcome(outcome.value, reason.value if reason else None, relay)
+
+    @staticmethod
+    def _new_sidecar(
+        claimed: Claimed, parsed: Envelope | None, recipients: tuple[str, ...]
+    ) -> Sidecar:
+        return Sidecar(
+            id=claimed.id,
+            source=claimed.source,
+            sender=parsed.sender if parsed else None,
+            recipients=recipients,
+            attempts=0,
+            first_seen=from_timestamp(claimed.claimed_at),
+            message_id=parsed.message_id if parsed else None,
+        )
+
+    def _base(self, claimed: Claimed, parsed: Envelope | None) -> Sidecar:
+        if claimed.sidecar is None:
+            return self._new_sidecar(claimed, parsed, parsed.recipients if parsed else ())
+        return claimed.sidecar
+
+
+def _detail(results: tuple[RecipientResult, ...], sent: tuple[str, ...]) -> str:
+    texts = sorted({r.text for r in results})
+    detail = "; ".join(texts)
+    if sent:
+        detail += f" (sent to {len(sent)} other recipient{'s' if len(sent) > 1 else ''})"
+    return detail
+
+
+def _seconds(iso: str) -> float:
+    try:
+        return to_timestamp(iso)
+    except ValueError:
+        return time.time()

@@ -14,7 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import envelope, policy, ratelimit, relay
+from . import envelope, moves, policy, ratelimit, relay
 from . import log as logs
 from .config import Config, SenderRule, load
 from .errors import ConfigError
@@ -31,15 +31,13 @@ from .watcher import Watcher
 if TYPE_CHECKING:
     from .metrics import Metrics
 
-__all__ = ["GRACE", "Dispatcher", "Stats"]
+__all__ = ["GRACE", "Dispatcher", "Stats", "examine"]
 
 # On SIGTERM, in-flight sends get this long to finish before they are put back.
 GRACE = 30.0
 # Messages larger than this are relayed LARGE_AT_ONCE at a time, to bound memory.
 LARGE_MESSAGE = 1024 * 1024
 LARGE_AT_ONCE = 2
-# How often the status line for systemd is renewed.
-STATUS_EVERY = 5.0
 # Config keys a reload cannot change in a running process (they need a restart).
 _FIXED_ON_RELOAD = ("spool.path", "dispatch.concurrency", "metrics.listen")
 
@@ -133,7 +131,7 @@ class Dispatcher:
             return
 
         async def flush() -> None:
-            count = await asyncio.to_thread(self.spool.make_due, time.time())
+            count = await asyncio.to_thread(moves.make_due, self.spool, time.time())
             self.log.info("flushed", messages=count)
             self.intake.wake()
 
@@ -176,7 +174,7 @@ class Dispatcher:
                     group.create_task(self._reap_sessions()),
                 ]
                 if self.notifier:
-                    helpers.append(group.create_task(self._heartbeat(self.notifier)))
+                    helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
                 group.create_task(self._supervise(workers, helpers))
                 self._ready.set()
                 self.log.info(
@@ -203,21 +201,6 @@ class Dispatcher:
         return self.stats
 
     # -- around the work ---------------------------------------------------------------------------
-
-    async def _heartbeat(self, notifier: Notifier) -> None:
-        """READY=1, then STATUS= every few seconds and WATCHDOG=1 pings. They come from the
-        event loop itself, so a loop that is stuck stops them and systemd notices."""
-        notifier.ready(self.status_line())
-        interval = notifier.watchdog_interval()
-        every = min(STATUS_EVERY, interval) if interval else STATUS_EVERY
-        last_status = time.monotonic()
-        while True:
-            if interval:
-                notifier.watchdog()
-            if time.monotonic() - last_status >= STATUS_EVERY:
-                notifier.status(self.status_line())
-                last_status = time.monotonic()
-            await asyncio.sleep(every)
 
     async def _reap_sessions(self) -> None:
         while True:
@@ -313,7 +296,7 @@ class Dispatcher:
 
     async def _attempt(self, claimed: Claimed) -> None:
         config = self.config  # the config in force for this whole attempt, recording included
-        data, parsed, decision = await self._examine(claimed, config)
+        data, parsed, decision = await examine(self.spool, claimed, config)
         self.log.info(
             "claimed",
             id=claimed.id,
@@ -361,31 +344,32 @@ class Dispatcher:
         if due is not None:
             self.intake.due_at(due)
 
-    async def _examine(
-        self, claimed: Claimed, config: Config
-    ) -> tuple[bytes, envelope.Envelope | None, SenderRule | Refusal]:
-        """Read, parse and check a claimed message: the bytes, the envelope if it parsed, and
-        the sender's rule or the reason it may not be sent."""
-        data = self.spool.read(claimed, config.policy.max_message_size)
-        for _ in range(50):  # a Maildir writer between link() and unlink(): up to 1 s
-            if not (isinstance(data, Unsafe) and data.linked):
-                break
-            await asyncio.sleep(0.02)
-            data = self.spool.read(claimed, config.policy.max_message_size)
-        if isinstance(data, Unsafe):
-            return b"", None, Refusal(Reason.UNSAFE_FILE, f"{claimed.source} {data.detail}")
-        if isinstance(data, TooLarge):
-            limit = config.policy.max_message_size
-            detail = f"{data.size} bytes, larger than max_message_size = {limit}"
-            return b"", None, Refusal(Reason.TOO_LARGE, detail)
-        parsed = envelope.parse(
-            data,
-            max_header_size=config.policy.max_header_size,
-            local_domain=config.policy.local_domain,
-        )
-        if isinstance(parsed, Refusal):
-            return data, None, parsed
-        if claimed.sidecar is not None and claimed.sidecar.recipients:
-            # Recipients already delivered (or failed) are not sent to again.
-            parsed = dataclasses.replace(parsed, recipients=claimed.sidecar.recipients)
-        return data, parsed, policy.check(parsed, config, len(data))
+
+async def examine(
+    spool: Spool, claimed: Claimed, config: Config
+) -> tuple[bytes, envelope.Envelope | None, SenderRule | Refusal]:
+    """Read, parse and check a claimed message: the bytes, the envelope if it parsed, and
+    the sender's rule or the reason it may not be sent."""
+    data = spool.read(claimed, config.policy.max_message_size)
+    for _ in range(50):  # a Maildir writer between link() and unlink(): up to 1 s
+        if not (isinstance(data, Unsafe) and data.linked):
+            break
+        await asyncio.sleep(0.02)
+        data = spool.read(claimed, config.policy.max_message_size)
+    if isinstance(data, Unsafe):
+        return b"", None, Refusal(Reason.UNSAFE_FILE, f"{claimed.source} {data.detail}")
+    if isinstance(data, TooLarge):
+        limit = config.policy.max_message_size
+        detail = f"{data.size} bytes, larger than max_message_size = {limit}"
+        return b"", None, Refusal(Reason.TOO_LARGE, detail)
+    parsed = envelope.parse(
+        data,
+        max_header_size=config.policy.max_header_size,
+        local_domain=config.policy.local_domain,
+    )
+    if isinstance(parsed, Refusal):
+        return data, None, parsed
+    if claimed.sidecar is not None and claimed.sidecar.recipients:
+        # Recipients already delivered (or failed) are not sent to again.
+        parsed = dataclasses.replace(parsed, recipients=claimed.sidecar.recipients)
+    return data, parsed, policy.check(parsed, config, len(data))

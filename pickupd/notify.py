@@ -9,13 +9,18 @@ WATCHDOG=1 from the event loop itself, so a stuck loop stops the pings and syste
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from . import log as logs
 
-__all__ = ["Notifier"]
+__all__ = ["STATUS_EVERY", "Notifier"]
+
+# How often the status line for systemd is renewed.
+STATUS_EVERY = 5.0
 
 
 class Notifier:
@@ -74,3 +79,19 @@ class Notifier:
         if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
             return None
         return int(usec) / 1_000_000 / 2
+
+    async def heartbeat(self, status: Callable[[], str]) -> None:
+        """READY=1, then STATUS= every few seconds and WATCHDOG=1 pings, until cancelled.
+        They come from the event loop itself, so a loop that is stuck stops them and
+        systemd notices."""
+        self.ready(status())
+        interval = self.watchdog_interval()
+        every = min(STATUS_EVERY, interval) if interval else STATUS_EVERY
+        last_status = time.monotonic()
+        while True:
+            if interval:
+                self.watchdog()
+            if time.monotonic() - last_status >= STATUS_EVERY:
+                self.status(status())
+                last_status = time.monotonic()
+            await asyncio.sleep(every)

@@ -9,7 +9,6 @@ its `.eml` (as in Postfix), so scanning deferred/ needs no JSON parsing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import itertools
 import os
@@ -17,7 +16,7 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +36,7 @@ from .files import (
     try_lock,
     write_synced,
 )
-from .sidecar import Sidecar, from_timestamp, to_timestamp
+from .sidecar import Sidecar, to_timestamp
 
 __all__ = [
     "FOLDERS",
@@ -351,89 +350,6 @@ class Spool:
             raise
         fsync_dir(self.new)
         return target
-
-    # -- operator moves (pickupd retry, flush, hold, release, delete) -------------------------
-    # Each races with running dispatchers: a single rename of the .eml decides who has it.
-    # Into deferred/, the sidecar is written first, so a dispatcher never claims a message
-    # without it; out of deferred/, the .eml moves first, so a claim and a hold cannot both win.
-
-    def locate(self, msg_id: str) -> Path | None:
-        """The folder (deferred/, hold/, failed/ or sent/) holding message `msg_id`, if any.
-        `msg_id` must be a valid id (it becomes part of a path)."""
-        if not ids.is_valid(msg_id):
-            return None
-        for folder in (self.deferred, self.hold, self.failed, self.sent):
-            if os.path.lexists(folder / f"{msg_id}.eml"):
-                return folder
-        return None
-
-    def requeue(self, msg_id: str, source: Path, sidecar: Sidecar, due: float) -> bool:
-        """Move a message from failed/ or hold/ into deferred/, due at `due`, with `sidecar`.
-        False if its .eml was no longer there (someone else moved it)."""
-        eml = source / f"{msg_id}.eml"
-        if not os.path.lexists(eml):
-            return False
-        atomic_write(self.deferred / f"{msg_id}.json", sidecar.to_json())
-        try:
-            os.utime(eml, (due, due), follow_symlinks=False)
-            os.rename(eml, self.deferred / f"{msg_id}.eml")
-        except FileNotFoundError:
-            if not os.path.lexists(self.deferred / f"{msg_id}.eml"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.deferred / f"{msg_id}.json")
-            return False
-        fsync_dir(self.deferred)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(source / f"{msg_id}.json")
-        return True
-
-    def hold_message(self, msg_id: str, note: Callable[[Sidecar | None], Sidecar]) -> bool:
-        """Move a deferred message into hold/ (nothing there is sent), its sidecar passed
-        through `note`. False if a dispatcher claimed it first (or it was gone)."""
-        try:
-            os.rename(self.deferred / f"{msg_id}.eml", self.hold / f"{msg_id}.eml")
-        except FileNotFoundError:
-            return False
-        # Read only now: until the rename a dispatcher could still have been updating it.
-        sidecar = note(self.read_sidecar(self.deferred / f"{msg_id}.json"))
-        atomic_write(self.hold / f"{msg_id}.json", sidecar.to_json())
-        fsync_dir(self.hold)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.deferred / f"{msg_id}.json")
-        return True
-
-    def make_due(self, now: float) -> int:
-        """Make every deferred message due at `now` (pickupd flush, SIGUSR1); return how many.
-        The .eml's mtime is the due time; the sidecar's next_attempt is rewritten after it
-        (its rename is also what wakes a running dispatcher's watch on deferred/)."""
-        done = 0
-        for msg_id in self.ids_in(self.deferred):
-            eml = self.deferred / f"{msg_id}.eml"
-            try:
-                if os.stat(eml, follow_symlinks=False).st_mtime <= now:
-                    continue  # already due
-                os.utime(eml, (now, now), follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # claimed meanwhile
-            sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")
-            if sidecar is not None and os.path.lexists(eml):
-                atomic_write(
-                    self.deferred / f"{msg_id}.json",
-                    dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
-                )
-            done += 1
-        return done
-
-    def delete(self, msg_id: str, folder: Path) -> bool:
-        """Remove a message and its sidecar from `folder`. False if its .eml was gone (a
-        dispatcher claimed it: it is in flight)."""
-        try:
-            os.unlink(folder / f"{msg_id}.eml")
-        except FileNotFoundError:
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(folder / f"{msg_id}.json")
-        return True
 
     def ids_in(self, folder: Path) -> list[str]:
         """The ids of the messages in deferred/, hold/, failed/ or sent/, oldest first."""

@@ -25,12 +25,9 @@ if sys.platform.startswith("linux"):
     # later event waits behind it. Each claim renames a file out of new/, so with the delay a
     # drop right after a claim was seen up to 500 ms late. We never need the pairing: an
     # unpaired move into new/ arrives as a created event, which is what we act on.
-    try:
-        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-    except ImportError:  # watchdog < 7 called it InotifyBuffer; the rescan still finds files
-        pass
-    else:
-        InotifyMoveEventGrouper.delay = 0.0
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    InotifyMoveEventGrouper.delay = 0.0
 
 # Only what the dispatcher acts on: a file arriving, and a direct .eml being opened or closed
 # (so a busy writer's stream of modify events never reaches Python).

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import moves
 from ..errors import CommandError
 from ..outcome import Reason
 from ..sidecar import Attempt, Sidecar, from_timestamp
@@ -92,7 +93,7 @@ def _requeue(spool: Spool, msg_id: str, folder: Path, outcome: str, text: str) -
     changes: dict[str, Any] = {"next_attempt": from_timestamp(now), "reason": None}
     if outcome == "retried":
         changes["attempts"] = 0
-    return spool.requeue(msg_id, folder, dataclasses.replace(noted, **changes), now)
+    return moves.requeue(spool, msg_id, folder, dataclasses.replace(noted, **changes), now)
 
 
 def _selected(
@@ -184,7 +185,7 @@ def _hold(args: argparse.Namespace) -> int:
             noted = _note(sidecar, msg_id, "held", "held by pickupd hold", time.time())
             return dataclasses.replace(noted, next_attempt=None)
 
-        if spool.hold_message(msg_id, held):
+        if moves.hold(spool, msg_id, held):
             print(f"{msg_id}: deferred/ -> hold/")
             moved += 1
         else:
@@ -196,7 +197,7 @@ def _hold(args: argparse.Namespace) -> int:
 
 def _flush(args: argparse.Namespace) -> int:
     _, spool = open_spool(args.config)
-    say(spool.make_due(time.time()), "deferred message", "made due now")
+    say(moves.make_due(spool, time.time()), "deferred message", "made due now")
     return EX_OK
 
 
@@ -221,7 +222,7 @@ def _delete(args: argparse.Namespace) -> int:
             print("nothing deleted")
             return code
     for msg_id, folder in targets:
-        if spool.delete(msg_id, folder):
+        if moves.delete(spool, msg_id, folder):
             print(f"{msg_id}: deleted from {folder.name}/")
         else:
             warn(f"{msg_id}: in flight (a dispatcher took it): not deleted")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import ids
+from .. import ids, moves
 from ..errors import CommandError
 from ..files import read_limited
 from ..sidecar import Sidecar, from_timestamp, to_timestamp
@@ -55,7 +55,7 @@ def resolve(spool: Spool, given: list[str]) -> Iterator[tuple[str, Path | None]]
     for text in given:
         msg_id = text.strip().upper()
         if ids.is_valid(msg_id):
-            yield msg_id, spool.locate(msg_id)
+            yield msg_id, moves.locate(spool, msg_id)
         else:
             yield text, None
 

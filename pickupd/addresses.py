@@ -1,0 +1,281 @@
+"""RFC 5322 addresses (with RFC 6532 UTF-8): a tokenizer, then recursive descent over the
+address-list grammar of section 3.4. Part of the one header parser (envelope.py uses it).
+
+Strict on purpose: a value that could be read two ways (unbalanced quotes or brackets,
+specials outside quotes, CR, LF, NUL) is an `AddressError`, never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import NamedTuple
+
+__all__ = ["AddressError", "is_null", "parse_address_list", "qualify"]
+
+
+class AddressError(ValueError):
+    """An address header value that does not follow the RFC 5322 grammar."""
+
+
+# ---- Addresses: a tokenizer, then recursive descent over RFC 5322 3.4 (with RFC 6532 UTF-8).
+
+_SPECIALS = frozenset("<>@,;:.\\")
+_WORDS = ("atom", "quoted")
+# One token at a match. atext takes any non-ASCII character but C1 controls (RFC 6532);
+# comments nest, so they are skipped by hand (_skip_comment), not by this expression.
+_TOKEN = re.compile(
+    r"(?P<space>[ \t]+)"
+    r'|(?P<quoted>"(?:[^"\\]|\\.)*")'
+    r"|(?P<literal>\[[^\[\]\\\x00-\x08\x0a-\x1f\x7f-\x9f]*\])"
+    r"|(?P<atom>[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00a0-\U0010ffff]+)"
+    r"|(?P<special>[<>@,;:.\\])"
+)
+
+
+class _Token(NamedTuple):
+    kind: str  # "atom", "quoted", "literal", "end", or the special character itself
+    text: str  # as written (a quoted string keeps its quotes and quoted-pairs)
+    spaced: bool  # whitespace or a comment came just before it
+    end: int = 0  # where it ends in the value (to qualify a bare local part in place)
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc" and char != "\t"
+
+
+def _tokenize(value: str) -> list[_Token]:
+    """Split `value` into tokens, dropping whitespace and comments but noting where they were."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise AddressError("CR, LF or NUL in value")
+    tokens: list[_Token] = []
+    spaced = False
+    i = 0
+    while i < len(value):
+        if value[i] == "(":
+            i, spaced = _skip_comment(value, i), True
+            continue
+        match = _TOKEN.match(value, i)
+        if match is None:
+            raise _bad_character(value, i)
+        i, kind, text = match.end(), match.lastgroup or "", match.group()
+        if kind == "space":
+            spaced = True
+            continue
+        tokens.append(_Token(text if kind == "special" else kind, text, spaced, i))
+        spaced = False
+    tokens.append(_Token("end", "", spaced, len(value)))
+    return tokens
+
+
+def _bad_character(value: str, i: int) -> AddressError:
+    """Why no token starts at `i`."""
+    char = value[i]
+    if char == '"':
+        return AddressError("unbalanced quote")
+    if char == "[":
+        return AddressError("bad domain literal" if "]" in value[i:] else "unbalanced bracket")
+    if char in ")]":
+        return AddressError("unbalanced parenthesis" if char == ")" else "unbalanced bracket")
+    return AddressError(f"control character {char!r}")
+
+
+def _skip_comment(value: str, i: int) -> int:
+    """Index just past the (possibly nested) comment that opens at `i`."""
+    depth = 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\" and i + 1 < len(value):
+            i += 1
+            char = value[i]
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        if _is_control(char):
+            raise AddressError(f"control character {char!r}")
+        i += 1
+    raise AddressError("unbalanced parenthesis")
+
+
+def _unexpected(token: _Token, default: str, also: str = "") -> AddressError:
+    """The error for `token` where it cannot stand; `default` names what is missing there
+    (said when the value, an element or the kind `also` ends at `token`)."""
+    if token.kind in ("end", ",", ";", also):
+        return AddressError(default)
+    if token.kind == ">":
+        return AddressError("unbalanced angle bracket")
+    if token.kind == "literal":
+        return AddressError("unexpected domain literal")
+    if token.kind in _SPECIALS:
+        return AddressError(f"unexpected {token.text!r}")
+    return AddressError(default)
+
+
+# Said where an address has no @: local tools (cron, mailx) write bare names like "root".
+_NO_AT = "address without @"
+_NO_AT_HINT = f"{_NO_AT} (set [policy] local_domain to qualify bare names like root)"
+
+
+class _Parser:
+    """Recursive descent over the tokens of one header value; methods return addr-specs.
+
+    With `local_domain`, a mailbox that is a bare local part (`root`, `root (Cron Daemon)`,
+    `Cron <root>`) is qualified as `root@<local_domain>`, as Postfix's myorigin does; where
+    its domain goes in the value is noted in `qualified` (offsets, for rewriting the header).
+    """
+
+    def __init__(self, value: str, local_domain: str | None = None) -> None:
+        self.tokens = _tokenize(value)
+        self.pos = 0
+        self.local_domain = local_domain
+        self.qualified: list[int] = []
+
+    def peek(self) -> _Token:
+        return self.tokens[self.pos]
+
+    def take(self) -> _Token:
+        self.pos += 1
+        return self.tokens[self.pos - 1]
+
+    def addresses(self, close: str) -> list[str]:
+        """Comma-separated addresses up to `close` ("end", or ";" ending a group), taken too."""
+        found: list[str] = []
+        if self.peek().kind == close:  # an empty To: or an empty group
+            self.take()
+            return found
+        while True:
+            found.extend(self.address(in_group=close == ";"))
+            token = self.take()
+            if token.kind == close:
+                return found
+            if token.kind == "end":
+                raise AddressError("group without ';'")
+            if token.kind in (*_WORDS, "literal", "<"):
+                raise AddressError("missing ',' between addresses")
+            if token.kind != ",":
+                raise _unexpected(token, f"unexpected {token.text!r}")
+
+    def address(self, *, in_group: bool) -> list[str]:
+        """A mailbox, or (outside a group) a group with its mailboxes."""
+        start = self.pos
+        # A phrase comes first. Only the token after it tells whether it was a display name,
+        # a group name or the local part of a bare addr-spec. Dots: RFC 5322 obs-phrase.
+        words = 0
+        while self.peek().kind in _WORDS or (self.peek().kind == "." and words):
+            self.take()
+            words += 1
+        token = self.peek()
+        if token.kind == "<":
+            return [self.angle_addr()]
+        if token.kind == "@" or (words and self.local_domain and token.kind in ("end", ",", ";")):
+            if not words:
+                raise AddressError("empty local part")
+            self.pos = start
+            return [self.addr_spec()]
+        if token.kind == ":" and words:
+            if in_group:
+                raise AddressError("nested group")
+            self.take()
+            return self.addresses(";")
+        raise _unexpected(token, _NO_AT_HINT if words else "empty element in list")
+
+    def angle_addr(self) -> str:
+        self.take()  # "<"
+        if self.peek().kind == ">":
+            raise AddressError("empty <>")
+        if self.peek().kind == "@":
+            raise AddressError("route in address")
+        spec = self.addr_spec()
+        if self.take().kind != ">":
+            raise AddressError("unbalanced angle bracket")
+        return spec
+
+    def addr_spec(self) -> str:
+        """local-part "@" domain, as canonical text: no comments, no whitespace."""
+        token = self.take()
+        if token.kind == "quoted":
+            local = token.text
+            if local == '""':
+                raise AddressError("empty local part")
+            # SMTP cannot carry a control character in an address, even a quoted one.
+            if any(_is_control(char) or char == "\t" for char in local):
+                raise AddressError("control character in local part")
+        elif token.kind == "atom":
+            local = self.dot_atom(token.text, "bad local part")
+        else:
+            raise _unexpected(token, "unbalanced angle bracket")
+        if self.local_domain and self.peek().kind in (">", "end", ",", ";"):
+            self.qualified.append(self.tokens[self.pos - 1].end)
+            return f"{local}@{self.local_domain}"
+        token = self.take()
+        if token.kind in _WORDS:
+            raise AddressError("display name without <> around the address")
+        if token.kind != "@":  # after a local part, even ">" means the @ is missing
+            raise _unexpected(token, _NO_AT_HINT, also=">")
+        token = self.take()
+        if token.kind == "literal":
+            inner = "".join(token.text[1:-1].split())  # FWS may appear inside the brackets
+            if not inner:
+                raise AddressError("empty domain literal")
+            return f"{local}@[{inner}]"
+        if token.kind == "atom":
+            return f"{local}@{self.dot_atom(token.text, 'bad domain')}"
+        if token.kind == ".":
+            raise AddressError("bad domain")
+        raise _unexpected(token, "empty domain", also=">")
+
+    def dot_atom(self, first: str, problem: str) -> str:
+        """The rest of a dot-atom: no CFWS between its parts (that is obsolete syntax)."""
+        parts = [first]
+        while self.peek().kind == "." and not self.peek().spaced:
+            self.take()
+            token = self.take()
+            if token.kind != "atom" or token.spaced:
+                raise AddressError(problem)
+            parts.append(token.text)
+        if self.peek().kind == ".":
+            raise AddressError(problem)
+        return ".".join(parts)
+
+
+# The shape most apps write, `app@example.com` alone: unambiguous, so it needs no tokenizer.
+# Anything else (display names, comments, quotes, lists) takes the full parser below.
+_BARE_ADDR_SPEC = re.compile(
+    r"[ \t]*([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*"
+    r"@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*)[ \t]*"
+)
+
+
+def parse_address_list(value: str, local_domain: str | None = None) -> list[str]:
+    """The addr-specs of an RFC 5322 address-list, groups flattened; AddressError if malformed.
+    With `local_domain`, bare local parts are qualified with it."""
+    return qualify(value, local_domain)[0]
+
+
+def qualify(value: str, local_domain: str | None) -> tuple[list[str], str | None]:
+    """The addr-specs, and the value rewritten with bare local parts qualified (None if it
+    had none)."""
+    bare = _BARE_ADDR_SPEC.fullmatch(value)
+    if bare is not None:
+        return [bare.group(1)], None
+    parser = _Parser(value, local_domain)
+    found = parser.addresses("end")
+    if not parser.qualified:
+        return found, None
+    rewritten = value
+    for offset in reversed(parser.qualified):
+        rewritten = f"{rewritten[:offset]}@{local_domain}{rewritten[offset:]}"
+    return found, rewritten
+
+
+def is_null(value: str) -> bool:
+    """True if `value` is the null address `<>` (comments and whitespace aside)."""
+    if "<" not in value:
+        return False
+    try:
+        return [token.kind for token in _tokenize(value)] == ["<", ">", "end"]
+    except AddressError:
+        return False

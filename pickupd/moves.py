@@ -1,0 +1,104 @@
+"""Operator moves on a spool: `pickupd retry`, `release`, `hold`, `flush` and `delete`.
+
+Each races with running dispatchers: a single rename of the .eml decides who has it. Into
+deferred/, the sidecar is written first, so a dispatcher never claims a message without it;
+out of deferred/, the .eml moves first, so a claim and a hold cannot both win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from . import ids
+from .files import atomic_write, fsync_dir
+from .sidecar import Sidecar, from_timestamp
+from .spool import Spool
+
+__all__ = ["delete", "hold", "locate", "make_due", "requeue"]
+
+
+def locate(spool: Spool, msg_id: str) -> Path | None:
+    """The folder (deferred/, hold/, failed/ or sent/) holding message `msg_id`, if any.
+    `msg_id` must be a valid id (it becomes part of a path)."""
+    if not ids.is_valid(msg_id):
+        return None
+    for folder in (spool.deferred, spool.hold, spool.failed, spool.sent):
+        if os.path.lexists(folder / f"{msg_id}.eml"):
+            return folder
+    return None
+
+
+def requeue(spool: Spool, msg_id: str, source: Path, sidecar: Sidecar, due: float) -> bool:
+    """Move a message from failed/ or hold/ into deferred/, due at `due`, with `sidecar`.
+    False if its .eml was no longer there (someone else moved it)."""
+    eml = source / f"{msg_id}.eml"
+    if not os.path.lexists(eml):
+        return False
+    atomic_write(spool.deferred / f"{msg_id}.json", sidecar.to_json())
+    try:
+        os.utime(eml, (due, due), follow_symlinks=False)
+        os.rename(eml, spool.deferred / f"{msg_id}.eml")
+    except FileNotFoundError:
+        if not os.path.lexists(spool.deferred / f"{msg_id}.eml"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool.deferred / f"{msg_id}.json")
+        return False
+    fsync_dir(spool.deferred)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(source / f"{msg_id}.json")
+    return True
+
+
+def hold(spool: Spool, msg_id: str, note: Callable[[Sidecar | None], Sidecar]) -> bool:
+    """Move a deferred message into hold/ (nothing there is sent), its sidecar passed
+    through `note`. False if a dispatcher claimed it first (or it was gone)."""
+    try:
+        os.rename(spool.deferred / f"{msg_id}.eml", spool.hold / f"{msg_id}.eml")
+    except FileNotFoundError:
+        return False
+    # Read only now: until the rename a dispatcher could still have been updating it.
+    sidecar = note(spool.read_sidecar(spool.deferred / f"{msg_id}.json"))
+    atomic_write(spool.hold / f"{msg_id}.json", sidecar.to_json())
+    fsync_dir(spool.hold)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spool.deferred / f"{msg_id}.json")
+    return True
+
+
+def make_due(spool: Spool, now: float) -> int:
+    """Make every deferred message due at `now` (pickupd flush, SIGUSR1); return how many.
+    The .eml's mtime is the due time; the sidecar's next_attempt is rewritten after it
+    (its rename is also what wakes a running dispatcher's watch on deferred/)."""
+    done = 0
+    for msg_id in spool.ids_in(spool.deferred):
+        eml = spool.deferred / f"{msg_id}.eml"
+        try:
+            if os.stat(eml, follow_symlinks=False).st_mtime <= now:
+                continue  # already due
+            os.utime(eml, (now, now), follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # claimed meanwhile
+        sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
+        if sidecar is not None and os.path.lexists(eml):
+            atomic_write(
+                spool.deferred / f"{msg_id}.json",
+                dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
+            )
+        done += 1
+    return done
+
+
+def delete(spool: Spool, msg_id: str, folder: Path) -> bool:
+    """Remove a message and its sidecar from `folder`. False if its .eml was gone (a
+    dispatcher claimed it: it is in flight)."""
+    try:
+        os.unlink(folder / f"{msg_id}.eml")
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / f"{msg_id}.json")
+    return True

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Daemon, relay_for
+from harness import Daemon, NotifySocket, relay_for
 from smtpserver import SmtpServer, TestCA
 
 # -- SMTP test server (tests/smtpserver.py) ----------------------------------------------
@@ -47,7 +47,7 @@ def smtp_factory(test_ca: TestCA) -> Iterator[Callable[..., SmtpServer]]:
         server.stop()
 
 
-# -- the real daemon (tests/daemon.py) ----------------------------------------------------
+# -- the real daemon (tests/harness.py) ----------------------------------------------------
 
 
 @pytest.fixture
@@ -73,3 +73,11 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     # SIGTERM, as systemd would: every test also ends with a clean drain and exit 0.
     codes = [daemon.stop(signal.SIGTERM, timeout=40) for daemon in daemons]
     assert all(code == 0 for code in codes), codes
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    """A stand-in for systemd's notify socket; pass its path as NOTIFY_SOCKET."""
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
+import re
 from pathlib import Path
 
 import pytest
-from daemon import PICKUPD
+from harness import pickupd
 
 from pickupd.config import Secret, load
 from pickupd.errors import ConfigError
@@ -186,32 +186,23 @@ def test_password_file_single_trailing_newline_is_ignored(tmp_path: Path) -> Non
     assert creds is not None and creds.password.reveal() == "pa ss\n"
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PICKUPD, *args], capture_output=True, text=True, timeout=30, check=False, env=env
-    )
-
-
 def test_check_command_exit_codes(tmp_path: Path, good: Path) -> None:
     """`pickupd check` exits 0 on a good config and 78 with one line per problem on a bad
     one; `run` refuses a bad config the same way; a usage error exits 64."""
-    import os
-
-    env = {**os.environ, "PICKUPD_TEST_APP_PW": "x"}
-    ok = run("check", "-c", str(good), env=env)
+    ok = pickupd("check", "-c", str(good), env={"PICKUPD_TEST_APP_PW": "x"})
     assert ok.returncode == 0 and "ok" in ok.stdout
     bad = write(tmp_path, '[relays.main]\nhost = "h"\nport = "abc"\n', "bad.toml")
-    result = run("check", "-c", str(bad))
+    result = pickupd("check", "-c", str(bad))
     assert result.returncode == 78
     assert f'{bad}: relays.main.port: expected an integer 1-65535, got "abc"' in result.stderr
     assert "Traceback" not in result.stderr
-    assert run("run", "-c", str(bad)).returncode == 78
-    via_env = run("check", env={**os.environ, "PICKUPD_CONFIG": str(bad)})
+    assert pickupd("run", "-c", str(bad)).returncode == 78
+    via_env = pickupd("check", env={"PICKUPD_CONFIG": str(bad)})
     assert via_env.returncode == 78 and str(bad) in via_env.stderr
-    missing = run("check", "-c", str(tmp_path / "nope.toml"))
+    missing = pickupd("check", "-c", str(tmp_path / "nope.toml"))
     assert missing.returncode == 78 and "nope.toml: cannot read config" in missing.stderr
-    assert run("frobnicate").returncode == 64
-    assert run("run", "--bogus").returncode == 64
+    assert pickupd("frobnicate").returncode == 64
+    assert pickupd("run", "--bogus").returncode == 64
 
 
 def test_run_with_an_unusable_spool_says_so_in_one_line(tmp_path: Path) -> None:
@@ -223,7 +214,7 @@ def test_run_with_an_unusable_spool_says_so_in_one_line(tmp_path: Path) -> None:
         f'[spool]\npath = "{tmp_path}/a-file/spool"\n[relays.m]\nhost = "127.0.0.1"\n'
         'security = "none"\n[senders."a@b.c"]\nrelay = "m"\n',
     )
-    result = run("run", "-c", str(path))
+    result = pickupd("run", "-c", str(path))
     assert result.returncode == 78
     assert "spool.path: cannot create" in result.stderr and "Traceback" not in result.stderr
 
@@ -260,3 +251,22 @@ def test_shipped_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.Mon
         "alerts@example.org",
     ]
     assert str(config.senders[0].rate) == "30/min"
+
+
+def test_every_key_is_documented() -> None:
+    """Every key of the one table of keys (config.SECTIONS, relays, senders) is shown in
+    etc/pickupd.toml and named in the README; `pickupd init` writes each plain one."""
+    from pickupd.cli.init import starter_config
+    from pickupd.config import SECTIONS, RelayConfig, SenderRule
+    from pickupd.settings import keys
+
+    root = Path(__file__).parent.parent
+    example = (root / "etc" / "pickupd.toml").read_text()
+    readme = (root / "README.md").read_text()
+    starter = starter_config(Path("/etc/pickupd/pickupd.toml"), Path("/var/spool/pickupd"))
+    for name, section in [*SECTIONS.items(), ("relays", RelayConfig), ("senders", SenderRule)]:
+        for key in keys(section):
+            assert f"{key.name} = " in example, f"{name}.{key.name} not in etc/pickupd.toml"
+            assert re.search(rf"\b{key.name}\b", readme), f"{name}.{key.name} not in the README"
+            if name in SECTIONS:
+                assert f"{key.name} = " in starter, f"{name}.{key.name} not in pickupd init"

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from daemon import PICKUPD, message, wait_until
+from harness import PICKUPD, message, wait_until
 
 
 def test_demo_shows_each_outcome_then_relays_user_drops(tmp_path: Path) -> None:

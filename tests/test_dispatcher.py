@@ -33,7 +33,7 @@ def test_new_mail_is_not_held_back_behind_due_deferred_mail(tmp_path: Path) -> N
         intake.recover([Candidate(tmp_path / f"d{n}", f"d{n}", "deferred") for n in range(20)])
         for n in range(3):
             intake.hint("created", str(spool.new / f"n{n}"))
-        taken = []
+        taken: list[str] = []
         for _ in range(8):
             candidate = await intake.next()
             assert candidate is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon import Daemon, drop_eml, drop_maildir, message, relay_for, wait_until
+from harness import Daemon, drop_eml, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
 
@@ -274,11 +274,7 @@ def test_per_sender_credentials_over_starttls(
     )
     (daemon.dir / "billing.pw").write_text("pw-billing\n")
     (daemon.dir / "billing.pw").chmod(0o600)
-    os.environ["PICKUPD_TEST_RELAY_PW"] = "pw-relay"
-    try:
-        daemon.start()
-    finally:
-        del os.environ["PICKUPD_TEST_RELAY_PW"]
+    daemon.start(env={"PICKUPD_TEST_RELAY_PW": "pw-relay"})
     for n in range(3):
         drop_maildir(daemon.spool, message(sender="billing@example.com", subject=f"invoice {n}"))
         drop_maildir(daemon.spool, message(sender="app@example.com", subject=f"app {n}"))

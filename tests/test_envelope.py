@@ -14,8 +14,8 @@ def envelope(raw: bytes) -> Envelope:
     return result
 
 
-def refusal(raw: bytes, **kwargs: int) -> str:
-    result = parse(raw, **kwargs)
+def refusal(raw: bytes, max_header_size: int = 65536) -> str:
+    result = parse(raw, max_header_size=max_header_size)
     assert isinstance(result, Refusal), result
     assert result.reason is Reason.MALFORMED
     assert result.detail.isprintable(), result.detail
@@ -430,6 +430,7 @@ def test_bare_address_fast_path_agrees_with_the_full_parser(value: str) -> None:
 def test_local_domain_qualifies_bare_names(
     raw: bytes, sender: str, recipients: tuple[str, ...], relayed_head: bytes
 ) -> None:
+    """With local_domain, bare names are qualified in the envelope and in the relayed fields."""
     parsed = parse(raw, local_domain="example.com")
     assert isinstance(parsed, Envelope), parsed
     assert parsed.sender == sender and parsed.recipients == recipients
@@ -448,6 +449,7 @@ def test_local_domain_qualifies_bare_names(
     ],
 )
 def test_local_domain_keeps_the_parser_strict(value: str) -> None:
+    """local_domain qualifies bare names only: every other malformed form is still refused."""
     raw = f"From: {value}\nTo: x@example.net\n\nx\n".encode()
     parsed = parse(raw, local_domain="example.com")
     assert isinstance(parsed, Refusal) and parsed.reason is Reason.MALFORMED, (value, parsed)
@@ -460,6 +462,7 @@ def test_local_domain_qualifies_what_a_mail_client_shows() -> None:
 
 
 def test_without_local_domain_a_bare_name_names_the_setting() -> None:
+    """Without local_domain a bare name is malformed, and the detail names the setting."""
     parsed = parse(b"From: root\nTo: a@example.net\n\nx\n")
     assert isinstance(parsed, Refusal) and parsed.reason is Reason.MALFORMED
     assert "[policy] local_domain" in parsed.detail

@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon import PICKUPD, Daemon, drop_maildir, message, wait_until
+from harness import (
+    PICKUPD,
+    Daemon,
+    NotifySocket,
+    drop_eml,
+    drop_maildir,
+    free_port,
+    message,
+    pickupd,
+    scrape,
+    wait_until,
+)
 from smtpserver import SmtpServer
 
 from pickupd.metrics import Metrics
 from pickupd.spool import Spool
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    """`name{labels}` -> value, from the text exposition format."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
 def test_daemon_metrics_count_outcomes_and_queue(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """A scrape of the running daemon counts each outcome and each folder of the spool."""
     port = free_port()
     daemon = make_daemon(
         smtp_server,
@@ -75,6 +70,7 @@ def test_daemon_metrics_count_outcomes_and_queue(
 def test_connection_errors_are_counted_by_kind(
     make_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
+    """A relay that refuses connections counts a connection error of kind "connect"."""
     port, closed = free_port(), free_port()
     relay = {"host": "127.0.0.1", "port": closed, "security": "none"}
     daemon = make_daemon(relays={"main": relay}, metrics={"listen": f"127.0.0.1:{port}"})
@@ -85,6 +81,7 @@ def test_connection_errors_are_counted_by_kind(
 
 
 def test_oldest_deferred_age_comes_from_the_oldest_sidecar(tmp_path: Path) -> None:
+    """The oldest-deferred gauge reads the first_seen of the oldest id's sidecar."""
     spool = Spool(tmp_path)
     spool.ensure()
     for msg_id, first_seen in (
@@ -107,6 +104,7 @@ def test_oldest_deferred_age_comes_from_the_oldest_sidecar(tmp_path: Path) -> No
 
 
 def test_a_busy_port_is_a_one_line_config_error(tmp_path: Path) -> None:
+    """A metrics port already in use stops `pickupd run` with one line and exit 78."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -127,3 +125,50 @@ def test_a_busy_port_is_a_one_line_config_error(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert re.search(rf"metrics.listen: cannot listen on 127.0.0.1:{port}", done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_queue_metrics_and_status_line_count_alike(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], notify_socket: NotifySocket
+) -> None:
+    """`pickupd queue`, the Prometheus gauge and the systemd status line count each folder
+    by one rule: dotfiles and pickup/tmp/ files are not messages, `.EML` is one."""
+    port = free_port()
+    smtp_server.fail_mail = "451 4.3.0 Try again later"
+    daemon = make_daemon(
+        smtp_server,
+        start=False,
+        metrics={"listen": f"127.0.0.1:{port}"},
+        dispatch={"settle": "1h"},  # direct .eml files stay in pickup/ for the count
+        retry={"schedule": ["1h"], "max_age": "1d"},
+    )
+    daemon.start(env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    drop_maildir(daemon.spool, message())  # deferred: the relay answers 451
+    drop_maildir(daemon.spool, message(sender="intruder@example.org"))  # failed
+    daemon.wait_sidecars("deferred")
+    daemon.wait_sidecars("failed")
+    drop_eml(daemon.spool, "UPPER.EML", message())
+    drop_eml(daemon.spool, "lower.eml", message())
+    drop_eml(daemon.spool, ".hidden.eml", message())
+    drop_eml(daemon.spool, "notes.txt", b"not mail")
+    (daemon.spool / "pickup" / "new" / ".half-written").write_bytes(message())
+    (daemon.spool / "pickup" / "tmp" / "being-written").write_bytes(message())
+    (daemon.spool / "deferred" / ".stray.eml").write_bytes(b"x")
+
+    assert daemon.proc is not None
+    before = len(notify_socket.having("STATUS"))
+    daemon.proc.send_signal(signal.SIGHUP)  # a reload says READY=1 with a fresh status line
+    statuses = wait_until(
+        lambda: len(found := notify_socket.having("STATUS")) > before and found, 5, "STATUS"
+    )
+    status = statuses[-1]["STATUS"].partition("queue: ")[2]
+    from_status = {k: int(v) for k, v in (part.split(" ") for part in status.split(", "))}
+    listed = json.loads(pickupd("queue", "--json", "-c", str(daemon.config_path)).stdout)
+    from_queue = {name: f["count"] for name, f in listed["folders"].items()}
+    samples = scrape(port)
+    from_metrics = {
+        name: int(samples[f'pickupd_queue_messages{{folder="{name}"}}']) for name in from_queue
+    }
+    expected = {"pickup": 2, "deferred": 1, "hold": 0, "failed": 1}
+    assert from_status == expected, status
+    assert {k: from_queue[k] for k in expected} == expected, from_queue
+    assert from_metrics == from_queue

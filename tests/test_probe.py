@@ -3,14 +3,12 @@ CA, AUTH), one line per relay and credential set, exit 0 only if all are ok."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-from daemon import PICKUPD
+from harness import free_port, pickupd, tls_relay
 from smtpserver import SmtpServer, TestCA
 
 Factory = Callable[..., SmtpServer]
@@ -23,35 +21,19 @@ def check_connect(
     doc = {"spool": {"path": str(tmp_path / "spool")}, "relays": relays, "senders": senders}
     config.write_text(tomli_w.dumps(doc))
     config.chmod(0o600)
-    done = subprocess.run(
-        [PICKUPD, "check", "-c", str(config), "--connect"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = pickupd("check", "-c", str(config), "--connect")
     assert "Traceback" not in done.stderr, done.stderr
     validated, _, probes = done.stdout.partition("\n")
     assert validated.startswith(f"{config}: ok: "), done.stdout  # the config is checked first
     return done.returncode, probes
 
 
-def starttls(server: SmtpServer, ca: TestCA, **extra: Any) -> dict[str, Any]:
-    return {
-        "host": server.host,
-        "port": server.port,
-        "security": "starttls",
-        "ca_file": str(ca.ca_file),
-        "timeout": "5s",
-        **extra,
-    }
-
-
 def test_every_relay_and_login_is_probed_without_sending_mail(
     smtp_factory: Factory, test_ca: TestCA, tmp_path: Path
 ) -> None:
+    """check --connect logs in once per relay and login, sends no mail, prints no password."""
     server = smtp_factory(security="starttls", users={"relay": "pw-relay", "billing": "pw-bill"})
-    relays = {"main": starttls(server, test_ca, username="relay", password="pw-relay")}
+    relays = {"main": tls_relay(server, test_ca, username="relay", password="pw-relay")}
     senders = {
         "*@example.com": {"relay": "main"},
         "billing@example.com": {"relay": "main", "username": "billing", "password": "pw-bill"},
@@ -74,14 +56,13 @@ def test_every_relay_and_login_is_probed_without_sending_mail(
 
 
 def test_failures_are_named(smtp_factory: Factory, test_ca: TestCA, tmp_path: Path) -> None:
+    """check --connect names each failure: 535, certificate, no STARTTLS, refused, DNS."""
     authed = smtp_factory(security="starttls", users={"relay": "right"})
     plain = smtp_factory(security="none")  # offers no STARTTLS
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+    closed = free_port()
     relays = {
-        "badpw": starttls(authed, test_ca, username="relay", password="wrong-secret"),
-        "nocert": {**starttls(authed, test_ca), "ca_file": None},
+        "badpw": tls_relay(authed, test_ca, username="relay", password="wrong-secret"),
+        "nocert": {**tls_relay(authed, test_ca), "ca_file": None},
         "notls": {"host": plain.host, "port": plain.port, "security": "starttls"},
         "refused": {"host": "127.0.0.1", "port": closed, "security": "none"},
         "nodns": {"host": "relay.example.invalid", "port": 25, "security": "none"},

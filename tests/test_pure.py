@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,27 @@ def test_ids_sort_by_time_and_are_unique() -> None:
     assert all(ids.is_valid(i) for i in made)
     assert not ids.is_valid("../etc/passwd") and not ids.is_valid("")
     first = ids.new()
-    import time
+    deadline = time.monotonic() + 1
+    while (later := ids.new())[:10] == first[:10] and time.monotonic() < deadline:
+        pass  # the next millisecond
+    assert later > first
 
-    time.sleep(0.002)
-    assert ids.new() > first
+
+def test_ids_are_ulids_and_old_ids_keep_their_order() -> None:
+    """A new id is a ULID (spare bits first: a ULID library reads the right time from it);
+    an id of pickupd < 0.2 (spare bits last) is still valid and sorts by its time."""
+    made = ids.new()
+    assert made[0] in "01234567" and abs(ids.timestamp(made) - time.time()) < 5
+    # The test vector of the ULID reference implementation: 01ARYZ6S41 is 1469918176385 ms.
+    assert ids.timestamp("01ARYZ6S41TSV4RRFFQ69G5FAV") == 1469918176.385
+    # The same 128 bits (time then randomness), written the old way: spare bits last.
+    value = int.from_bytes((1_796_000_000_000).to_bytes(6, "big") + bytes(range(10)), "big")
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    old = "".join(alphabet[(value << 2 >> s) & 31] for s in range(125, -1, -5))
+    assert ids.is_valid(old) and old[1] in "4567"
+    assert ids.timestamp(old) == 1_796_000_000.0
+    newer = sorted([made, old], key=ids.sort_key)
+    assert newer == [old, made]  # 2026-11-30 (old form) before now
 
 
 def test_retry_schedule_repeats_last_with_jitter() -> None:
@@ -89,7 +107,10 @@ def _config(**policy_values: object) -> Config:
         path=Path("t.toml"),
         policy=PolicyConfig(**policy_values),  # type: ignore[arg-type]
         relays={"m": RelayConfig(name="m", host="h", port=25)},
-        senders=(SenderRule(pattern="app@example.com", relay="m"), SenderRule(pattern="*@corp.example", relay="m")),
+        senders=(
+            SenderRule(pattern="app@example.com", relay="m"),
+            SenderRule(pattern="*@corp.example", relay="m"),
+        ),
     )
 
 

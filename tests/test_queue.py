@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon import PICKUPD, Daemon, drop_maildir, message, wait_until
+from harness import Daemon, drop_maildir, message, pickupd, wait_until
 from smtpserver import SmtpServer
 
 
 def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
     """`pickupd ARGS -c <the daemon's config>`, bounded in time."""
-    return subprocess.run(
-        [PICKUPD, *args, "-c", str(daemon.config_path)],
-        input=stdin.decode() if stdin is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
+    text = stdin.decode() if stdin is not None else None
+    return pickupd(*args, "-c", str(daemon.config_path), stdin=text)
 
 
 def one_id(daemon: Daemon, folder: str) -> str:
@@ -34,6 +28,7 @@ def one_id(daemon: Daemon, folder: str) -> str:
 def test_queue_shows_counts_and_each_message(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """`pickupd queue` (text and --json) shows counts per folder and each waiting message."""
     daemon = make_daemon(smtp_server, retry={"schedule": ["1h"], "max_age": "1d"})
     smtp_server.fail_mail = "451 4.3.0 Try again later"
     drop_maildir(daemon.spool, message(to="bob@example.net"))
@@ -89,6 +84,7 @@ def test_retry_puts_failed_mail_back_and_the_daemon_sends_it(
 def test_retry_all_by_reason_and_unknown_ids(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """`retry --all --reason` picks only that reason; unknown ids exit 66 with one line."""
     daemon = make_daemon(smtp_server)
     drop_maildir(daemon.spool, message(sender="intruder@example.org"))
     drop_maildir(daemon.spool, message(to="nobody"))  # malformed: no domain
@@ -120,6 +116,7 @@ def deferred_for_an_hour(server: SmtpServer, make_daemon: Callable[..., Daemon])
 def test_flush_makes_deferred_mail_due_now(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """`pickupd flush` makes deferred mail due and the running daemon sends it at once."""
     daemon = deferred_for_an_hour(smtp_server, make_daemon)
     (before,) = daemon.sidecars("deferred")
     flushed = cli(daemon, "flush")
@@ -131,9 +128,10 @@ def test_flush_makes_deferred_mail_due_now(
 def test_sigusr1_flushes_like_the_command(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """SIGUSR1 to the daemon does what `pickupd flush` does."""
     daemon = deferred_for_an_hour(smtp_server, make_daemon)
     assert daemon.proc is not None
-    daemon.proc.send_signal(10)  # SIGUSR1
+    daemon.proc.send_signal(signal.SIGUSR1)
     assert daemon.wait_event("flushed")[0]["messages"] == 1
     smtp_server.wait_for(1, timeout=3)
 
@@ -169,6 +167,7 @@ def test_hold_and_release(smtp_server: SmtpServer, make_daemon: Callable[..., Da
 def test_delete_asks_or_needs_yes(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """`delete` refuses without --yes when not on a terminal, and deletes with it."""
     daemon = make_daemon(smtp_server)
     drop_maildir(daemon.spool, message(sender="intruder@example.org"))
     msg_id = one_id(daemon, "failed")
@@ -185,6 +184,7 @@ def test_delete_asks_or_needs_yes(
 def test_show_prints_sidecar_and_headers_only(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """`show` prints the sidecar and the header section, never the body; ids any case."""
     daemon = make_daemon(smtp_server)
     drop_maildir(daemon.spool, message(sender="intruder@example.org", body="SECRET BODY\n"))
     msg_id = one_id(daemon, "failed")
@@ -200,6 +200,7 @@ def test_show_prints_sidecar_and_headers_only(
 def test_drop_files_and_stdin(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
+    """`drop` enqueues files and stdin with the Maildir protocol; the daemon relays them."""
     daemon = make_daemon(smtp_server)
     path = tmp_path / "one.eml"
     path.write_bytes(message(subject="from a file"))
@@ -216,30 +217,29 @@ def test_drop_files_and_stdin(
 
 
 def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
+    """A missing spool or a bad config is one line on stderr and exit 78, no traceback."""
     config = tmp_path / "pickupd.toml"
     config.write_text(
         f'[spool]\npath = "{tmp_path / "absent"}"\n[relays.m]\nhost = "localhost"\n'
         'security = "none"\n[senders."a@example.com"]\nrelay = "m"\n'
     )
-    run = [PICKUPD, "queue", "-c", str(config)]
-    absent = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
+    absent = pickupd("queue", "-c", str(config))
     assert absent.returncode == 78
     assert absent.stderr.strip().count("\n") == 0 and "does not exist" in absent.stderr
     config.write_text("[relays.m]\nport = 99999\n")
-    bad = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
+    bad = pickupd("queue", "-c", str(config))
     assert bad.returncode == 78 and "relays.m.port" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_init_writes_a_valid_config_and_a_safe_spool(tmp_path: Path) -> None:
+    """`init` writes a config that `check` accepts and a spool with safe modes; no overwrite."""
     config = tmp_path / "etc" / "pickupd.toml"
     spool = tmp_path / "spool"
-    args = [PICKUPD, "init", "-c", str(config), "--spool", str(spool)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    args = ["init", "-c", str(config), "--spool", str(spool)]
+    done = pickupd(*args)
     assert done.returncode == 0, done.stderr
     assert "next:" in done.stdout
-    checked = subprocess.run(
-        [PICKUPD, "check", "-c", str(config)], capture_output=True, text=True, timeout=30
-    )
+    checked = pickupd("check", "-c", str(config))
     assert checked.returncode == 0, checked.stderr
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
 
@@ -253,8 +253,8 @@ def test_init_writes_a_valid_config_and_a_safe_spool(tmp_path: Path) -> None:
     for sub in ("active", "deferred", "hold", "failed", "sent"):
         assert mode(spool / sub) == 0o700, sub
 
-    again = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    again = pickupd(*args)
     assert again.returncode == 64 and "--force" in again.stderr
-    forced = subprocess.run([*args, "--force"], capture_output=True, text=True, timeout=30)
+    forced = pickupd(*args, "--force")
     assert forced.returncode == 0
     assert wait_until(lambda: config.exists(), 1)

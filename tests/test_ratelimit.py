@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from daemon import Daemon, drop_maildir, message, relay_for, wait_until
+from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
 from pickupd.ratelimit import PAUSE_FIRST, Limiter, is_throttling
@@ -97,6 +97,7 @@ def test_limiter_reserves_turns_and_keeps_them() -> None:
 
 
 def test_which_replies_count_as_throttling() -> None:
+    """Throttling replies are told apart from other 4xx replies (4.7.0 alone is not one)."""
     assert is_throttling(454, "4.7.0 Throttling failure: Maximum sending rate exceeded.")
     assert is_throttling(451, "4.7.500 Server busy. Please try again later.")
     assert is_throttling(421, "4.7.28 Our system has detected an unusual rate of mail")

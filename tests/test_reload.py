@@ -4,11 +4,12 @@ a bad one is refused with a logged error and the old one stays in force."""
 from __future__ import annotations
 
 import signal
-import socket
 from collections.abc import Callable
 
-from daemon import Daemon, drop_maildir, message, relay_for
+from harness import Daemon, drop_maildir, free_port, message, relay_for, wait_until
 from smtpserver import SmtpServer
+
+from pickupd.sidecar import to_timestamp
 
 
 def _hup(daemon: Daemon, event: str) -> dict[str, object]:
@@ -21,6 +22,7 @@ def _hup(daemon: Daemon, event: str) -> dict[str, object]:
 def test_reload_allows_a_new_sender(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """A sender added to the allow-list is relayed after SIGHUP, without a restart."""
     daemon = make_daemon(smtp_server)
     drop_maildir(daemon.spool, message(sender="other@example.com"))
     (failed,) = daemon.wait_event("failed")
@@ -39,6 +41,7 @@ def test_reload_allows_a_new_sender(
 def test_bad_config_is_refused_and_the_old_one_stays(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """A broken config on SIGHUP logs reload_failed and the old one keeps relaying."""
     daemon = make_daemon(smtp_server)
     good = daemon.config_path.read_text()
     daemon.config_path.write_text(good.replace(f"port = {smtp_server.port}", 'port = "abc"'))
@@ -54,10 +57,7 @@ def test_reload_rescues_deferred_mail_and_says_what_needs_a_restart(
 ) -> None:
     """Mail deferred because the relay was wrong goes out once the fixed config is reloaded;
     a changed spool path is reported as needing a restart and is not applied."""
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    wrong = relay_for(smtp_server, port=closed_port)
+    wrong = relay_for(smtp_server, port=free_port())  # a port nobody listens on
     daemon = make_daemon(relays={"main": wrong}, retry={"schedule": ["1s"], "max_age": "1h"})
     drop_maildir(daemon.spool, message())
     daemon.wait_event("deferred")
@@ -71,3 +71,22 @@ def test_reload_rescues_deferred_mail_and_says_what_needs_a_restart(
     (got,) = smtp_server.wait_for(1, timeout=15)
     assert got.mail_from == "app@example.com"
     assert not (daemon.dir / "elsewhere").exists()
+
+
+def test_a_send_in_flight_at_a_reload_is_recorded_under_its_own_config(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A send stalled when SIGHUP arrives is deferred by the retry schedule it was made
+    under (300ms), not by the reloaded one (1h): in-flight sends go on with the old config."""
+    smtp_server.stall = "DATA"
+    daemon = make_daemon(relays={"main": relay_for(smtp_server, timeout="2s")})
+    drop_maildir(daemon.spool, message())
+    wait_until(lambda: "DATA" in smtp_server.commands, 10, "the send to stall at DATA")
+
+    doc = daemon.doc
+    doc["retry"] = {"schedule": ["1h"], "max_age": "5d"}
+    daemon.write_config(doc)
+    _hup(daemon, "reloaded")
+    (deferred,) = daemon.wait_event("deferred", timeout=15)
+    waited = to_timestamp(deferred["next_attempt"]) - to_timestamp(deferred["timestamp"])
+    assert 0 < waited < 60, deferred  # 300ms +-10%; the new schedule would say an hour

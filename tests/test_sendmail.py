@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from daemon import Daemon, wait_until
+from harness import Daemon, wait_until
 from smtpserver import SmtpServer
 
 SENDMAIL = str(Path(sys.executable).with_name("pickupd-sendmail"))
@@ -84,6 +84,7 @@ def test_cron_like_call_with_local_domain(
 def test_bare_names_without_local_domain_fail_with_a_hint(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """Without local_domain, cron's bare "root" fails as malformed with a hint."""
     daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE)
     message = b"From: root (Cron Daemon)\nTo: root\nSubject: cron\n\nx\n"
     assert sendmail(daemon, "-i", "root", stdin=message).returncode == 0
@@ -96,6 +97,7 @@ def test_bare_names_without_local_domain_fail_with_a_hint(
 def test_dash_t_takes_to_cc_bcc_and_f_sets_the_sender(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
+    """-t takes To/Cc/Bcc as recipients, -f sets the envelope sender, Bcc is not relayed."""
     daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE)
     message = (
         b"From: App <app@example.com>\nTo: a@example.net\nCc: b@example.net\n"
@@ -131,9 +133,11 @@ def test_lone_dot_ends_input_without_i(tmp_path: Path) -> None:
         ([], "no recipients"),
         (["a@example.net", "-f"], "-f needs a value"),
         (['"unbalanced@example.net'], "bad address"),
+        (["-f", "a@example.com, b@example.com", "x@example.net"], "give one address"),
     ],
 )
 def test_usage_errors_exit_64(tmp_path: Path, args: list[str], expected: str) -> None:
+    """Each bad command line exits 64 with a one-line reason and drops nothing."""
     daemon = Daemon(tmp_path, {"main": {"host": "localhost", "security": "none"}}, ANY_EXAMPLE)
     done = sendmail(daemon, *args, stdin=b"From: app@example.com\n\nx\n")
     assert done.returncode == 64, done
@@ -142,6 +146,7 @@ def test_usage_errors_exit_64(tmp_path: Path, args: list[str], expected: str) ->
 
 
 def test_unwritable_spool_is_a_temporary_failure(tmp_path: Path) -> None:
+    """A spool that cannot be written exits 75 (try again later), as sendmail does."""
     daemon = Daemon(tmp_path, {"main": {"host": "localhost", "security": "none"}}, ANY_EXAMPLE)
     shutil.rmtree(daemon.spool / "pickup")
     (daemon.spool / "pickup").write_text("not a folder")
@@ -158,6 +163,7 @@ def test_unwritable_spool_is_a_temporary_failure(tmp_path: Path) -> None:
 
 
 def test_pickupd_sendmail_subcommand_is_the_same(tmp_path: Path) -> None:
+    """`pickupd sendmail` behaves as pickupd-sendmail."""
     daemon = Daemon(tmp_path, {"main": {"host": "localhost", "security": "none"}}, ANY_EXAMPLE)
     pickupd = str(Path(sys.executable).with_name("pickupd"))
     done = subprocess.run(
@@ -171,12 +177,14 @@ def test_pickupd_sendmail_subcommand_is_the_same(tmp_path: Path) -> None:
 
 
 def test_help_explains_the_flags() -> None:
+    """--help prints the usage and the flags."""
     done = subprocess.run([SENDMAIL, "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     assert "usage: pickupd-sendmail" in done.stdout and "-t" in done.stdout
 
 
 def test_a_leading_mbox_from_line_is_dropped(tmp_path: Path) -> None:
+    """A leading mbox "From " line is not a header field: it is dropped."""
     daemon = Daemon(tmp_path, {"main": {"host": "localhost", "security": "none"}}, ANY_EXAMPLE)
     raw = b"From app@example.com Tue Nov 24 10:00:00 2026\nFrom: app@example.com\n\nx\n"
     assert sendmail(daemon, "-i", "a@example.net", stdin=raw).returncode == 0

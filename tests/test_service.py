@@ -6,15 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from daemon import PICKUPD, Daemon, drop_maildir, message, wait_until
+from harness import PICKUPD, Daemon, NotifySocket, drop_maildir, message, wait_until
 from smtpserver import SmtpServer
 
 UNIT = Path(__file__).parent.parent / "systemd" / "pickupd.service"
@@ -45,51 +42,12 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         assert directive in text, directive
 
 
-class NotifySocket:
-    """A datagram socket standing in for systemd's: collects what pickupd says."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[dict[str, str]] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            self.messages.append(fields)
-
-    def having(self, key: str) -> list[dict[str, str]]:
-        return [m for m in list(self.messages) if key in m]
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path / "notify.sock")
-    yield sock
-    sock.close()
-
-
 def test_notify_ready_status_watchdog_reload_stopping(
     smtp_server: SmtpServer,
     make_daemon: Callable[..., Daemon],
     notify_socket: NotifySocket,
 ) -> None:
+    """Under Type=notify: READY with the status line, WATCHDOG pings, RELOADING, STOPPING."""
     daemon = make_daemon(smtp_server, start=False)
     daemon.start(env={"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "400000"})
     (ready, *_) = wait_until(lambda: notify_socket.having("READY"), 5, "READY=1")
@@ -115,6 +73,7 @@ def test_notify_ready_status_watchdog_reload_stopping(
 def test_no_watchdog_pings_without_watchdog_usec(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], notify_socket: NotifySocket
 ) -> None:
+    """Without WATCHDOG_USEC no WATCHDOG=1 is sent."""
     daemon = make_daemon(smtp_server, start=False)
     daemon.start(env={"NOTIFY_SOCKET": str(notify_socket.path)})
     wait_until(lambda: notify_socket.having("READY"), 5, "READY=1")
@@ -125,6 +84,7 @@ def test_no_watchdog_pings_without_watchdog_usec(
 def test_daemon_mode_detaches_with_a_locked_pidfile(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
+    """run --daemon detaches, holds a locked pidfile a second instance respects."""
     daemon = make_daemon(smtp_server, start=False)
     pidfile, log = tmp_path / "pickupd.pid", tmp_path / "daemon.log"
     run = [PICKUPD, "run", "-c", str(daemon.config_path), "--daemon", "--pidfile", str(pidfile)]

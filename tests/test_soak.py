@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from daemon import Daemon, drop_maildir, message, wait_until
+from harness import Daemon, drop_maildir, message, wait_until
 from smtpserver import SmtpServer
 
 TOTAL = 3000

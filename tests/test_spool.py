@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from pickupd.sidecar import Sidecar, from_timestamp
 from pickupd.files import atomic_write
+from pickupd.sidecar import Sidecar, from_timestamp
 from pickupd.spool import Candidate, Later, Spool, TooLarge, Unsafe
 
 

@@ -8,7 +8,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from daemon import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_until
+from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
 from pickupd.config import load
@@ -35,6 +35,7 @@ class Manager:
 
 
 def test_start_relay_stop_with_a_send_in_flight(smtp_server: SmtpServer, tmp_path: Path) -> None:
+    """The service host reports its states, relays, and on stop puts a stalled send back."""
     daemon = Daemon(
         tmp_path,
         {"main": relay_for(smtp_server, timeout="3s")},
@@ -68,6 +69,7 @@ def test_start_relay_stop_with_a_send_in_flight(smtp_server: SmtpServer, tmp_pat
 
 
 def test_a_dispatcher_that_cannot_start_reports_stopped(tmp_path: Path) -> None:
+    """A dispatcher that cannot start makes the service host report STOPPED."""
     daemon = Daemon(
         tmp_path,
         {"main": {"host": "localhost", "security": "none"}},
@@ -81,6 +83,7 @@ def test_a_dispatcher_that_cannot_start_reports_stopped(tmp_path: Path) -> None:
 
 
 def test_service_command_says_windows_only_on_linux() -> None:
+    """`pickupd service` on Linux says it is Windows only and exits 64."""
     done = subprocess.run(
         [PICKUPD, "service", "install"], capture_output=True, text=True, timeout=30, check=False
     )

@@ -12,9 +12,12 @@ import json
 import mailbox
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,15 @@ import tomli_w
 __all__ = [
     "PICKUPD",
     "Daemon",
+    "NotifySocket",
     "drop_eml",
     "drop_maildir",
+    "free_port",
     "message",
+    "pickupd",
     "relay_for",
+    "scrape",
+    "tls_relay",
     "wait_until",
 ]
 
@@ -60,6 +68,91 @@ def message(
     return (
         f"From: {sender}\nTo: {to}\nSubject: {subject}\nMessage-ID: {mid}\n{extra}\n{body}"
     ).encode()
+
+
+def pickupd(
+    *args: str,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run the `pickupd` command as a user would (text in and out), bounded in time. Without
+    `stdin` it reads from /dev/null, as from a script; `env` is added to the environment."""
+    return subprocess.run(
+        [PICKUPD, *args],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **env} if env is not None else None,
+    )
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tls_relay(server: Any, ca: Any, **extra: Any) -> dict[str, Any]:
+    """A `[relays.<name>]` table for a STARTTLS tests/smtpserver.py server, verified against
+    the test CA (`ca.ca_file`)."""
+    return {
+        "host": server.host,
+        "port": server.port,
+        "security": "starttls",
+        "ca_file": str(ca.ca_file),
+        "timeout": "5s",
+        **extra,
+    }
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's: collects what pickupd says."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(fields)
+
+    def having(self, key: str) -> list[dict[str, str]]:
+        return [m for m in list(self.messages) if key in m]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """`name{labels}` -> value, from the daemon's Prometheus endpoint (text exposition)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def relay_for(server: Any, **extra: Any) -> dict[str, Any]:
@@ -169,7 +262,7 @@ class Daemon:
     def log_lines(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():
             return []
-        lines = []
+        lines: list[dict[str, Any]] = []
         for raw in self.log_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 lines.append(json.loads(raw))
@@ -185,11 +278,12 @@ class Daemon:
     def wait_event(
         self, name: str, count: int = 1, timeout: float = 10.0, **match: Any
     ) -> list[dict[str, Any]]:
-        return wait_until(
-            lambda: (found := self.events(name, **match)) and len(found) >= count and found,
+        found: list[dict[str, Any]] = wait_until(
+            lambda: (seen := self.events(name, **match)) and len(seen) >= count and seen,
             timeout,
             f"{count} '{name}' log line(s) {match or ''}; log: {self.log_tail()}",
         )
+        return found
 
     def log_tail(self) -> str:
         return "\n".join(json.dumps(e) for e in self.log_lines()[-8:]) + "\n" + self.stderr()
@@ -208,16 +302,17 @@ class Daemon:
     def wait_sidecars(
         self, folder: str, count: int = 1, timeout: float = 10.0
     ) -> list[dict[str, Any]]:
-        return wait_until(
+        found: list[dict[str, Any]] = wait_until(
             lambda: (
-                (found := self.sidecars(folder))
-                and len(found) >= count
+                (seen := self.sidecars(folder))
+                and len(seen) >= count
                 and len(self.files(folder, ".eml")) >= count
-                and found
+                and seen
             ),
             timeout,
             f"{count} message(s) in {folder}/; log: {self.log_tail()}",
         )
+        return found
 
     def census(self) -> dict[str, int]:
         """How many messages each folder holds (pickup counts new/ and direct .eml files)."""

@@ -18,6 +18,8 @@ from . import settings as s
 from .credentials import (
     CREDENTIAL_KEYS,
     Credentials,
+    Login,
+    OAuth2Login,
     Secret,
     others_can_access,
     read_credentials,
@@ -33,7 +35,9 @@ __all__ = [
     "Credentials",
     "DispatchConfig",
     "LogConfig",
+    "Login",
     "MetricsConfig",
+    "OAuth2Login",
     "PolicyConfig",
     "RelayConfig",
     "RetryConfig",
@@ -50,6 +54,13 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "/etc/pickupd/pickupd.toml"
 Security = Literal["starttls", "tls", "none"]
 DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
+# provider = "...": the host of its SMTP submission service (SES: per region). They all take
+# STARTTLS on port 587, which are the defaults anyway. `host` still overrides it.
+PROVIDERS: dict[str, str] = {
+    "microsoft365": "smtp.office365.com",
+    "google": "smtp.gmail.com",
+    "ses": "email-smtp.{region}.amazonaws.com",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,7 +225,16 @@ class RelayConfig:
     rate: Rate | None = setting(
         None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'
     )
-    credentials: Credentials | None = None
+    provider: str | None = setting(
+        None,
+        s.choice(*PROVIDERS),
+        "",
+        'fills host, port and security: "microsoft365", "google" or "ses" (not set)',
+    )
+    region: str | None = setting(
+        None, s.string, "a region name", 'with provider = "ses": the AWS region, like "eu-west-1"'
+    )
+    credentials: Login | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,7 +243,7 @@ class SenderRule:
 
     pattern: str  # lower-cased: "a@example.com" or "*@example.com"
     relay: str
-    credentials: Credentials | None = None
+    credentials: Login | None = None
     # For this sender's credentials (or the relay's, if it has none).
     rate: Rate | None = setting(None, s.rate, "", 'per mailbox, like "30/min" (not set)')
 
@@ -290,9 +310,15 @@ def is_loopback(host: str) -> bool:
 def _relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConfig | None:
     prefix = f"relays.{name}."
     values = reader.values(table, prefix, RelayConfig, {"host", "port"} | CREDENTIAL_KEYS)
-    if "host" not in table:
+    preset = ""
+    provider, region = values["provider"], values["region"]
+    if provider is not None and "host" not in table:
+        if provider == "ses" and region is None:
+            reader.problem(prefix + "region", 'required with provider = "ses" (or give host)')
+        preset = PROVIDERS[provider].format(region=region)
+    if "host" not in table and not preset:
         reader.problem(prefix + "host", "required")
-    host = reader.get(table, prefix, "host", "", s.string, "a host name or address")
+    host = reader.get(table, prefix, "host", preset, s.string, "a host name or address")
     port = reader.get(
         table,
         prefix,

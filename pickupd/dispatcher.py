@@ -14,7 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import envelope, moves, policy, ratelimit, relay
+from . import credentials, envelope, moves, policy, ratelimit, relay
 from . import log as logs
 from .config import Config, SenderRule, load
 from .errors import ConfigError
@@ -312,9 +312,9 @@ class Dispatcher:
             return
         assert parsed is not None and parsed.sender is not None  # policy.check saw to that
         relay_config = config.relays[decision.relay]
-        credentials = decision.credentials or relay_config.credentials
+        login = credentials.bind(decision.credentials or relay_config.credentials, parsed.sender)
         now = time.time()
-        buckets = ratelimit.buckets(relay_config, decision, credentials)
+        buckets = ratelimit.buckets(relay_config, decision, login)
         slot = self.limiter.slot(claimed.id, relay_config.name, buckets, now)
         if slot > now:
             # Over a provider limit: not an attempt, not an error; it waits its turn.
@@ -324,7 +324,7 @@ class Dispatcher:
             return
         started = time.monotonic()
         delivery = await relay.send(
-            self.pool, relay_config, credentials, parsed.sender, parsed.recipients, parsed.data
+            self.pool, relay_config, login, parsed.sender, parsed.recipients, parsed.data
         )
         if self.metrics is not None:
             self.metrics.send_seconds(relay_config.name, time.monotonic() - started)

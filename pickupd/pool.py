@@ -1,7 +1,9 @@
-"""SMTP sessions kept open between messages, keyed by relay *and* credentials.
+"""SMTP sessions kept open between messages, keyed by relay *and* login.
 
 A session is logged in as someone: one authenticated for one sender's credentials never
 carries mail for other credentials (Postfix disables its cache for that reason; we key it).
+An OAuth2 login is keyed by its token source and mailbox, not by the token: a refreshed token
+does not close the sessions that logged in with the one before.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 import aiosmtplib
 
 from .config import Credentials, RelayConfig
+from .credentials import XOAuth2
 from .errors import AuthNotOffered, StartTLSNotOffered
+from .tokens import Tokens
 
 __all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
 
@@ -36,11 +40,11 @@ class SessionKey:
     port: int
     security: str
     ca_file: Path | None
-    credentials: Credentials | None
+    login: Credentials | XOAuth2 | None
 
     @classmethod
-    def of(cls, relay: RelayConfig, credentials: Credentials | None) -> SessionKey:
-        return cls(relay.name, relay.host, relay.port, relay.security, relay.ca_file, credentials)
+    def of(cls, relay: RelayConfig, login: Credentials | XOAuth2 | None) -> SessionKey:
+        return cls(relay.name, relay.host, relay.port, relay.security, relay.ca_file, login)
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +69,8 @@ class Session:
 class Pool:
     """At most `max_connections` sessions per relay, shared by all workers of a dispatcher."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: Tokens | None = None) -> None:
+        self.tokens = tokens or Tokens()
         self._idle: dict[SessionKey, list[Session]] = {}
         self._open: dict[str, int] = {}
         self._changed = asyncio.Condition()
@@ -73,12 +78,12 @@ class Pool:
         self._quitting: set[asyncio.Task[None]] = set()
         self._hostname = socket.gethostname()
 
-    async def acquire(self, relay: RelayConfig, credentials: Credentials | None) -> Session:
-        """An idle session for this relay and credentials, or a new one once there is room.
+    async def acquire(self, relay: RelayConfig, login: Credentials | XOAuth2 | None) -> Session:
+        """An idle session for this relay and login, or a new one once there is room.
 
         Raises whatever connecting, TLS or AUTH raises (aiosmtplib errors, OSError, ssl errors).
         """
-        key = SessionKey.of(relay, credentials)
+        key = SessionKey.of(relay, login)
         async with self._changed:
             while True:
                 now = time.monotonic()
@@ -98,7 +103,7 @@ class Pool:
                     continue
                 await self._changed.wait()
         try:
-            return Session(key, await self.connect(relay, credentials))
+            return Session(key, await self.connect(relay, login))
         except BaseException:
             async with self._changed:
                 self._open[relay.name] -= 1
@@ -172,7 +177,9 @@ class Pool:
             )
         return self._tls[ca_file]
 
-    async def connect(self, relay: RelayConfig, credentials: Credentials | None) -> aiosmtplib.SMTP:
+    async def connect(
+        self, relay: RelayConfig, login: Credentials | XOAuth2 | None
+    ) -> aiosmtplib.SMTP:
         """A new session: connected, TLS as configured, greeted, logged in (not pooled; the
         pool's own sessions come from `acquire`, `check --connect` uses this directly)."""
         tls = relay.security != "none"
@@ -194,14 +201,37 @@ class Pool:
                     raise StartTLSNotOffered()
                 await smtp.starttls()
                 await _greet(smtp)  # RFC 3207: what was offered before TLS no longer counts
-            if credentials is not None:
+            if isinstance(login, XOAuth2):
+                await self._xoauth2(smtp, login)
+            elif login is not None:
                 if not smtp.supported_auth_methods:
                     raise AuthNotOffered(" ".join(smtp.server_auth_methods))
-                await smtp.login(credentials.username, credentials.password.reveal())
+                await smtp.login(login.username, login.password.reveal())
         except BaseException:
             smtp.close()
             raise
         return smtp
+
+    async def _xoauth2(self, smtp: aiosmtplib.SMTP, login: XOAuth2) -> None:
+        """AUTH XOAUTH2 as the mailbox. A token the server refuses as expired or revoked
+        (535, 5.7.3, 4.7.x) is dropped and the login tried once more with a fresh one."""
+        if "xoauth2" not in smtp.server_auth_methods:
+            raise AuthNotOffered(" ".join(smtp.server_auth_methods))
+        token = await self.tokens.get(login.source, login.user)
+        try:
+            await smtp.auth_xoauth2(login.user, token.value.reveal())
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            if not _token_refused(exc):
+                raise
+            self.tokens.invalidate(login.source, login.user, token)
+            fresh = await self.tokens.get(login.source, login.user)
+            await smtp.auth_xoauth2(login.user, fresh.value.reveal())
+
+
+def _token_refused(exc: aiosmtplib.SMTPResponseException) -> bool:
+    """An AUTH reply that says the token is no good (rather than, say, a locked mailbox)."""
+    text = exc.message
+    return exc.code == 535 or "5.7.3" in text or (400 <= exc.code < 500 and "4.7." in text)
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from .config import Credentials, RelayConfig, SenderRule
+from .credentials import XOAuth2
 from .outcome import Delivery, RecipientResult
 from .units import Rate
 
@@ -123,7 +124,7 @@ class Limiter:
 
 
 def buckets(
-    relay: RelayConfig, rule: SenderRule, credentials: Credentials | None
+    relay: RelayConfig, rule: SenderRule, login: Credentials | XOAuth2 | None
 ) -> list[tuple[tuple[str, ...], Rate]]:
     """The token buckets a message draws on: its relay's, and its credentials' (a sender
     entry's `rate` is per mailbox: Microsoft 365 counts 30 a minute per mailbox)."""
@@ -131,7 +132,10 @@ def buckets(
     if relay.rate is not None:
         found.append((("relay", relay.name), relay.rate))
     if rule.rate is not None:
-        user = credentials.username if credentials else f"sender {rule.pattern}"
+        if isinstance(login, XOAuth2):
+            user = login.user
+        else:
+            user = login.username if login else f"sender {rule.pattern}"
         found.append((("credentials", relay.name, user), rule.rate))
     return found
 

@@ -131,10 +131,10 @@ class Recorder:
             "relay": delivery.relay,
             "attempt": attempt,
         }
-        if delivery.session_error == "auth":
-            self.log.error(
-                "relay_auth_failed", relay=delivery.relay, code=delivery.code, detail=delivery.text
-            )
+        if delivery.session_error in ("auth", "token"):
+            # A login refused, or no token to log in with: the operator must act.
+            event = "relay_auth_failed" if delivery.session_error == "auth" else "token_failed"
+            self.log.error(event, relay=delivery.relay, code=delivery.code, detail=delivery.text)
         if delivery.unknown:
             self.log.warning(
                 "outcome_unknown", message_id=parsed.message_id, **fields, detail=delivery.text

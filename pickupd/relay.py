@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import aiosmtplib
 
 from .config import Credentials, RelayConfig
+from .credentials import XOAuth2
 from .errors import SessionError
 from .outcome import Delivery, RecipientResult
 from .pool import Pool, Session
@@ -59,7 +60,7 @@ def _session_failed(relay: str, recipients: Sequence[str], exc: BaseException) -
 async def send(
     pool: Pool,
     relay: RelayConfig,
-    credentials: Credentials | None,
+    login: Credentials | XOAuth2 | None,
     sender: str,
     recipients: Sequence[str],
     data: bytes,
@@ -75,7 +76,7 @@ async def send(
     """
     for tries_left in (1, 0):
         try:
-            session = await pool.acquire(relay, credentials)
+            session = await pool.acquire(relay, login)
         except _SESSION_ERRORS as exc:
             return _session_failed(relay.name, recipients, exc)
         reused = session.messages > 0

@@ -1,10 +1,13 @@
 """`pickupd check [--connect]`: validate the config; with --connect, EHLO, STARTTLS and AUTH
 against every relay, no mail sent.
 
-One probe per relay and credential set it is used with (the relay's own login, each sender
-entry's own login, or none), all at once, each bounded by the relay's timeout. Every probe
-prints one line: ok with what the server offered, or the failure in words an operator can
-act on (DNS, refused, timeout, TLS, certificate, STARTTLS not offered, AUTH 535 ...).
+One probe per relay and login it is used with (the relay's own login, each sender entry's own
+login, or none), all at once, each bounded by the relay's timeout. An OAuth2 login first gets
+a token from its source, then logs in with AUTH XOAUTH2 as the mailbox (for a `*@domain`
+entry, the one given with --mailbox; without it, the token and the relay's TLS are checked,
+not the login). Every probe prints one line: ok with what the server offered, or the failure
+in words an operator can act on (DNS, refused, timeout, TLS, certificate, STARTTLS not
+offered, AUTH 535, token endpoint unreachable, invalid_client ...).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import argparse
 import asyncio
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiosmtplib
 
-from ..config import Config, Credentials, RelayConfig
+from ..config import Config, Credentials, Login, OAuth2Login, RelayConfig
+from ..credentials import TokenSource, XOAuth2, bind
 from ..errors import SessionError
 from ..pool import Pool
 from ..relay import describe_error
@@ -41,8 +46,13 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     check.add_argument(
         "--connect",
         action="store_true",
-        help="then connect to every relay with every credential set (EHLO, STARTTLS, AUTH;"
+        help="then connect to every relay with every login (token, EHLO, STARTTLS, AUTH;"
         " no mail is sent) and print one line each: exit 0 only if all are ok",
+    )
+    check.add_argument(
+        "--mailbox",
+        metavar="ADDR",
+        help="with --connect: the mailbox an OAuth2 login of a *@domain entry logs in as",
     )
 
 
@@ -55,7 +65,7 @@ def _check(args: argparse.Namespace) -> int:
     )
     if not args.connect:
         return EX_OK
-    results = asyncio.run(probe_all(probes(config)))
+    results = asyncio.run(probe_all(probes(config, args.mailbox)))
     for result in results:
         print(result.line())
     return EX_OK if all(result.ok for result in results) else EX_PROBE_FAILED
@@ -63,15 +73,21 @@ def _check(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """One relay with one credential set, and who uses it (for the line printed)."""
+    """One relay with one login, and who uses it (for the line printed). `token_only`: an
+    OAuth2 login with no mailbox to log in as; its token and the relay are checked."""
 
     relay: RelayConfig
-    credentials: Credentials | None
+    login: Credentials | XOAuth2 | None
     used_by: str
+    token_only: TokenSource | None = None
 
     def label(self) -> str:
         relay = self.relay
-        who = f" as {self.credentials.username}" if self.credentials else ""
+        who = ""
+        if isinstance(self.login, XOAuth2):
+            who = f" as {self.login.user}"
+        elif self.login is not None:
+            who = f" as {self.login.username}"
         return f"{relay.name} ({self.used_by}{who}) {relay.host}:{relay.port}"
 
 
@@ -87,23 +103,33 @@ class ProbeResult:
         return f"{self.probe.label()}: {'ok' if self.ok else 'FAILED'}: {self.text}"
 
 
-def probes(config: Config) -> list[Probe]:
-    """Every relay with every credential set it is used with, each once."""
-    found: dict[tuple[str, Credentials | None], Probe] = {}
+def probes(config: Config, mailbox: str | None = None) -> list[Probe]:
+    """Every relay with every login it is used with, each once."""
+    found: dict[tuple[str, object], Probe] = {}
 
-    def add(relay: RelayConfig, credentials: Credentials | None, used_by: str) -> None:
-        found.setdefault((relay.name, credentials), Probe(relay, credentials, used_by))
+    def add(relay: RelayConfig, login: Login | None, used_by: str, address: str | None) -> None:
+        if isinstance(login, OAuth2Login) and not login.username and address is None:
+            probe = Probe(relay, None, used_by, token_only=login.source)
+            found.setdefault((relay.name, login.source), probe)
+            return
+        bound = bind(login, address or "")
+        found.setdefault((relay.name, bound), Probe(relay, bound, used_by))
 
     for rule in config.senders:
         relay = config.relays[rule.relay]
+        address = None if rule.pattern.startswith("*@") else rule.pattern
+        if address is None and mailbox and rule.matches(mailbox):
+            address = mailbox
         if rule.credentials is not None:
-            add(relay, rule.credentials, f'senders."{rule.pattern}" login')
+            add(relay, rule.credentials, f'senders."{rule.pattern}" login', address)
         else:
-            add(relay, relay.credentials, "relay login" if relay.credentials else "no login")
+            used_by = "relay login" if relay.credentials else "no login"
+            add(relay, relay.credentials, used_by, address)
     for relay in config.relays.values():
         if not any(key[0] == relay.name for key in found):
-            add(relay, relay.credentials, "relay login" if relay.credentials else "no login")
-    return sorted(found.values(), key=lambda p: (p.relay.name, p.used_by))
+            used_by = "relay login" if relay.credentials else "no login"
+            add(relay, relay.credentials, used_by, mailbox)
+    return sorted(found.values(), key=lambda p: (p.relay.name, p.used_by, p.label()))
 
 
 async def probe_all(todo: list[Probe]) -> list[ProbeResult]:
@@ -114,14 +140,26 @@ async def probe_all(todo: list[Probe]) -> list[ProbeResult]:
 
 async def _probe(pool: Pool, probe: Probe) -> ProbeResult:
     relay = probe.relay
+    got = ""
     try:
+        if probe.token_only is not None:
+            token = await pool.tokens.get(probe.token_only, "")
+            expires_in = round(token.expires_at - time.time())
+            got = f"token acquired ({probe.token_only.describe()}, expires in {expires_in} s), "
         # connect: TCP, greeting, STARTTLS or TLS, EHLO, AUTH; the relay's timeout applies
         # to each step, and this bounds the whole.
-        smtp = await asyncio.wait_for(pool.connect(relay, probe.credentials), relay.timeout * 4)
+        smtp = await asyncio.wait_for(pool.connect(relay, probe.login), relay.timeout * 4)
     except (aiosmtplib.SMTPException, SessionError, OSError, TimeoutError) as exc:
         return ProbeResult(probe, False, _explain(exc))
     try:
-        return ProbeResult(probe, True, _offered(smtp, relay, probe.credentials))
+        offered = _offered(smtp, relay, probe.login)
+        if probe.token_only is not None:
+            offered += (
+                ", XOAUTH2 offered" if "xoauth2" in smtp.server_auth_methods else ", NO XOAUTH2"
+            )
+            offered += "; login not tried: no mailbox (check --connect --mailbox ADDR)"
+        ok = probe.token_only is None or "xoauth2" in smtp.server_auth_methods
+        return ProbeResult(probe, ok, got + offered)
     finally:
         try:
             await asyncio.wait_for(smtp.quit(), relay.timeout)
@@ -129,7 +167,7 @@ async def _probe(pool: Pool, probe: Probe) -> ProbeResult:
             smtp.close()
 
 
-def _offered(smtp: aiosmtplib.SMTP, relay: RelayConfig, credentials: Credentials | None) -> str:
+def _offered(smtp: aiosmtplib.SMTP, relay: RelayConfig, login: Credentials | XOAuth2 | None) -> str:
     parts = []
     ssl_object = smtp.get_transport_info("ssl_object")
     if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
@@ -137,8 +175,10 @@ def _offered(smtp: aiosmtplib.SMTP, relay: RelayConfig, credentials: Credentials
         parts.append(f"{how} {ssl_object.version()}, certificate verified")
     else:
         parts.append("no TLS (security = none)")
-    if credentials is not None:
-        parts.append(f"AUTH accepted for {credentials.username}")
+    if isinstance(login, XOAuth2):
+        parts.append(f"AUTH XOAUTH2 accepted for {login.user} ({login.source.describe()})")
+    elif login is not None:
+        parts.append(f"AUTH accepted for {login.username}")
     size = smtp.esmtp_extensions.get("size", "")
     if size:
         parts.append(f"SIZE {size}")

@@ -37,6 +37,7 @@ __all__ = [
     "LogConfig",
     "Login",
     "MetricsConfig",
+    "NotifyConfig",
     "OAuth2Login",
     "PolicyConfig",
     "RelayConfig",
@@ -255,6 +256,44 @@ class SenderRule:
         return address == self.pattern
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotifyConfig:
+    """`[notify]`: failure feedback to the apps, by a command and by a report mail."""
+
+    on_failed: tuple[str, ...] | None = setting(
+        None,
+        s.command,
+        "",
+        "run for each message that lands in failed/: the sidecar JSON on stdin (not set)",
+    )
+    on_deferred_after: float | None = setting(
+        None,
+        s.positive_duration,
+        "a duration",
+        "also run on_failed's command, once, for a message still deferred this long (not set)",
+    )
+    hook_timeout: float = setting(
+        30.0,
+        s.positive_duration,
+        "a duration",
+        "a hook still running after this is killed",
+        '"30s"',
+    )
+    report_to: str | None = setting(
+        None, s.address, "", "mail a report of failed messages to this address (not set)"
+    )
+    report_from: str | None = setting(
+        None, s.address, "", "the report's sender: must be allowed by a [senders] entry"
+    )
+    report_interval: float = setting(
+        3600.0,
+        s.positive_duration,
+        "a duration",
+        "at most one report this often; failures in between are batched",
+        '"1h"',
+    )
+
+
 # The plain sections, in the order the docs show them.
 SECTIONS: dict[str, type] = {
     "spool": SpoolConfig,
@@ -263,6 +302,7 @@ SECTIONS: dict[str, type] = {
     "retry": RetryConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
+    "notify": NotifyConfig,
 }
 
 
@@ -277,6 +317,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
     relays: Mapping[str, RelayConfig] = field(default_factory=dict)
     senders: tuple[SenderRule, ...] = ()
 
@@ -429,6 +470,12 @@ def load(path: Path) -> Config:
             senders.append(rule)
     if not senders and not reader.problems:
         reader.problem("senders", 'no sender is allowed: add a [senders."..."] entry')
+    notify: NotifyConfig = sections["notify"]
+    if (notify.report_to is None) != (notify.report_from is None):
+        missing = "report_from" if notify.report_from is None else "report_to"
+        reader.problem(f"notify.{missing}", "report_to and report_from go together")
+    elif notify.report_from is not None and not any(r.matches(notify.report_from) for r in senders):
+        reader.problem("notify.report_from", f"{notify.report_from} matches no [senders] entry")
 
     if _holds_inline_secret(doc):
         try:

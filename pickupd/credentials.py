@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .settings import Reader, positive_duration, string, type_name
+from .settings import command as settings_command
 
 __all__ = [
     "CREDENTIAL_KEYS",
@@ -252,16 +253,6 @@ def _private_file(reader: Reader, table: Mapping[str, Any], prefix: str, key: st
     return path
 
 
-def _command(value: Any) -> tuple[str, ...]:
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(part, str) and part for part in value)
-    ):
-        raise ValueError('expected an array like ["/usr/local/bin/get-token", "--mailbox"]')
-    return tuple(value)
-
-
 def _https_url(value: Any) -> str:
     text = string(value)
     url = urlparse(text)
@@ -344,7 +335,7 @@ def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth
         if token_url and client_id and path is not None:
             source = RefreshTokenSource(token_url, client_id, path, client_secret, timeout)
     else:
-        command = reader.get(table, prefix, "token_command", None, _command, "")
+        command = reader.get(table, prefix, "token_command", None, settings_command, "")
         if command is not None:
             source = CommandSource(command, timeout)
     return None if source is None else OAuth2Login(source, username)

@@ -18,6 +18,7 @@ from . import credentials, envelope, moves, policy, ratelimit, relay
 from . import log as logs
 from .config import Config, SenderRule, load
 from .errors import ConfigError
+from .feedback import Feedback
 from .files import printable
 from .intake import Intake
 from .notify import Notifier
@@ -60,7 +61,10 @@ class Dispatcher:
             self.metrics = Metrics(self.spool)
         self.log = logs.get()
         self.intake = Intake(self.spool, config.dispatch, once=once)
-        self.recorder = Recorder(self.spool, self.log, self.metrics, self.intake.deferring)
+        self.feedback = Feedback(config.notify, self.spool, self.log)
+        self.recorder = Recorder(
+            self.spool, self.log, self.metrics, self.intake.deferring, self.feedback.notify
+        )
         self.stats = self.recorder.stats
         self._background: set[asyncio.Task[None]] = set()
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
@@ -101,8 +105,9 @@ class Dispatcher:
         )
         self.config = new
         self.intake.dispatch = new.dispatch
+        self.feedback.config = new.notify
         logs.configure(new.log.level, new.log.format)
-        self.log = self.recorder.log = logs.get()
+        self.log = self.recorder.log = self.feedback.log = logs.get()
         if unchanged:
             self.log.warning("reload_needs_restart", keys=unchanged)
         self.log.info(
@@ -187,6 +192,7 @@ class Dispatcher:
         finally:
             if watcher is not None:
                 watcher.stop()
+            await self.feedback.close(timeout=5.0)
             await self.pool.close_all()
             self.spool.unlock()
             if self.notifier:

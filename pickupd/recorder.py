@@ -46,6 +46,7 @@ class Recorder:
         log: Logger,
         metrics: Metrics | None = None,
         deferring: Callable[[str], None] = lambda msg_id: None,
+        notify: Callable[[str, Sidecar], None] = lambda event, sidecar: None,
     ) -> None:
         self.spool = spool
         self.log = log  # swapped on reload (a new level or format)
@@ -53,6 +54,9 @@ class Recorder:
         self.stats = Stats()
         # Called with a message's id just before we move it into deferred/ ourselves.
         self._deferring = deferring
+        # Called once a message is in failed/ ("failed"), or has been deferred for longer
+        # than [notify] on_deferred_after ("deferred"): feedback.py's hooks and reports.
+        self._notify = notify
 
     # -- refused before any connection ---------------------------------------------------------
 
@@ -74,6 +78,7 @@ class Recorder:
             )
             return
         self._counted(Outcome.FAILED, refusal.reason, None)
+        self._notify("failed", sidecar)
         self.log.warning(
             "failed",
             id=claimed.id,
@@ -196,6 +201,7 @@ class Recorder:
         else:
             self.spool.finish_failed(claimed, failed)
         self._counted(Outcome.FAILED, reason, delivery.relay)
+        self._notify("failed", failed)
         self.log.warning(
             "failed",
             **{**fields, "id": failed.id},
@@ -237,6 +243,7 @@ class Recorder:
             )
             self.spool.finish_failed(claimed, sidecar)
             self._counted(Outcome.FAILED, Reason.EXPIRED, delivery.relay)
+            self._notify("failed", sidecar)
             self.log.warning(
                 "failed",
                 **fields,
@@ -254,7 +261,18 @@ class Recorder:
             next_attempt=from_timestamp(due),
             reason=None,
         )
+        notice_after = config.notify.on_deferred_after
+        first_seen = _seconds(base.first_seen)
+        long_deferred = (
+            notice_after is not None
+            and sidecar.deferred_notice is None
+            and now - first_seen >= notice_after
+        )
+        if long_deferred:  # recorded in the sidecar, so the hook runs once per message
+            sidecar = dataclasses.replace(sidecar, deferred_notice=from_timestamp(now))
         self._to_deferred(claimed, sidecar, due)
+        if long_deferred:
+            self._notify("deferred", sidecar)
         self._counted(Outcome.DEFERRED, None, delivery.relay)
         self.log.warning(
             "deferred",

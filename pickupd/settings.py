@@ -21,8 +21,10 @@ from .units import Rate, parse_duration, parse_rate, parse_size
 __all__ = [
     "Key",
     "Reader",
+    "address",
     "boolean",
     "choice",
+    "command",
     "domain",
     "duration",
     "int_range",
@@ -228,6 +230,24 @@ def listen(value: Any) -> tuple[str, int]:
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(expected)
     return host, int(port)
+
+
+def command(value: Any) -> tuple[str, ...]:
+    """A command as an array (run without a shell): ["/path/cmd", "arg"]."""
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(part, str) and part for part in value)
+    ):
+        raise ValueError('expected an array like ["/usr/local/bin/cmd", "--flag"]')
+    return tuple(value)
+
+
+def address(value: Any) -> str:
+    """One mail address (addr-spec), like "ops@example.com"."""
+    if not isinstance(value, str) or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
+        raise ValueError('expected an address like "ops@example.com"')
+    return value
 
 
 def choice(*options: str) -> Callable[[Any], str]:

@@ -46,6 +46,8 @@ class Sidecar:
     detail: str = ""
     message_id: str | None = None
     split_from: str | None = None
+    # When [notify] on_deferred_after's hook was run for it (it runs once per message).
+    deferred_notice: str | None = None
     history: tuple[Attempt, ...] = field(default=())
 
     def lifetime_start(self) -> str | None:
@@ -70,7 +72,7 @@ class Sidecar:
         data["history"] = [asdict(a) for a in self.history]
         # next_attempt belongs to deferred messages, reason to failed ones; split_from only
         # to copies: leave out what does not apply rather than write nulls.
-        for key in ("next_attempt", "reason", "split_from", "message_id"):
+        for key in ("next_attempt", "reason", "split_from", "message_id", "deferred_notice"):
             if data[key] is None:
                 del data[key]
         return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
@@ -92,6 +94,7 @@ class Sidecar:
                 detail=str(data.get("detail", "")),
                 message_id=data.get("message_id"),
                 split_from=data.get("split_from"),
+                deferred_notice=data.get("deferred_notice"),
                 history=tuple(Attempt(**entry) for entry in data.get("history", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -91,10 +91,18 @@ def pickupd(
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port nothing listens on (bound, then closed), never the same one twice
+    in a test run: two calls in a row must not name one port for two purposes."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+_HANDED_OUT: set[int] = set()
 
 
 def tls_relay(server: Any, ca: Any, **extra: Any) -> dict[str, Any]:

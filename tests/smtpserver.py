@@ -31,6 +31,7 @@ Fault semantics:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import ssl
@@ -164,9 +165,30 @@ class _Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        if self._owner.users is None:
+        if self._owner.users is None and self._owner.oauth is None:
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
         return responses
+
+    async def auth_XOAUTH2(self, server: _Connection, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2: `user=<mailbox>^Aauth=Bearer <token>^A^A`, the token checked by
+        `SmtpServer.oauth(token, mailbox)` (Microsoft's reply when it is refused)."""
+        owner = self._owner
+        try:
+            raw = base64.b64decode(args[1], validate=True).decode() if len(args) > 1 else ""
+        except (ValueError, UnicodeDecodeError):
+            raw = ""
+        fields = dict(part.split("=", 1) for part in raw.split("\x01") if "=" in part)
+        user = fields.get("user", "")
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        ok = owner.oauth is not None and bool(token) and owner.oauth(token, user)
+        with owner._lock:
+            owner._auth_attempts.append((user, ok))
+        if not ok:
+            return AuthResult(
+                success=False, handled=False, message="535 5.7.3 Authentication unsuccessful"
+            )
+        server.auth_username = user
+        return AuthResult(success=True, auth_data=user)
 
     async def handle_MAIL(
         self,
@@ -237,6 +259,7 @@ class SmtpServer:
         offer_starttls: bool = True,
         size_limit: int | None = None,
         smtputf8: bool = True,
+        oauth: Callable[[str, str], bool] | None = None,
     ) -> None:
         if security not in SECURITY_MODES:
             raise ValueError(f"security must be one of {SECURITY_MODES}, not {security!r}")
@@ -247,6 +270,8 @@ class SmtpServer:
         self.security = security
         self.ca = ca
         self.users = dict(users) if users is not None else None
+        # AUTH XOAUTH2: (token, mailbox) -> whether it may log in (a TokenServer's valid()).
+        self.oauth: Callable[[str, str], bool] | None = oauth
         self.require_auth = require_auth
         # With security="none", STARTTLS is offered (optional) only if a CA is given too.
         self.offer_starttls = offer_starttls
@@ -433,6 +458,7 @@ class SmtpServer:
             require_starttls=False,  # enforced in _dispatch so refused commands are recorded
             auth_require_tls=self.security == "starttls",
             authenticator=self._authenticate,
+            auth_exclude_mechanism=[] if self.oauth else ["XOAUTH2"],
             loop=asyncio.get_running_loop(),
         )
         self._live.add(conn)
@@ -481,7 +507,7 @@ class SmtpServer:
         if verb in REPLY_421_POINTS and self._fire("drop_at", lambda at: str(at).upper() == verb):
             conn.abort()  # a connection the server closed without a word
             return
-        if verb == "AUTH" and self.users is None:
+        if verb == "AUTH" and self.users is None and self.oauth is None:
             await conn.push("502 5.5.1 AUTH not supported")
             return
         await method(arg)

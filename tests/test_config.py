@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from harness import pickupd
 
-from pickupd.config import Secret, load
+from pickupd.config import Credentials, Secret, load
 from pickupd.errors import ConfigError
 
 GOOD = """
@@ -68,7 +68,8 @@ def test_good_config_loads_with_defaults(good: Path) -> None:
         "starttls",
         30.0,
     )
-    assert main.credentials is not None and main.credentials.password.reveal() == "s3cret"
+    assert isinstance(main.credentials, Credentials)
+    assert main.credentials.password.reveal() == "s3cret"
     assert config.relays["local"].credentials is None
     assert config.retry.schedule == (60.0, 300.0, 900.0, 3600.0, 7200.0, 14400.0)
     assert config.retry.max_age == 5 * 86400
@@ -132,6 +133,42 @@ def test_secrets_never_print_themselves(good: Path) -> None:
         ('[policy]\nlocal_domain = "not a domain"\n', "policy.local_domain: expected a domain"),
         ('[metrics]\nlisten = "9464"\n', 'metrics.listen: expected "host:port"'),
         ('[metrics]\nlisten = "127.0.0.1:99999"\n', 'metrics.listen: expected "host:port"'),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth2"\n[senders."a@b.c"]\nrelay = "m"\n',
+            "relays.m.auth: oauth2 needs a token source: tenant (Microsoft 365)",
+        ),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth2"\ntenant = "t"\nclient_secret = "x"\n'
+            '[senders."a@b.c"]\nrelay = "m"\n',
+            "relays.m.client_id: required with tenant",
+        ),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth2"\ntenant = "t"\nclient_id = "c"\n'
+            '[senders."a@b.c"]\nrelay = "m"\n',
+            "relays.m.client_id: needs either client_secret_file (or _env), or",
+        ),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth2"\ntoken_command = ["t"]\npassword = "p"\n'
+            '[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.password: not used with auth = "oauth2"',
+        ),
+        (
+            '[relays.m]\nhost = "h"\ntenant = "t"\n[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.tenant: goes with auth = "oauth2"',
+        ),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth2"\ntoken_url = "http://x/token"\n'
+            'client_id = "c"\nrefresh_token_file = "rt"\n[senders."a@b.c"]\nrelay = "m"\n',
+            "relays.m.token_url: expected an https:// URL",
+        ),
+        (
+            '[relays.m]\nprovider = "ses"\n[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.region: required with provider = "ses"',
+        ),
+        (
+            '[relays.m]\nprovider = "yahoo"\n[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.provider: expected one of "microsoft365", "google", "ses"',
+        ),
     ],
 )
 def test_problems_name_the_file_and_key_path(tmp_path: Path, toml: str, expected: str) -> None:
@@ -183,7 +220,7 @@ def test_password_file_single_trailing_newline_is_ignored(tmp_path: Path) -> Non
     """`echo secret > file` works: one trailing newline is not part of the password."""
     path = with_password_file(tmp_path, "pa ss\n\n", 0o600)
     creds = load(path).relays["m"].credentials
-    assert creds is not None and creds.password.reveal() == "pa ss\n"
+    assert isinstance(creds, Credentials) and creds.password.reveal() == "pa ss\n"
 
 
 def test_check_command_exit_codes(tmp_path: Path, good: Path) -> None:
@@ -270,3 +307,36 @@ def test_every_key_is_documented() -> None:
             assert re.search(rf"\b{key.name}\b", readme), f"{name}.{key.name} not in the README"
             if name in SECTIONS:
                 assert f"{key.name} = " in starter, f"{name}.{key.name} not in pickupd init"
+
+
+def test_provider_presets_and_oauth2_logins_load(tmp_path: Path) -> None:
+    """provider fills the host (SES per region); an OAuth2 login's secret files obey the
+    password_file rule; a relay's OAuth2 login without username serves each sender's own
+    mailbox."""
+    from pickupd.config import OAuth2Login
+    from pickupd.credentials import MicrosoftSource, XOAuth2, bind
+
+    secret = tmp_path / "m365.secret"
+    secret.write_text("s\n")
+    secret.chmod(0o644)
+    text = (
+        '[relays.m365]\nprovider = "microsoft365"\nauth = "oauth2"\ntenant = "contoso"\n'
+        'client_id = "app"\nclient_secret_file = "m365.secret"\n'
+        '[relays.ses]\nprovider = "ses"\nregion = "eu-west-1"\n'
+        '[relays.google]\nprovider = "google"\n'
+        '[senders."*@contoso.com"]\nrelay = "m365"\n'
+    )
+    path = write(tmp_path, text)
+    assert any("m365.secret can be read by others" in p for p in problems(path))
+    secret.chmod(0o600)
+    config = load(path)
+    assert [r.host for r in config.relays.values()] == [
+        "smtp.office365.com",
+        "email-smtp.eu-west-1.amazonaws.com",
+        "smtp.gmail.com",
+    ]
+    assert {r.port for r in config.relays.values()} == {587}
+    login = config.relays["m365"].credentials
+    assert isinstance(login, OAuth2Login) and isinstance(login.source, MicrosoftSource)
+    assert login.source.client_secret is not None and "s" not in repr(login.source.client_secret)
+    assert bind(login, "sales@contoso.com") == XOAuth2(login.source, "sales@contoso.com")

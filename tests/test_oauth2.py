@@ -1,0 +1,321 @@
+"""OAuth2 logins end to end: the real `pickupd` process gets tokens through msal and
+google-auth (their real code paths) from a real HTTPS token endpoint on loopback
+(tests/tokenserver.py), and logs in with AUTH XOAUTH2 to a real SMTP server that checks each
+token with the endpoint. Nothing is patched."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from harness import Daemon, drop_maildir, message, pickupd, tls_relay, wait_until
+from smtpserver import SmtpServer, TestCA
+from tokenserver import TokenServer
+
+Factory = Callable[..., SmtpServer]
+CLIENT_SECRET = "client-s3cret-never-logged"
+
+
+@pytest.fixture
+def token_server(test_ca: TestCA) -> Iterator[TokenServer]:
+    """A started token endpoint that knows one client (app-id, CLIENT_SECRET)."""
+    server = TokenServer(test_ca).start()
+    server.clients["app-id"] = CLIENT_SECRET
+    yield server
+    server.stop()
+
+
+def private_file(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+def m365(
+    server: SmtpServer, ca: TestCA, tokens: TokenServer, tmp: Path, **extra: Any
+) -> dict[str, Any]:
+    """A Microsoft 365 app-only relay whose authority is the test endpoint."""
+    return {
+        **tls_relay(server, ca),
+        "auth": "oauth2",
+        "tenant": "contoso",
+        "client_id": "app-id",
+        "client_secret_file": private_file(tmp / "m365.secret", CLIENT_SECRET + "\n"),
+        "authority": tokens.url,
+        **extra,
+    }
+
+
+def start(daemon: Daemon, ca: TestCA) -> Daemon:
+    """Start with the test CA trusted for HTTPS (requests' documented REQUESTS_CA_BUNDLE, as
+    an operator with a private CA sets it in the unit's Environment=)."""
+    return daemon.start(env={"REQUESTS_CA_BUNDLE": ca.ca_file})
+
+
+def assert_no_secrets(daemon: Daemon, tokens: TokenServer, *outputs: str) -> None:
+    """No access token, refresh token or client secret in the log, sidecars or output."""
+    log = daemon.log_path.read_text() if daemon.log_path.exists() else ""
+    seen = log + daemon.stderr() + "".join(outputs)
+    for folder in ("deferred", "failed", "sent", "hold"):
+        seen += "".join(p.read_text() for p in daemon.files(folder, ".json"))
+    secrets = [CLIENT_SECRET, *tokens.issued, *tokens.refresh_tokens]
+    assert not [s for s in secrets if s in seen]
+
+
+def test_microsoft365_one_app_token_serves_every_mailbox_of_the_domain(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """msal gets one app-only token for 20 messages from two mailboxes of a *@domain entry;
+    each message logs in as its own envelope sender, and sessions are reused."""
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    daemon = make_daemon(
+        relays={"m365": m365(server, test_ca, token_server, tmp_path)},
+        senders={"*@contoso.example": {"relay": "m365"}},
+        start=False,
+    )
+    start(daemon, test_ca)
+    for n in range(10):
+        drop_maildir(daemon.spool, message(sender="sales@contoso.example", subject=f"s{n}"))
+        drop_maildir(daemon.spool, message(sender="billing@contoso.example", subject=f"b{n}"))
+    got = server.wait_for(20, timeout=30)
+    assert all(r.username == r.mail_from for r in got)
+    assert {r.username for r in got} == {"sales@contoso.example", "billing@contoso.example"}
+    assert [grant for _, _, grant in token_server.token_requests()] == ["client_credentials"]
+    assert server.sessions <= 2 * 4  # one pool per mailbox, max_connections each
+    assert_no_secrets(daemon, token_server)
+
+
+def test_a_revoked_token_is_dropped_and_the_login_retried_once(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """The relay refuses the cached token (535 5.7.3): pickupd asks msal for a fresh one and
+    logs in again in the same session; the message is sent, not deferred."""
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    relay = m365(server, test_ca, token_server, tmp_path, max_messages_per_connection=1)
+    daemon = make_daemon(
+        relays={"m365": relay}, senders={"app@contoso.example": {"relay": "m365"}}, start=False
+    )
+    start(daemon, test_ca)
+    drop_maildir(daemon.spool, message(sender="app@contoso.example"))
+    server.wait_for(1)
+    token_server.revoke_all()
+    drop_maildir(daemon.spool, message(sender="app@contoso.example", subject="after"))
+    server.wait_for(2)
+    assert len(token_server.token_requests()) == 2
+    assert server.auth_attempts[-2:] == [
+        ("app@contoso.example", False),
+        ("app@contoso.example", True),
+    ]
+    assert daemon.events("deferred") == []
+    assert_no_secrets(daemon, token_server)
+
+
+def refresh_relay(
+    server: SmtpServer, ca: TestCA, tokens: TokenServer, tmp: Path, **extra: Any
+) -> dict[str, Any]:
+    """A relay whose login is a stored refresh token at the test endpoint."""
+    return {
+        **tls_relay(server, ca),
+        "auth": "oauth2",
+        "token_url": f"{tokens.url}/token",
+        "client_id": "app-id",
+        "client_secret_file": private_file(tmp / "client.secret", CLIENT_SECRET),
+        "refresh_token_file": private_file(tmp / "refresh.token", tokens.new_refresh_token()),
+        "username": "app@example.com",
+        **extra,
+    }
+
+
+def test_tokens_are_refreshed_before_they_expire_and_rotation_is_kept(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """With 4-second tokens, a send in the token's second half still uses it and starts a
+    refresh in the background; the refresh lands before expiry, no expired token is ever
+    presented, and each rotated refresh token is written back with the file's mode."""
+    token_server.expires_in = 4
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    relay = refresh_relay(server, test_ca, token_server, tmp_path, max_messages_per_connection=1)
+    (tmp_path / "refresh.token").chmod(0o640)
+    daemon = make_daemon(relays={"main": relay}, start=False)
+    start(daemon, test_ca)
+    drop_maildir(daemon.spool, message(subject="first"))
+    server.wait_for(1)
+    (first, *_) = token_server.token_requests()
+    wait_until(lambda: __import__("time").time() > first[0] + 2.5, 5, "the token's second half")
+    drop_maildir(daemon.spool, message(subject="second"))
+    server.wait_for(2)
+    requests = wait_until(lambda: len(r := token_server.token_requests()) >= 2 and r, 5)
+    assert requests[1][0] < first[0] + 4, "refreshed only after expiry"
+    assert token_server.presented_expired == 0
+    stored = (tmp_path / "refresh.token").read_text().strip()
+    assert stored in token_server.refresh_tokens  # the rotated one, still unused
+    assert stat.S_IMODE((tmp_path / "refresh.token").stat().st_mode) == 0o640
+    assert_no_secrets(daemon, token_server)
+
+
+def test_a_token_endpoint_that_is_down_defers_then_the_mail_goes(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """A 500 from the token endpoint defers the message with a detail naming the token
+    source (logged as token_failed); once the endpoint is back, the retry sends it."""
+    token_server.mode = "500"
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    daemon = make_daemon(
+        relays={"main": refresh_relay(server, test_ca, token_server, tmp_path)}, start=False
+    )
+    start(daemon, test_ca)
+    drop_maildir(daemon.spool, message())
+    (deferred, *_) = daemon.wait_event("deferred")
+    assert f"refresh token grant at {token_server.url}/token" in deferred["detail"]
+    assert daemon.events("token_failed")
+    token_server.mode = "ok"
+    server.wait_for(1, timeout=15)
+    assert server.received[0].username == "app@example.com"
+    assert_no_secrets(daemon, token_server)
+
+
+def service_account(tmp: Path, tokens: TokenServer) -> str:
+    """A Google service account key file whose token_uri is the test endpoint."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    email = "pickupd@project.iam.gserviceaccount.com"
+    tokens.service_accounts[email] = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    doc = {
+        "type": "service_account",
+        "project_id": "project",
+        "private_key_id": "k1",
+        "private_key": pem,
+        "client_email": email,
+        "client_id": "1234",
+        "token_uri": f"{tokens.url}/token",
+    }
+    return private_file(tmp / "service-account.json", json.dumps(doc))
+
+
+def test_google_service_account_gets_a_token_per_mailbox(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """google-auth signs a JWT-bearer grant with the mailbox as subject: one token per
+    mailbox, each good only for that mailbox's login."""
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    relay = {
+        **tls_relay(server, test_ca),
+        "auth": "oauth2",
+        "service_account_file": service_account(tmp_path, token_server),
+    }
+    daemon = make_daemon(
+        relays={"google": relay}, senders={"*@example.com": {"relay": "google"}}, start=False
+    )
+    start(daemon, test_ca)
+    for n in range(3):
+        drop_maildir(daemon.spool, message(sender="a@example.com", subject=f"a{n}"))
+        drop_maildir(daemon.spool, message(sender="b@example.com", subject=f"b{n}"))
+    got = server.wait_for(6)
+    assert all(r.username == r.mail_from for r in got)
+    grants = [grant for _, _, grant in token_server.token_requests()]
+    assert grants == ["urn:ietf:params:oauth:grant-type:jwt-bearer"] * 2
+    assert sorted(i.user or "" for i in token_server.issued.values()) == [
+        "a@example.com",
+        "b@example.com",
+    ]
+    assert_no_secrets(daemon, token_server)
+
+
+def test_token_command_prints_the_token_and_its_failure_is_named(
+    smtp_factory: Factory, test_ca: TestCA, make_daemon: Callable[..., Daemon]
+) -> None:
+    """token_command runs without a shell with the mailbox in $PICKUPD_MAILBOX; its token
+    logs in; a command that fails defers the mail with its exit status and stderr."""
+    server = smtp_factory(
+        security="starttls", oauth=lambda token, user: token == f"cmd-token-for-{user}"
+    )
+    good = [
+        sys.executable,
+        "-c",
+        "import os; print('cmd-token-for-' + os.environ['PICKUPD_MAILBOX'])",
+    ]
+    bad = [sys.executable, "-c", "import sys; sys.exit('vault is sealed')"]
+    relays = {
+        "good": {**tls_relay(server, test_ca), "auth": "oauth2", "token_command": good},
+        "bad": {**tls_relay(server, test_ca), "auth": "oauth2", "token_command": bad},
+    }
+    senders = {"app@example.com": {"relay": "good"}, "other@example.com": {"relay": "bad"}}
+    daemon = make_daemon(relays=relays, senders=senders)
+    drop_maildir(daemon.spool, message())
+    drop_maildir(daemon.spool, message(sender="other@example.com"))
+    (got,) = server.wait_for(1)
+    assert got.username == "app@example.com"
+    (deferred, *_) = daemon.wait_event("deferred")
+    assert "exited with status 1: vault is sealed" in deferred["detail"], deferred
+
+
+def test_check_connect_gets_tokens_logs_in_and_names_what_is_wrong(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """check --connect acquires the token and logs in as each mailbox it knows (an exact
+    sender, or --mailbox for a *@domain entry); a rejected client fails fast with the
+    endpoint's words, and no secret is printed."""
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    daemon = make_daemon(
+        relays={"m365": m365(server, test_ca, token_server, tmp_path)},
+        senders={"*@contoso.example": {"relay": "m365"}, "ceo@contoso.example": {"relay": "m365"}},
+        start=False,
+    )
+    env = {"REQUESTS_CA_BUNDLE": test_ca.ca_file}
+    config = str(daemon.config_path)
+    plain = pickupd("check", "-c", config, "--connect", env=env)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "AUTH XOAUTH2 accepted for ceo@contoso.example" in plain.stdout
+    assert "login not tried: no mailbox" in plain.stdout and "XOAUTH2 offered" in plain.stdout
+    mailbox = pickupd(
+        "check", "-c", config, "--connect", "--mailbox", "it@contoso.example", env=env
+    )
+    assert "AUTH XOAUTH2 accepted for it@contoso.example" in mailbox.stdout, mailbox.stdout
+    assert server.received == []
+
+    token_server.mode = "invalid_client"
+    refused = pickupd("check", "-c", config, "--connect", env=env, timeout=60)
+    assert refused.returncode == 1
+    assert "FAILED: microsoft365 token for client_id app-id (tenant contoso): invalid_client:" in (
+        refused.stdout
+    ), refused.stdout
+    assert_no_secrets(daemon, token_server, plain.stdout, mailbox.stdout, refused.stdout)

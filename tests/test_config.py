@@ -276,14 +276,17 @@ def test_operations_keys_load(tmp_path: Path) -> None:
 def test_shipped_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """etc/pickupd.toml, with its password files put in a temp folder, loads as documented."""
     example = (Path(__file__).parent.parent / "etc" / "pickupd.toml").read_text()
-    for name in ("main.password", "billing.password"):
+    for name in ("main.password", "billing.password", "m365.secret", "google-sa.json"):
         (tmp_path / name).write_text("pw\n")
         (tmp_path / name).chmod(0o600)
     monkeypatch.setenv("PICKUPD_SES_PASSWORD", "pw")
     config = load(write(tmp_path, example.replace("/etc/pickupd/", f"{tmp_path}/")))
-    assert sorted(config.relays) == ["main", "ses"]
+    assert sorted(config.relays) == ["google", "m365", "main", "ses"]
+    assert config.relays["m365"].host == "smtp.office365.com"
     assert [rule.pattern for rule in config.senders] == [
         "billing@example.com",
+        "*@contoso.com",
+        "*@example.net",
         "*@example.com",
         "alerts@example.org",
     ]
@@ -295,6 +298,7 @@ def test_every_key_is_documented() -> None:
     etc/pickupd.toml and named in the README; `pickupd init` writes each plain one."""
     from pickupd.cli.init import starter_config
     from pickupd.config import SECTIONS, RelayConfig, SenderRule
+    from pickupd.credentials import CREDENTIAL_KEYS
     from pickupd.settings import keys
 
     root = Path(__file__).parent.parent
@@ -307,6 +311,9 @@ def test_every_key_is_documented() -> None:
             assert re.search(rf"\b{key.name}\b", readme), f"{name}.{key.name} not in the README"
             if name in SECTIONS:
                 assert f"{key.name} = " in starter, f"{name}.{key.name} not in pickupd init"
+    for login_key in sorted(CREDENTIAL_KEYS):
+        assert f"{login_key} = " in example, f"{login_key} not in etc/pickupd.toml"
+        assert f"`{login_key}`" in readme, f"{login_key} not in the README"
 
 
 def test_provider_presets_and_oauth2_logins_load(tmp_path: Path) -> None:

@@ -40,6 +40,22 @@ _HEADER = """\
 #     username = "relay@example.com"
 #     password_file = "/etc/pickupd/main.password"   # chmod 600
 #
+# Microsoft 365 with OAuth2 (app-only; each sender logs in as its own mailbox; see the
+# README, "Microsoft 365, step by step"):
+#     [relays.m365]
+#     provider = "microsoft365"
+#     auth = "oauth2"
+#     tenant = "contoso.onmicrosoft.com"
+#     client_id = "00000000-0000-0000-0000-000000000000"
+#     client_secret_file = "/etc/pickupd/m365.secret"   # chmod 640, group pickupd
+#     rate = "30/min"
+# Google Workspace with OAuth2 (a service account with domain-wide delegation):
+#     [relays.google]
+#     provider = "google"
+#     auth = "oauth2"
+#     service_account_file = "/etc/pickupd/google-sa.json"
+# Then test the login, no mail sent: pickupd check --connect --mailbox you@your.domain
+#
 # Senders: only these envelope senders are relayed (pickupd is never an open relay).
 # Add one [senders."address"] or [senders."*@domain"] entry per sender.
 #

@@ -172,28 +172,39 @@ def test_tokens_are_refreshed_before_they_expire_and_rotation_is_kept(
     assert_no_secrets(daemon, token_server)
 
 
-def test_a_token_endpoint_that_is_down_defers_then_the_mail_goes(
+def test_a_token_endpoint_that_is_down_refusing_or_slow_defers_then_the_mail_goes(
     smtp_factory: Factory,
     test_ca: TestCA,
     token_server: TokenServer,
     make_daemon: Callable[..., Daemon],
     tmp_path: Path,
 ) -> None:
-    """A 500 from the token endpoint defers the message with a detail naming the token
-    source (logged as token_failed); once the endpoint is back, the retry sends it."""
-    token_server.mode = "500"
+    """The daemon defers, with a detail naming the token source and what went wrong, when
+    the endpoint answers 500, answers invalid_client, or stalls past token_timeout (each
+    logged as token_failed); once the endpoint is back, the retry sends the mail."""
     server = smtp_factory(security="starttls", oauth=token_server.valid)
-    daemon = make_daemon(
-        relays={"main": refresh_relay(server, test_ca, token_server, tmp_path)}, start=False
-    )
+    relay = refresh_relay(server, test_ca, token_server, tmp_path, token_timeout="1s")
+    daemon = make_daemon(relays={"main": relay}, start=False)
     start(daemon, test_ca)
-    drop_maildir(daemon.spool, message())
-    (deferred, *_) = daemon.wait_event("deferred")
-    assert f"refresh token grant at {token_server.url}/token" in deferred["detail"]
+    for mode, said in (
+        ("500", "server_error"),
+        ("invalid_client", "invalid_client"),
+        ("stall", "timed out"),
+    ):
+        token_server.mode = mode
+        drop_maildir(daemon.spool, message(subject=mode))
+        # Any deferral under this mode (earlier messages are retried meanwhile too).
+        wait_until(
+            lambda: [e for e in daemon.events("deferred") if said in e["detail"]],
+            15,
+            f"a deferral saying {said}; log: {daemon.log_tail()}",
+        )
+    source = f"refresh token grant at {token_server.url}/token"
+    assert all(source in e["detail"] for e in daemon.events("deferred"))
     assert daemon.events("token_failed")
     token_server.mode = "ok"
-    server.wait_for(1, timeout=15)
-    assert server.received[0].username == "app@example.com"
+    got = server.wait_for(3, timeout=20)
+    assert {r.username for r in got} == {"app@example.com"}
     assert_no_secrets(daemon, token_server)
 
 
@@ -319,3 +330,29 @@ def test_check_connect_gets_tokens_logs_in_and_names_what_is_wrong(
         refused.stdout
     ), refused.stdout
     assert_no_secrets(daemon, token_server, plain.stdout, mailbox.stdout, refused.stdout)
+
+
+def test_check_connect_writes_a_rotated_refresh_token_back(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """check --connect spends the stored refresh token like the daemon does, so it keeps
+    the rotated one: a second check (and the daemon after it) still logs in."""
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    daemon = make_daemon(
+        relays={"main": refresh_relay(server, test_ca, token_server, tmp_path)}, start=False
+    )
+    stored = tmp_path / "refresh.token"
+    first = stored.read_text()
+    env = {"REQUESTS_CA_BUNDLE": test_ca.ca_file}
+    for _ in range(2):
+        done = pickupd("check", "-c", str(daemon.config_path), "--connect", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "AUTH XOAUTH2 accepted for app@example.com" in done.stdout
+    assert stored.read_text() != first and stored.read_text().strip() in token_server.refresh_tokens
+    start(daemon, test_ca)
+    drop_maildir(daemon.spool, message())
+    server.wait_for(1)

@@ -195,7 +195,7 @@ def test_a_token_endpoint_that_is_down_refusing_or_slow_defers_then_the_mail_goe
         drop_maildir(daemon.spool, message(subject=mode))
         # Any deferral under this mode (earlier messages are retried meanwhile too).
         wait_until(
-            lambda: [e for e in daemon.events("deferred") if said in e["detail"]],
+            lambda said=said: [e for e in daemon.events("deferred") if said in e["detail"]],
             15,
             f"a deferral saying {said}; log: {daemon.log_tail()}",
         )

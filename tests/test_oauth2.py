@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import stat
 import sys
+from functools import partial
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -194,11 +195,7 @@ def test_a_token_endpoint_that_is_down_refusing_or_slow_defers_then_the_mail_goe
         token_server.mode = mode
         drop_maildir(daemon.spool, message(subject=mode))
         # Any deferral under this mode (earlier messages are retried meanwhile too).
-        wait_until(
-            lambda said=said: [e for e in daemon.events("deferred") if said in e["detail"]],
-            15,
-            f"a deferral saying {said}; log: {daemon.log_tail()}",
-        )
+        wait_until(partial(_deferral_saying, daemon, said), 15, f"a deferral saying {said}")
     source = f"refresh token grant at {token_server.url}/token"
     assert all(source in e["detail"] for e in daemon.events("deferred"))
     assert daemon.events("token_failed")
@@ -206,6 +203,10 @@ def test_a_token_endpoint_that_is_down_refusing_or_slow_defers_then_the_mail_goe
     got = server.wait_for(3, timeout=20)
     assert {r.username for r in got} == {"app@example.com"}
     assert_no_secrets(daemon, token_server)
+
+
+def _deferral_saying(daemon: Daemon, said: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.events("deferred") if said in e["detail"]]
 
 
 def service_account(tmp: Path, tokens: TokenServer) -> str:

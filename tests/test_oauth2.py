@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import stat
 import sys
-from functools import partial
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 

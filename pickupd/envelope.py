@@ -27,6 +27,9 @@ class Envelope:
     header_from: tuple[str, ...]
     data: bytes
     message_id: str | None
+    # Every address a mail client may show as the author: From:, Sender:, Resent-From:,
+    # Resent-Sender:, as (field name, address); policy.py checks each against the allow-list.
+    authors: tuple[tuple[str, str], ...] = ()
 
 
 # ---- The message: header fields as bytes, the envelope taken from them.
@@ -34,8 +37,23 @@ class Envelope:
 _EOL = re.compile(rb"\r\n|\r|\n")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+(?=:)")
 _LABELS = {
-    name.lower(): name for name in ("From", "Sender", "To", "Cc", "Bcc", "X-Sender", "X-Receiver")
+    name.lower(): name
+    for name in (
+        "From",
+        "Sender",
+        "To",
+        "Cc",
+        "Bcc",
+        "X-Sender",
+        "X-Receiver",
+        "Resent-From",
+        "Resent-Sender",
+    )
 }
+# Control characters have no place in a header field (RFC 5322 3.2.3: only WSP and printable
+# characters; CR and LF only as the line ends the parser has already taken apart). A NUL in
+# a Subject: is relayed by some servers and cut by others: refused, never guessed.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class _Malformed(Exception):
@@ -94,6 +112,11 @@ def _split_fields(head: bytes, local_domain: str | None) -> list[_Field]:
         if match is None:
             raise _Malformed(f"line {number} is not a header field")
         fields.append(_Field(match.group().decode("ascii").lower(), [line], local_domain))
+    for f in fields:
+        control = _CONTROL.search(b"".join(f.lines))
+        if control is not None:
+            name = f.lines[0][: len(f.name)].decode("ascii")
+            raise _Malformed(f"{name}: control character {chr(control.group()[0])!r}")
     return fields
 
 
@@ -182,6 +205,7 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
     kept: list[_Field] = []  # joined at the end: qualifying a bare name rewrites its field
     single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
     message_id: str | None = None
+    authors: list[tuple[str, str]] = []
     for f in fields[run:]:
         if f.name != "bcc":  # Bcc: is for the envelope only, in both formats
             kept.append(f)
@@ -196,10 +220,17 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
                 recipients.extend(found)
         elif f.name == "message-id" and message_id is None:
             message_id = f.value().decode("utf-8", "replace").strip() or None
+        elif f.name in ("resent-from", "resent-sender"):
+            # One per resent block, so they may repeat; each must parse and is an author.
+            found = f.addresses(null_ok=True) or []
+            authors.extend((_LABELS[f.name], address) for address in found)
 
     from_field, sender_field = single.get("from"), single.get("sender")
     header_from = tuple(from_field.addresses(null_ok=True) or []) if from_field else ()
     header_sender = sender_field.mailbox() if sender_field else None  # checked in both formats
+    authors[:0] = [("From", address) for address in header_from]
+    if header_sender is not None:
+        authors.insert(len(header_from), ("Sender", header_sender))
     if not pickup:
         if sender_field is not None:
             sender = header_sender
@@ -213,4 +244,4 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
             seen.add(address.lower())
             unique.append(address)
     head = b"".join(line for f in kept for line in f.lines)
-    return Envelope(sender, tuple(unique), header_from, head + body, message_id)
+    return Envelope(sender, tuple(unique), header_from, head + body, message_id, tuple(authors))

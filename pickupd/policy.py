@@ -21,11 +21,13 @@ def check(envelope: Envelope, config: Config, size: int) -> SenderRule | Refusal
     if rule is None:
         return Refusal(Reason.SENDER_NOT_ALLOWED, f"{envelope.sender} matches no [senders] entry")
     if policy.check_header_from:
-        for address in envelope.header_from:
+        # What a mail client shows as the author ("on behalf of" for Sender:) must be allowed
+        # too, or an allowed envelope could carry a spoofed one.
+        for field, address in envelope.authors:
             if config.sender_rule(address) is None:
                 return Refusal(
                     Reason.HEADER_FROM_NOT_ALLOWED,
-                    f"From: {address} matches no [senders] entry (envelope sender"
+                    f"{field}: {address} matches no [senders] entry (envelope sender"
                     f" {envelope.sender} is allowed)",
                 )
     if not envelope.recipients:

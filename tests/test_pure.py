@@ -141,6 +141,46 @@ def test_policy_refusals(raw: bytes, reason: Reason) -> None:
     assert isinstance(result, Refusal) and result.reason is reason and result.detail
 
 
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (
+            b"X-Sender: app@example.com\nX-Receiver: x@y\nFrom: app@example.com\n"
+            b"Sender: ceo@evil.example\n\nb\n",
+            "Sender",
+        ),
+        (b"From: app@example.com\nResent-From: ceo@evil.example\nTo: x@y\n\nb\n", "Resent-From"),
+        (
+            b"From: app@example.com\nResent-From: a@corp.example\n"
+            b"Resent-Sender: ceo@evil.example\nTo: x@y\n\nb\n",
+            "Resent-Sender",
+        ),
+    ],
+)
+def test_every_author_field_must_be_allowed(raw: bytes, field: str) -> None:
+    """With check_header_from, Sender: ("on behalf of") and Resent-From: / Resent-Sender:
+    must match the allow-list like From:, in both file formats; the detail names the field."""
+    result = policy.check(_env(raw), _config(), len(raw))
+    assert isinstance(result, Refusal) and result.reason is Reason.HEADER_FROM_NOT_ALLOWED
+    assert result.detail.startswith(f"{field}: ceo@evil.example matches no [senders] entry")
+    allowed = raw.replace(b"ceo@evil.example", b"ceo@corp.example")
+    assert isinstance(policy.check(_env(allowed), _config(), len(raw)), SenderRule)
+
+
+@pytest.mark.parametrize("byte", [b"\x00", b"\x01", b"\x1b", b"\x7f", b"\x0b"])
+def test_control_bytes_in_any_header_field_are_malformed(byte: bytes) -> None:
+    """A NUL or other control byte in a non-address field (Subject:, X-Anything:) makes the
+    message malformed, with the field named; a TAB is fine."""
+    for name in (b"Subject", b"X-Custom", b"Message-ID"):
+        raw = b"From: app@example.com\nTo: x@y\n" + name + b": a" + byte + b"b\n\nbody\n"
+        result = envelope.parse(raw)
+        assert isinstance(result, Refusal) and result.reason is Reason.MALFORMED
+        assert result.detail.startswith(name.decode() + ": control character"), result.detail
+    assert isinstance(
+        envelope.parse(b"From: app@example.com\nSubject: a\tb\n\nx\n"), envelope.Envelope
+    )
+
+
 def test_policy_allows_exact_and_domain_senders() -> None:
     """Exact addresses and *@domain entries match case-insensitively; check_header_from off
     lets an allowed envelope carry another From:."""

@@ -37,6 +37,9 @@ def describe_error(exc: BaseException) -> tuple[int, str, str]:
         return 0, f"TLS error: {exc.reason or exc}", "tls"
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError):
         return 0, f"timed out: {exc}" if str(exc) else "timed out", "timeout"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        # The session was up: the server (or the network) dropped it.
+        return 0, f"connection lost: {exc}" if str(exc) else "connection lost", "connect"
     if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
         cause = exc.__cause__ or exc
         if isinstance(cause, ssl.SSLError):
@@ -203,9 +206,10 @@ async def _transaction(
             name, deferred=tuple(deferred), rejected=tuple(rejected), code=exc.code, text=text
         )
     except _SESSION_ERRORS as exc:
-        # Lost during DATA: the server may have queued it. A duplicate beats a loss: defer.
+        # Lost once the message was on its way: the server may have queued it. A duplicate
+        # beats a loss: defer.
         code, text, kind = describe_error(exc)
-        text = f"outcome unknown, connection lost during DATA: {text}"
+        text = f"outcome unknown: the session ended after DATA, before the server's reply ({text})"
         deferred.extend(_all(accepted, code, text))
         return Delivery(
             name,

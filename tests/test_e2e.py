@@ -223,6 +223,9 @@ def test_outcome_unknown_defers_and_keeps_message_id(
     (got,) = smtp_server.wait_for(1)
     (unknown,) = daemon.events("outcome_unknown")
     assert unknown["message_id"] == "<unknown-1@example.com>"
+    # Named as what happened: the message went out, the reply never came.
+    assert unknown["detail"].startswith("outcome unknown: the session ended after DATA, before")
+    assert "connection lost" in unknown["detail"] and "cannot connect" not in unknown["detail"]
     assert b"Message-ID: <unknown-1@example.com>\r\n" in got.data
     assert daemon.wait_event("sent")[0]["attempt"] == 2
 

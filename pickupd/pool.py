@@ -110,8 +110,11 @@ class Pool:
                 self._changed.notify_all()
             raise
 
-    async def release(self, session: Session, *, reusable: bool) -> None:
-        """Give a session back: kept for the next message, or closed."""
+    async def release(self, session: Session, *, reusable: bool, abort: bool = False) -> None:
+        """Give a session back: kept for the next message, or closed (with QUIT, unless
+        `abort`: then the connection is dropped at once)."""
+        if abort:
+            session.smtp.close()
         async with self._changed:
             session.last_used = time.monotonic()
             if reusable and session.smtp.is_connected:

@@ -92,7 +92,7 @@ async def send(
                 if tries_left:
                     continue
                 return _session_failed(relay.name, recipients, exc)
-        reusable = False
+        reusable = cancelled = False
         try:
             session.clean = False
             delivery = await _transaction(session, relay, sender, recipients, data)
@@ -103,9 +103,14 @@ async def send(
             if tries_left:
                 continue
             raise AssertionError("a new session cannot be stale") from None
+        except asyncio.CancelledError:
+            # Shutdown cut the transaction short (mid-DATA, say): the server owes us a reply
+            # it may never send, so no QUIT waits for it; the connection is dropped.
+            cancelled = True
+            raise
         finally:
             session.messages += 1
-            await pool.release(session, reusable=reusable)
+            await pool.release(session, reusable=reusable, abort=cancelled)
     raise AssertionError("unreachable")
 
 

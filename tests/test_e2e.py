@@ -376,6 +376,28 @@ def test_sigterm_loses_nothing(smtp_server: SmtpServer, make_daemon: Callable[..
     assert len(received) + census["pickup/new"] + census["deferred"] == total
 
 
+def test_a_second_sigterm_drops_a_stalled_session_without_quit(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The server never answers the final dot; the first SIGTERM waits for the send, the
+    second ends the wait at once: the session is dropped without a QUIT it could never
+    answer, the message is put back in deferred/, and pickupd exits 0."""
+    smtp_server.stall = "DOT"
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message())
+    wait_until(lambda: "DATA" in smtp_server.commands, 10, "the message to be sent")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.wait_event("stopping")
+    second = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=10) == 0
+    # A QUIT waiting for its reply took pool.QUIT_TIMEOUT (2 s) before the fix.
+    assert time.monotonic() - second < 1.5
+    assert "QUIT" not in smtp_server.commands
+    assert len(daemon.files("deferred", ".eml")) == 1 and daemon.census()["active"] == 0
+
+
 def test_stale_claims_are_recovered_at_start(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:

@@ -160,6 +160,9 @@ class Dispatcher:
             removed = self.spool.clean_tmp(time.time())
             if removed:
                 self.log.info("tmp_cleaned", removed=removed)
+            leftovers = self.spool.clean_leftovers(time.time())
+            if any(leftovers.values()):
+                self.log.info("leftovers_cleaned", **leftovers)
             recovered = self.spool.stale_claims()
             for candidate in recovered:
                 self.log.info("recovered", id=candidate.id)

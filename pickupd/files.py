@@ -6,6 +6,7 @@ Nothing here knows the spool's folders; spool.py decides what moves where.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -42,8 +43,14 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
     rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_synced(tmp, data, os.O_TRUNC, 0o600)
-    os.replace(tmp, path)
+    try:
+        write_synced(tmp, data, os.O_TRUNC, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk must not leave half a file behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 

@@ -55,6 +55,8 @@ FOLDERS = ("pickup", "active", "deferred", "hold", "failed", "sent")
 Origin = Literal["new", "eml", "deferred", "recovered"]
 # Maildir: files in tmp/ older than this were abandoned by their writer and may be removed.
 TMP_MAX_AGE = 36 * 3600.0
+# Orphaned sidecars and temp files of atomic writes older than this are leftovers.
+LEFTOVER_AGE = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,45 @@ class Spool:
             path.unlink()
         return False
 
+    def clean_leftovers(self, now: float) -> dict[str, int]:
+        """What crashes and full disks leave behind, removed at start: sidecars in deferred/
+        whose message is nowhere (not in deferred/, not claimed in active/; older than an
+        hour, so an operator's requeue, which writes the sidecar first, is never cut short),
+        lock files of this host's processes that are gone, and temp files of atomic writes
+        older than an hour. Returns how many of each."""
+        removed = {"sidecars": 0, "locks": 0, "temps": 0}
+        claimed = {_claim_id(e.name) for e in _entries(self.active)}
+        for entry in _entries(self.deferred):
+            name = entry.name
+            msg_id = name[:-5] if name.endswith(".json") else ""
+            if (
+                ids.is_valid(msg_id)
+                and msg_id not in claimed
+                and not os.path.lexists(self.deferred / f"{msg_id}.eml")
+                and _older(entry, now, LEFTOVER_AGE)
+                and _unlink(entry.path)
+            ):
+                removed["sidecars"] += 1
+        for entry in _entries(self.active):
+            owner = entry.name.removeprefix(".owner.")
+            if (
+                entry.name.startswith(".owner.")
+                and owner != self.owner
+                and owner.rpartition("-")[0] == self._host
+                and not self._owner_alive(owner)  # unlinks the lock file it finds free
+            ):
+                removed["locks"] += 1
+        for folder in (self.deferred, self.failed, self.hold, self.sent):
+            for entry in _entries(folder):
+                if (
+                    entry.name.startswith(".")
+                    and entry.name.endswith(".tmp")
+                    and _older(entry, now, LEFTOVER_AGE)
+                    and _unlink(entry.path)
+                ):
+                    removed["temps"] += 1
+        return removed
+
     def clean_tmp(self, now: float) -> int:
         """Remove Maildir tmp/ files older than 36 hours; return how many."""
         removed = 0
@@ -329,7 +370,8 @@ class Spool:
         fsync_dir(folder)
 
     def _drop_old_sidecar(self, claimed: Claimed) -> None:
-        if claimed.sidecar is not None or claimed.origin == "recovered":
+        # Also when it could not be read: an unreadable sidecar must not outlive its message.
+        if claimed.origin in ("deferred", "recovered"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.deferred / f"{claimed.id}.json")
 
@@ -426,6 +468,19 @@ def _claim_id(name: str) -> str | None:
     """The id of a claim `<id>.<owner>` in active/; None for lock files and strays."""
     msg_id, dot, owner = name.partition(".")
     return msg_id if dot and owner and ids.is_valid(msg_id) else None
+
+
+def _older(entry: os.DirEntry[str], now: float, age: float) -> bool:
+    mtime = _mtime(entry)
+    return mtime is not None and now - mtime > age
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _mtime(entry: os.DirEntry[str]) -> float | None:

@@ -645,3 +645,21 @@ def test_session_closed_between_messages_is_replaced_at_mail(
     assert second.session == 2 and b"Subject: second" in second.data
     daemon.wait_event("sent", count=2)
     assert not daemon.events("deferred")
+
+
+def test_a_killed_daemons_lock_file_is_removed_at_the_next_start(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """kill -9 of a daemon that held no claims leaves its .owner lock file in active/; the
+    next start removes it (logged as leftovers_cleaned) and keeps its own."""
+    daemon = make_daemon(smtp_server)
+    assert daemon.proc is not None
+    killed = daemon.proc.pid
+    daemon.stop(signal.SIGKILL)
+    locks = [p.name for p in (daemon.spool / "active").iterdir()]
+    assert [name for name in locks if name.endswith(f"-{killed}")], locks
+    daemon.start()
+    (cleaned,) = daemon.wait_event("leftovers_cleaned")
+    assert cleaned["locks"] == 1
+    locks = [p.name for p in (daemon.spool / "active").iterdir()]
+    assert len(locks) == 1 and not locks[0].endswith(f"-{killed}"), locks

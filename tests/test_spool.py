@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from pickupd import ids
 from pickupd.files import atomic_write
 from pickupd.sidecar import Sidecar, from_timestamp
 from pickupd.spool import Candidate, Later, Spool, TooLarge, Unsafe
@@ -139,3 +140,58 @@ def test_claims_of_another_host_are_never_recovered(tmp_path: Path) -> None:
     (spool.new / "m").write_bytes(b"x")
     assert other.claim(Candidate(spool.new / "m", "new/m", "new")) is not None
     assert spool.stale_claims() == []
+
+
+def test_an_unreadable_sidecar_leaves_with_its_message(tmp_path: Path) -> None:
+    """A deferred message whose sidecar cannot be read is still sent; its broken sidecar
+    does not stay behind in deferred/ as an orphan."""
+    spool = make(tmp_path)
+    msg_id = ids.new()
+    (spool.deferred / f"{msg_id}.eml").write_bytes(b"x")
+    (spool.deferred / f"{msg_id}.json").write_bytes(b"{not json")
+    claimed = spool.claim(Candidate(spool.deferred / f"{msg_id}.eml", "x", "deferred", msg_id))
+    assert claimed is not None and claimed.sidecar is None
+    spool.finish_sent(claimed, None)
+    assert list(spool.deferred.iterdir()) == []
+
+
+def test_leftovers_are_cleaned_and_nothing_else(tmp_path: Path) -> None:
+    """clean_leftovers removes old orphaned sidecars, lock files of this host's dead
+    processes and old temp files; it keeps fresh sidecars (a requeue in progress), sidecars
+    of claimed messages, live locks and everything of other hosts."""
+    spool = make(tmp_path)
+    spool.lock()
+    old = time.time() - 2 * 3600
+    orphan, fresh, claimed = ids.new(), ids.new(), ids.new()
+    for msg_id in (orphan, fresh, claimed):
+        (spool.deferred / f"{msg_id}.json").write_bytes(b"{}")
+    os.utime(spool.deferred / f"{orphan}.json", (old, old))
+    os.utime(spool.deferred / f"{claimed}.json", (old, old))
+    (spool.active / f"{claimed}.{spool.owner}").write_bytes(b"x")
+    host = spool.owner.rpartition("-")[0]
+    dead, elsewhere = f".owner.{host}-999999999", ".owner.other-host-1"
+    (spool.active / dead).write_bytes(b"")
+    (spool.active / elsewhere).write_bytes(b"")
+    stale_tmp = spool.deferred / f".{orphan}.json.4242.tmp"
+    stale_tmp.write_bytes(b"{")
+    os.utime(stale_tmp, (old, old))
+    removed = spool.clean_leftovers(time.time())
+    assert removed == {"sidecars": 1, "locks": 1, "temps": 1}
+    left = sorted(p.name for p in spool.deferred.iterdir())
+    assert left == sorted([f"{fresh}.json", f"{claimed}.json"])
+    assert sorted(p.name for p in spool.active.iterdir() if p.name.startswith(".")) == sorted(
+        [f".owner.{spool.owner}", elsewhere]
+    )
+    spool.unlock()
+
+
+def test_atomic_write_leaves_nothing_when_it_fails(tmp_path: Path) -> None:
+    """A write that fails (here: the target is a directory) removes its temp file."""
+    (tmp_path / "target").mkdir()
+    try:
+        atomic_write(tmp_path / "target", b"data")
+    except OSError:
+        pass
+    else:
+        raise AssertionError("writing over a directory must fail")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]

@@ -9,6 +9,7 @@ Finding work is intake.py's job, recording outcomes recorder.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import credentials, envelope, moves, policy, ratelimit, relay
 from . import log as logs
 from .config import Config, SenderRule, load
-from .errors import ConfigError
+from .errors import ConfigError, SpoolWriteError
 from .feedback import Feedback
 from .files import printable
 from .intake import Intake
@@ -27,6 +28,7 @@ from .pool import Pool
 from .recorder import Recorder, Stats
 from .sidecar import from_timestamp
 from .spool import Candidate, Claimed, Spool, TooLarge, Unsafe
+from .stranded import Stranded
 from .watcher import Watcher
 
 if TYPE_CHECKING:
@@ -66,6 +68,8 @@ class Dispatcher:
             self.spool, self.log, self.metrics, self.intake.deferring, self.feedback.notify
         )
         self.stats = self.recorder.stats
+        gauge = self.metrics.stranded if self.metrics is not None else None
+        self.stranded = Stranded(self.log, gauge or (lambda count: None))
         self._background: set[asyncio.Task[None]] = set()
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
         self._stop = asyncio.Event()
@@ -107,7 +111,7 @@ class Dispatcher:
         self.intake.dispatch = new.dispatch
         self.feedback.config = new.notify
         logs.configure(new.log.level, new.log.format)
-        self.log = self.recorder.log = self.feedback.log = logs.get()
+        self.log = self.recorder.log = self.feedback.log = self.stranded.log = logs.get()
         if unchanged:
             self.log.warning("reload_needs_restart", keys=unchanged)
         self.log.info(
@@ -139,6 +143,7 @@ class Dispatcher:
             count = await asyncio.to_thread(moves.make_due, self.spool, time.time())
             self.log.info("flushed", messages=count)
             self.intake.wake()
+            self.stranded.wake()
 
         task = asyncio.get_running_loop().create_task(flush())
         self._background.add(task)
@@ -180,6 +185,7 @@ class Dispatcher:
                     group.create_task(self.intake.feed_pickup()),
                     group.create_task(self.intake.feed_deferred()),
                     group.create_task(self._reap_sessions()),
+                    group.create_task(self.stranded.run(self.intake.wake)),
                 ]
                 if self.notifier:
                     helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
@@ -281,14 +287,21 @@ class Dispatcher:
         try:
             await self._deliver(claimed)
         except asyncio.CancelledError:
-            # Shutdown ran out of time: put it back, due now, so it is sent next time.
-            self.recorder.put_back(claimed, time.time())
+            # Shutdown ran out of time: put it back, due now, so it is sent next time (if the
+            # spool cannot take it, the next start recovers it from active/).
+            with contextlib.suppress(SpoolWriteError):
+                self.recorder.put_back(claimed, time.time())
             raise
+        except SpoolWriteError as error:
+            self.stranded.add(error)  # the same process tries again: see stranded.py
         except Exception:
-            # A bug or a full disk must not strand the message in active/: log it and put
-            # it back to be tried again in a minute.
+            # A bug must not strand the message in active/: log it and put it back to be
+            # tried again in a minute.
             self.log.exception("internal_error", id=claimed.id, source=claimed.source)
-            self.recorder.put_back(claimed, time.time() + 60)
+            try:
+                self.recorder.put_back(claimed, time.time() + 60)
+            except SpoolWriteError as error:
+                self.stranded.add(error)
 
     async def _deliver(self, claimed: Claimed) -> None:
         try:
@@ -328,8 +341,8 @@ class Dispatcher:
         if slot > now:
             # Over a provider limit: not an attempt, not an error; it waits its turn.
             detail = f"waiting its turn: {ratelimit.limits(relay_config, decision)}"
-            if self.recorder.waiting(claimed, parsed, slot, detail):
-                self.intake.due_at(slot)
+            self.recorder.waiting(claimed, parsed, slot, detail)
+            self.intake.due_at(slot)
             return
         started = time.monotonic()
         delivery = await relay.send(

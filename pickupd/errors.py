@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = [
     "AuthNotOffered",
     "CommandError",
     "ConfigError",
     "PickupdError",
     "SessionError",
+    "SpoolWriteError",
     "StartTLSNotOffered",
 ]
 
@@ -58,3 +61,14 @@ class AuthNotOffered(SessionError):
         super().__init__(
             f"AUTH not offered by the server{f' (it offers {offered})' if offered else ''}"
         )
+
+
+class SpoolWriteError(PickupdError):
+    """A claimed message could not be moved to its folder (a full disk, most often): it stays
+    in active/ under our claim, and `resume()` does the rest of what was to be done."""
+
+    def __init__(self, msg_id: str, resume: Callable[[], None], cause: OSError) -> None:
+        super().__init__(f"cannot write to the spool: {cause.strerror or cause}")
+        self.msg_id = msg_id
+        self.resume = resume
+        self.cause = cause

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -80,6 +80,11 @@ class Metrics:
             ["relay", "kind"],
             registry=self.registry,
         )
+        self._stranded = Gauge(
+            "pickupd_stranded_messages",
+            "Claimed messages that could not be moved to their folder (disk full?), retried",
+            registry=self.registry,
+        )
         self.registry.register(_SpoolCollector(spool))
         self._server: WSGIServer | None = None
 
@@ -104,6 +109,9 @@ class Metrics:
 
     def send_seconds(self, relay: str, seconds: float) -> None:
         self._duration.labels(relay).observe(seconds)
+
+    def stranded(self, count: int) -> None:
+        self._stranded.set(count)
 
     def connection_error(self, relay: str, kind: str) -> None:
         self._connection_errors.labels(relay, kind).inc()

@@ -3,11 +3,17 @@ a log line and a metric. No event loop here: every method is a plain synchronous
 
 Each call is given the config the attempt was made under, so a reload in the middle of a send
 does not apply the new retry schedule to an attempt made with the old one.
+
+Each outcome is a list of steps, a move in the spool and what follows it (log line, counts,
+hooks). When a move fails (a full disk), `SpoolWriteError` carries a `resume()` that runs the
+rest, from that move on: the dispatcher keeps the message and calls it again later, so nothing
+is logged twice or lost, and the message never leaves active/ half-moved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -15,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import ids, retry
 from .config import Config
 from .envelope import Envelope
+from .errors import SpoolWriteError
 from .log import Logger
 from .outcome import Delivery, Outcome, Reason, RecipientResult, Refusal
 from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 __all__ = ["Recorder", "Stats"]
+
+# A move in the spool, then what follows it once it is done.
+_Step = tuple[Callable[[], None], Callable[[], None]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -70,26 +80,23 @@ class Recorder:
             detail=refusal.detail,
             next_attempt=None,
         )
-        try:
-            self.spool.finish_failed(claimed, sidecar)
-        except OSError as exc:
-            self.log.error(
-                "failed_stuck", id=claimed.id, reason=refusal.reason.value, error=str(exc)
+
+        def done() -> None:
+            self._counted(Outcome.FAILED, refusal.reason, None)
+            self._notify("failed", sidecar)
+            self.log.warning(
+                "failed",
+                id=claimed.id,
+                sender=base.sender,
+                recipients=list(base.recipients),
+                relay=None,
+                attempt=sidecar.attempts,
+                code=None,
+                reason=refusal.reason.value,
+                detail=refusal.detail,
             )
-            return
-        self._counted(Outcome.FAILED, refusal.reason, None)
-        self._notify("failed", sidecar)
-        self.log.warning(
-            "failed",
-            id=claimed.id,
-            sender=base.sender,
-            recipients=list(base.recipients),
-            relay=None,
-            attempt=sidecar.attempts,
-            code=None,
-            reason=refusal.reason.value,
-            detail=refusal.detail,
-        )
+
+        self._run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
 
     # -- not an attempt --------------------------------------------------------------------------
 
@@ -99,27 +106,23 @@ class Recorder:
         due: float,
         sidecar: Sidecar | None = None,
         event: str = "put_back",
-    ) -> bool:
+    ) -> None:
         """Move a claimed message to deferred/ without counting an attempt (shutdown, an
-        internal error, waiting for its turn under a provider limit). False if it could not."""
+        internal error, waiting for its turn under a provider limit)."""
         sidecar = sidecar or claimed.sidecar or self._new_sidecar(claimed, None, ())
         sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
-        try:
-            self._to_deferred(claimed, sidecar, due)
-        except OSError as exc:
-            if claimed.path.exists():  # else it had already reached its folder
-                self.log.error("put_back_failed", id=claimed.id, error=str(exc))
-                return False
-            return True
-        self.log.info(
-            event, id=claimed.id, next_attempt=sidecar.next_attempt, detail=sidecar.detail
-        )
-        return True
 
-    def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> bool:
+        def done() -> None:
+            self.log.info(
+                event, id=claimed.id, next_attempt=sidecar.next_attempt, detail=sidecar.detail
+            )
+
+        self._run(claimed, [(lambda: self._to_deferred(claimed, sidecar, due), done)])
+
+    def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> None:
         """Over a provider limit: not an attempt, not an error; it waits for its turn."""
         waiting = dataclasses.replace(self._base(claimed, parsed), detail=detail)
-        return self.put_back(claimed, due, waiting, event="waiting")
+        self.put_back(claimed, due, waiting, event="waiting")
 
     # -- one SMTP attempt ------------------------------------------------------------------------
 
@@ -162,14 +165,27 @@ class Recorder:
                     attempts=attempt,
                     next_attempt=None,
                 )
-            self.spool.finish_sent(claimed, archive)
+            self._sent(claimed, archive)
             return None
 
+        steps: list[_Step] = []
         if delivery.rejected:
-            self._reject(claimed, base, delivery, data, attempt, fields)
+            steps.append(self._reject(claimed, base, delivery, data, attempt, fields))
+        due = None
         if delivery.deferred:
-            return self._defer(claimed, base, delivery, attempt, fields, config)
-        return None
+            due, step = self._defer(claimed, base, delivery, attempt, fields, config)
+            steps.append(step)
+        self._run(claimed, steps)
+        return due
+
+    def _sent(self, claimed: Claimed, archive: Sidecar | None) -> None:
+        """Delivered: delete it (no new space needed), or archive it to sent/. An archive
+        that cannot be written does not keep a sent message around to be sent again."""
+        try:
+            self.spool.finish_sent(claimed, archive)
+        except OSError as exc:
+            self.log.error("archive_failed", id=claimed.id, error=exc.strerror or str(exc))
+            self.spool.finish_sent(claimed, None)
 
     def _reject(
         self,
@@ -179,7 +195,7 @@ class Recorder:
         data: bytes,
         attempt: int,
         fields: dict[str, Any],
-    ) -> None:
+    ) -> _Step:
         """Recipients refused for good: the message to failed/, or a copy of it there when
         other recipients are still to be tried."""
         reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
@@ -197,19 +213,26 @@ class Recorder:
         )
         if delivery.deferred:
             failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
-            self.spool.write_failed_copy(data, failed)
-        else:
-            self.spool.finish_failed(claimed, failed)
-        self._counted(Outcome.FAILED, reason, delivery.relay)
-        self._notify("failed", failed)
-        self.log.warning(
-            "failed",
-            **{**fields, "id": failed.id},
-            recipients=list(failed.recipients),
-            code=code,
-            reason=reason.value,
-            detail=detail,
-        )
+
+        def move() -> None:
+            if delivery.deferred:
+                self.spool.write_failed_copy(data, failed)
+            else:
+                self.spool.finish_failed(claimed, failed)
+
+        def done() -> None:
+            self._counted(Outcome.FAILED, reason, delivery.relay)
+            self._notify("failed", failed)
+            self.log.warning(
+                "failed",
+                **{**fields, "id": failed.id},
+                recipients=list(failed.recipients),
+                code=code,
+                reason=reason.value,
+                detail=detail,
+            )
+
+        return move, done
 
     def _defer(
         self,
@@ -219,9 +242,9 @@ class Recorder:
         attempt: int,
         fields: dict[str, Any],
         config: Config,
-    ) -> float | None:
+    ) -> tuple[float | None, _Step]:
         """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
-        as expired once max_age is reached."""
+        as expired once max_age is reached; returns the due time (None: expired)."""
         now = time.time()
         first_attempt = base.lifetime_start()
         since = _seconds(first_attempt) if first_attempt else now
@@ -241,18 +264,21 @@ class Recorder:
                 detail=f"undelivered after {format_duration(now - since)}; last: {detail}",
                 next_attempt=None,
             )
-            self.spool.finish_failed(claimed, sidecar)
-            self._counted(Outcome.FAILED, Reason.EXPIRED, delivery.relay)
-            self._notify("failed", sidecar)
-            self.log.warning(
-                "failed",
-                **fields,
-                recipients=list(recipients),
-                code=code,
-                reason=Reason.EXPIRED.value,
-                detail=sidecar.detail,
-            )
-            return None
+            expired = sidecar
+
+            def failed() -> None:
+                self._counted(Outcome.FAILED, Reason.EXPIRED, delivery.relay)
+                self._notify("failed", expired)
+                self.log.warning(
+                    "failed",
+                    **fields,
+                    recipients=list(recipients),
+                    code=code,
+                    reason=Reason.EXPIRED.value,
+                    detail=expired.detail,
+                )
+
+            return None, (lambda: self.spool.finish_failed(claimed, expired), failed)
         sidecar = base.with_attempt(
             history,
             recipients=recipients,
@@ -270,21 +296,35 @@ class Recorder:
         )
         if long_deferred:  # recorded in the sidecar, so the hook runs once per message
             sidecar = dataclasses.replace(sidecar, deferred_notice=from_timestamp(now))
-        self._to_deferred(claimed, sidecar, due)
-        if long_deferred:
-            self._notify("deferred", sidecar)
-        self._counted(Outcome.DEFERRED, None, delivery.relay)
-        self.log.warning(
-            "deferred",
-            **fields,
-            recipients=list(recipients),
-            code=code,
-            detail=detail,
-            next_attempt=sidecar.next_attempt,
-        )
-        return due
+        waiting, at = sidecar, due
+
+        def deferred() -> None:
+            if long_deferred:
+                self._notify("deferred", waiting)
+            self._counted(Outcome.DEFERRED, None, delivery.relay)
+            self.log.warning(
+                "deferred",
+                **fields,
+                recipients=list(recipients),
+                code=code,
+                detail=detail,
+                next_attempt=waiting.next_attempt,
+            )
+
+        return due, (lambda: self._to_deferred(claimed, waiting, at), deferred)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _run(self, claimed: Claimed, steps: list[_Step]) -> None:
+        """Each move, then what follows it; SpoolWriteError (resumable) if a move fails."""
+        for index, (move, after) in enumerate(steps):
+            try:
+                move()
+            except OSError as exc:
+                rest = steps[index:]
+                resume = functools.partial(self._run, claimed, rest)
+                raise SpoolWriteError(claimed.id, resume, exc) from exc
+            after()
 
     def _to_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
         self._deferring(claimed.id)

@@ -167,9 +167,10 @@ def test_tokens_are_refreshed_before_they_expire_and_rotation_is_kept(
     requests = wait_until(lambda: len(r := token_server.token_requests()) >= 2 and r, 5)
     assert requests[1][0] < first[0] + 4, "refreshed only after expiry"
     assert token_server.presented_expired == 0
-    stored = (tmp_path / "refresh.token").read_text().strip()
-    assert stored in token_server.refresh_tokens  # the rotated one, still unused
-    assert stat.S_IMODE((tmp_path / "refresh.token").stat().st_mode) == 0o640
+    stored = tmp_path / "refresh.token"
+    # The rotated one, still unused (written back just after the endpoint answered).
+    wait_until(lambda: stored.read_text().strip() in token_server.refresh_tokens, 5, "write-back")
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o640
     assert_no_secrets(daemon, token_server)
 
 

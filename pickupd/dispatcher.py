@@ -63,6 +63,7 @@ class Dispatcher:
             self.metrics = Metrics(self.spool)
         self.log = logs.get()
         self.intake = Intake(self.spool, config.dispatch, once=once)
+        self.intake.horizon = config.retry.max_age
         self.feedback = Feedback(config.notify, self.spool, self.log)
         self.recorder = Recorder(
             self.spool, self.log, self.metrics, self.intake.deferring, self.feedback.notify
@@ -109,6 +110,7 @@ class Dispatcher:
         )
         self.config = new
         self.intake.dispatch = new.dispatch
+        self.intake.horizon = new.retry.max_age
         self.feedback.config = new.notify
         logs.configure(new.log.level, new.log.format)
         self.log = self.recorder.log = self.feedback.log = self.stranded.log = logs.get()
@@ -283,6 +285,13 @@ class Dispatcher:
             return
         if claimed is None:
             return  # another dispatcher took it first
+        if candidate.clamped_from is not None:
+            self.log.warning(
+                "due_clamped",
+                id=claimed.id,
+                due=from_timestamp(candidate.clamped_from),
+                detail="due further ahead than retry.max_age allows: taken now",
+            )
         self.stats.claimed += 1
         try:
             await self._deliver(claimed)

@@ -33,6 +33,8 @@ class Intake:
     def __init__(self, spool: Spool, dispatch: DispatchConfig, *, once: bool) -> None:
         self.spool = spool
         self.dispatch = dispatch  # swapped on reload
+        # No message is due further ahead than this ([retry] max_age): see scan_deferred.
+        self.horizon = float("inf")
         self.once = once
         self.busy = 0  # candidates being worked on
         self.unmovable: set[Path] = set()  # logged once, skipped since
@@ -224,7 +226,7 @@ class Intake:
                 self._deferred_wake.clear()
                 now = time.time()
                 self._next_due = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_deferred(now):
+                for item in self.spool.scan_deferred(now, self.horizon):
                     if isinstance(item, Later):
                         self._next_due = min(self._next_due, item.at)
                     elif item.path not in self._queued and not await self._put(self._due, item):

@@ -18,7 +18,7 @@ from .files import atomic_write, fsync_dir
 from .sidecar import Sidecar, from_timestamp
 from .spool import Spool
 
-__all__ = ["delete", "hold", "locate", "make_due", "requeue"]
+__all__ = ["delete", "hold", "locate", "make_due", "make_one_due", "requeue"]
 
 
 def locate(spool: Spool, msg_id: str) -> Path | None:
@@ -73,23 +73,26 @@ def make_due(spool: Spool, now: float) -> int:
     """Make every deferred message due at `now` (pickupd flush, SIGUSR1); return how many.
     The .eml's mtime is the due time; the sidecar's next_attempt is rewritten after it
     (its rename is also what wakes a running dispatcher's watch on deferred/)."""
-    done = 0
-    for msg_id in spool.ids_in(spool.deferred):
-        eml = spool.deferred / f"{msg_id}.eml"
-        try:
-            if os.stat(eml, follow_symlinks=False).st_mtime <= now:
-                continue  # already due
-            os.utime(eml, (now, now), follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # claimed meanwhile
-        sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
-        if sidecar is not None and os.path.lexists(eml):
-            atomic_write(
-                spool.deferred / f"{msg_id}.json",
-                dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
-            )
-        done += 1
-    return done
+    return sum(make_one_due(spool, msg_id, now) for msg_id in spool.ids_in(spool.deferred))
+
+
+def make_one_due(spool: Spool, msg_id: str, now: float) -> bool:
+    """Make one deferred message due at `now` (`pickupd retry ID` of a deferred message);
+    False if it was due already or is no longer in deferred/."""
+    eml = spool.deferred / f"{msg_id}.eml"
+    try:
+        if os.stat(eml, follow_symlinks=False).st_mtime <= now:
+            return False  # already due
+        os.utime(eml, (now, now), follow_symlinks=False)
+    except FileNotFoundError:
+        return False  # claimed meanwhile
+    sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
+    if sidecar is not None and os.path.lexists(eml):
+        atomic_write(
+            spool.deferred / f"{msg_id}.json",
+            dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
+        )
+    return True
 
 
 def delete(spool: Spool, msg_id: str, folder: Path) -> bool:

@@ -67,6 +67,8 @@ class Candidate:
     source: str
     origin: Origin
     id: str | None = None  # known for deferred and recovered messages
+    # A deferred message whose due time (this) lay beyond the horizon: taken now instead.
+    clamped_from: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +194,13 @@ class Spool:
                 else:
                     yield Candidate(Path(entry.path), name, "eml")
 
-    def scan_deferred(self, now: float) -> Iterator[Candidate | Later]:
-        """Yield deferred messages that are due, and `Later` with the due time of the others."""
+    def scan_deferred(
+        self, now: float, horizon: float = float("inf")
+    ) -> Iterator[Candidate | Later]:
+        """Yield deferred messages that are due, and `Later` with the due time of the others.
+        The due time is the .eml's mtime (the one truth; the sidecar's next_attempt says the
+        same for people). One further ahead than `horizon` seconds cannot come from pickupd
+        (a clock jump, an edit): that message is yielded now, with `clamped_from` set."""
         for entry in _entries(self.deferred):
             msg_id = _message_id(entry.name)
             if msg_id is None:
@@ -204,6 +211,8 @@ class Spool:
                 continue
             if due <= now:
                 yield Candidate(Path(entry.path), entry.name, "deferred", msg_id)
+            elif due > now + horizon:
+                yield Candidate(Path(entry.path), entry.name, "deferred", msg_id, due)
             else:
                 yield Later(due)
 

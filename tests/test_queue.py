@@ -7,11 +7,14 @@ import os
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from harness import Daemon, drop_maildir, message, pickupd, wait_until
 from smtpserver import SmtpServer
+
+from pickupd.sidecar import to_timestamp
 
 
 def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
@@ -111,6 +114,45 @@ def deferred_for_an_hour(server: SmtpServer, make_daemon: Callable[..., Daemon])
     drop_maildir(daemon.spool, message())
     daemon.wait_sidecars("deferred")
     return daemon
+
+
+def test_retry_id_makes_one_deferred_message_due(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """`pickupd retry ID` of a deferred message makes that one due now (attempts go on);
+    the running daemon sends it."""
+    daemon = deferred_for_an_hour(smtp_server, make_daemon)
+    (before,) = daemon.sidecars("deferred")
+    done = cli(daemon, "retry", before["id"])
+    assert done.returncode == 0 and f"{before['id']}: deferred/, made due now" in done.stdout
+    smtp_server.wait_for(1, timeout=3)
+    (sent,) = daemon.wait_event("sent")
+    assert sent["id"] == before["id"] and sent["attempt"] == 2
+
+
+def test_the_due_time_is_the_files_and_one_beyond_max_age_is_taken_now(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The .eml's mtime is the due time: `pickupd queue` shows it even when the sidecar's
+    next_attempt was edited; an mtime beyond max_age (years ahead) is clamped to now with a
+    warning, and the message is sent."""
+    daemon = deferred_for_an_hour(smtp_server, make_daemon)
+    (car,) = daemon.sidecars("deferred")
+    path = daemon.spool / "deferred" / f"{car['id']}.json"
+    edited = {**car, "next_attempt": "2030-01-01T00:00:00.000+00:00"}
+    path.write_text(json.dumps(edited))
+    listed = json.loads(cli(daemon, "queue", "--json").stdout)
+    (row,) = listed["messages"]
+    due = os.stat(daemon.spool / "deferred" / f"{car['id']}.eml").st_mtime
+    assert abs(to_timestamp(row["next_attempt"]) - due) < 0.01
+
+    years = time.time() + 3 * 365 * 86400
+    os.utime(daemon.spool / "deferred" / f"{car['id']}.eml", (years, years))
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)  # a reload rescans deferred/
+    (clamped,) = daemon.wait_event("due_clamped", timeout=10)
+    assert clamped["id"] == car["id"]
+    smtp_server.wait_for(1, timeout=5)
 
 
 def test_flush_makes_deferred_mail_due_now(

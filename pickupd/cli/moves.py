@@ -33,9 +33,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         commands,
         "retry",
         _retry,
-        help="put failed messages back in the queue (a running daemon sends them at once)",
-        description="Moves messages from failed/ back to deferred/, due now. Their history is "
-        "kept; attempts and max_age count afresh.",
+        help="send failed (or deferred) messages again now (a running daemon sends at once)",
+        description="Moves messages from failed/ back to deferred/, due now: their history is "
+        "kept; attempts and max_age count afresh. A deferred message given by its ID is made "
+        "due now (its attempts go on counting).",
     )
     retry.add_argument("ids", metavar="ID", nargs="*", help=_IDS_HELP)
     retry.add_argument("--all", action="store_true", help="every message in failed/")
@@ -127,7 +128,7 @@ def _hint(where: Path) -> str:
     return {
         "failed": ": `pickupd retry` puts it back",
         "hold": ": `pickupd release` puts it back",
-        "deferred": ": it is queued already (`pickupd flush` makes it due now)",
+        "deferred": ": it is queued already (`pickupd retry ID` makes it due now)",
         "sent": ": it was sent",
     }.get(where.name, "")
 
@@ -145,7 +146,19 @@ def _retry(args: argparse.Namespace) -> int:
     if args.reason and not args.all:
         raise CommandError(EX_USAGE, "pickupd: --reason goes with --all")
     _, spool = open_spool(args.config)
-    chosen, code = _selected(spool, spool.failed, args.ids, args.all, None)
+    given = args.ids
+    if given:  # deferred ones given by id: due now; the rest go on as failed ones
+        located = list(resolve(spool, given))
+        due_now = [i for i, where in located if where == spool.deferred]
+        for msg_id in due_now:
+            if moves.make_one_due(spool, msg_id, time.time()):
+                print(f"{msg_id}: deferred/, made due now")
+            else:
+                print(f"{msg_id}: deferred/, due already (or in flight)")
+        given = [i for i, where in located if where != spool.deferred]
+        if not given:
+            return EX_OK
+    chosen, code = _selected(spool, spool.failed, given, args.all, None)
     moved = 0
     for msg_id in chosen:
         if args.reason:

@@ -7,7 +7,9 @@ shown where it was, or not at all, never twice.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +90,11 @@ def _rows(spool: Spool, now: float) -> list[dict[str, Any]]:
                 # A message whose sidecar is missing or unreadable is still a message.
                 rows.append({"id": msg_id, "folder": folder.name, "sidecar": False})
                 continue
+            next_attempt = sidecar.next_attempt
+            if folder == spool.deferred:  # the .eml's mtime is the due time; show that one
+                with contextlib.suppress(OSError):
+                    due = os.stat(folder / f"{msg_id}.eml", follow_symlinks=False).st_mtime
+                    next_attempt = from_timestamp(due)
             # The last attempt on a relay, not the operator's own retry/hold/release entries.
             relayed = [h for h in sidecar.history if h.outcome not in OPERATOR_OUTCOMES]
             last = relayed[-1] if relayed else None
@@ -99,7 +106,7 @@ def _rows(spool: Spool, now: float) -> list[dict[str, Any]]:
                     "sender": sidecar.sender,
                     "recipients": list(sidecar.recipients),
                     "attempts": sidecar.attempts,
-                    "next_attempt": sidecar.next_attempt,
+                    "next_attempt": next_attempt,
                     "reason": sidecar.reason,
                     "detail": sidecar.detail,
                     "last_reply": (

@@ -355,7 +355,13 @@ class Dispatcher:
             return
         started = time.monotonic()
         delivery = await relay.send(
-            self.pool, relay_config, login, parsed.sender, parsed.recipients, parsed.data
+            self.pool,
+            relay_config,
+            login,
+            parsed.sender,
+            parsed.recipients,
+            parsed.data,
+            parsed.dsn,
         )
         if self.metrics is not None:
             self.metrics.send_seconds(relay_config.name, time.monotonic() - started)

@@ -15,7 +15,32 @@ from dataclasses import dataclass
 from .addresses import AddressError, is_null, parse_address_list, qualify
 from .outcome import Reason, Refusal
 
-__all__ = ["AddressError", "Envelope", "field_names", "parse", "parse_address_list", "split"]
+__all__ = [
+    "NO_DSN",
+    "AddressError",
+    "Dsn",
+    "Envelope",
+    "field_names",
+    "parse",
+    "parse_address_list",
+    "split",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Dsn:
+    """Delivery status notification requests (RFC 3461) that came with an X-Sender /
+    X-Receiver envelope (Exchange's Replay format): relayed where the server offers DSN."""
+
+    mail: tuple[str, ...] = ()  # RET=..., ENVID=...
+    rcpt: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (recipient lower-cased, NOTIFY/ORCPT)
+
+    def for_recipient(self, recipient: str) -> tuple[str, ...]:
+        lowered = recipient.lower()
+        return next((params for r, params in self.rcpt if r == lowered), ())
+
+
+NO_DSN = Dsn()
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +55,7 @@ class Envelope:
     # Every address a mail client may show as the author: From:, Sender:, Resent-From:,
     # Resent-Sender:, as (field name, address); policy.py checks each against the allow-list.
     authors: tuple[tuple[str, str], ...] = ()
+    dsn: Dsn = NO_DSN
 
 
 # ---- The message: header fields as bytes, the envelope taken from them.
@@ -120,8 +146,46 @@ def _split_fields(head: bytes, local_domain: str | None) -> list[_Field]:
     return fields
 
 
-def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str]]:
-    """Sender and recipients from the leading X-Sender / X-Receiver fields."""
+# An ESMTP parameter after the address (RFC 5321 4.1.2): keyword[=value].
+_ESMTP_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?")
+# The ones worth passing on to a relay that offers DSN; BODY, SIZE and the rest we set
+# ourselves from the message, and anything else is dropped.
+_DSN_MAIL = ("RET", "ENVID")
+_DSN_RCPT = ("NOTIFY", "ORCPT")
+
+
+def _address_and_params(f: _Field) -> tuple[str | None, list[str], dict[str, str]]:
+    """X-Sender / X-Receiver as Exchange's Replay folder writes them: an address, then ESMTP
+    parameters (`<a@b> NOTIFY=NEVER ORCPT=rfc822;a@b`), maybe folded. Returns the address
+    (None for `<>`), the addresses of a plain list, and the parameters by keyword."""
+    label = _LABELS[f.name]
+    try:
+        value = f.value().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _Malformed(f"{label}: invalid UTF-8") from None
+    if value.startswith("<") and ">" in value:
+        address, rest = value[: value.index(">") + 1], value[value.index(">") + 1 :]
+        if rest and not rest[:1].isspace():
+            raise _Malformed(f"{label}: no space after the address")
+    else:
+        address, rest = value, ""
+    params: dict[str, str] = {}
+    for token in rest.split():
+        if not _ESMTP_PARAM.fullmatch(token):
+            raise _Malformed(f"{label}: not an ESMTP parameter: {token!r}"[:200])
+        keyword, _, argument = token.partition("=")
+        params[keyword.upper()] = argument
+    if f.name == "x-sender" and is_null(address):
+        return None, [], params
+    try:
+        found, _ = qualify(address, f.local_domain)
+    except AddressError as error:
+        raise _Malformed(f"{label}: {error}") from None
+    return (found[0] if len(found) == 1 else None), found, params
+
+
+def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str], Dsn]:
+    """Sender, recipients and DSN requests from the leading X-Sender / X-Receiver fields."""
     senders = [f for f in fields if f.name == "x-sender"]
     # Anything but one sender and some receivers is refused: falling back to To/Cc would
     # relay the X-Receiver lines (Bcc recipients among them) to everyone.
@@ -129,14 +193,22 @@ def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str]]:
         raise _Malformed("more than one X-Sender: header" if senders else "no X-Sender: header")
     if len(fields) == 1:
         raise _Malformed("no X-Receiver: header")
+    sender, found, params = _address_and_params(senders[0])
+    if sender is None and found:
+        raise _Malformed("X-Sender: more than one address")
+    mail = tuple(f"{k}={params[k]}" for k in _DSN_MAIL if params.get(k))
     recipients: list[str] = []
+    rcpt: list[tuple[str, tuple[str, ...]]] = []
     for f in fields:
         if f.name == "x-receiver":
-            found = f.addresses()
+            _, found, params = _address_and_params(f)
             if not found:
                 raise _Malformed("X-Receiver: no address")
             recipients.extend(found)
-    return senders[0].mailbox(), recipients
+            wanted = tuple(f"{k}={params[k]}" for k in _DSN_RCPT if params.get(k))
+            if wanted:
+                rcpt.extend((address.lower(), wanted) for address in found)
+    return sender, recipients, Dsn(mail, tuple(rcpt))
 
 
 def _crlf(raw: bytes) -> bytes:
@@ -200,7 +272,7 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
     while run < len(fields) and fields[run].name in ("x-sender", "x-receiver"):
         run += 1
     pickup = run > 0
-    sender, recipients = _pickup_envelope(fields[:run]) if pickup else (None, [])
+    sender, recipients, dsn = _pickup_envelope(fields[:run]) if pickup else (None, [], Dsn())
 
     kept: list[_Field] = []  # joined at the end: qualifying a bare name rewrites its field
     single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
@@ -244,4 +316,6 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
             seen.add(address.lower())
             unique.append(address)
     head = b"".join(line for f in kept for line in f.lines)
-    return Envelope(sender, tuple(unique), header_from, head + body, message_id, tuple(authors))
+    return Envelope(
+        sender, tuple(unique), header_from, head + body, message_id, tuple(authors), dsn
+    )

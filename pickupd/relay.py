@@ -11,6 +11,7 @@ import aiosmtplib
 
 from .config import Credentials, RelayConfig
 from .credentials import XOAuth2
+from .envelope import NO_DSN, Dsn
 from .errors import SessionError
 from .outcome import Delivery, RecipientResult
 from .pool import Pool, Session
@@ -67,8 +68,10 @@ async def send(
     sender: str,
     recipients: Sequence[str],
     data: bytes,
+    dsn: Dsn = NO_DSN,
 ) -> Delivery:
-    """Relay `data` from `sender` to `recipients` over a pooled session.
+    """Relay `data` from `sender` to `recipients` over a pooled session (with the `dsn`
+    requests where the server offers DSN).
 
     A reused session is reset with RSET when its last transaction did not complete, or when
     it has sat in the pool for PROBE_AFTER (then RSET also proves it is alive, as Postfix
@@ -95,7 +98,7 @@ async def send(
         reusable = cancelled = False
         try:
             session.clean = False
-            delivery = await _transaction(session, relay, sender, recipients, data)
+            delivery = await _transaction(session, relay, sender, recipients, data, dsn)
             reusable = not delivery.unknown and delivery.code != 421
             session.clean = bool(delivery.sent) and not delivery.unknown
             return delivery
@@ -124,6 +127,7 @@ async def _transaction(
     sender: str,
     recipients: Sequence[str],
     data: bytes,
+    dsn: Dsn,
 ) -> Delivery:
     smtp = session.smtp
     ext = smtp.esmtp_extensions
@@ -135,6 +139,9 @@ async def _transaction(
         return Delivery(name, rejected=_all(recipients, 0, text), text=text, too_large=True)
 
     options = [f"SIZE={len(data)}"] if "size" in ext else []
+    offers_dsn = "dsn" in ext  # else the requests are dropped, as RFC 3461 4.1 says
+    if offers_dsn:
+        options.extend(dsn.mail)
     encoding = "ascii"
     if not data.isascii():
         if "8bitmime" in ext:
@@ -169,7 +176,8 @@ async def _transaction(
     rejected: list[RecipientResult] = []
     for index, recipient in enumerate(recipients):
         try:
-            await _command(smtp, b"RCPT TO:", recipient, encoding, (), (250, 251))
+            wanted = dsn.for_recipient(recipient) if offers_dsn else ()
+            await _command(smtp, b"RCPT TO:", recipient, encoding, wanted, (250, 251))
             accepted.append(recipient)
         except aiosmtplib.SMTPResponseException as exc:
             result = RecipientResult(recipient, exc.code, f"RCPT TO: {exc.code} {exc.message}")

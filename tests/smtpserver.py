@@ -38,7 +38,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -69,6 +69,7 @@ class Received:
     username: str | None
     tls: bool
     session: int
+    rcpt_options: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -130,6 +131,15 @@ class _Connection(SMTP):
         command.__dict__.update(getattr(method, "__func__", method).__dict__)
         return command
 
+    def _getparams(self, params: Any) -> Any:
+        # aiosmtpd knows no DSN parameters; a server offering DSN takes them (they stay in
+        # mail_options / rcpt_options for the test to read).
+        found = super()._getparams(params)
+        if found is not None and self.owner.dsn:
+            for keyword in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                found.pop(keyword, None)
+        return found
+
     def _create_session(self) -> Session:
         return _Session(self.loop)
 
@@ -167,6 +177,8 @@ class _Handler:
         session.host_name = hostname
         if self._owner.users is None and self._owner.oauth is None:
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        if self._owner.dsn:
+            responses = [*responses[:-1], "250-DSN", responses[-1]]
         return responses
 
     async def auth_XOAUTH2(self, server: _Connection, args: list[str]) -> AuthResult:
@@ -236,6 +248,7 @@ class _Handler:
                 rcpt_tos=list(envelope.rcpt_tos),
                 data=bytes(envelope.original_content or b""),
                 mail_options=list(envelope.mail_options),
+                rcpt_options=list(envelope.rcpt_options),
                 username=server.auth_username,
                 tls=server.is_tls,
                 session=server.number,
@@ -260,6 +273,7 @@ class SmtpServer:
         size_limit: int | None = None,
         smtputf8: bool = True,
         oauth: Callable[[str, str], bool] | None = None,
+        dsn: bool = False,
     ) -> None:
         if security not in SECURITY_MODES:
             raise ValueError(f"security must be one of {SECURITY_MODES}, not {security!r}")
@@ -272,6 +286,7 @@ class SmtpServer:
         self.users = dict(users) if users is not None else None
         # AUTH XOAUTH2: (token, mailbox) -> whether it may log in (a TokenServer's valid()).
         self.oauth: Callable[[str, str], bool] | None = oauth
+        self.dsn = dsn  # offer DSN (RFC 3461) and take its parameters
         self.require_auth = require_auth
         # With security="none", STARTTLS is offered (optional) only if a CA is given too.
         self.offer_starttls = offer_starttls

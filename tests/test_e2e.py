@@ -663,3 +663,31 @@ def test_a_killed_daemons_lock_file_is_removed_at_the_next_start(
     assert cleaned["locks"] == 1
     locks = [p.name for p in (daemon.spool / "active").iterdir()]
     assert len(locks) == 1 and not locks[0].endswith(f"-{killed}"), locks
+
+
+@pytest.mark.parametrize("offers_dsn", [False, True])
+def test_exchange_replay_envelope_lines_with_esmtp_parameters(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon], offers_dsn: bool
+) -> None:
+    """X-Sender / X-Receiver lines as Exchange's Replay folder writes them, with ESMTP
+    parameters after the address and one folded: the file is relayed; RET/ENVID and
+    NOTIFY/ORCPT go to a server that offers DSN and are dropped for one that does not."""
+    server = smtp_factory(dsn=offers_dsn)
+    daemon = make_daemon(server)
+    raw = (
+        b"X-Sender: <app@example.com> BODY=8BITMIME RET=HDRS ENVID=order-42\r\n"
+        b"X-Receiver: <alice@example.net> NOTIFY=FAILURE,DELAY\r\n"
+        b"\tORCPT=rfc822;alice@example.net\r\n"
+        b"X-Receiver: <bob@example.net>\r\n"
+        b"From: app@example.com\r\nTo: alice@example.net\r\nSubject: replay\r\n\r\nbody\r\n"
+    )
+    drop_maildir(daemon.spool, raw)
+    (got,) = server.wait_for(1)
+    assert got.rcpt_tos == ["alice@example.net", "bob@example.net"]
+    dsn_mail = [o for o in got.mail_options if o.startswith(("RET=", "ENVID="))]
+    if offers_dsn:
+        assert dsn_mail == ["RET=HDRS", "ENVID=ORDER-42"]  # (aiosmtpd upper-cases them)
+        assert got.rcpt_options == ["NOTIFY=FAILURE,DELAY", "ORCPT=RFC822;ALICE@EXAMPLE.NET"]
+    else:
+        assert dsn_mail == [] and got.rcpt_options == []
+    assert b"X-Sender" not in got.data and b"BODY=" not in got.data

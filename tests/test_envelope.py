@@ -466,3 +466,31 @@ def test_without_local_domain_a_bare_name_names_the_setting() -> None:
     parsed = parse(b"From: root\nTo: a@example.net\n\nx\n")
     assert isinstance(parsed, Refusal) and parsed.reason is Reason.MALFORMED
     assert "[policy] local_domain" in parsed.detail
+
+
+@pytest.mark.parametrize(
+    ("head", "detail"),
+    [
+        (b"X-Sender: <a@x> FOO\x01\r\nX-Receiver: b@y\r\n", "control character"),
+        (b"X-Sender: <a@x>BODY=8BITMIME\r\nX-Receiver: b@y\r\n", "no space after the address"),
+        (b"X-Sender: <a@x> =x\r\nX-Receiver: b@y\r\n", "not an ESMTP parameter: '=x'"),
+        (b"X-Sender: a@x\r\nX-Receiver: <b@y> NOTIFY=NEVER ?bad\r\n", "not an ESMTP parameter"),
+    ],
+)
+def test_envelope_lines_with_bad_parameters_are_malformed(head: bytes, detail: str) -> None:
+    """Parameters after an X-Sender / X-Receiver address must be ESMTP keyword[=value]."""
+    assert detail in refusal(head + b"\r\nbody\r\n")
+
+
+def test_envelope_lines_keep_dsn_parameters_only() -> None:
+    """RET/ENVID of X-Sender and NOTIFY/ORCPT of each X-Receiver are kept (folded lines
+    too); BODY, SIZE and others are dropped; the null sender <> takes parameters too."""
+    parsed = envelope(
+        b"X-Sender: <> RET=FULL BODY=8BITMIME SIZE=9\r\n"
+        b"X-Receiver: <b@y> NOTIFY=NEVER\r\n ORCPT=rfc822;b@y\r\n"
+        b"X-Receiver: c@y\r\n\r\nx\r\n"
+    )
+    assert parsed.sender is None and parsed.recipients == ("b@y", "c@y")
+    assert parsed.dsn.mail == ("RET=FULL",)
+    assert parsed.dsn.for_recipient("B@Y") == ("NOTIFY=NEVER", "ORCPT=rfc822;b@y")
+    assert parsed.dsn.for_recipient("c@y") == ()

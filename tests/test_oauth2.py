@@ -93,8 +93,31 @@ def test_microsoft365_one_app_token_serves_every_mailbox_of_the_domain(
     assert all(r.username == r.mail_from for r in got)
     assert {r.username for r in got} == {"sales@contoso.example", "billing@contoso.example"}
     assert [grant for _, _, grant in token_server.token_requests()] == ["client_credentials"]
-    assert server.sessions <= 2 * 4  # one pool per mailbox, max_connections each
+    assert len(server.auth_attempts) == server.sessions  # one login per session
     assert_no_secrets(daemon, token_server)
+
+
+def test_one_mailbox_reuses_its_sessions(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """60 messages from one mailbox go over at most max_connections sessions, each logged in
+    once with the one cached token."""
+    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    daemon = make_daemon(
+        relays={"m365": m365(server, test_ca, token_server, tmp_path, max_connections=3)},
+        senders={"*@contoso.example": {"relay": "m365"}},
+        start=False,
+    )
+    for n in range(60):
+        drop_maildir(daemon.spool, message(sender="sales@contoso.example", subject=f"s{n}"))
+    start(daemon, test_ca)
+    server.wait_for(60, timeout=30)
+    assert server.sessions <= 3 and len(server.auth_attempts) == server.sessions
+    assert len(token_server.token_requests()) == 1
 
 
 def test_a_revoked_token_is_dropped_and_the_login_retried_once(

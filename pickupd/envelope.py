@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import lines
 from .addresses import AddressError, is_null, parse_address_list, qualify
 from .outcome import Reason, Refusal
 
@@ -316,6 +317,8 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
             seen.add(address.lower())
             unique.append(address)
     head = b"".join(line for f in kept for line in f.lines)
-    return Envelope(
-        sender, tuple(unique), header_from, head + body, message_id, tuple(authors), dsn
-    )
+    try:
+        data = lines.fit(head, body)
+    except lines.TooLong as error:
+        raise _Malformed(str(error)) from None
+    return Envelope(sender, tuple(unique), header_from, data, message_id, tuple(authors), dsn)

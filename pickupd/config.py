@@ -82,6 +82,13 @@ class SpoolConfig:
         "keep relayed messages in sent/ with their .json",
         "false",
     )
+    claim_lease: float = setting(
+        600.0,
+        s.positive_duration,
+        "a duration",
+        "a claim not renewed this long (its host is gone) may be taken over by another host",
+        '"10m"',
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

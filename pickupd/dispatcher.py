@@ -15,7 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import credentials, envelope, moves, policy, ratelimit, relay
+from . import credentials, envelope, leases, moves, policy, ratelimit, relay
 from . import log as logs
 from .config import Config, SenderRule, load
 from .errors import ConfigError, SpoolWriteError
@@ -171,6 +171,7 @@ class Dispatcher:
             if any(leftovers.values()):
                 self.log.info("leftovers_cleaned", **leftovers)
             recovered = self.spool.stale_claims()
+            recovered += leases.expired(self.spool, time.time(), self.config.spool.claim_lease)
             for candidate in recovered:
                 self.log.info("recovered", id=candidate.id)
             self.intake.recover(recovered)
@@ -188,6 +189,7 @@ class Dispatcher:
                     group.create_task(self.intake.feed_deferred()),
                     group.create_task(self._reap_sessions()),
                     group.create_task(self.stranded.run(self.intake.wake)),
+                    group.create_task(self._leases()),
                 ]
                 if self.notifier:
                     helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
@@ -218,6 +220,18 @@ class Dispatcher:
         return self.stats
 
     # -- around the work ---------------------------------------------------------------------------
+
+    async def _leases(self) -> None:
+        """Renew our claims' leases, and take over claims whose lease expired (leases.py)."""
+        while True:
+            lease = self.config.spool.claim_lease
+            await asyncio.sleep(min(lease / 4, 60.0))
+            now = time.time()
+            await asyncio.to_thread(leases.renew, self.spool, now)
+            taken = await asyncio.to_thread(leases.expired, self.spool, now, lease)
+            for candidate in taken:
+                self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
+            self.intake.recover(taken)
 
     async def _reap_sessions(self) -> None:
         while True:

@@ -59,8 +59,10 @@ class Intake:
     def recover(self, candidates: list[Candidate]) -> None:
         """Claims left by a process that is gone: due at once."""
         for candidate in candidates:
-            self._queued.add(candidate.path)
-            self._due.append(candidate)
+            if candidate.path not in self._queued:
+                self._queued.add(candidate.path)
+                self._due.append(candidate)
+        self._has_work.set()
 
     def wake(self) -> None:
         """Scan both folders again now (a reload, a flush)."""

@@ -309,6 +309,9 @@ class Spool:
         except FileNotFoundError:
             return None
         now = time.time()
+        # The claim's lease starts now (leases.py): a rename keeps the file's old mtime.
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(target, (now, now), follow_symlinks=False)
         sidecar = None
         if candidate.origin in ("deferred", "recovered"):
             sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")

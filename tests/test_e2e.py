@@ -13,6 +13,9 @@ import pytest
 from harness import Daemon, drop_eml, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
+from pickupd import ids
+from pickupd.sidecar import Sidecar, from_timestamp
+
 
 def test_maildir_drop_is_relayed_byte_for_byte(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
@@ -691,3 +694,31 @@ def test_exchange_replay_envelope_lines_with_esmtp_parameters(
     else:
         assert dsn_mail == [] and got.rcpt_options == []
     assert b"X-Sender" not in got.data and b"BODY=" not in got.data
+
+
+def test_a_dead_hosts_claim_is_taken_over_after_its_lease(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A claim in active/ of another host that nobody has renewed for claim_lease (that host
+    died, on a shared spool) is taken over and sent, with its sidecar's history; a fresh
+    one of another host is left alone."""
+    daemon = make_daemon(smtp_server, start=False, spool={"claim_lease": "5s"})
+    active, deferred = daemon.spool / "active", daemon.spool / "deferred"
+    active.mkdir()
+    deferred.mkdir()
+    dead, alive = ids.new(), ids.new()
+    for msg_id, age in ((dead, 60), (alive, 0)):
+        claim = active / f"{msg_id}.other-host-4242"
+        claim.write_bytes(message(subject=msg_id))
+        then = time.time() - age
+        os.utime(claim, (then, then))
+        car = Sidecar(
+            msg_id, "new/x", "app@example.com", ("alice@example.net",), 1, from_timestamp(then)
+        )
+        (deferred / f"{msg_id}.json").write_bytes(car.to_json())
+    daemon.start()
+    (got,) = smtp_server.wait_for(1)
+    assert f"Subject: {dead}".encode() in got.data
+    (sent,) = daemon.wait_event("sent")
+    assert sent["id"] == dead and sent["attempt"] == 2
+    assert (active / f"{alive}.other-host-4242").exists()

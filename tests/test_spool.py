@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pickupd import ids
+from pickupd import ids, leases
 from pickupd.files import atomic_write
 from pickupd.sidecar import Sidecar, from_timestamp
 from pickupd.spool import Candidate, Later, Spool, TooLarge, Unsafe
@@ -195,3 +195,23 @@ def test_atomic_write_leaves_nothing_when_it_fails(tmp_path: Path) -> None:
     else:
         raise AssertionError("writing over a directory must fail")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_a_claim_is_taken_over_only_once_its_lease_expired(tmp_path: Path) -> None:
+    """Two hosts share a spool: a claim that its owner renews is never taken; one not renewed
+    for claim_lease (its host is gone) is taken over by the other host, with one rename."""
+    host_a, host_b = make(tmp_path), Spool(tmp_path / "spool")
+    host_a.owner, host_b.owner = "host-a-1", "host-b-2"
+    (host_a.new / "m").write_bytes(b"x")
+    claimed = host_a.claim(Candidate(host_a.new / "m", "new/m", "new"))
+    assert claimed is not None
+    now = time.time()
+    assert leases.expired(host_b, now + 500, lease=600) == []  # claimed just now
+    later = now + 3000
+    assert leases.renew(host_a, later) == 1  # host a is alive and renews
+    assert leases.expired(host_b, later + 10, lease=600) == []
+    (taken,) = leases.expired(host_b, later + 700, lease=600)  # host a stopped renewing
+    assert taken.id == claimed.id and taken.origin == "recovered"
+    again = host_b.claim(taken)
+    assert again is not None and again.path.name == f"{claimed.id}.host-b-2"
+    assert host_a.claim(taken) is None  # the dead owner's claim is gone

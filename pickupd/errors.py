@@ -12,6 +12,7 @@ __all__ = [
     "SessionError",
     "SpoolWriteError",
     "StartTLSNotOffered",
+    "TLSHandshakeFailed",
 ]
 
 
@@ -50,6 +51,16 @@ class StartTLSNotOffered(SessionError):
 
     def __init__(self) -> None:
         super().__init__("STARTTLS not offered by the server (security = starttls requires it)")
+
+
+class TLSHandshakeFailed(SessionError):
+    """STARTTLS was accepted but the handshake did not complete (no common protocol
+    version or cipher, or the server gave up)."""
+
+    kind = "tls"
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"TLS handshake failed: {cause}")
 
 
 class AuthNotOffered(SessionError):

@@ -20,7 +20,7 @@ import aiosmtplib
 
 from .config import Credentials, RelayConfig
 from .credentials import XOAuth2
-from .errors import AuthNotOffered, StartTLSNotOffered
+from .errors import AuthNotOffered, StartTLSNotOffered, TLSHandshakeFailed
 from .tokens import Tokens
 
 __all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
@@ -202,7 +202,10 @@ class Pool:
                 # Required: a server that does not offer it never sees the mail in clear.
                 if not smtp.supports_extension("starttls"):
                     raise StartTLSNotOffered()
-                await smtp.starttls()
+                try:
+                    await smtp.starttls()
+                except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                    raise TLSHandshakeFailed(exc) from exc
                 await _greet(smtp)  # RFC 3207: what was offered before TLS no longer counts
             if isinstance(login, XOAuth2):
                 await self._xoauth2(smtp, login)

@@ -33,10 +33,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import os
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,9 +93,31 @@ class TestCA:
         self.ca_file: str = str(path / "ca.pem")
         self._ca.cert_pem.write_to_path(self.ca_file)
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, cert: str = "good", tls_max: str | None = None) -> ssl.SSLContext:
+        """A server context with the good certificate, or a faulty one: "wrong_host" (for
+        another name), "expired", or "untrusted" (from a CA the client does not know);
+        `tls_max = "1.1"` offers nothing newer than TLS 1.1."""
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._cert.configure_cert(ctx)
+        if cert == "good":
+            leaf = self._cert
+        elif cert == "wrong_host":
+            leaf = self._ca.issue_cert("mail.wrong.example")
+        elif cert == "expired":
+            past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+            leaf = self._ca.issue_cert(
+                "localhost", "127.0.0.1", not_before=past, not_after=past + datetime.timedelta(1)
+            )
+        elif cert == "untrusted":
+            leaf = trustme.CA().issue_cert("localhost", "127.0.0.1")
+        else:
+            raise ValueError(f"no such certificate variant: {cert}")
+        leaf.configure_cert(ctx)
+        if tls_max == "1.1":
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+            with warnings.catch_warnings():  # deprecated, and that is the point
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_1
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
@@ -114,6 +138,7 @@ class _Connection(SMTP):
         self.owner = owner
         self.number = number
         self.auth_username: str | None = None
+        self._greeted = False
         # Set after construction: aiosmtpd warns about auth_required without TLS, which is
         # exactly what the plain-text server with require_auth wants.
         self._auth_required = owner.require_auth
@@ -139,6 +164,26 @@ class _Connection(SMTP):
             for keyword in ("RET", "ENVID", "NOTIFY", "ORCPT"):
                 found.pop(keyword, None)
         return found
+
+    async def push(self, status: Any) -> None:
+        owner = self.owner
+        if not self._greeted:  # the first line is the greeting
+            self._greeted = True
+            if owner.greeting == "never":
+                await owner._stall_forever()
+            if owner.greeting == "421":
+                await super().push("421 4.3.2 Too busy, try again later")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        if not owner.trickle:
+            await super().push(status)
+            return
+        data = status.encode() if isinstance(status, str) else bytes(status)
+        for byte in data + b"\r\n":  # a slow, fragmenting peer: one byte per write
+            self._writer.write(bytes([byte]))
+            await self._writer.drain()
+            await asyncio.sleep(0.0005)
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
@@ -179,6 +224,8 @@ class _Handler:
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
         if self._owner.dsn:
             responses = [*responses[:-1], "250-DSN", responses[-1]]
+        if not self._owner.offer_8bitmime:
+            responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
         return responses
 
     async def auth_XOAUTH2(self, server: _Connection, args: list[str]) -> AuthResult:
@@ -274,6 +321,11 @@ class SmtpServer:
         smtputf8: bool = True,
         oauth: Callable[[str, str], bool] | None = None,
         dsn: bool = False,
+        greeting: str | None = None,
+        trickle: bool = False,
+        offer_8bitmime: bool = True,
+        cert: str = "good",
+        tls_max: str | None = None,
     ) -> None:
         if security not in SECURITY_MODES:
             raise ValueError(f"security must be one of {SECURITY_MODES}, not {security!r}")
@@ -287,6 +339,11 @@ class SmtpServer:
         # AUTH XOAUTH2: (token, mailbox) -> whether it may log in (a TokenServer's valid()).
         self.oauth: Callable[[str, str], bool] | None = oauth
         self.dsn = dsn  # offer DSN (RFC 3461) and take its parameters
+        self.greeting = greeting  # None: 220; "never": no greeting at all; "421": busy
+        self.trickle = trickle  # every reply written a byte at a time
+        self.offer_8bitmime = offer_8bitmime
+        self.cert = cert  # see TestCA.server_context
+        self.tls_max = tls_max
         self.require_auth = require_auth
         # With security="none", STARTTLS is offered (optional) only if a CA is given too.
         self.offer_starttls = offer_starttls
@@ -449,9 +506,9 @@ class SmtpServer:
         implicit_ctx: ssl.SSLContext | None = None
         if self.security == "tls":
             assert self.ca is not None
-            implicit_ctx = self.ca.server_context()
+            implicit_ctx = self.ca.server_context(self.cert, self.tls_max)
         elif self.ca is not None and (self.security == "starttls" or self.offer_starttls):
-            self._starttls_ctx = self.ca.server_context()
+            self._starttls_ctx = self.ca.server_context(self.cert, self.tls_max)
         self._server = await loop.create_server(self._new_connection, HOST, 0, ssl=implicit_ctx)
         port: int = self._server.sockets[0].getsockname()[1]
         return port

@@ -4,6 +4,7 @@ with the real `pickupd` process."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,26 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "SystemCallFilter=@system-service",
     ):
         assert directive in text, directive
+
+
+def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:
+    """`systemd-analyze security` rates the shipped unit's exposure at most 2.0 ("OK"); the
+    score is printed."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is needed (Debian's systemd; .ci/run installs it)"
+    unit = tmp_path / "pickupd.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/pickupd", PICKUPD))
+    done = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for pickupd.service: ([0-9.]+) (\w+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    print(f"systemd-analyze security: exposure {found.group(1)} {found.group(2)}")
+    assert float(found.group(1)) <= 2.0, done.stdout
 
 
 def test_notify_ready_status_watchdog_reload_stopping(

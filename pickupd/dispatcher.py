@@ -15,7 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import credentials, envelope, leases, moves, policy, ratelimit, relay
+from . import credentials, envelope, moves, policy, ratelimit, recovery, relay
 from . import log as logs
 from .config import Config, SenderRule, load
 from .errors import ConfigError, SpoolWriteError
@@ -164,14 +164,14 @@ class Dispatcher:
         try:
             if self.metrics is not None and self.config.metrics.listen:
                 self.metrics.start(self.config.metrics.listen)
-            removed = self.spool.clean_tmp(time.time())
+            removed = recovery.clean_tmp(self.spool, time.time())
             if removed:
                 self.log.info("tmp_cleaned", removed=removed)
-            leftovers = self.spool.clean_leftovers(time.time())
+            leftovers = recovery.clean_leftovers(self.spool, time.time())
             if any(leftovers.values()):
                 self.log.info("leftovers_cleaned", **leftovers)
-            recovered = self.spool.stale_claims()
-            recovered += leases.expired(self.spool, time.time(), self.config.spool.claim_lease)
+            recovered = recovery.stale_claims(self.spool)
+            recovered += recovery.expired(self.spool, time.time(), self.config.spool.claim_lease)
             for candidate in recovered:
                 self.log.info("recovered", id=candidate.id)
             self.intake.recover(recovered)
@@ -222,13 +222,13 @@ class Dispatcher:
     # -- around the work ---------------------------------------------------------------------------
 
     async def _leases(self) -> None:
-        """Renew our claims' leases, and take over claims whose lease expired (leases.py)."""
+        """Renew our claims' leases, and take over claims whose lease expired (recovery.py)."""
         while True:
             lease = self.config.spool.claim_lease
             await asyncio.sleep(min(lease / 4, 60.0))
             now = time.time()
-            await asyncio.to_thread(leases.renew, self.spool, now)
-            taken = await asyncio.to_thread(leases.expired, self.spool, now, lease)
+            await asyncio.to_thread(recovery.renew, self.spool, now)
+            taken = await asyncio.to_thread(recovery.expired, self.spool, now, lease)
             for candidate in taken:
                 self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
             self.intake.recover(taken)

@@ -40,6 +40,8 @@ from .sidecar import Sidecar, to_timestamp
 
 __all__ = [
     "FOLDERS",
+    "LEFTOVER_AGE",
+    "TMP_MAX_AGE",
     "Candidate",
     "Claimed",
     "FolderCount",
@@ -47,6 +49,11 @@ __all__ = [
     "Spool",
     "TooLarge",
     "Unsafe",
+    "claim_id",
+    "entries",
+    "message_id",
+    "older",
+    "unlink",
 ]
 
 # The folders a census counts, in the order people read them.
@@ -178,10 +185,10 @@ class Spool:
         For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
         will be, so the caller can come back then.
         """
-        for entry in _entries(self.new):
+        for entry in entries(self.new):
             if _is_drop(entry.name, maildir=True):
                 yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
-        for entry in _entries(self.pickup):
+        for entry in entries(self.pickup):
             name = entry.name
             if _is_drop(name, maildir=False):
                 try:
@@ -201,8 +208,8 @@ class Spool:
         The due time is the .eml's mtime (the one truth; the sidecar's next_attempt says the
         same for people). One further ahead than `horizon` seconds cannot come from pickupd
         (a clock jump, an edit): that message is yielded now, with `clamped_from` set."""
-        for entry in _entries(self.deferred):
-            msg_id = _message_id(entry.name)
+        for entry in entries(self.deferred):
+            msg_id = message_id(entry.name)
             if msg_id is None:
                 continue
             try:
@@ -215,88 +222,6 @@ class Spool:
                 yield Candidate(Path(entry.path), entry.name, "deferred", msg_id, due)
             else:
                 yield Later(due)
-
-    def stale_claims(self) -> list[Candidate]:
-        """Claims in active/ left by a process of this host that is gone (its lock is free)."""
-        found: list[Candidate] = []
-        names = [e.name for e in _entries(self.active)]
-        owners_alive: dict[str, bool] = {}
-        for name in names:
-            msg_id, dot, owner = name.partition(".")
-            # Only our host's claims: a lock held on another host may not show here (NFS).
-            if not dot or not ids.is_valid(msg_id) or owner.rpartition("-")[0] != self._host:
-                continue
-            if owner not in owners_alive:
-                owners_alive[owner] = owner == self.owner or self._owner_alive(owner)
-            if not owners_alive[owner]:
-                found.append(Candidate(self.active / name, name, "recovered", msg_id))
-        return found
-
-    def _owner_alive(self, owner: str) -> bool:
-        path = self.active / f".owner.{owner}"
-        try:
-            fd = os.open(path, os.O_RDWR | PRIVATE)
-        except FileNotFoundError:
-            return False
-        try:
-            if not try_lock(fd):
-                return True
-        finally:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        return False
-
-    def clean_leftovers(self, now: float) -> dict[str, int]:
-        """What crashes and full disks leave behind, removed at start: sidecars in deferred/
-        whose message is nowhere (not in deferred/, not claimed in active/; older than an
-        hour, so an operator's requeue, which writes the sidecar first, is never cut short),
-        lock files of this host's processes that are gone, and temp files of atomic writes
-        older than an hour. Returns how many of each."""
-        removed = {"sidecars": 0, "locks": 0, "temps": 0}
-        claimed = {_claim_id(e.name) for e in _entries(self.active)}
-        for entry in _entries(self.deferred):
-            name = entry.name
-            msg_id = name[:-5] if name.endswith(".json") else ""
-            if (
-                ids.is_valid(msg_id)
-                and msg_id not in claimed
-                and not os.path.lexists(self.deferred / f"{msg_id}.eml")
-                and _older(entry, now, LEFTOVER_AGE)
-                and _unlink(entry.path)
-            ):
-                removed["sidecars"] += 1
-        for entry in _entries(self.active):
-            owner = entry.name.removeprefix(".owner.")
-            if (
-                entry.name.startswith(".owner.")
-                and owner != self.owner
-                and owner.rpartition("-")[0] == self._host
-                and not self._owner_alive(owner)  # unlinks the lock file it finds free
-            ):
-                removed["locks"] += 1
-        for folder in (self.deferred, self.failed, self.hold, self.sent):
-            for entry in _entries(folder):
-                if (
-                    entry.name.startswith(".")
-                    and entry.name.endswith(".tmp")
-                    and _older(entry, now, LEFTOVER_AGE)
-                    and _unlink(entry.path)
-                ):
-                    removed["temps"] += 1
-        return removed
-
-    def clean_tmp(self, now: float) -> int:
-        """Remove Maildir tmp/ files older than 36 hours; return how many."""
-        removed = 0
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.tmp) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    st = entry.stat(follow_symlinks=False)
-                    if now - st.st_mtime > TMP_MAX_AGE and not stat.S_ISDIR(st.st_mode):
-                        os.unlink(entry.path)
-                        removed += 1
-        return removed
 
     # -- claiming and reading -----------------------------------------------------------------
 
@@ -407,7 +332,7 @@ class Spool:
 
     def ids_in(self, folder: Path) -> list[str]:
         """The ids of the messages in deferred/, hold/, failed/ or sent/, oldest first."""
-        found = (_message_id(e.name) for e in _entries(folder))
+        found = (message_id(e.name) for e in entries(folder))
         return sorted((msg_id for msg_id in found if msg_id), key=ids.sort_key)
 
     # -- census -----------------------------------------------------------------------------
@@ -424,22 +349,22 @@ class Spool:
         census: dict[str, FolderCount] = {}
         for name in FOLDERS:
             if name in ("pickup", "active"):
-                entries: Iterator[os.DirEntry[str]]
+                found: Iterator[os.DirEntry[str]]
                 if name == "pickup":
-                    new = (e for e in _entries(self.new) if _is_drop(e.name, maildir=True))
-                    direct = (e for e in _entries(self.pickup) if _is_drop(e.name, maildir=False))
-                    entries = itertools.chain(new, direct)
+                    new = (e for e in entries(self.new) if _is_drop(e.name, maildir=True))
+                    direct = (e for e in entries(self.pickup) if _is_drop(e.name, maildir=False))
+                    found = itertools.chain(new, direct)
                 else:
-                    entries = (e for e in _entries(self.active) if _claim_id(e.name))
+                    found = (e for e in entries(self.active) if claim_id(e.name))
                 if name not in ages:
-                    census[name] = FolderCount(sum(1 for _ in entries))
+                    census[name] = FolderCount(sum(1 for _ in found))
                     continue
-                times = [t for t in map(_mtime, entries) if t is not None]
+                times = [t for t in map(mtime, found) if t is not None]
                 oldest = now - min(times) if times else None
                 census[name] = FolderCount(len(times), oldest)
                 continue
             folder = self.root / name
-            msg_ids = [i for i in (_message_id(e.name) for e in _entries(folder)) if i]
+            msg_ids = [i for i in (message_id(e.name) for e in entries(folder)) if i]
             oldest = None
             if name in ages and msg_ids:
                 oldest = self._oldest_seen(folder, sorted(msg_ids, key=ids.sort_key), now)
@@ -455,11 +380,11 @@ class Spool:
         return None
 
 
-def _entries(folder: Path) -> Iterator[os.DirEntry[str]]:
+def entries(folder: Path) -> Iterator[os.DirEntry[str]]:
     """The entries of `folder`, streamed (a backlog of 100,000 files stays on disk)."""
     try:
-        with os.scandir(folder) as entries:
-            yield from entries
+        with os.scandir(folder) as listing:
+            yield from listing
     except FileNotFoundError:
         return
 
@@ -471,23 +396,23 @@ def _is_drop(name: str, *, maildir: bool) -> bool:
     return maildir or name.lower().endswith(".eml")
 
 
-def _message_id(name: str) -> str | None:
+def message_id(name: str) -> str | None:
     """The id of `<id>.eml` in deferred/, hold/, failed/ or sent/; None for other names."""
     return name[:-4] if name.endswith(".eml") and ids.is_valid(name[:-4]) else None
 
 
-def _claim_id(name: str) -> str | None:
+def claim_id(name: str) -> str | None:
     """The id of a claim `<id>.<owner>` in active/; None for lock files and strays."""
     msg_id, dot, owner = name.partition(".")
     return msg_id if dot and owner and ids.is_valid(msg_id) else None
 
 
-def _older(entry: os.DirEntry[str], now: float, age: float) -> bool:
-    mtime = _mtime(entry)
-    return mtime is not None and now - mtime > age
+def older(entry: os.DirEntry[str], now: float, age: float) -> bool:
+    changed = mtime(entry)
+    return changed is not None and now - changed > age
 
 
-def _unlink(path: str) -> bool:
+def unlink(path: str) -> bool:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -495,7 +420,7 @@ def _unlink(path: str) -> bool:
     return True
 
 
-def _mtime(entry: os.DirEntry[str]) -> float | None:
+def mtime(entry: os.DirEntry[str]) -> float | None:
     try:
         return entry.stat(follow_symlinks=False).st_mtime
     except FileNotFoundError:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pickupd import ids, leases
+from pickupd import ids, recovery
 from pickupd.files import atomic_write
 from pickupd.sidecar import Sidecar, from_timestamp
 from pickupd.spool import Candidate, Later, Spool, TooLarge, Unsafe
@@ -123,7 +123,7 @@ def test_stale_claims_of_dead_owners_only(tmp_path: Path) -> None:
         (spool.new / "dead").write_bytes(b"x")
         dead_claim = dead.claim(Candidate(spool.new / "dead", "new/dead", "new"))
         assert dead_claim is not None
-        stale = spool.stale_claims()
+        stale = recovery.stale_claims(spool)
         assert [c.id for c in stale] == [dead_claim.id]
     finally:
         live.kill()
@@ -139,7 +139,7 @@ def test_claims_of_another_host_are_never_recovered(tmp_path: Path) -> None:
     other.owner = "web-1-200"
     (spool.new / "m").write_bytes(b"x")
     assert other.claim(Candidate(spool.new / "m", "new/m", "new")) is not None
-    assert spool.stale_claims() == []
+    assert recovery.stale_claims(spool) == []
 
 
 def test_an_unreadable_sidecar_leaves_with_its_message(tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_leftovers_are_cleaned_and_nothing_else(tmp_path: Path) -> None:
     stale_tmp = spool.deferred / f".{orphan}.json.4242.tmp"
     stale_tmp.write_bytes(b"{")
     os.utime(stale_tmp, (old, old))
-    removed = spool.clean_leftovers(time.time())
+    removed = recovery.clean_leftovers(spool, time.time())
     assert removed == {"sidecars": 1, "locks": 1, "temps": 1}
     left = sorted(p.name for p in spool.deferred.iterdir())
     assert left == sorted([f"{fresh}.json", f"{claimed}.json"])
@@ -206,11 +206,11 @@ def test_a_claim_is_taken_over_only_once_its_lease_expired(tmp_path: Path) -> No
     claimed = host_a.claim(Candidate(host_a.new / "m", "new/m", "new"))
     assert claimed is not None
     now = time.time()
-    assert leases.expired(host_b, now + 500, lease=600) == []  # claimed just now
+    assert recovery.expired(host_b, now + 500, lease=600) == []  # claimed just now
     later = now + 3000
-    assert leases.renew(host_a, later) == 1  # host a is alive and renews
-    assert leases.expired(host_b, later + 10, lease=600) == []
-    (taken,) = leases.expired(host_b, later + 700, lease=600)  # host a stopped renewing
+    assert recovery.renew(host_a, later) == 1  # host a is alive and renews
+    assert recovery.expired(host_b, later + 10, lease=600) == []
+    (taken,) = recovery.expired(host_b, later + 700, lease=600)  # host a stopped renewing
     assert taken.id == claimed.id and taken.origin == "recovered"
     again = host_b.claim(taken)
     assert again is not None and again.path.name == f"{claimed.id}.host-b-2"

@@ -129,7 +129,9 @@ class TokenServer:
         if method != "POST":
             return 404, {"error": "not_found"}
         if mode == "stall":
+            # The client gives up long before; what it abandoned must not spend a refresh token.
             self._stall.wait(30)
+            return 504, {"error": "temporarily_unavailable", "error_description": "stalled"}
         if mode == "500":
             return 500, {"error": "server_error", "error_description": "try again later"}
         if mode == "invalid_client":

@@ -1,0 +1,149 @@
+"""What a dispatcher takes back, and what it cleans, on a spool it may share: claims of its
+own host's dead processes (their lock file is free), claims of any host whose lease expired,
+and what crashes and full disks leave behind.
+
+Claim leases are for a spool shared by several hosts (NFS): a claim in active/ is held by its
+owner only while the owner renews it (touches the file) every `claim_lease / 4`; a claim whose
+file has not been touched for `claim_lease` belongs to a process that is gone, on whatever
+host, and any dispatcher may take it over, with one rename, as claims are always taken. On one
+host the owner's lock file says at once whether it is alive; a lock held on another host may
+not show through NFS, hence the lease. What the shared file system must provide: atomic
+rename within a folder, and mtimes that follow the hosts' clocks, which must agree within a
+small part of claim_lease (NTP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+from . import ids
+from .files import PRIVATE, try_lock
+from .spool import (
+    LEFTOVER_AGE,
+    TMP_MAX_AGE,
+    Candidate,
+    Spool,
+    claim_id,
+    entries,
+    older,
+    unlink,
+)
+
+__all__ = ["clean_leftovers", "clean_tmp", "expired", "owner_alive", "renew", "stale_claims"]
+
+
+def stale_claims(spool: Spool) -> list[Candidate]:
+    """Claims in active/ left by a process of this host that is gone (its lock is free)."""
+    found: list[Candidate] = []
+    names = [e.name for e in entries(spool.active)]
+    owners_alive: dict[str, bool] = {}
+    for name in names:
+        msg_id, dot, owner = name.partition(".")
+        # Only our host's claims: a lock held on another host may not show here (NFS).
+        if not dot or not ids.is_valid(msg_id) or owner.rpartition("-")[0] != spool._host:
+            continue
+        if owner not in owners_alive:
+            owners_alive[owner] = owner == spool.owner or owner_alive(spool, owner)
+        if not owners_alive[owner]:
+            found.append(Candidate(spool.active / name, name, "recovered", msg_id))
+    return found
+
+
+def owner_alive(spool: Spool, owner: str) -> bool:
+    path = spool.active / f".owner.{owner}"
+    try:
+        fd = os.open(path, os.O_RDWR | PRIVATE)
+    except FileNotFoundError:
+        return False
+    try:
+        if not try_lock(fd):
+            return True
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return False
+
+
+def clean_leftovers(spool: Spool, now: float) -> dict[str, int]:
+    """What crashes and full disks leave behind, removed at start: sidecars in deferred/
+    whose message is nowhere (not in deferred/, not claimed in active/; older than an
+    hour, so an operator's requeue, which writes the sidecar first, is never cut short),
+    lock files of this host's processes that are gone, and temp files of atomic writes
+    older than an hour. Returns how many of each."""
+    removed = {"sidecars": 0, "locks": 0, "temps": 0}
+    claimed = {claim_id(e.name) for e in entries(spool.active)}
+    for entry in entries(spool.deferred):
+        name = entry.name
+        msg_id = name[:-5] if name.endswith(".json") else ""
+        if (
+            ids.is_valid(msg_id)
+            and msg_id not in claimed
+            and not os.path.lexists(spool.deferred / f"{msg_id}.eml")
+            and older(entry, now, LEFTOVER_AGE)
+            and unlink(entry.path)
+        ):
+            removed["sidecars"] += 1
+    for entry in entries(spool.active):
+        owner = entry.name.removeprefix(".owner.")
+        if (
+            entry.name.startswith(".owner.")
+            and owner != spool.owner
+            and owner.rpartition("-")[0] == spool._host
+            and not owner_alive(spool, owner)  # unlinks the lock file it finds free
+        ):
+            removed["locks"] += 1
+    for folder in (spool.deferred, spool.failed, spool.hold, spool.sent):
+        for entry in entries(folder):
+            if (
+                entry.name.startswith(".")
+                and entry.name.endswith(".tmp")
+                and older(entry, now, LEFTOVER_AGE)
+                and unlink(entry.path)
+            ):
+                removed["temps"] += 1
+    return removed
+
+
+def clean_tmp(spool: Spool, now: float) -> int:
+    """Remove Maildir tmp/ files older than 36 hours; return how many."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(spool.tmp) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if now - st.st_mtime > TMP_MAX_AGE and not stat.S_ISDIR(st.st_mode):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def renew(spool: Spool, now: float) -> int:
+    """Touch every claim of ours (and our lock file): we are alive and working on them."""
+    renewed = 0
+    suffix = f".{spool.owner}"
+    for entry in entries(spool.active):
+        if entry.name.endswith(suffix):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(entry.path, (now, now), follow_symlinks=False)
+                renewed += 1
+    return renewed
+
+
+def expired(spool: Spool, now: float, lease: float) -> list[Candidate]:
+    """Claims of other owners not renewed for `lease` seconds: theirs no longer."""
+    found = []
+    for entry in entries(spool.active):
+        msg_id, dot, owner = entry.name.partition(".")
+        if not dot or owner == spool.owner or not ids.is_valid(msg_id):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        if age > lease:
+            found.append(Candidate(Path(entry.path), entry.name, "recovered", msg_id))
+    return found

@@ -1,0 +1,200 @@
+"""`[relays.<name>]` and `[senders."<address or *@domain>"]`: where each sender's mail goes
+and how it logs in there, read from the config (the allow-list is the senders)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from . import settings as s
+from .credentials import CREDENTIAL_KEYS, Login, read_credentials
+from .settings import Reader, setting
+from .units import Rate
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "PROVIDERS",
+    "RelayConfig",
+    "SenderRule",
+    "is_loopback",
+    "named_tables",
+    "read_relay",
+    "read_sender",
+]
+
+Security = Literal["starttls", "tls", "none"]
+
+DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
+# provider = "...": the host of its SMTP submission service (SES: per region). They all take
+# STARTTLS on port 587, which are the defaults anyway. `host` still overrides it.
+PROVIDERS: dict[str, str] = {
+    "microsoft365": "smtp.office365.com",
+    "google": "smtp.gmail.com",
+    "ses": "email-smtp.{region}.amazonaws.com",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayConfig:
+    """One `[relays.<name>]` section (`name`, `host`, `port` and the login are read apart)."""
+
+    name: str
+    host: str
+    port: int
+    security: Security = setting(
+        "starttls",
+        s.choice("starttls", "tls", "none"),
+        "",
+        '"starttls" (required, verified), "tls" (implicit, port 465) or "none"',
+        '"starttls"',
+    )
+    ca_file: Path | None = setting(
+        None, s.string, "a file path", "CA certificates to verify the server with (not set)"
+    )
+    timeout: float = setting(
+        30.0,
+        s.positive_duration,
+        "a duration",
+        "for connecting and for each SMTP command",
+        '"30s"',
+    )
+    max_connections: int = setting(
+        4, s.int_range(1, 1000), "an integer 1-1000", "open sessions to this relay at most", "4"
+    )
+    idle_timeout: float = setting(
+        10.0, s.duration, "a duration", "close a session idle this long", '"10s"'
+    )
+    max_messages_per_connection: int = setting(
+        100,
+        s.int_range(1, 1_000_000),
+        "an integer >= 1",
+        "then open a new session (also after 300 s)",
+        "100",
+    )
+    rate: Rate | None = setting(
+        None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'
+    )
+    provider: str | None = setting(
+        None,
+        s.choice(*PROVIDERS),
+        "",
+        'fills host, port and security: "microsoft365", "google" or "ses" (not set)',
+    )
+    region: str | None = setting(
+        None, s.string, "a region name", 'with provider = "ses": the AWS region, like "eu-west-1"'
+    )
+    credentials: Login | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SenderRule:
+    """One `[senders."<address or *@domain>"]` entry."""
+
+    pattern: str  # lower-cased: "a@example.com" or "*@example.com"
+    relay: str
+    credentials: Login | None = None
+    # For this sender's credentials (or the relay's, if it has none).
+    rate: Rate | None = setting(None, s.rate, "", 'per mailbox, like "30/min" (not set)')
+
+    def matches(self, address: str) -> bool:
+        """Case-insensitive match of an addr-spec against this entry."""
+        address = address.lower()
+        if self.pattern.startswith("*@"):
+            return address.rpartition("@")[2] == self.pattern[2:]
+        return address == self.pattern
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses: the only hosts a password may go to in clear."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConfig | None:
+    prefix = f"relays.{name}."
+    values = reader.values(table, prefix, RelayConfig, {"host", "port"} | CREDENTIAL_KEYS)
+    preset = ""
+    provider, region = values["provider"], values["region"]
+    if provider is not None and "host" not in table:
+        if provider == "ses" and region is None:
+            reader.problem(prefix + "region", 'required with provider = "ses" (or give host)')
+        preset = PROVIDERS[provider].format(region=region)
+    if "host" not in table and not preset:
+        reader.problem(prefix + "host", "required")
+    host = reader.get(table, prefix, "host", preset, s.string, "a host name or address")
+    port = reader.get(
+        table,
+        prefix,
+        "port",
+        DEFAULT_PORTS[values["security"]],
+        s.int_range(1, 65535),
+        "an integer 1-65535",
+    )
+    if values["ca_file"] is not None:
+        values["ca_file"] = reader.file(values["ca_file"])
+        if not values["ca_file"].is_file():
+            reader.problem(prefix + "ca_file", f"{values['ca_file']} does not exist")
+    credentials = read_credentials(reader, table, prefix)
+    if not host:
+        return None
+    relay = RelayConfig(name=name, host=host, port=port, credentials=credentials, **values)
+    if credentials is not None:
+        problem = _cleartext_problem(relay)
+        if problem:
+            reader.problem(prefix + "username", problem)
+    return relay
+
+
+def _cleartext_problem(relay: RelayConfig) -> str | None:
+    if relay.security == "none" and not is_loopback(relay.host):
+        return (
+            f'credentials would be sent in clear to {relay.host}; use security = "starttls"'
+            ' or "tls" (only loopback relays may use "none" with credentials)'
+        )
+    return None
+
+
+def read_sender(
+    reader: Reader, pattern: str, table: Mapping[str, Any], relays: Mapping[str, RelayConfig]
+) -> SenderRule | None:
+    prefix = f'senders."{pattern}".'
+    values = reader.values(table, prefix, SenderRule, {"relay"} | CREDENTIAL_KEYS)
+    local, at, domain = pattern.rpartition("@")
+    if not at or not local or not domain or ("*" in local and local != "*") or "*" in domain:
+        reader.problem(
+            f'senders."{pattern}"', 'expected an address ("app@example.com") or "*@example.com"'
+        )
+        return None
+    if "relay" not in table:
+        reader.problem(prefix + "relay", "required: the name of a [relays.<name>] section")
+        return None
+    relay = reader.get(table, prefix, "relay", "", s.string, "a relay name")
+    if relay and relay not in relays:
+        known = ", ".join(sorted(relays)) or "none defined"
+        reader.problem(prefix + "relay", f'no relay named "{relay}" (relays: {known})')
+        return None
+    credentials = read_credentials(reader, table, prefix)
+    if credentials is not None and relay in relays:
+        problem = _cleartext_problem(relays[relay])
+        if problem:
+            reader.problem(prefix + "username", problem)
+    return SenderRule(pattern=pattern.lower(), relay=relay, credentials=credentials, **values)
+
+
+def named_tables(reader: Reader, doc: Mapping[str, Any], section: str) -> Mapping[str, Any]:
+    """`[relays.<name>]` / `[senders."<pattern>"]`: the tables by name; others are problems."""
+    found = {}
+    for name, table in reader.table(doc, section).items():
+        if isinstance(table, dict):
+            found[name] = table
+        else:
+            where = f"relays.{name}" if section == "relays" else f'senders."{name}"'
+            reader.problem(where, f"expected a table, got {s.type_name(table)}")
+    return found

@@ -7,6 +7,7 @@ a key (see settings.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ __all__ = [
     "Submission",
     "config_path",
     "is_loopback",
+    "keep_fixed",
     "load",
     "load_submission",
 ]
@@ -258,6 +260,24 @@ class Config:
             if rule.matches(lowered):
                 return rule
         return None
+
+
+def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` as a running process can take it on reload: the keys it cannot change without a
+    restart keep their old values; returns it and those keys that changed (to warn about)."""
+    fixed = {
+        "spool.path": (old.spool.path, new.spool.path),
+        "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
+        "metrics.listen": (old.metrics.listen, new.metrics.listen),
+    }
+    changed = [key for key, (before, after) in fixed.items() if before != after]
+    kept = dataclasses.replace(
+        new,
+        spool=dataclasses.replace(new.spool, path=old.spool.path),
+        dispatch=dataclasses.replace(new.dispatch, concurrency=old.dispatch.concurrency),
+        metrics=old.metrics,
+    )
+    return kept, changed
 
 
 def config_path(cli_value: str | None) -> Path:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import credentials, envelope, moves, policy, ratelimit, recovery, relay
 from . import log as logs
-from .config import Config, SenderRule, load
+from .config import Config, SenderRule, keep_fixed, load
 from .errors import ConfigError, SpoolWriteError
 from .feedback import Feedback
 from .files import printable
@@ -41,8 +41,6 @@ GRACE = 30.0
 # Messages larger than this are relayed LARGE_AT_ONCE at a time, to bound memory.
 LARGE_MESSAGE = 1024 * 1024
 LARGE_AT_ONCE = 2
-# Config keys a reload cannot change in a running process (they need a restart).
-_FIXED_ON_RELOAD = ("spool.path", "dispatch.concurrency", "metrics.listen")
 
 
 class Dispatcher:
@@ -95,19 +93,7 @@ class Dispatcher:
             if self.notifier:
                 self.notifier.ready(self.status_line())
             return
-        old = self.config
-        fixed = {
-            "spool.path": (old.spool.path, new.spool.path),
-            "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
-            "metrics.listen": (old.metrics.listen, new.metrics.listen),
-        }
-        unchanged = [key for key in _FIXED_ON_RELOAD if fixed[key][0] != fixed[key][1]]
-        new = dataclasses.replace(
-            new,
-            spool=dataclasses.replace(new.spool, path=old.spool.path),
-            dispatch=dataclasses.replace(new.dispatch, concurrency=old.dispatch.concurrency),
-            metrics=old.metrics,
-        )
+        new, unchanged = keep_fixed(self.config, new)
         self.config = new
         self.intake.dispatch = new.dispatch
         self.intake.horizon = new.retry.max_age

@@ -175,7 +175,11 @@ class Dispatcher:
                     group.create_task(self.intake.feed_deferred()),
                     group.create_task(self._reap_sessions()),
                     group.create_task(self.stranded.run(self.intake.wake)),
-                    group.create_task(self._leases()),
+                    group.create_task(
+                        recovery.keep_leases(
+                            self.spool, lambda: self.config.spool.claim_lease, self._take_over
+                        )
+                    ),
                 ]
                 if self.notifier:
                     helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
@@ -207,17 +211,10 @@ class Dispatcher:
 
     # -- around the work ---------------------------------------------------------------------------
 
-    async def _leases(self) -> None:
-        """Renew our claims' leases, and take over claims whose lease expired (recovery.py)."""
-        while True:
-            lease = self.config.spool.claim_lease
-            await asyncio.sleep(min(lease / 4, 60.0))
-            now = time.time()
-            await asyncio.to_thread(recovery.renew, self.spool, now)
-            taken = await asyncio.to_thread(recovery.expired, self.spool, now, lease)
-            for candidate in taken:
-                self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
-            self.intake.recover(taken)
+    def _take_over(self, claims: list[Candidate]) -> None:
+        for candidate in claims:
+            self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
+        self.intake.recover(claims)
 
     async def _reap_sessions(self) -> None:
         while True:

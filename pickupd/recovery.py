@@ -14,9 +14,12 @@ small part of claim_lease (NTP).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import ids
@@ -32,7 +35,15 @@ from .spool import (
     unlink,
 )
 
-__all__ = ["clean_leftovers", "clean_tmp", "expired", "owner_alive", "renew", "stale_claims"]
+__all__ = [
+    "clean_leftovers",
+    "clean_tmp",
+    "expired",
+    "keep_leases",
+    "owner_alive",
+    "renew",
+    "stale_claims",
+]
 
 
 def stale_claims(spool: Spool) -> list[Candidate]:
@@ -147,3 +158,17 @@ def expired(spool: Spool, now: float, lease: float) -> list[Candidate]:
         if age > lease:
             found.append(Candidate(Path(entry.path), entry.name, "recovered", msg_id))
     return found
+
+
+async def keep_leases(
+    spool: Spool, lease: Callable[[], float], take: Callable[[list[Candidate]], None]
+) -> None:
+    """Until cancelled: renew our claims every quarter of the lease (`lease()`, which a
+    reload may change), and hand claims whose lease expired to `take`."""
+    while True:
+        await asyncio.sleep(min(lease() / 4, 60.0))
+        now = time.time()
+        await asyncio.to_thread(renew, spool, now)
+        taken = await asyncio.to_thread(expired, spool, now, lease())
+        if taken:
+            take(taken)

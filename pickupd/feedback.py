@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import os
 import socket
 import time
@@ -178,6 +177,8 @@ def _report(failures: list[Sidecar], sender: str, recipient: str) -> bytes:
         lines.append(f"    {sidecar.detail}"[:400])
     if count > _REPORT_LINES:
         lines.append(f"... and {count - _REPORT_LINES} more (pickupd queue lists them all)")
+    import email.utils  # only when a report is written
+
     domain = sender.rpartition("@")[2]
     head = [
         f"X-Sender: <{sender}>",

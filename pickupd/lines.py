@@ -16,17 +16,16 @@ Only messages that need it are touched (one split of the bytes finds out).
 from __future__ import annotations
 
 import base64
-import email.generator
-import email.parser
-import email.policy
 import io
 import quopri
-from email.message import Message
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from email.message import Message
 
 __all__ = ["LIMIT", "TooLong", "fit"]
 
 LIMIT = 998  # octets, without the CRLF
-_POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
 
 
 class TooLong(ValueError):
@@ -68,7 +67,13 @@ def _fold(head: bytes) -> bytes:
 
 
 def _encode(head: bytes, body: bytes) -> bytes:
-    message = email.parser.BytesParser(policy=_POLICY).parsebytes(head + body)
+    # The email package is imported only here: most mail never needs it (memory, start-up).
+    import email.generator
+    import email.parser
+    import email.policy
+
+    policy = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
+    message = email.parser.BytesParser(policy=policy).parsebytes(head + body)
     for part in message.walk():
         if part.is_multipart() or not _has_long_line(part):
             continue
@@ -89,7 +94,7 @@ def _encode(head: bytes, body: bytes) -> bytes:
     if "MIME-Version" not in message:
         message["MIME-Version"] = "1.0"
     out = io.BytesIO()
-    generator = email.generator.BytesGenerator(out, mangle_from_=False, policy=_POLICY)
+    generator = email.generator.BytesGenerator(out, mangle_from_=False, policy=policy)
     generator.flatten(message)
     return out.getvalue()
 

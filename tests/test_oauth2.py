@@ -10,6 +10,7 @@ import json
 import stat
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,33 @@ from tokenserver import TokenServer
 
 Factory = Callable[..., SmtpServer]
 CLIENT_SECRET = "client-s3cret-never-logged"
+
+
+@dataclass
+class Rig:
+    """What an OAuth2 test works with: the test CA, the token endpoint, real daemons, a
+    folder, and STARTTLS SMTP servers that check XOAUTH2 tokens with the endpoint."""
+
+    ca: TestCA
+    tokens: TokenServer
+    make_daemon: Callable[..., Daemon]
+    tmp: Path
+    smtp_factory: Factory
+
+    def server(self, **kwargs: Any) -> SmtpServer:
+        return self.smtp_factory(security="starttls", oauth=self.tokens.valid, **kwargs)
+
+
+@pytest.fixture
+def rig(
+    smtp_factory: Factory,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> Rig:
+    """The parts of an OAuth2 test, together."""
+    return Rig(test_ca, token_server, make_daemon, tmp_path, smtp_factory)
 
 
 @pytest.fixture
@@ -73,83 +101,65 @@ def assert_no_secrets(daemon: Daemon, tokens: TokenServer, *outputs: str) -> Non
     assert not [s for s in secrets if s in seen]
 
 
-def test_microsoft365_one_app_token_serves_every_mailbox_of_the_domain(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_microsoft365_one_app_token_serves_every_mailbox_of_the_domain(rig: Rig) -> None:
     """msal gets one app-only token for 20 messages from two mailboxes of a *@domain entry;
     each message logs in as its own envelope sender, and sessions are reused."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    daemon = make_daemon(
-        relays={"m365": m365(server, test_ca, token_server, tmp_path)},
+    server = rig.server()
+    daemon = rig.make_daemon(
+        relays={"m365": m365(server, rig.ca, rig.tokens, rig.tmp)},
         senders={"*@contoso.example": {"relay": "m365"}},
         start=False,
     )
-    start(daemon, test_ca)
+    start(daemon, rig.ca)
     for n in range(10):
         drop_maildir(daemon.spool, message(sender="sales@contoso.example", subject=f"s{n}"))
         drop_maildir(daemon.spool, message(sender="billing@contoso.example", subject=f"b{n}"))
     got = server.wait_for(20, timeout=30)
     assert all(r.username == r.mail_from for r in got)
     assert {r.username for r in got} == {"sales@contoso.example", "billing@contoso.example"}
-    assert [grant for _, _, grant in token_server.token_requests()] == ["client_credentials"]
+    assert [grant for _, _, grant in rig.tokens.token_requests()] == ["client_credentials"]
     assert len(server.auth_attempts) == server.sessions  # one login per session
-    assert_no_secrets(daemon, token_server)
+    assert_no_secrets(daemon, rig.tokens)
 
 
-def test_one_mailbox_reuses_its_sessions(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_one_mailbox_reuses_its_sessions(rig: Rig) -> None:
     """60 messages from one mailbox go over at most max_connections sessions, each logged in
     once with the one cached token."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    daemon = make_daemon(
-        relays={"m365": m365(server, test_ca, token_server, tmp_path, max_connections=3)},
+    server = rig.server()
+    daemon = rig.make_daemon(
+        relays={"m365": m365(server, rig.ca, rig.tokens, rig.tmp, max_connections=3)},
         senders={"*@contoso.example": {"relay": "m365"}},
         start=False,
     )
     for n in range(60):
         drop_maildir(daemon.spool, message(sender="sales@contoso.example", subject=f"s{n}"))
-    start(daemon, test_ca)
+    start(daemon, rig.ca)
     server.wait_for(60, timeout=30)
     assert server.sessions <= 3 and len(server.auth_attempts) == server.sessions
-    assert len(token_server.token_requests()) == 1
+    assert len(rig.tokens.token_requests()) == 1
 
 
-def test_a_revoked_token_is_dropped_and_the_login_retried_once(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_a_revoked_token_is_dropped_and_the_login_retried_once(rig: Rig) -> None:
     """The relay refuses the cached token (535 5.7.3): pickupd asks msal for a fresh one and
     logs in again in the same session; the message is sent, not deferred."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    relay = m365(server, test_ca, token_server, tmp_path, max_messages_per_connection=1)
-    daemon = make_daemon(
+    server = rig.server()
+    relay = m365(server, rig.ca, rig.tokens, rig.tmp, max_messages_per_connection=1)
+    daemon = rig.make_daemon(
         relays={"m365": relay}, senders={"app@contoso.example": {"relay": "m365"}}, start=False
     )
-    start(daemon, test_ca)
+    start(daemon, rig.ca)
     drop_maildir(daemon.spool, message(sender="app@contoso.example"))
     server.wait_for(1)
-    token_server.revoke_all()
+    rig.tokens.revoke_all()
     drop_maildir(daemon.spool, message(sender="app@contoso.example", subject="after"))
     server.wait_for(2)
-    assert len(token_server.token_requests()) == 2
+    assert len(rig.tokens.token_requests()) == 2
     assert server.auth_attempts[-2:] == [
         ("app@contoso.example", False),
         ("app@contoso.example", True),
     ]
     assert daemon.events("deferred") == []
-    assert_no_secrets(daemon, token_server)
+    assert_no_secrets(daemon, rig.tokens)
 
 
 def refresh_relay(
@@ -168,68 +178,56 @@ def refresh_relay(
     }
 
 
-def test_tokens_are_refreshed_before_they_expire_and_rotation_is_kept(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_tokens_are_refreshed_before_they_expire_and_rotation_is_kept(rig: Rig) -> None:
     """With 4-second tokens, a send in the token's second half still uses it and starts a
     refresh in the background; the refresh lands before expiry, no expired token is ever
     presented, and each rotated refresh token is written back with the file's mode."""
-    token_server.expires_in = 4
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    relay = refresh_relay(server, test_ca, token_server, tmp_path, max_messages_per_connection=1)
-    (tmp_path / "refresh.token").chmod(0o640)
-    daemon = make_daemon(relays={"main": relay}, start=False)
-    start(daemon, test_ca)
+    rig.tokens.expires_in = 4
+    server = rig.server()
+    relay = refresh_relay(server, rig.ca, rig.tokens, rig.tmp, max_messages_per_connection=1)
+    (rig.tmp / "refresh.token").chmod(0o640)
+    daemon = rig.make_daemon(relays={"main": relay}, start=False)
+    start(daemon, rig.ca)
     drop_maildir(daemon.spool, message(subject="first"))
     server.wait_for(1)
-    (first, *_) = token_server.token_requests()
+    (first, *_) = rig.tokens.token_requests()
     wait_until(lambda: __import__("time").time() > first[0] + 2.5, 5, "the token's second half")
     drop_maildir(daemon.spool, message(subject="second"))
     server.wait_for(2)
-    requests = wait_until(lambda: len(r := token_server.token_requests()) >= 2 and r, 5)
+    requests = wait_until(lambda: len(r := rig.tokens.token_requests()) >= 2 and r, 5)
     assert requests[1][0] < first[0] + 4, "refreshed only after expiry"
-    assert token_server.presented_expired == 0
-    stored = tmp_path / "refresh.token"
+    assert rig.tokens.presented_expired == 0
+    stored = rig.tmp / "refresh.token"
     # The rotated one, still unused (written back just after the endpoint answered).
-    wait_until(lambda: stored.read_text().strip() in token_server.refresh_tokens, 5, "write-back")
+    wait_until(lambda: stored.read_text().strip() in rig.tokens.refresh_tokens, 5, "write-back")
     assert stat.S_IMODE(stored.stat().st_mode) == 0o640
-    assert_no_secrets(daemon, token_server)
+    assert_no_secrets(daemon, rig.tokens)
 
 
-def test_a_token_endpoint_that_is_down_refusing_or_slow_defers_then_the_mail_goes(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_a_token_endpoint_that_is_down_refusing_or_slow_defers_then_the_mail_goes(rig: Rig) -> None:
     """The daemon defers, with a detail naming the token source and what went wrong, when
     the endpoint answers 500, answers invalid_client, or stalls past token_timeout (each
     logged as token_failed); once the endpoint is back, the retry sends the mail."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    relay = refresh_relay(server, test_ca, token_server, tmp_path, token_timeout="1s")
-    daemon = make_daemon(relays={"main": relay}, start=False)
-    start(daemon, test_ca)
+    server = rig.server()
+    relay = refresh_relay(server, rig.ca, rig.tokens, rig.tmp, token_timeout="1s")
+    daemon = rig.make_daemon(relays={"main": relay}, start=False)
+    start(daemon, rig.ca)
     for mode, said in (
         ("500", "server_error"),
         ("invalid_client", "invalid_client"),
         ("stall", "timed out"),
     ):
-        token_server.mode = mode
+        rig.tokens.mode = mode
         drop_maildir(daemon.spool, message(subject=mode))
         # Any deferral under this mode (earlier messages are retried meanwhile too).
         wait_until(partial(_deferral_saying, daemon, said), 15, f"a deferral saying {said}")
-    source = f"refresh token grant at {token_server.url}/token"
+    source = f"refresh token grant at {rig.tokens.url}/token"
     assert all(source in e["detail"] for e in daemon.events("deferred"))
     assert daemon.events("token_failed")
-    token_server.mode = "ok"
+    rig.tokens.mode = "ok"
     got = server.wait_for(3, timeout=20)
     assert {r.username for r in got} == {"app@example.com"}
-    assert_no_secrets(daemon, token_server)
+    assert_no_secrets(daemon, rig.tokens)
 
 
 def _deferral_saying(daemon: Daemon, said: str) -> list[dict[str, Any]]:
@@ -262,37 +260,31 @@ def service_account(tmp: Path, tokens: TokenServer) -> str:
     return private_file(tmp / "service-account.json", json.dumps(doc))
 
 
-def test_google_service_account_gets_a_token_per_mailbox(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_google_service_account_gets_a_token_per_mailbox(rig: Rig) -> None:
     """google-auth signs a JWT-bearer grant with the mailbox as subject: one token per
     mailbox, each good only for that mailbox's login."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
+    server = rig.server()
     relay = {
-        **tls_relay(server, test_ca),
+        **tls_relay(server, rig.ca),
         "auth": "oauth2",
-        "service_account_file": service_account(tmp_path, token_server),
+        "service_account_file": service_account(rig.tmp, rig.tokens),
     }
-    daemon = make_daemon(
+    daemon = rig.make_daemon(
         relays={"google": relay}, senders={"*@example.com": {"relay": "google"}}, start=False
     )
-    start(daemon, test_ca)
+    start(daemon, rig.ca)
     for n in range(3):
         drop_maildir(daemon.spool, message(sender="a@example.com", subject=f"a{n}"))
         drop_maildir(daemon.spool, message(sender="b@example.com", subject=f"b{n}"))
     got = server.wait_for(6)
     assert all(r.username == r.mail_from for r in got)
-    grants = [grant for _, _, grant in token_server.token_requests()]
+    grants = [grant for _, _, grant in rig.tokens.token_requests()]
     assert grants == ["urn:ietf:params:oauth:grant-type:jwt-bearer"] * 2
-    assert sorted(i.user or "" for i in token_server.issued.values()) == [
+    assert sorted(i.user or "" for i in rig.tokens.issued.values()) == [
         "a@example.com",
         "b@example.com",
     ]
-    assert_no_secrets(daemon, token_server)
+    assert_no_secrets(daemon, rig.tokens)
 
 
 def test_token_command_prints_the_token_and_its_failure_is_named(
@@ -323,23 +315,17 @@ def test_token_command_prints_the_token_and_its_failure_is_named(
     assert "exited with status 1: vault is sealed" in deferred["detail"], deferred
 
 
-def test_check_connect_gets_tokens_logs_in_and_names_what_is_wrong(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_check_connect_gets_tokens_logs_in_and_names_what_is_wrong(rig: Rig) -> None:
     """check --connect acquires the token and logs in as each mailbox it knows (an exact
     sender, or --mailbox for a *@domain entry); a rejected client fails fast with the
     endpoint's words, and no secret is printed."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    daemon = make_daemon(
-        relays={"m365": m365(server, test_ca, token_server, tmp_path)},
+    server = rig.server()
+    daemon = rig.make_daemon(
+        relays={"m365": m365(server, rig.ca, rig.tokens, rig.tmp)},
         senders={"*@contoso.example": {"relay": "m365"}, "ceo@contoso.example": {"relay": "m365"}},
         start=False,
     )
-    env = {"REQUESTS_CA_BUNDLE": test_ca.ca_file}
+    env = {"REQUESTS_CA_BUNDLE": rig.ca.ca_file}
     config = str(daemon.config_path)
     plain = pickupd("check", "-c", config, "--connect", env=env)
     assert plain.returncode == 0, plain.stdout + plain.stderr
@@ -351,36 +337,30 @@ def test_check_connect_gets_tokens_logs_in_and_names_what_is_wrong(
     assert "AUTH XOAUTH2 accepted for it@contoso.example" in mailbox.stdout, mailbox.stdout
     assert server.received == []
 
-    token_server.mode = "invalid_client"
+    rig.tokens.mode = "invalid_client"
     refused = pickupd("check", "-c", config, "--connect", env=env, timeout=60)
     assert refused.returncode == 1
     assert "FAILED: microsoft365 token for client_id app-id (tenant contoso): invalid_client:" in (
         refused.stdout
     ), refused.stdout
-    assert_no_secrets(daemon, token_server, plain.stdout, mailbox.stdout, refused.stdout)
+    assert_no_secrets(daemon, rig.tokens, plain.stdout, mailbox.stdout, refused.stdout)
 
 
-def test_check_connect_writes_a_rotated_refresh_token_back(
-    smtp_factory: Factory,
-    test_ca: TestCA,
-    token_server: TokenServer,
-    make_daemon: Callable[..., Daemon],
-    tmp_path: Path,
-) -> None:
+def test_check_connect_writes_a_rotated_refresh_token_back(rig: Rig) -> None:
     """check --connect spends the stored refresh token like the daemon does, so it keeps
     the rotated one: a second check (and the daemon after it) still logs in."""
-    server = smtp_factory(security="starttls", oauth=token_server.valid)
-    daemon = make_daemon(
-        relays={"main": refresh_relay(server, test_ca, token_server, tmp_path)}, start=False
+    server = rig.server()
+    daemon = rig.make_daemon(
+        relays={"main": refresh_relay(server, rig.ca, rig.tokens, rig.tmp)}, start=False
     )
-    stored = tmp_path / "refresh.token"
+    stored = rig.tmp / "refresh.token"
     first = stored.read_text()
-    env = {"REQUESTS_CA_BUNDLE": test_ca.ca_file}
+    env = {"REQUESTS_CA_BUNDLE": rig.ca.ca_file}
     for _ in range(2):
         done = pickupd("check", "-c", str(daemon.config_path), "--connect", env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "AUTH XOAUTH2 accepted for app@example.com" in done.stdout
-    assert stored.read_text() != first and stored.read_text().strip() in token_server.refresh_tokens
-    start(daemon, test_ca)
+    assert stored.read_text() != first and stored.read_text().strip() in rig.tokens.refresh_tokens
+    start(daemon, rig.ca)
     drop_maildir(daemon.spool, message())
     server.wait_for(1)

@@ -29,6 +29,7 @@ __all__ = [
     "read_limited",
     "try_lock",
     "write_synced",
+    "write_then_rename",
 ]
 
 # Hostile-input flags: never follow a link, never block on a planted FIFO. Windows has
@@ -42,16 +43,23 @@ BINARY = getattr(os, "O_BINARY", 0)
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
     rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_then_rename(path.with_name(f".{path.name}.{os.getpid()}.tmp"), path, data)
+
+
+def write_then_rename(
+    tmp: Path, target: Path, data: bytes, flags: int = os.O_TRUNC, mode: int = 0o600
+) -> None:
+    """Write `data` to `tmp` (created with `flags` and `mode`), fsync it, rename it to
+    `target` and fsync the target's folder. On any failure `tmp` is removed: a full disk
+    never leaves half a file behind."""
     try:
-        write_synced(tmp, data, os.O_TRUNC, 0o600)
-        os.replace(tmp, path)
+        write_synced(tmp, data, flags, mode)
+        os.replace(tmp, target)
     except BaseException:
-        # A full disk must not leave half a file behind.
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(target.parent)
 
 
 def write_synced(path: Path, data: bytes, flags: int, mode: int) -> None:

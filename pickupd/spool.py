@@ -34,7 +34,7 @@ from .files import (
     read_fd,
     read_limited,
     try_lock,
-    write_synced,
+    write_then_rename,
 )
 from .sidecar import Sidecar, to_timestamp
 
@@ -317,17 +317,9 @@ class Spool:
         rename it into pickup/new/ (where the dispatcher takes it) and fsync that folder.
         Returns its path in new/. Raises OSError if the spool cannot be written."""
         name = maildir_name()
-        tmp = self.tmp / name
-        try:
-            # Readable by the group: the daemon may run as another user than the writer.
-            write_synced(tmp, data, os.O_EXCL, 0o640)
-            target = self.new / name
-            os.rename(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(self.new)
+        target = self.new / name
+        # Readable by the group: the daemon may run as another user than the writer.
+        write_then_rename(self.tmp / name, target, data, os.O_EXCL, 0o640)
         return target
 
     def ids_in(self, folder: Path) -> list[str]:

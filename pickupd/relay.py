@@ -210,7 +210,7 @@ async def _transaction(
         )
 
     try:
-        reply = await smtp.data(data)
+        reply = await _data(smtp, data, relay.timeout)
     except aiosmtplib.SMTPResponseException as exc:
         text = f"DATA: {exc.code} {exc.message}"
         bucket = rejected if exc.code >= 500 else deferred
@@ -241,6 +241,35 @@ async def _transaction(
         code=reply.code,
         text=reply.message,
     )
+
+
+async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
+    """DATA, the message, and the reply, as aiosmtplib's `data()` does, without its two
+    regular-expression passes over the message (1.6 ms of CPU for 100 KB, half of what a
+    large message costs us): envelope.parse has already made every line end CRLF, so the
+    dot-stuffing is one `replace` in C (RFC 5321 4.5.2)."""
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    start = await smtp.execute_command(b"DATA", timeout=timeout)
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        # No await between the write and read_response(), which marks a reply as expected
+        # before it yields: the reply cannot arrive unlooked-for.
+        protocol.write(stuffed + b".\r\n")
+        reply = await protocol.read_response(timeout=timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        raise
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
 
 
 async def _command(

@@ -722,3 +722,15 @@ def test_a_dead_hosts_claim_is_taken_over_after_its_lease(
     (sent,) = daemon.wait_event("sent")
     assert sent["id"] == dead and sent["attempt"] == 2
     assert (active / f"{alive}.other-host-4242").exists()
+
+
+def test_lines_starting_with_a_dot_arrive_intact(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Dot-stuffing (RFC 5321 4.5.2): body lines ".", "..", ".x" and a last line without a
+    newline reach the server exactly as dropped (with CRLF line ends)."""
+    daemon = make_daemon(smtp_server)
+    body = b".\n..\n.hidden\nend\n.\n.last"
+    drop_maildir(daemon.spool, b"From: app@example.com\nTo: alice@example.net\n\n" + body)
+    (got,) = smtp_server.wait_for(1)
+    assert got.data.endswith(b"\r\n\r\n" + body.replace(b"\n", b"\r\n") + b"\r\n")

@@ -1,6 +1,6 @@
 """Host the dispatcher for a service manager that calls start and stop from its own threads.
 
-Portable on purpose: the Windows service (winservice.py) is a thin shell around this, and the
+Portable on purpose: the Windows service (cli/service.py) is a thin shell around this, and the
 tests drive the same lifecycle on Linux with a recording reporter. The dispatcher runs in its
 own thread with its own event loop; `stop()` asks it to drain (`Dispatcher.stop`, thread-safe)
 and reports STOP_PENDING with a wait hint until it has, well within the manager's timeout.

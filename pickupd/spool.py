@@ -234,7 +234,7 @@ class Spool:
         except FileNotFoundError:
             return None
         now = time.time()
-        # The claim's lease starts now (leases.py): a rename keeps the file's old mtime.
+        # The claim's lease starts now (recovery.py): a rename keeps the file's old mtime.
         with contextlib.suppress(FileNotFoundError):
             os.utime(target, (now, now), follow_symlinks=False)
         sidecar = None

@@ -1,5 +1,5 @@
 """The Windows service's lifecycle, run on Linux: the real dispatcher in a ServiceHost, the
-service manager played by a recorder of the states it is told (what winservice.py passes on
+service manager played by a recorder of the states it is told (what cli/service.py passes on
 to pywin32's ReportServiceStatus). The pywin32 calls themselves run only on Windows."""
 
 from __future__ import annotations

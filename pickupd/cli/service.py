@@ -159,7 +159,7 @@ def _service_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # pythonservice.exe imports "pickupd.winservice.PickupdService": build it on first use.
+    # pythonservice.exe imports "pickupd.cli.service.PickupdService": build it on first use.
     if name == "PickupdService":
         return _service_class()
     raise AttributeError(name)

@@ -175,7 +175,7 @@ class XOAuth2:
     """An OAuth2 login bound to the mailbox of one message: what a session logs in as."""
 
     source: TokenSource
-    user: str
+    username: str  # the mailbox (XOAUTH2's user=), named as Credentials name theirs
 
 
 def bind(login: Login | None, sender: str) -> Credentials | XOAuth2 | None:

@@ -223,15 +223,15 @@ class Pool:
         (535, 5.7.3, 4.7.x) is dropped and the login tried once more with a fresh one."""
         if "xoauth2" not in smtp.server_auth_methods:
             raise AuthNotOffered(" ".join(smtp.server_auth_methods))
-        token = await self.tokens.get(login.source, login.user)
+        token = await self.tokens.get(login.source, login.username)
         try:
-            await smtp.auth_xoauth2(login.user, token.value.reveal())
+            await smtp.auth_xoauth2(login.username, token.value.reveal())
         except aiosmtplib.SMTPAuthenticationError as exc:
             if not _token_refused(exc):
                 raise
-            self.tokens.invalidate(login.source, login.user, token)
-            fresh = await self.tokens.get(login.source, login.user)
-            await smtp.auth_xoauth2(login.user, fresh.value.reveal())
+            self.tokens.invalidate(login.source, login.username, token)
+            fresh = await self.tokens.get(login.source, login.username)
+            await smtp.auth_xoauth2(login.username, fresh.value.reveal())
 
 
 def _token_refused(exc: aiosmtplib.SMTPResponseException) -> bool:

@@ -132,10 +132,7 @@ def buckets(
     if relay.rate is not None:
         found.append((("relay", relay.name), relay.rate))
     if rule.rate is not None:
-        if isinstance(login, XOAuth2):
-            user = login.user
-        else:
-            user = login.username if login else f"sender {rule.pattern}"
+        user = login.username if login else f"sender {rule.pattern}"
         found.append((("credentials", relay.name, user), rule.rate))
     return found
 

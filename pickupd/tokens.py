@@ -17,7 +17,7 @@ from . import log as logs
 from .credentials import CommandSource, GoogleSource, TokenSource
 from .tokensources import Fetcher, Token, TokenError
 
-__all__ = ["TokenError", "Tokens"]
+__all__ = ["TokenError", "Tokens", "per_mailbox"]
 
 _AHEAD = 300.0  # refresh in the background this long before expiry (at most half the life)
 _FLOOR = 60.0  # never present a token with less than this left (at most a tenth of its life)
@@ -25,7 +25,11 @@ _FLOOR = 60.0  # never present a token with less than this left (at most a tenth
 _Key = tuple[TokenSource, str]
 
 
-def _per_mailbox(source: TokenSource) -> bool:
+def _key(source: TokenSource, user: str) -> _Key:
+    return source, user if per_mailbox(source) else ""
+
+
+def per_mailbox(source: TokenSource) -> bool:
     """Whether a source's token depends on the mailbox (a Google subject, a command told
     $PICKUPD_MAILBOX) or serves every mailbox (Microsoft app-only, a refresh-token grant)."""
     return isinstance(source, GoogleSource | CommandSource)
@@ -41,7 +45,7 @@ class Tokens:
 
     async def get(self, source: TokenSource, user: str) -> Token:
         """A token fit to present now for `user`; TokenError if none can be had."""
-        key = (source, user if _per_mailbox(source) else "")
+        key = _key(source, user)
         token = self._tokens.get(key)
         now = time.time()
         if token is not None and token.expires_at - now > _margin(token, _FLOOR, 10):
@@ -52,7 +56,7 @@ class Tokens:
 
     def invalidate(self, source: TokenSource, user: str, token: Token) -> None:
         """The relay refused `token`: never present it again, and fetch afresh next time."""
-        key = (source, user if _per_mailbox(source) else "")
+        key = _key(source, user)
         if self._tokens.get(key) is token:
             del self._tokens[key]
         self._fetcher.forget(source)

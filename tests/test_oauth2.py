@@ -364,3 +364,24 @@ def test_check_connect_writes_a_rotated_refresh_token_back(rig: Rig) -> None:
     start(daemon, rig.ca)
     drop_maildir(daemon.spool, message())
     server.wait_for(1)
+
+
+def test_check_connect_asks_no_per_mailbox_token_without_a_mailbox(rig: Rig) -> None:
+    """A Google *@domain login has no mailbox to take a token for without --mailbox: the
+    probe checks TLS and XOAUTH2 and asks the endpoint nothing; with --mailbox it logs in."""
+    server = rig.server()
+    relay = {
+        **tls_relay(server, rig.ca),
+        "auth": "oauth2",
+        "service_account_file": service_account(rig.tmp, rig.tokens),
+    }
+    daemon = rig.make_daemon(
+        relays={"google": relay}, senders={"*@example.com": {"relay": "google"}}, start=False
+    )
+    env = {"REQUESTS_CA_BUNDLE": rig.ca.ca_file}
+    config = str(daemon.config_path)
+    plain = pickupd("check", "-c", config, "--connect", env=env)
+    assert plain.returncode == 0 and "login not tried: no mailbox" in plain.stdout, plain.stdout
+    assert rig.tokens.token_requests() == []
+    named = pickupd("check", "-c", config, "--connect", "--mailbox", "a@example.com", env=env)
+    assert "AUTH XOAUTH2 accepted for a@example.com" in named.stdout, named.stdout

@@ -27,6 +27,7 @@ from ..credentials import TokenSource, XOAuth2, bind
 from ..errors import SessionError
 from ..pool import Pool
 from ..relay import describe_error
+from ..tokens import per_mailbox
 from .common import EX_OK, add_command, load_config
 
 __all__ = ["Probe", "ProbeResult", "probe_all", "probes", "register"]
@@ -83,11 +84,7 @@ class Probe:
 
     def label(self) -> str:
         relay = self.relay
-        who = ""
-        if isinstance(self.login, XOAuth2):
-            who = f" as {self.login.user}"
-        elif self.login is not None:
-            who = f" as {self.login.username}"
+        who = f" as {self.login.username}" if self.login is not None else ""
         return f"{relay.name} ({self.used_by}{who}) {relay.host}:{relay.port}"
 
 
@@ -142,7 +139,9 @@ async def _probe(pool: Pool, probe: Probe) -> ProbeResult:
     relay = probe.relay
     got = ""
     try:
-        if probe.token_only is not None:
+        # A token that serves every mailbox can be had without one; a Google or command
+        # token is per mailbox, and there is none to ask for.
+        if probe.token_only is not None and not per_mailbox(probe.token_only):
             token = await pool.tokens.get(probe.token_only, "")
             expires_in = round(token.expires_at - time.time())
             got = f"token acquired ({probe.token_only.describe()}, expires in {expires_in} s), "
@@ -176,7 +175,7 @@ def _offered(smtp: aiosmtplib.SMTP, relay: RelayConfig, login: Credentials | XOA
     else:
         parts.append("no TLS (security = none)")
     if isinstance(login, XOAuth2):
-        parts.append(f"AUTH XOAUTH2 accepted for {login.user} ({login.source.describe()})")
+        parts.append(f"AUTH XOAUTH2 accepted for {login.username} ({login.source.describe()})")
     elif login is not None:
         parts.append(f"AUTH accepted for {login.username}")
     size = smtp.esmtp_extensions.get("size", "")

@@ -140,7 +140,7 @@ def _split_fields(head: bytes, local_domain: str | None) -> list[_Field]:
             raise _Malformed(f"line {number} is not a header field")
         fields.append(_Field(match.group().decode("ascii").lower(), [line], local_domain))
     for f in fields:
-        control = _CONTROL.search(b"".join(f.lines))
+        control = next(filter(None, map(_CONTROL.search, f.lines)), None)
         if control is not None:
             name = f.lines[0][: len(f.name)].decode("ascii")
             raise _Malformed(f"{name}: control character {chr(control.group()[0])!r}")

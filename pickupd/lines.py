@@ -42,9 +42,10 @@ def fit(head: bytes, body: bytes) -> bytes:
     return head + body
 
 
-def _too_long(data: bytes) -> bool:
-    """Whether a line of `data` (CRLF line ends) is longer than LIMIT: one split in C."""
-    return len(data) > LIMIT and max(map(len, data.split(b"\n"))) > LIMIT + 1
+def _too_long(data: bytes, crlf: bool = True) -> bool:
+    """Whether a line of `data` (CRLF line ends, else LF) is longer than LIMIT: one split
+    in C (the CR stays on each piece)."""
+    return len(data) > LIMIT and max(map(len, data.split(b"\n"))) > LIMIT + crlf
 
 
 def _fold(head: bytes) -> bytes:
@@ -108,5 +109,4 @@ def _has_long_line(part: Message) -> bool:
     else:
         decoded = part.get_payload(decode=True)  # 7bit, 8bit, binary: the bytes as they are
         raw = decoded if isinstance(decoded, bytes) else b""
-    raw = raw.replace(b"\r\n", b"\n")
-    return len(raw) > LIMIT and max(map(len, raw.split(b"\n"))) > LIMIT
+    return _too_long(raw.replace(b"\r\n", b"\n"), crlf=False)

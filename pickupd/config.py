@@ -88,7 +88,18 @@ class DispatchConfig:
     """`[dispatch]`"""
 
     concurrency: int = setting(
-        8, s.int_range(1, 1000), "an integer 1-1000", "messages relayed at the same time", "8"
+        8,
+        s.int_range(1, 1000),
+        "an integer 1-1000",
+        "messages relayed at the same time (by all workers together)",
+        "8",
+    )
+    workers: int = setting(
+        0,
+        s.int_range(0, 64),
+        "an integer 0-64",
+        "dispatcher processes sharing the work; 0: one per CPU core, at most 4",
+        "0",
     )
     settle: float = setting(
         1.0,
@@ -268,13 +279,16 @@ def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
     fixed = {
         "spool.path": (old.spool.path, new.spool.path),
         "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
+        "dispatch.workers": (old.dispatch.workers, new.dispatch.workers),
         "metrics.listen": (old.metrics.listen, new.metrics.listen),
     }
     changed = [key for key, (before, after) in fixed.items() if before != after]
     kept = dataclasses.replace(
         new,
         spool=dataclasses.replace(new.spool, path=old.spool.path),
-        dispatch=dataclasses.replace(new.dispatch, concurrency=old.dispatch.concurrency),
+        dispatch=dataclasses.replace(
+            new.dispatch, concurrency=old.dispatch.concurrency, workers=old.dispatch.workers
+        ),
         metrics=old.metrics,
     )
     return kept, changed

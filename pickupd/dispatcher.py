@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import credentials, envelope, moves, policy, ratelimit, recovery, relay
+from . import credentials, envelope, moves, policy, ratelimit, recovery, relay, workers
 from . import log as logs
 from .config import Config, SenderRule, keep_fixed, load
 from .errors import ConfigError, SpoolWriteError
@@ -25,11 +26,12 @@ from .intake import Intake
 from .notify import Notifier
 from .outcome import Reason, Refusal
 from .pool import Pool
-from .recorder import Recorder, Stats
-from .sidecar import from_timestamp
+from .recorder import Meter, Recorder, Stats
+from .sidecar import Sidecar, from_timestamp
 from .spool import Candidate, Claimed, Spool, TooLarge, Unsafe
 from .stranded import Stranded
 from .watcher import Watcher
+from .workers import ONLY, Part
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -41,36 +43,56 @@ GRACE = 30.0
 # Messages larger than this are relayed LARGE_AT_ONCE at a time, to bound memory.
 LARGE_MESSAGE = 1024 * 1024
 LARGE_AT_ONCE = 2
+# The main process says it is ready when its workers are, or after this long.
+WORKERS_START = 30.0
 
 
 class Dispatcher:
     """Takes messages from the spool and relays them until stopped (or, `once`, until idle)."""
 
-    def __init__(self, config: Config, *, once: bool = False) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config, *, once: bool = False, part: Part = ONLY, main: bool = True
+    ) -> None:
+        """`part`: which of the service's worker processes this is (workers.py); `main`: the
+        process that supervises the others and speaks for the service (metrics, systemd)."""
+        self.file_config = config  # as the file says; `config` is this worker's portion of it
+        self.config = workers.portion(config, part)
         self.once = once
+        self.part = part
         self.spool = Spool(config.spool.path)
         self.pool = Pool()
         self.limiter = ratelimit.Limiter()
-        self.notifier = None if once else Notifier.from_env()
-        self.metrics: Metrics | None = None
-        if config.metrics.listen and not once:
+        self.log = logs.get()
+        self.notifier = None if once or not main else Notifier.from_env()
+        self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
+        self.intake.horizon = config.retry.max_age
+        self.feedback = Feedback(config.notify, self.spool, self.log)
+        self.metrics: Meter | None = None
+        self._served: Metrics | None = None  # the endpoint, in the main process
+        self.supervisor: workers.Supervisor | None = None
+        self._forwarder: workers.Forwarder | None = None
+        notify = self.feedback.notify
+        if not main:
+            fd = int(os.environ.get("PICKUPD_WORKER_FD", "-1"))
+            self._forwarder = workers.Forwarder(
+                fd, lambda: list(dataclasses.astuple(self.stats)), bool(config.metrics.listen)
+            )
+            self.metrics = self._forwarder
+            notify = self._forwarder.notify
+        elif config.metrics.listen and not once:
             # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
             from .metrics import Metrics
 
-            self.metrics = Metrics(self.spool)
-        self.log = logs.get()
-        self.intake = Intake(self.spool, config.dispatch, once=once)
-        self.intake.horizon = config.retry.max_age
-        self.feedback = Feedback(config.notify, self.spool, self.log)
-        self.recorder = Recorder(
-            self.spool, self.log, self.metrics, self.intake.deferring, self.feedback.notify
-        )
+            self.metrics = self._served = Metrics(self.spool)
+        if main and part.total > 1:
+            self.supervisor = workers.Supervisor(
+                str(config.path), part.total, once=once, log=self.log, report=self._reported
+            )
+        self.recorder = Recorder(self.spool, self.log, self.metrics, self.intake.deferring, notify)
         self.stats = self.recorder.stats
-        gauge = self.metrics.stranded if self.metrics is not None else None
-        self.stranded = Stranded(self.log, gauge or (lambda count: None))
+        self.stranded = Stranded(self.log, self._stranded_changed)
         self._background: set[asyncio.Task[None]] = set()
-        self._large = asyncio.Semaphore(LARGE_AT_ONCE)
+        self._large = asyncio.Semaphore(part.share(LARGE_AT_ONCE))
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._stopping = False
@@ -78,14 +100,19 @@ class Dispatcher:
     # -- public -----------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop taking new messages; in-flight sends get GRACE seconds. Safe to call twice."""
+        """Stop taking new messages; in-flight sends get GRACE seconds. Safe to call twice
+        (the second time, in-flight sends are put back at once)."""
         self._stop.set()
+        if self.supervisor is not None:
+            self.supervisor.signal(signal.SIGTERM)
 
     def reload(self) -> None:
         """Read the config file again (SIGHUP). A valid one is used from the next attempt on,
         in-flight sends go on with the old one; an invalid one is logged and ignored."""
         if self.notifier:
             self.notifier.reloading()
+        if self.supervisor is not None:
+            self.supervisor.signal(signal.SIGHUP)
         try:
             new = load(self.config.path)
         except ConfigError as exc:
@@ -93,9 +120,10 @@ class Dispatcher:
             if self.notifier:
                 self.notifier.ready(self.status_line())
             return
-        new, unchanged = keep_fixed(self.config, new)
-        self.config = new
-        self.intake.dispatch = new.dispatch
+        new, unchanged = keep_fixed(self.file_config, new)
+        self.file_config = new
+        self.config = workers.portion(new, self.part)
+        self.intake.dispatch = self.config.dispatch
         self.intake.horizon = new.retry.max_age
         self.feedback.config = new.notify
         logs.configure(new.log.level, new.log.format)
@@ -115,12 +143,19 @@ class Dispatcher:
     def status_line(self) -> str:
         """One line for `systemctl status`: this run's outcomes and what the spool holds."""
         census = self.spool.census(time.time())
-        stats = self.stats
+        stats = self.service_stats()
         return (
             f"sent {stats.sent}, deferred {stats.deferred}, failed {stats.failed} since start;"
             f" queue: pickup {census['pickup'].count}, deferred {census['deferred'].count},"
             f" hold {census['hold'].count}, failed {census['failed'].count}"
         )
+
+    def service_stats(self) -> Stats:
+        """This run's counts, the other workers' included."""
+        if self.supervisor is None:
+            return self.stats
+        own = dataclasses.astuple(self.stats)
+        return Stats(*(a + b for a, b in zip(own, self.supervisor.stats(), strict=True)))
 
     def flush(self) -> None:
         """Make every deferred message due now (SIGUSR1, as `pickupd flush`)."""
@@ -130,8 +165,9 @@ class Dispatcher:
         async def flush() -> None:
             count = await asyncio.to_thread(moves.make_due, self.spool, time.time())
             self.log.info("flushed", messages=count)
-            self.intake.wake()
-            self.stranded.wake()
+            self._wake_all()
+            if self.supervisor is not None:  # the workers look again once all is due
+                self.supervisor.tell(["flush"])
 
         task = asyncio.get_running_loop().create_task(flush())
         self._background.add(task)
@@ -148,16 +184,13 @@ class Dispatcher:
         self.spool.lock()
         watcher = None
         try:
-            if self.metrics is not None and self.config.metrics.listen:
-                self.metrics.start(self.config.metrics.listen)
-            removed = recovery.clean_tmp(self.spool, time.time())
-            if removed:
-                self.log.info("tmp_cleaned", removed=removed)
-            leftovers = recovery.clean_leftovers(self.spool, time.time())
-            if any(leftovers.values()):
-                self.log.info("leftovers_cleaned", **leftovers)
-            recovered = recovery.stale_claims(self.spool)
-            recovered += recovery.expired(self.spool, time.time(), self.config.spool.claim_lease)
+            if self._served is not None and self.config.metrics.listen:
+                self._served.start(self.config.metrics.listen)
+            if self._forwarder is not None:
+                workers.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
+                recovered = recovery.stale_claims(self.spool)  # a dead predecessor's, say
+            else:
+                recovered = self._clean_and_recover()
             for candidate in recovered:
                 self.log.info("recovered", id=candidate.id)
             self.intake.recover(recovered)
@@ -166,7 +199,7 @@ class Dispatcher:
                 watcher = Watcher(folders, self.intake.hint)
                 watcher.start(asyncio.get_running_loop())
             async with asyncio.TaskGroup() as group:
-                workers = [
+                tasks = [
                     group.create_task(self._worker())
                     for _ in range(self.config.dispatch.concurrency)
                 ]
@@ -181,15 +214,23 @@ class Dispatcher:
                         )
                     ),
                 ]
+                if self.supervisor is not None:
+                    group.create_task(self.supervisor.run())
+                    # The service is ready when all its workers watch the spool.
+                    if not await self.supervisor.wait_ready(WORKERS_START):
+                        self.log.error("workers_not_ready", seconds=WORKERS_START)
                 if self.notifier:
                     helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
-                group.create_task(self._supervise(workers, helpers))
+                group.create_task(self._supervise(tasks, helpers))
                 self._ready.set()
+                if self._forwarder is not None:
+                    self._forwarder.ready()
                 self.log.info(
-                    "ready",
+                    "ready" if self._forwarder is None else "worker_ready",
                     spool=str(self.spool.root),
                     once=self.once,
                     concurrency=self.config.dispatch.concurrency,
+                    workers=self.part.total,
                     relays=sorted(self.config.relays),
                 )
         finally:
@@ -200,16 +241,68 @@ class Dispatcher:
             self.spool.unlock()
             if self.notifier:
                 self.notifier.close()
-            if self.metrics is not None:
-                self.metrics.stop()
+            if self._served is not None:
+                self._served.stop()
+            if self._forwarder is not None:
+                self._forwarder.flush()
+        stats = self.service_stats()
         self.log.info(
-            "stopped",
+            "stopped" if self._forwarder is None else "worker_stopped",
             seconds=round(time.monotonic() - started, 3),
-            **dataclasses.asdict(self.stats),
+            **dataclasses.asdict(stats),
         )
-        return self.stats
+        return stats
 
     # -- around the work ---------------------------------------------------------------------------
+
+    def _clean_and_recover(self) -> list[Candidate]:
+        """At start (the main process): clean what crashes leave, and take back claims."""
+        removed = recovery.clean_tmp(self.spool, time.time())
+        if removed:
+            self.log.info("tmp_cleaned", removed=removed)
+        leftovers = recovery.clean_leftovers(self.spool, time.time())
+        if any(leftovers.values()):
+            self.log.info("leftovers_cleaned", **leftovers)
+        recovered = recovery.stale_claims(self.spool)
+        recovered += recovery.expired(self.spool, time.time(), self.config.spool.claim_lease)
+        return recovered
+
+    def _stranded_changed(self, count: int) -> None:
+        if self.supervisor is not None:
+            count += self.supervisor.stranded()
+        if self.metrics is not None:
+            self.metrics.stranded(count)
+
+    def _reported(self, event: list[Any]) -> None:
+        """An event a worker process sent up (workers.Forwarder)."""
+        kind = event[0]
+        if kind == "n":
+            with contextlib.suppress(ValueError):
+                self.feedback.notify(event[1], Sidecar.from_json(event[2].encode()))
+        elif kind == "s":
+            self._stranded_changed(len(self.stranded))
+        elif kind == "p":
+            self._told(event)
+            if self.supervisor is not None:
+                self.supervisor.tell(event)
+        elif self.metrics is not None:
+            if kind == "o":
+                self.metrics.outcome(event[1], event[2], event[3])
+            elif kind == "t":
+                self.metrics.send_seconds(event[1], float(event[2]))
+            elif kind == "e":
+                self.metrics.connection_error(event[1], event[2])
+
+    def _told(self, event: list[Any]) -> None:
+        """What the main process passes on to every worker: a relay's pause, a flush."""
+        if event[0] == "p":
+            self.limiter.hold(str(event[1]), float(event[2]))
+        elif event[0] == "flush":
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self.intake.wake()
+        self.stranded.wake()
 
     def _take_over(self, claims: list[Candidate]) -> None:
         for candidate in claims:
@@ -224,11 +317,11 @@ class Dispatcher:
             self.limiter.prune(time.time())
 
     async def _supervise(
-        self, workers: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
+        self, tasks: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
     ) -> None:
         """Wait for stop (or, once, for the work to end), then drain in two stages."""
         stop = asyncio.ensure_future(self._stop.wait())
-        all_workers = asyncio.ensure_future(asyncio.wait(workers))
+        all_workers = asyncio.ensure_future(asyncio.wait(tasks))
         await asyncio.wait([stop, all_workers], return_when=asyncio.FIRST_COMPLETED)
         self._stopping = True
         self.intake.close()
@@ -244,7 +337,7 @@ class Dispatcher:
                 [all_workers, second], timeout=GRACE, return_when=asyncio.FIRST_COMPLETED
             )
             second.cancel()
-            for task in workers:
+            for task in tasks:
                 task.cancel()
         stop.cancel()
         all_workers.cancel()
@@ -367,6 +460,11 @@ class Dispatcher:
         throttled = self.limiter.pace(relay_config.name, delivery, time.time())
         if throttled is not None:
             reply, until = throttled
+            # A pause holds for the whole service: every worker process keeps it.
+            if self._forwarder is not None:
+                self._forwarder.paused(relay_config.name, until)
+            elif self.supervisor is not None:
+                self.supervisor.tell(["p", relay_config.name, until])
             self.log.warning(
                 "relay_throttled",
                 relay=relay_config.name,

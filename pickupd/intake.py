@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import DispatchConfig
 from .spool import Candidate, Later, Spool
+from .workers import ONLY, Part, owns
 
 __all__ = ["DEFERRED_DEBOUNCE", "WRITER_PATIENCE", "Intake"]
 
@@ -30,8 +31,11 @@ DEFERRED_DEBOUNCE = 0.1
 class Intake:
     """Feeds candidates to the workers until `close()` (or, `once`, until all is taken)."""
 
-    def __init__(self, spool: Spool, dispatch: DispatchConfig, *, once: bool) -> None:
+    def __init__(
+        self, spool: Spool, dispatch: DispatchConfig, *, once: bool, part: Part = ONLY
+    ) -> None:
         self.spool = spool
+        self.part = part  # only the files this worker owns (workers.py)
         self.dispatch = dispatch  # swapped on reload
         # No message is due further ahead than this ([retry] max_age): see scan_deferred.
         self.horizon = float("inf")
@@ -106,6 +110,8 @@ class Intake:
             self._deferred_hint(event_type, candidate_path.name)
         elif candidate_path.parent == spool.new:
             if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
+                return
+            if not owns(self.part, candidate_path.name):
                 return
             if len(self._new) >= self._capacity():
                 self._pickup_wake.set()  # the feeder rescans once it has room
@@ -203,7 +209,7 @@ class Intake:
                 self._pickup_wake.clear()
                 now = time.time()
                 wake_at = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_pickup(now, self.dispatch.settle):
+                for item in self.spool.scan_pickup(now, self.dispatch.settle, self.part):
                     if isinstance(item, Later):
                         wake_at = min(wake_at, item.at + 0.01)
                     elif item.origin == "eml" and self._still_open(item.path):
@@ -228,7 +234,7 @@ class Intake:
                 self._deferred_wake.clear()
                 now = time.time()
                 self._next_due = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_deferred(now, self.horizon):
+                for item in self.spool.scan_deferred(now, self.horizon, self.part):
                     if isinstance(item, Later):
                         self._next_due = min(self._next_due, item.at)
                     elif item.path not in self._queued and not await self._put(self._due, item):

@@ -97,6 +97,11 @@ class Limiter:
         pause.until = max(pause.until, now + pause.length)
         return pause.until
 
+    def hold(self, relay: str, until: float) -> None:
+        """Another worker process was asked to slow down: pause here too, until `until`."""
+        pause = self._pauses.setdefault(relay, _Pause())
+        pause.until = max(pause.until, until)
+
     def pace(
         self, relay: str, delivery: Delivery, now: float
     ) -> tuple[RecipientResult, float] | None:

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import ids, retry
 from .config import Config
@@ -28,13 +28,20 @@ from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from .spool import Claimed, Spool
 from .units import format_duration
 
-if TYPE_CHECKING:
-    from .metrics import Metrics
-
-__all__ = ["Recorder", "Stats"]
+__all__ = ["Meter", "Recorder", "Stats"]
 
 # A move in the spool, then what follows it once it is done.
 _Step = tuple[Callable[[], None], Callable[[], None]]
+
+
+class Meter(Protocol):
+    """What the recorder and the dispatcher tell the metrics: metrics.Metrics, or in a worker
+    process workers.Forwarder, which passes it on to the main process."""
+
+    def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None: ...
+    def send_seconds(self, relay: str, seconds: float) -> None: ...
+    def stranded(self, count: int) -> None: ...
+    def connection_error(self, relay: str, kind: str) -> None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -54,7 +61,7 @@ class Recorder:
         self,
         spool: Spool,
         log: Logger,
-        metrics: Metrics | None = None,
+        metrics: Meter | None = None,
         deferring: Callable[[str], None] = lambda msg_id: None,
         notify: Callable[[str, Sidecar], None] = lambda event, sidecar: None,
     ) -> None:

@@ -37,6 +37,7 @@ from .files import (
     write_then_rename,
 )
 from .sidecar import Sidecar, to_timestamp
+from .workers import ONLY, Part, owns
 
 __all__ = [
     "FOLDERS",
@@ -179,18 +180,21 @@ class Spool:
 
     # -- finding work ---------------------------------------------------------------------------
 
-    def scan_pickup(self, now: float, settle: float) -> Iterator[Candidate | Later]:
-        """Yield candidates from pickup/new/ and settled pickup/*.eml files.
+    def scan_pickup(
+        self, now: float, settle: float, part: Part = ONLY
+    ) -> Iterator[Candidate | Later]:
+        """Yield candidates from pickup/new/ and settled pickup/*.eml files (those of worker
+        `part`).
 
         For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
         will be, so the caller can come back then.
         """
         for entry in entries(self.new):
-            if _is_drop(entry.name, maildir=True):
+            if _is_drop(entry.name, maildir=True) and owns(part, entry.name):
                 yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
         for entry in entries(self.pickup):
             name = entry.name
-            if _is_drop(name, maildir=False):
+            if _is_drop(name, maildir=False) and owns(part, name):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
@@ -202,7 +206,7 @@ class Spool:
                     yield Candidate(Path(entry.path), name, "eml")
 
     def scan_deferred(
-        self, now: float, horizon: float = float("inf")
+        self, now: float, horizon: float = float("inf"), part: Part = ONLY
     ) -> Iterator[Candidate | Later]:
         """Yield deferred messages that are due, and `Later` with the due time of the others.
         The due time is the .eml's mtime (the one truth; the sidecar's next_attempt says the
@@ -210,7 +214,7 @@ class Spool:
         (a clock jump, an edit): that message is yielded now, with `clamped_from` set."""
         for entry in entries(self.deferred):
             msg_id = message_id(entry.name)
-            if msg_id is None:
+            if msg_id is None or not owns(part, entry.name):
                 continue
             try:
                 due = entry.stat(follow_symlinks=False).st_mtime

@@ -364,6 +364,7 @@ class SmtpServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._live: set[_Connection] = set()  # touched on the loop thread only
+        self.peak_connections = 0  # the most connections open at once
         self._starttls_ctx: ssl.SSLContext | None = None
 
     def _clear_faults(self) -> None:
@@ -534,6 +535,7 @@ class SmtpServer:
             loop=asyncio.get_running_loop(),
         )
         self._live.add(conn)
+        self.peak_connections = max(self.peak_connections, len(self._live))
         return conn
 
     def _forget(self, conn: _Connection) -> None:

@@ -638,7 +638,7 @@ def test_session_closed_between_messages_is_replaced_at_mail(
     """A session the server closes right after a message (as servers with a per-connection
     limit do) fails at the next MAIL: it is replaced and the message still goes out, not
     deferred."""
-    daemon = make_daemon(smtp_server)
+    daemon = make_daemon(smtp_server, dispatch={"workers": 1})  # one pool: its second message
     drop_maildir(daemon.spool, message(subject="first"))
     smtp_server.wait_for(1)
     daemon.wait_event("sent")
@@ -653,19 +653,22 @@ def test_session_closed_between_messages_is_replaced_at_mail(
 def test_a_killed_daemons_lock_file_is_removed_at_the_next_start(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    """kill -9 of a daemon that held no claims leaves its .owner lock file in active/; the
-    next start removes it (logged as leftovers_cleaned) and keeps its own."""
+    """kill -9 of a daemon that held no claims leaves the .owner lock files of its processes
+    in active/ (its workers die with it); the next start removes them (logged as
+    leftovers_cleaned) and keeps its own."""
     daemon = make_daemon(smtp_server)
     assert daemon.proc is not None
     killed = daemon.proc.pid
+    processes = int(daemon.wait_event("ready")[0]["workers"])
+    old = [p.name for p in (daemon.spool / "active").iterdir()]
+    assert len(old) == processes, old  # "ready" comes once every worker holds its lock
     daemon.stop(signal.SIGKILL)
-    locks = [p.name for p in (daemon.spool / "active").iterdir()]
-    assert [name for name in locks if name.endswith(f"-{killed}")], locks
+    assert [name for name in old if name.endswith(f"-{killed}")], old
     daemon.start()
     (cleaned,) = daemon.wait_event("leftovers_cleaned")
-    assert cleaned["locks"] == 1
+    assert cleaned["locks"] == processes
     locks = [p.name for p in (daemon.spool / "active").iterdir()]
-    assert len(locks) == 1 and not locks[0].endswith(f"-{killed}"), locks
+    assert len(locks) == processes and not set(locks) & set(old), locks
 
 
 @pytest.mark.parametrize("offers_dsn", [False, True])

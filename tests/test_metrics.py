@@ -47,13 +47,17 @@ def test_daemon_metrics_count_outcomes_and_queue(
     daemon.wait_event("failed", count=2)
     daemon.wait_event("deferred")
 
+    # Worker processes report their counts to the main process every 0.2 s.
     m = wait_until(
         lambda: (
-            (s := scrape(port)).get('pickupd_messages_total{outcome="sent",reason="",relay="main"}')
+            (s := scrape(port)).get('pickupd_send_duration_seconds_count{relay="main"}') == 3
+            and s.get(
+                'pickupd_messages_total{outcome="failed",reason="sender_not_allowed",relay=""}'
+            )
             and s
         ),
         5,
-        "the sent counter",
+        "the counters of all four outcomes",
     )
     assert m['pickupd_messages_total{outcome="sent",reason="",relay="main"}'] == 1
     assert m['pickupd_messages_total{outcome="failed",reason="rejected",relay="main"}'] == 1
@@ -76,8 +80,10 @@ def test_connection_errors_are_counted_by_kind(
     daemon = make_daemon(relays={"main": relay}, metrics={"listen": f"127.0.0.1:{port}"})
     drop_maildir(daemon.spool, message())
     daemon.wait_event("deferred")
-    samples = scrape(port)
-    assert samples['pickupd_relay_connection_errors_total{kind="connect",relay="main"}'] >= 1
+    key = 'pickupd_relay_connection_errors_total{kind="connect",relay="main"}'
+    # A worker process's count reaches the main process's endpoint within 0.2 s.
+    samples = wait_until(lambda: (s := scrape(port)).get(key) and s, 5, "the error counter")
+    assert samples[key] >= 1
 
 
 def test_oldest_deferred_age_comes_from_the_oldest_sidecar(tmp_path: Path) -> None:

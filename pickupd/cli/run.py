@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import daemonize
+from .. import daemonize, workers
 from .. import log as logs
 from ..config import Config
 from ..dispatcher import Dispatcher
@@ -96,7 +97,17 @@ async def _serve_signals(dispatcher: Dispatcher) -> None:
 
 def _serve(config: Config, *, once: bool) -> int:
     logs.configure(config.log.level, config.log.format)
-    dispatcher = Dispatcher(config, once=once)
+    part = workers.Part.from_env()
+    if part is not None:  # started by the main process as one of its workers
+        workers.die_with_parent(int(os.environ.get("PICKUPD_WORKER_PARENT", "0")))
+        dispatcher = Dispatcher(config, once=once, part=part, main=False)
+    else:
+        total, why = workers.count(config, os.cpu_count())
+        if why:
+            logs.get().warning(
+                "workers_capped", asked=config.dispatch.workers or "auto", workers=total, why=why
+            )
+        dispatcher = Dispatcher(config, once=once, part=workers.Part(0, total))
     try:
         dispatcher.spool.ensure()
     except OSError as exc:

@@ -167,11 +167,15 @@ class Pickupd:
         for path in paths:
             os.rename(path, self.pickup / "new" / path.name)
 
+    def processes(self) -> list[int]:
+        """The main process and its workers ([dispatch] workers)."""
+        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc else []
+
     def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid) if self.proc else 0.0
+        return sum(cpu_seconds(pid, children=True) for pid in self.processes())
 
     def memory(self) -> float:
-        return peak_rss_mib(self.proc.pid) if self.proc else 0.0
+        return sum(peak_rss_mib(pid) for pid in self.processes())
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -212,6 +212,29 @@ def _google(source: GoogleSource, user: str) -> Token:
     return Token(Secret(credentials.token), _expiry(credentials.expiry, started, 3600), started)
 
 
+def _lock_current(source: RefreshTokenSource, path: Path, deadline: float) -> int:
+    """An open, locked descriptor of the file `path` names now. A write-back replaces the
+    file (a rename), so a lock won on the file as it was before is given up and taken again
+    on the new one: two processes (workers, `check --connect`) never hold it at once."""
+    while True:
+        try:
+            lock = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise TokenError(source, f"cannot read {path}: {exc.strerror}") from None
+        while not try_lock(lock):
+            if time.monotonic() > deadline:
+                os.close(lock)
+                raise TokenError(source, f"{path} stayed locked by another process")
+            time.sleep(0.05)
+        try:
+            current = os.stat(path).st_ino == os.fstat(lock).st_ino
+        except OSError:
+            current = False
+        if current:
+            return lock
+        os.close(lock)
+
+
 def _refresh(source: RefreshTokenSource) -> Token:
     """One refresh-token grant. The file is locked meanwhile, so two pickupd processes (the
     daemon and `check --connect`) never spend the same refresh token; a rotated one is
@@ -220,16 +243,8 @@ def _refresh(source: RefreshTokenSource) -> Token:
 
     path = source.refresh_token_file
     started = time.time()
+    lock = _lock_current(source, path, time.monotonic() + source.timeout)
     try:
-        lock = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise TokenError(source, f"cannot read {path}: {exc.strerror}") from None
-    try:
-        deadline = time.monotonic() + source.timeout
-        while not try_lock(lock):
-            if time.monotonic() > deadline:
-                raise TokenError(source, f"{path} stayed locked by another process")
-            time.sleep(0.05)
         refresh_token = path.read_text().strip()
         if not refresh_token:
             raise TokenError(source, f"{path} is empty", misconfigured=True)

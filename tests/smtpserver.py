@@ -226,6 +226,8 @@ class _Handler:
             responses = [*responses[:-1], "250-DSN", responses[-1]]
         if not self._owner.offer_8bitmime:
             responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
+        if self._owner.pipelining:  # aiosmtpd reads pipelined commands; it just never says so
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def auth_XOAUTH2(self, server: _Connection, args: list[str]) -> AuthResult:
@@ -326,6 +328,7 @@ class SmtpServer:
         offer_8bitmime: bool = True,
         cert: str = "good",
         tls_max: str | None = None,
+        pipelining: bool = True,
     ) -> None:
         if security not in SECURITY_MODES:
             raise ValueError(f"security must be one of {SECURITY_MODES}, not {security!r}")
@@ -342,6 +345,7 @@ class SmtpServer:
         self.greeting = greeting  # None: 220; "never": no greeting at all; "421": busy
         self.trickle = trickle  # every reply written a byte at a time
         self.offer_8bitmime = offer_8bitmime
+        self.pipelining = pipelining  # offer PIPELINING (RFC 2920), as real servers do
         self.cert = cert  # see TestCA.server_context
         self.tls_max = tls_max
         self.require_auth = require_auth
@@ -365,6 +369,7 @@ class SmtpServer:
         self._server: asyncio.Server | None = None
         self._live: set[_Connection] = set()  # touched on the loop thread only
         self.peak_connections = 0  # the most connections open at once
+        self.mail_with_more: list[bool] = []  # per MAIL: did more commands come with it?
         self._starttls_ctx: ssl.SSLContext | None = None
 
     def _clear_faults(self) -> None:
@@ -566,6 +571,10 @@ class SmtpServer:
     ) -> None:
         with self._lock:
             self._commands.append(verb)
+            if verb == "MAIL":
+                # Pipelined: RCPT and DATA came with MAIL and wait in the reader already.
+                reader = getattr(conn, "_reader", None)
+                self.mail_with_more.append(bool(getattr(reader, "_buffer", b"")))
         if self.security == "starttls" and not conn.is_tls and verb not in ALLOWED_BEFORE_STARTTLS:
             await conn.push("530 5.7.0 Must issue a STARTTLS command first")
             return

@@ -153,7 +153,10 @@ def test_a_revoked_token_is_dropped_and_the_login_retried_once(rig: Rig) -> None
     server = rig.server()
     relay = m365(server, rig.ca, rig.tokens, rig.tmp, max_messages_per_connection=1)
     daemon = rig.make_daemon(
-        relays={"m365": relay}, senders={"app@contoso.example": {"relay": "m365"}}, start=False
+        relays={"m365": relay},
+        senders={"app@contoso.example": {"relay": "m365"}},
+        dispatch={"workers": 1},  # one token cache: the second message meets the revoked token
+        start=False,
     )
     start(daemon, rig.ca)
     drop_maildir(daemon.spool, message(sender="app@contoso.example"))

@@ -104,6 +104,9 @@ class Intake:
         """A watchdog event: enqueue a Maildir file at once, or rescan later."""
         if self._closed:
             return
+        if event_type == "overflow":  # events were lost: the scans find what they were
+            self.wake()
+            return
         candidate_path = Path(path)
         spool = self.spool
         if candidate_path.parent == spool.deferred:

@@ -183,14 +183,22 @@ class Dispatcher:
         self.spool.ensure()
         self.spool.lock()
         watcher = None
+        # The workers start first: they are up (~0.3 s of Python start) by the time the main
+        # process has recovered and scanned.
+        supervising = None
+        if self.supervisor is not None:
+            supervising = asyncio.get_running_loop().create_task(self.supervisor.run())
         try:
             if self._served is not None and self.config.metrics.listen:
                 self._served.start(self.config.metrics.listen)
-            if self._forwarder is not None:
-                workers.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
-                recovered = recovery.stale_claims(self.spool)  # a dead predecessor's, say
-            else:
+            if self._forwarder is None:
                 recovered = self._clean_and_recover()
+            else:
+                workers.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
+                # A worker started again takes back its dead predecessor's claims; at the
+                # service's start the main process has done it for all.
+                restarted = bool(os.environ.get(workers.RESTARTED))
+                recovered = recovery.stale_claims(self.spool) if restarted else []
             for candidate in recovered:
                 self.log.info("recovered", id=candidate.id)
             self.intake.recover(recovered)
@@ -214,8 +222,8 @@ class Dispatcher:
                         )
                     ),
                 ]
-                if self.supervisor is not None:
-                    group.create_task(self.supervisor.run())
+                if self.supervisor is not None and supervising is not None:
+                    group.create_task(_until_done(supervising))
                     # The service is ready when all its workers watch the spool.
                     if not await self.supervisor.wait_ready(WORKERS_START):
                         self.log.error("workers_not_ready", seconds=WORKERS_START)
@@ -234,6 +242,10 @@ class Dispatcher:
                     relays=sorted(self.config.relays),
                 )
         finally:
+            if supervising is not None and not supervising.done():
+                supervising.cancel()  # only when run() itself failed: the workers are killed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await supervising
             if watcher is not None:
                 watcher.stop()
             await self.feedback.close(timeout=5.0)
@@ -475,6 +487,10 @@ class Dispatcher:
         due = self.recorder.record(claimed, parsed, delivery, data, config)
         if due is not None:
             self.intake.due_at(due)
+
+
+async def _until_done(task: asyncio.Task[None]) -> None:
+    await task
 
 
 async def examine(

@@ -44,6 +44,7 @@ __all__ = [
     "ENV",
     "MAX_AUTO",
     "ONLY",
+    "RESTARTED",
     "Forwarder",
     "Part",
     "Supervisor",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 ENV = "PICKUPD_WORKER"
+RESTARTED = "PICKUPD_WORKER_RESTARTED"  # set for a worker started again after one died
 # `workers = 0` (the default) is one per core, at most this many: past a few processes the
 # spool's directory operations, not the CPU, set the pace, and each process costs memory.
 MAX_AUTO = 4
@@ -357,6 +359,8 @@ class Supervisor:
         env[ENV] = f"{worker.part.index}/{worker.part.total}"
         env["PICKUPD_WORKER_FD"] = str(write_end)
         env["PICKUPD_WORKER_PARENT"] = str(os.getpid())
+        if worker.starts:
+            env[RESTARTED] = "1"
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
             env.pop(name, None)  # systemd talks to the main process only
         args = [sys.executable, "-m", "pickupd", "run", "-c", self._config_path]

@@ -11,16 +11,16 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
-
-from aiosmtpd.smtp import SMTP as SMTPServerProtocol
-from aiosmtpd.smtp import Envelope as ServerEnvelope
-from aiosmtpd.smtp import Session as ServerSession
+from typing import TYPE_CHECKING, Any
 
 from .. import log as logs
 from ..config import load
 from ..dispatcher import Dispatcher
 from .common import add_command
+
+if TYPE_CHECKING:  # aiosmtpd is imported by the demo only: a daemon need not carry it
+    from aiosmtpd.smtp import Envelope as ServerEnvelope
+    from aiosmtpd.smtp import Session as ServerSession
 
 __all__ = ["register", "run_demo"]
 
@@ -188,12 +188,14 @@ async def _follow(spool: Path) -> None:
 
 
 async def _demo(folder: Path) -> int:
+    from aiosmtpd.smtp import SMTP as SMTPServer
+
     received = folder / "received"
     received.mkdir(parents=True, exist_ok=True)
     capture = _Capture(received)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTPServerProtocol(capture, hostname="capture.demo", enable_SMTPUTF8=True),
+        lambda: SMTPServer(capture, hostname="capture.demo", enable_SMTPUTF8=True),
         "127.0.0.1",
         0,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pickupd import envelope, policy
+from pickupd import addresses, envelope, policy
 from pickupd.config import Config, RelayConfig, SenderRule
 from pickupd.outcome import Refusal
 
@@ -125,3 +125,29 @@ def test_no_header_set_relays_an_author_the_allow_list_does_not_match(
             for _, address in email.utils.getaddresses([str(value)]):
                 if "@" in address:
                     assert allowed(address), (name, value, parsed)
+
+
+WORDS = st.sampled_from(["App", "Bench", "x", "O'Neil", "a-b", "Z_9", "{it}", "~", "#1"])
+SPECS = st.sampled_from(
+    ["app@example.com", "a.b@c.d", "x+tag@sub.example.org", "o'neil@example.com", "-@-"]
+)
+SPACE = st.sampled_from(["", " ", "\t", "  "])
+
+
+@SETTINGS
+@given(st.lists(WORDS, max_size=4), SPECS, SPACE, SPACE, SPACE, st.booleans())
+def test_the_fast_path_reads_simple_addresses_as_the_full_parser_does(
+    words: list[str], spec: str, before: str, between: str, after: str, angle: bool
+) -> None:
+    """`Name <addr>` and bare `addr` values, taken by regular expressions without the
+    tokenizer, give exactly what the full RFC 5322 parser gives; so does `<>`."""
+    if angle or words:
+        value = f"{before}{' '.join(words)}{between}<{spec}>{after}"
+    else:
+        value = f"{before}{spec}{after}"
+    full = addresses._Parser(value).addresses("end")
+    assert addresses.qualify(value, None) == (full, None)
+    null = f"{before}<{between}>{after}"
+    assert addresses.is_null(null)
+    assert [t.kind for t in addresses._tokenize(null)] == ["<", ">", "end"]
+    assert not addresses.is_null(value)

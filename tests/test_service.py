@@ -34,6 +34,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "Type=notify",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "WatchdogSec=",
+        "KillMode=mixed",  # SIGTERM to the main process, which passes it on to its workers
         "RestartPreventExitStatus=78",
         "User=pickupd",
         "ProtectSystem=strict",

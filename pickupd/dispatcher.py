@@ -115,12 +115,13 @@ class Dispatcher:
             self.supervisor.signal(signal.SIGHUP)
         try:
             new = load(self.config.path)
+            new, unchanged = keep_fixed(self.file_config, new)
+            workers.splits(new, self.part.total)
         except ConfigError as exc:
             self.log.error("reload_failed", config=str(self.config.path), problems=exc.problems)
             if self.notifier:
                 self.notifier.ready(self.status_line())
             return
-        new, unchanged = keep_fixed(self.file_config, new)
         self.file_config = new
         self.config = workers.portion(new, self.part)
         self.intake.dispatch = self.config.dispatch

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .config import Config
     from .log import Logger
@@ -51,6 +53,7 @@ __all__ = [
     "count",
     "owns",
     "portion",
+    "splits",
 ]
 
 ENV = "PICKUPD_WORKER"
@@ -118,6 +121,17 @@ def count(config: Config, cores: int | None) -> tuple[int, str | None]:
         if least < asked:
             return least, f"{key} = {least} cannot be split among {asked} processes"
     return asked, None
+
+
+def splits(config: Config, total: int) -> None:
+    """ConfigError unless every limit of `config` can be shared out among the `total` running
+    workers (a reload cannot change their number: a limit lowered below it needs a restart)."""
+    fits, why = count(dataclasses.replace(config, dispatch=dataclasses.replace(
+        config.dispatch, workers=total)), None)  # fmt: skip
+    if fits < total:
+        raise ConfigError(
+            [f"{config.path}: {why}: restart pickupd to run {fits} worker(s), or raise it"]
+        )
 
 
 def portion(config: Config, part: Part) -> Config:

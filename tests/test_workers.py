@@ -176,3 +176,22 @@ def test_reload_and_flush_reach_every_worker(
     daemon.proc.send_signal(signal.SIGUSR1)
     smtp_server.wait_for(24)
     assert len(daemon.events("flushed")) == 1  # the main process moves, the workers look
+
+
+def test_a_reload_that_lowers_a_limit_below_the_workers_is_refused(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Two workers cannot share max_connections = 1: SIGHUP with it is refused (reload_failed
+    names the key), and the old config goes on relaying."""
+    daemon = make_daemon(smtp_server, dispatch={"workers": 2})
+    assert daemon.proc is not None
+    daemon.doc["relays"]["main"]["max_connections"] = 1
+    daemon.write_config(daemon.doc)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(daemon.events("reload_failed")) == 2, 10, "both processes to refuse")
+    refused = daemon.events("reload_failed")
+    assert all("relays.main.max_connections = 1" in e["problems"][0] for e in refused)
+    assert not daemon.events("reloaded")
+    for n in range(6):
+        drop_maildir(daemon.spool, message(subject=f"h{n}"))
+    smtp_server.wait_for(6)

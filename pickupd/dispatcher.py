@@ -257,7 +257,7 @@ class Dispatcher:
             if self._served is not None:
                 self._served.stop()
             if self._forwarder is not None:
-                self._forwarder.flush()
+                self._forwarder.flush(final=True)
         stats = self.service_stats()
         self.log.info(
             "stopped" if self._forwarder is None else "worker_stopped",

@@ -108,7 +108,7 @@ def count(config: Config, cores: int | None) -> tuple[int, str | None]:
         return 1, None
     if os.name != "posix":
         return 1, "workers run on POSIX systems only"
-    smallest: list[tuple[int, str]] = []
+    smallest: list[tuple[int, str]] = [(config.dispatch.concurrency, "dispatch.concurrency")]
     for relay in config.relays.values():
         smallest.append((relay.max_connections, f"relays.{relay.name}.max_connections"))
         if relay.rate is not None:
@@ -116,10 +116,9 @@ def count(config: Config, cores: int | None) -> tuple[int, str | None]:
     for rule in config.senders:
         if rule.rate is not None:
             smallest.append((rule.rate.count, f'senders."{rule.pattern}".rate'))
-    if smallest:
-        least, key = min(smallest)
-        if least < asked:
-            return least, f"{key} = {least} cannot be split among {asked} processes"
+    least, key = min(smallest)
+    if least < asked:
+        return least, f"{key} = {least} cannot be split among {asked} processes"
     return asked, None
 
 
@@ -167,6 +166,10 @@ class Forwarder:
 
     def __init__(self, fd: int, stats: Callable[[], list[int]], metrics: bool) -> None:
         self._fd = fd
+        # Never blocks the loop: what the pipe cannot take now waits here, in order.
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, False)
+        self._unsent = bytearray()
         self._stats = stats
         self._metrics = metrics  # forward metric events only where the main process serves them
         self._events: list[list[Any]] = []
@@ -207,17 +210,23 @@ class Forwarder:
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
 
-    def flush(self) -> None:
-        """Send what is pending now (also at exit)."""
+    def flush(self, *, final: bool = False) -> None:
+        """Send what is pending now; `final` (at exit): all of it, waiting if need be."""
         self._flush = None
+        if final:
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._fd, True)
         line = json.dumps({"stats": self._stats(), "events": self._events}) + "\n"
         self._events = []
         if self._broken:
             return
+        self._unsent += line.encode()
         try:
-            view = memoryview(line.encode())
-            while view:
-                view = view[os.write(self._fd, view) :]
+            while self._unsent:
+                del self._unsent[: os.write(self._fd, self._unsent)]
+        except BlockingIOError:
+            # The main process is busy: the rest goes with the next flush, soon.
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
         except OSError:
             self._broken = True  # the main process is gone; the lifeline stops us
 
@@ -353,7 +362,11 @@ class Supervisor:
         delay = 1.0
         while not self._stopping:
             started = time.monotonic()
-            code = await self._run_one(worker)
+            try:
+                code = await self._run_one(worker)
+            except OSError as exc:  # could not start it at all (out of memory, say)
+                self.log.error("worker_start_failed", worker=worker.part.index, error=str(exc))
+                code = -1
             if self._stopping or (self._once and code == 0):
                 return
             if time.monotonic() - started > 60:

@@ -90,6 +90,8 @@ rate = "30/min"
     path.write_text(path.read_text().replace("max_connections = 2", "max_connections = 50"))
     assert count(load(path), 2) == (2, None)  # 0: one per core
     assert count(load(path), 16) == (MAX_AUTO, None)  # at most MAX_AUTO
+    path.write_text(path.read_text().replace("concurrency = 9", "concurrency = 1"))
+    assert count(load(path), 2) == (1, "dispatch.concurrency = 1 cannot be split among 2 processes")
 
 
 def test_workers_share_the_spool_and_report_as_one_service(

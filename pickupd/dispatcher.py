@@ -86,7 +86,12 @@ class Dispatcher:
             self.metrics = self._served = Metrics(self.spool)
         if main and part.total > 1:
             self.supervisor = workers.Supervisor(
-                str(config.path), part.total, once=once, log=self.log, report=self._reported
+                str(config.path),
+                part.total,
+                once=once,
+                log=self.log,
+                report=self._reported,
+                cover=self.intake.cover,
             )
         self.recorder = Recorder(self.spool, self.log, self.metrics, self.intake.deferring, notify)
         self.stats = self.recorder.stats

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from pathlib import Path
@@ -67,6 +68,11 @@ class Intake:
                 self._queued.add(candidate.path)
                 self._due.append(candidate)
         self._has_work.set()
+
+    def cover(self, workers: frozenset[int]) -> None:
+        """Take these workers' shares too (they are down), or no more (they are back)."""
+        self.part = dataclasses.replace(self.part, covering=workers)
+        self.wake()
 
     def wake(self) -> None:
         """Scan both folders again now (a reload, a flush)."""
@@ -217,8 +223,8 @@ class Intake:
                         wake_at = min(wake_at, item.at + 0.01)
                     elif item.origin == "eml" and self._still_open(item.path):
                         continue  # its close event wakes us
-                    elif item.path in self.unmovable:
-                        continue
+                    elif item.path in self.unmovable or not owns(self.part, item.path.name):
+                        continue  # (a share given back while this scan ran)
                     elif item.path not in self._queued and not await self._put(self._new, item):
                         return
                 if self.once:
@@ -240,6 +246,8 @@ class Intake:
                 for item in self.spool.scan_deferred(now, self.horizon, self.part):
                     if isinstance(item, Later):
                         self._next_due = min(self._next_due, item.at)
+                    elif not owns(self.part, item.path.name):
+                        continue  # (a share given back while this scan ran)
                     elif item.path not in self._queued and not await self._put(self._due, item):
                         return
                 if self.once:

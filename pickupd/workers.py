@@ -69,10 +69,12 @@ RESTART_MAX = 30.0
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """Worker `index` of `total`."""
+    """Worker `index` of `total`; the main process also takes the share of each worker in
+    `covering` (one that is down) until it is back."""
 
     index: int = 0
     total: int = 1
+    covering: frozenset[int] = frozenset()
 
     @classmethod
     def from_env(cls) -> Part | None:
@@ -98,7 +100,8 @@ def owns(part: Part, name: str) -> bool:
         return True
     if name.endswith(".json"):  # a sidecar goes with its message
         name = name[:-5] + ".eml"
-    return zlib.crc32(name.encode("utf-8", "surrogateescape")) % part.total == part.index
+    share = zlib.crc32(name.encode("utf-8", "surrogateescape")) % part.total
+    return share == part.index or share in part.covering
 
 
 def count(config: Config, cores: int | None) -> tuple[int, str | None]:
@@ -288,8 +291,11 @@ class Supervisor:
         once: bool,
         log: Logger,
         report: Callable[[list[Any]], None],
+        cover: Callable[[frozenset[int]], None],
     ) -> None:
         self.log = log
+        self._cover = cover  # the main process takes these workers' shares meanwhile
+        self._covered: frozenset[int] = frozenset()
         self._config_path = config_path
         self._once = once
         self._report = report
@@ -322,10 +328,25 @@ class Supervisor:
                 worker.pending.append(signum)
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Until every worker has said it is ready (or `timeout`); whether they all did."""
+        """Until every worker has said it is ready (or `timeout`: then the main process takes
+        the shares of those that are not); whether they all did."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_ready.wait(), timeout)
+        if not self._stopping:
+            self._recover_shares({w.part.index for w in self._workers if not w.ready})
         return self._all_ready.is_set()
+
+    def _recover_shares(self, down: set[int]) -> None:
+        """The main process covers exactly the workers in `down`."""
+        covered = frozenset(down)
+        if covered == self._covered or self._stopping:
+            return
+        for index in sorted(covered - self._covered):
+            self.log.warning("worker_share_covered", worker=index)
+        for index in sorted(self._covered - covered):
+            self.log.info("worker_share_returned", worker=index)
+        self._covered = covered
+        self._cover(covered)
 
     def tell(self, event: list[Any]) -> None:
         """Send `event` to every running worker (a relay's pause)."""
@@ -344,6 +365,7 @@ class Supervisor:
 
     def _became_ready(self, worker: _Worker) -> None:
         worker.ready = True
+        self._recover_shares(set(self._covered) - {worker.part.index})
         pending, worker.pending = worker.pending, []
         for signum in pending:
             self._send(worker, signum)
@@ -412,6 +434,10 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             raise
+        worker.ready = False
+        if not self._stopping and not (self._once and code == 0):
+            # Its mail must not wait for it: the main process takes its share until it is back.
+            self._recover_shares({*self._covered, worker.part.index})
         self._retired = [a + b for a, b in zip(self._retired, worker.stats, strict=True)]
         worker.stats = [0, 0, 0, 0]
         if worker.stranded:

@@ -197,3 +197,30 @@ def test_a_reload_that_lowers_a_limit_below_the_workers_is_refused(
     for n in range(6):
         drop_maildir(daemon.spool, message(subject=f"h{n}"))
     smtp_server.wait_for(6)
+
+
+def test_the_main_process_covers_a_worker_that_cannot_come_back(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A worker dies and cannot start again (its config file was broken meanwhile): the main
+    process takes its share, so no mail waits for it; once the file is fixed, the worker is
+    back and takes its share again."""
+    daemon = make_daemon(smtp_server, dispatch={"workers": 2})
+    good = daemon.config_path.read_text()
+    daemon.config_path.write_text(good.replace(f"port = {smtp_server.port}", 'port = "abc"'))
+    (worker,) = worker_pids(daemon)
+    os.kill(worker, signal.SIGKILL)
+    (covered,) = daemon.wait_event("worker_share_covered")
+    assert covered["worker"] == 1
+    daemon.wait_event("worker_died", count=2)  # the restarted one could not read the config
+    for n in range(12):
+        drop_maildir(daemon.spool, message(subject=f"c{n}"))
+    got = smtp_server.wait_for(12)
+    assert len({r.data for r in got}) == 12
+    daemon.config_path.write_text(good)
+    daemon.wait_event("worker_share_returned", timeout=20)
+    for n in range(12):
+        drop_maildir(daemon.spool, message(subject=f"b{n}"))
+    smtp_server.wait_for(24)
+    (back,) = worker_pids(daemon)
+    assert back != worker and len(daemon.events("worker_ready")) == 2  # at start, and back

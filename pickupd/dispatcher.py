@@ -16,7 +16,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import credentials, envelope, moves, policy, ratelimit, recovery, relay, workers
+from . import credentials, envelope, moves, policy, ratelimit, recovery, relay, uplink, workers
 from . import log as logs
 from .config import Config, SenderRule, keep_fixed, load
 from .errors import ConfigError, SpoolWriteError
@@ -30,6 +30,7 @@ from .recorder import Meter, Recorder, Stats
 from .sidecar import Sidecar, from_timestamp
 from .spool import Candidate, Claimed, Spool, TooLarge, Unsafe
 from .stranded import Stranded
+from .supervisor import Supervisor
 from .watcher import Watcher
 from .workers import ONLY, Part
 
@@ -69,12 +70,12 @@ class Dispatcher:
         self.feedback = Feedback(config.notify, self.spool, self.log)
         self.metrics: Meter | None = None
         self._served: Metrics | None = None  # the endpoint, in the main process
-        self.supervisor: workers.Supervisor | None = None
-        self._forwarder: workers.Forwarder | None = None
+        self.supervisor: Supervisor | None = None
+        self._forwarder: uplink.Forwarder | None = None
         notify = self.feedback.notify
         if not main:
             fd = int(os.environ.get("PICKUPD_WORKER_FD", "-1"))
-            self._forwarder = workers.Forwarder(
+            self._forwarder = uplink.Forwarder(
                 fd, lambda: list(dataclasses.astuple(self.stats)), bool(config.metrics.listen)
             )
             self.metrics = self._forwarder
@@ -85,7 +86,7 @@ class Dispatcher:
 
             self.metrics = self._served = Metrics(self.spool)
         if main and part.total > 1:
-            self.supervisor = workers.Supervisor(
+            self.supervisor = Supervisor(
                 str(config.path),
                 part.total,
                 once=once,
@@ -200,7 +201,7 @@ class Dispatcher:
             if self._forwarder is None:
                 recovered = self._clean_and_recover()
             else:
-                workers.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
+                uplink.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
                 # A worker started again takes back its dead predecessor's claims; at the
                 # service's start the main process has done it for all.
                 restarted = bool(os.environ.get(workers.RESTARTED))
@@ -292,7 +293,7 @@ class Dispatcher:
             self.metrics.stranded(count)
 
     def _reported(self, event: list[Any]) -> None:
-        """An event a worker process sent up (workers.Forwarder)."""
+        """An event a worker process sent up (uplink.Forwarder)."""
         kind = event[0]
         if kind == "n":
             with contextlib.suppress(ValueError):

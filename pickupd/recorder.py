@@ -36,7 +36,7 @@ _Step = tuple[Callable[[], None], Callable[[], None]]
 
 class Meter(Protocol):
     """What the recorder and the dispatcher tell the metrics: metrics.Metrics, or in a worker
-    process workers.Forwarder, which passes it on to the main process."""
+    process uplink.Forwarder, which passes it on to the main process."""
 
     def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None: ...
     def send_seconds(self, relay: str, seconds: float) -> None: ...

@@ -1,0 +1,128 @@
+"""A worker process's link to the main process (workers.py): its counts, metric events and
+[notify] events go up a pipe in batches (`Forwarder`); what the main process tells every
+worker (a relay's pause, a flush) comes down its stdin, whose end of file means the main
+process is gone (`watch_lifeline`); on Linux the worker dies with it (`die_with_parent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .sidecar import Sidecar
+
+__all__ = ["FLUSH_EVERY", "Forwarder", "die_with_parent", "watch_lifeline"]
+
+# A worker's counts and events reach the main process this soon.
+FLUSH_EVERY = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+class Forwarder:
+    """A worker's metrics and feedback, sent up to the main process in batches."""
+
+    def __init__(self, fd: int, stats: Callable[[], list[int]], metrics: bool) -> None:
+        self._fd = fd
+        # Never blocks the loop: what the pipe cannot take now waits here, in order.
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, False)
+        self._unsent = bytearray()
+        self._stats = stats
+        self._metrics = metrics  # forward metric events only where the main process serves them
+        self._events: list[list[Any]] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._broken = False
+
+    def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None:
+        self._add(["o", outcome, reason, relay] if self._metrics else None)
+
+    def send_seconds(self, relay: str, seconds: float) -> None:
+        if self._metrics:
+            self._add(["t", relay, seconds])
+
+    def stranded(self, count: int) -> None:
+        self._add(["s", count])
+
+    def connection_error(self, relay: str, kind: str) -> None:
+        if self._metrics:
+            self._add(["e", relay, kind])
+
+    def paused(self, relay: str, until: float) -> None:
+        """This worker was asked to slow down: the main process pauses every worker."""
+        self._events.append(["p", relay, until])
+        self.flush()
+
+    def ready(self) -> None:
+        """Tell the main process this worker is watching and takes signals."""
+        self._events.append(["r"])
+        self.flush()
+
+    def notify(self, event: str, sidecar: Sidecar) -> None:
+        """feedback.Feedback.notify's stand-in: the main process runs hooks and reports."""
+        self._add(["n", event, sidecar.to_json().decode()])
+
+    def _add(self, event: list[Any] | None) -> None:
+        if event is not None:
+            self._events.append(event)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+
+    def flush(self, *, final: bool = False) -> None:
+        """Send what is pending now; `final` (at exit): all of it, waiting if need be."""
+        self._flush = None
+        if final:
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._fd, True)
+        line = json.dumps({"stats": self._stats(), "events": self._events}) + "\n"
+        self._events = []
+        if self._broken:
+            return
+        self._unsent += line.encode()
+        try:
+            while self._unsent:
+                del self._unsent[: os.write(self._fd, self._unsent)]
+        except BlockingIOError:
+            # The main process is busy: the rest goes with the next flush, soon.
+            self._flush = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+        except OSError:
+            self._broken = True  # the main process is gone; the lifeline stops us
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: end this worker with SIGKILL when the main process dies, as if the service as
+    a whole had been killed (its claims are then recovered at the next start). Elsewhere
+    the lifeline's end of file stops it, gracefully."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(1)
+
+
+def watch_lifeline(
+    loop: asyncio.AbstractEventLoop,
+    told: Callable[[list[Any]], None],
+    stop: Callable[[], None],
+) -> None:
+    """Pass each line the main process writes to stdin to `told` (on the loop), and call
+    `stop` once stdin closes: the main process is gone."""
+
+    def wait() -> None:
+        with contextlib.suppress(OSError, RuntimeError), open(0, "rb", closefd=False) as lines:
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    loop.call_soon_threadsafe(told, json.loads(line))
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping anyway
+            loop.call_soon_threadsafe(stop)
+
+    threading.Thread(target=wait, name="pickupd-lifeline", daemon=True).start()

@@ -74,7 +74,7 @@ class Dispatcher:
         self._forwarder: uplink.Forwarder | None = None
         notify = self.feedback.notify
         if not main:
-            fd = int(os.environ.get("PICKUPD_WORKER_FD", "-1"))
+            fd = int(os.environ.get(workers.PIPE, "-1"))
             self._forwarder = uplink.Forwarder(
                 fd, lambda: list(dataclasses.astuple(self.stats)), bool(config.metrics.listen)
             )
@@ -298,7 +298,7 @@ class Dispatcher:
         if kind == "n":
             with contextlib.suppress(ValueError):
                 self.feedback.notify(event[1], Sidecar.from_json(event[2].encode()))
-        elif kind == "s":
+        elif kind == "s":  # a worker's count of stranded claims changed
             self._stranded_changed(len(self.stranded))
         elif kind == "p":
             self._told(event)

@@ -74,6 +74,10 @@ class Intake:
         self.part = dataclasses.replace(self.part, covering=workers)
         self.wake()
 
+    def _mine(self, name: str) -> bool:
+        """Whether this worker takes the file `name`, by its share as it is now."""
+        return owns(self.part, name)
+
     def wake(self) -> None:
         """Scan both folders again now (a reload, a flush)."""
         self._pickup_wake.set()
@@ -120,7 +124,7 @@ class Intake:
         elif candidate_path.parent == spool.new:
             if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
                 return
-            if not owns(self.part, candidate_path.name):
+            if not self._mine(candidate_path.name):
                 return
             if len(self._new) >= self._capacity():
                 self._pickup_wake.set()  # the feeder rescans once it has room
@@ -218,13 +222,13 @@ class Intake:
                 self._pickup_wake.clear()
                 now = time.time()
                 wake_at = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_pickup(now, self.dispatch.settle, self.part):
+                for item in self.spool.scan_pickup(now, self.dispatch.settle, self._mine):
                     if isinstance(item, Later):
                         wake_at = min(wake_at, item.at + 0.01)
                     elif item.origin == "eml" and self._still_open(item.path):
                         continue  # its close event wakes us
-                    elif item.path in self.unmovable or not owns(self.part, item.path.name):
-                        continue  # (a share given back while this scan ran)
+                    elif item.path in self.unmovable:
+                        continue
                     elif item.path not in self._queued and not await self._put(self._new, item):
                         return
                 if self.once:
@@ -243,11 +247,9 @@ class Intake:
                 self._deferred_wake.clear()
                 now = time.time()
                 self._next_due = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_deferred(now, self.horizon, self.part):
+                for item in self.spool.scan_deferred(now, self.horizon, self._mine):
                     if isinstance(item, Later):
                         self._next_due = min(self._next_due, item.at)
-                    elif not owns(self.part, item.path.name):
-                        continue  # (a share given back while this scan ran)
                     elif item.path not in self._queued and not await self._put(self._due, item):
                         return
                 if self.once:

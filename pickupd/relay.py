@@ -333,6 +333,7 @@ async def _pipelined(
     as RFC 2920 3.1 tells (the server refuses a message with no recipients)."""
     count = len(lines) + 1
     replies: list[aiosmtplib.SMTPResponse] = []
+    broke: BaseException | None = None
     try:
         wire.write(b"".join(lines) + b"DATA\r\n")
         while len(replies) < count:
@@ -342,19 +343,17 @@ async def _pipelined(
             if session.messages and isinstance(exc, ConnectionError):
                 raise _StaleSession from exc
             return _session_failed(tally.relay, tally.recipients, exc)
-        # Take what did come in, then defer the rest: nothing was handed over.
-        rcpt_replies = replies[1 : len(lines)]
-        early = tally.mail(replies[0])
-        for index, reply in enumerate(rcpt_replies):
-            early = early or tally.rcpt(index, reply)
+        broke = exc  # what did come in is taken; the rest waits: nothing was handed over
+    rcpt_replies = replies[1 : len(lines)]
+    early = tally.mail(replies[0])
+    for index, reply in enumerate(rcpt_replies):
+        early = early or tally.rcpt(index, reply)
+    if broke is not None:
         if early is not None:
             return early
         if len(rcpt_replies) < len(lines) - 1:
-            return tally.broken(len(rcpt_replies), exc)
-        return tally.lost_before_data(exc)
-    early = tally.mail(replies[0])
-    for index, reply in enumerate(replies[1:-1]):
-        early = early or tally.rcpt(index, reply)
+            return tally.broken(len(rcpt_replies), broke)
+        return tally.lost_before_data(broke)
     data_reply = replies[-1]
     if data_reply.code == 354 and (early is not None or not tally.accepted):
         # Nothing to send, but the server waits for a message: an empty one it will refuse.

@@ -16,7 +16,7 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +37,6 @@ from .files import (
     write_then_rename,
 )
 from .sidecar import Sidecar, to_timestamp
-from .workers import ONLY, Part, owns
 
 __all__ = [
     "FOLDERS",
@@ -129,6 +128,11 @@ def _owner_token() -> str:
     return f"{host}-{os.getpid()}"
 
 
+def _every(name: str) -> bool:
+    """Every file is this process's (one dispatcher; workers.owns where there are several)."""
+    return True
+
+
 class Spool:
     """One spool root. Several processes may share it; each claims under its own owner token."""
 
@@ -181,20 +185,20 @@ class Spool:
     # -- finding work ---------------------------------------------------------------------------
 
     def scan_pickup(
-        self, now: float, settle: float, part: Part = ONLY
+        self, now: float, settle: float, mine: Callable[[str], bool] = _every
     ) -> Iterator[Candidate | Later]:
-        """Yield candidates from pickup/new/ and settled pickup/*.eml files (those of worker
-        `part`).
+        """Yield candidates from pickup/new/ and settled pickup/*.eml files whose name is
+        `mine` (asked as the scan reaches each file: a worker's share may change meanwhile).
 
         For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
         will be, so the caller can come back then.
         """
         for entry in entries(self.new):
-            if _is_drop(entry.name, maildir=True) and owns(part, entry.name):
+            if _is_drop(entry.name, maildir=True) and mine(entry.name):
                 yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
         for entry in entries(self.pickup):
             name = entry.name
-            if _is_drop(name, maildir=False) and owns(part, name):
+            if _is_drop(name, maildir=False) and mine(name):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
@@ -206,7 +210,7 @@ class Spool:
                     yield Candidate(Path(entry.path), name, "eml")
 
     def scan_deferred(
-        self, now: float, horizon: float = float("inf"), part: Part = ONLY
+        self, now: float, horizon: float = float("inf"), mine: Callable[[str], bool] = _every
     ) -> Iterator[Candidate | Later]:
         """Yield deferred messages that are due, and `Later` with the due time of the others.
         The due time is the .eml's mtime (the one truth; the sidecar's next_attempt says the
@@ -214,7 +218,7 @@ class Spool:
         (a clock jump, an edit): that message is yielded now, with `clamped_from` set."""
         for entry in entries(self.deferred):
             msg_id = message_id(entry.name)
-            if msg_id is None or not owns(part, entry.name):
+            if msg_id is None or not mine(entry.name):
                 continue
             try:
                 due = entry.stat(follow_symlinks=False).st_mtime

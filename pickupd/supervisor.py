@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .workers import ENV, RESTARTED, Part
+from .workers import ENV, PARENT, PIPE, RESTARTED, Part
 
 if TYPE_CHECKING:
     from .log import Logger
@@ -60,7 +60,7 @@ class Supervisor:
         self._once = once
         self._report = report
         self._workers = [_Worker(Part(index, total)) for index in range(1, total)]
-        self._stopping = 0
+        self._stopping = False
         self._retired = [0, 0, 0, 0]  # the counts of workers that have exited
         self._all_ready = asyncio.Event()
 
@@ -79,7 +79,7 @@ class Supervisor:
         SIGUSR1 once it is ready (before, they would end it); SIGTERM at once."""
         stop = signum in (signal.SIGTERM, signal.SIGINT)
         if stop:
-            self._stopping += 1
+            self._stopping = True
             self._all_ready.set()  # nothing waits for workers any more
         for worker in self._workers:
             if worker.ready or stop:
@@ -93,10 +93,10 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_ready.wait(), timeout)
         if not self._stopping:
-            self._recover_shares({w.part.index for w in self._workers if not w.ready})
+            self._cover_only({w.part.index for w in self._workers if not w.ready})
         return self._all_ready.is_set()
 
-    def _recover_shares(self, down: set[int]) -> None:
+    def _cover_only(self, down: set[int]) -> None:
         """The main process covers exactly the workers in `down`."""
         covered = frozenset(down)
         if covered == self._covered or self._stopping:
@@ -125,7 +125,7 @@ class Supervisor:
 
     def _became_ready(self, worker: _Worker) -> None:
         worker.ready = True
-        self._recover_shares(set(self._covered) - {worker.part.index})
+        self._cover_only(set(self._covered) - {worker.part.index})
         pending, worker.pending = worker.pending, []
         for signum in pending:
             self._send(worker, signum)
@@ -166,8 +166,8 @@ class Supervisor:
         read_end, write_end = os.pipe()
         env = dict(os.environ)
         env[ENV] = f"{worker.part.index}/{worker.part.total}"
-        env["PICKUPD_WORKER_FD"] = str(write_end)
-        env["PICKUPD_WORKER_PARENT"] = str(os.getpid())
+        env[PIPE] = str(write_end)
+        env[PARENT] = str(os.getpid())
         if worker.starts:
             env[RESTARTED] = "1"
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
@@ -197,12 +197,12 @@ class Supervisor:
         worker.ready = False
         if not self._stopping and not (self._once and code == 0):
             # Its mail must not wait for it: the main process takes its share until it is back.
-            self._recover_shares({*self._covered, worker.part.index})
+            self._cover_only({*self._covered, worker.part.index})
         self._retired = [a + b for a, b in zip(self._retired, worker.stats, strict=True)]
         worker.stats = [0, 0, 0, 0]
         if worker.stranded:
             worker.stranded = 0
-            self._report(["s", self.stranded()])
+            self._report(["s"])  # the main process counts stranded() anew
         return code
 
     async def _read(self, worker: _Worker, fd: int) -> None:
@@ -226,7 +226,6 @@ class Supervisor:
                         continue
                     if event[0] == "s":
                         worker.stranded = int(event[1])
-                        event = ["s", self.stranded()]
                     self._report(event)
         finally:
             transport.close()

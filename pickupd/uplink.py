@@ -78,7 +78,9 @@ class Forwarder:
 
     def flush(self, *, final: bool = False) -> None:
         """Send what is pending now; `final` (at exit): all of it, waiting if need be."""
-        self._flush = None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         if final:
             with contextlib.suppress(OSError):
                 os.set_blocking(self._fd, True)

@@ -26,10 +26,24 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["ENV", "MAX_AUTO", "ONLY", "RESTARTED", "Part", "count", "owns", "portion", "splits"]
+__all__ = [
+    "ENV",
+    "MAX_AUTO",
+    "ONLY",
+    "PARENT",
+    "PIPE",
+    "RESTARTED",
+    "Part",
+    "count",
+    "owns",
+    "portion",
+    "splits",
+]
 
 ENV = "PICKUPD_WORKER"
 RESTARTED = "PICKUPD_WORKER_RESTARTED"  # set for a worker started again after one died
+PIPE = "PICKUPD_WORKER_FD"  # the descriptor of the pipe up to the main process
+PARENT = "PICKUPD_WORKER_PARENT"  # the main process's pid
 # `workers = 0` (the default) is one per core, at most this many: past a few processes the
 # spool's directory operations, not the CPU, set the pace, and each process costs memory.
 MAX_AUTO = 4

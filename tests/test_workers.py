@@ -13,7 +13,7 @@ from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
 from pickupd.config import load
-from pickupd.workers import MAX_AUTO, Part, count, owns, portion
+from pickupd.workers import ENV, MAX_AUTO, Part, count, owns, portion
 
 
 def worker_pids(daemon: Daemon) -> list[int]:
@@ -28,7 +28,7 @@ def worker_pids(daemon: Daemon) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == daemon.proc.pid and b"PICKUPD_WORKER=" in environ:
+        if int(stat[1]) == daemon.proc.pid and f"{ENV}=".encode() in environ:
             found.append(int(entry.name))
     return found
 

@@ -99,7 +99,7 @@ def _serve(config: Config, *, once: bool) -> int:
     logs.configure(config.log.level, config.log.format)
     part = workers.Part.from_env()
     if part is not None:  # started by the main process as one of its workers
-        uplink.die_with_parent(int(os.environ.get("PICKUPD_WORKER_PARENT", "0")))
+        uplink.die_with_parent(int(os.environ.get(workers.PARENT, "0")))
         dispatcher = Dispatcher(config, once=once, part=part, main=False)
     else:
         total, why = workers.count(config, os.cpu_count())

@@ -16,26 +16,32 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import credentials, envelope, moves, policy, ratelimit, recovery, relay, uplink, workers
-from . import log as logs
-from .config import Config, SenderRule, keep_fixed, load
-from .errors import ConfigError, SpoolWriteError
-from .feedback import Feedback
-from .files import printable
-from .intake import Intake
-from .notify import Notifier
-from .outcome import Reason, Refusal
-from .pool import Pool
-from .recorder import Meter, Recorder, Stats
-from .sidecar import Sidecar, from_timestamp
-from .spool import Candidate, Claimed, Spool, TooLarge, Unsafe
-from .stranded import Stranded
-from .supervisor import Supervisor
-from .watcher import Watcher
-from .workers import ONLY, Part
+from pickupd import log as logs
+from pickupd import policy
+from pickupd.auth import logins
+from pickupd.config.loading import Config, SenderRule, keep_fixed, load
+from pickupd.errors import ConfigError, SpoolWriteError
+from pickupd.feedback import Feedback
+from pickupd.hosting.systemd import Notifier
+from pickupd.intake import Intake
+from pickupd.limits import buckets
+from pickupd.message import envelope
+from pickupd.outcome import Reason, Refusal
+from pickupd.recorder import Meter, Recorder, Stats
+from pickupd.smtp import transaction
+from pickupd.smtp.pool import Pool
+from pickupd.spool import moves, recovery
+from pickupd.spool.files import printable
+from pickupd.spool.folders import Candidate, Claimed, Spool, TooLarge, Unsafe
+from pickupd.spool.sidecar import Sidecar, from_timestamp
+from pickupd.spool.stranded import Stranded
+from pickupd.watcher import Watcher
+from pickupd.workers import shares, uplink
+from pickupd.workers.shares import ONLY, Part
+from pickupd.workers.supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
+    from pickupd.hosting.metrics import Metrics
 
 __all__ = ["GRACE", "Dispatcher", "Stats", "examine"]
 
@@ -54,15 +60,15 @@ class Dispatcher:
     def __init__(
         self, config: Config, *, once: bool = False, part: Part = ONLY, main: bool = True
     ) -> None:
-        """`part`: which of the service's worker processes this is (workers.py); `main`: the
+        """`part`: which of the service's worker processes this is (workers/shares.py); `main`: the
         process that supervises the others and speaks for the service (metrics, systemd)."""
         self.file_config = config  # as the file says; `config` is this worker's portion of it
-        self.config = workers.portion(config, part)
+        self.config = shares.portion(config, part)
         self.once = once
         self.part = part
         self.spool = Spool(config.spool.path)
         self.pool = Pool()
-        self.limiter = ratelimit.Limiter()
+        self.limiter = buckets.Limiter()
         self.log = logs.get()
         self.notifier = None if once or not main else Notifier.from_env()
         self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
@@ -74,7 +80,7 @@ class Dispatcher:
         self._forwarder: uplink.Forwarder | None = None
         notify = self.feedback.notify
         if not main:
-            fd = int(os.environ.get(workers.PIPE, "-1"))
+            fd = int(os.environ.get(shares.PIPE, "-1"))
             self._forwarder = uplink.Forwarder(
                 fd, lambda: list(dataclasses.astuple(self.stats)), bool(config.metrics.listen)
             )
@@ -82,7 +88,7 @@ class Dispatcher:
             notify = self._forwarder.notify
         elif config.metrics.listen and not once:
             # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
-            from .metrics import Metrics
+            from pickupd.hosting.metrics import Metrics
 
             self.metrics = self._served = Metrics(self.spool)
         if main and part.total > 1:
@@ -122,14 +128,14 @@ class Dispatcher:
         try:
             new = load(self.config.path)
             new, unchanged = keep_fixed(self.file_config, new)
-            workers.splits(new, self.part.total)
+            shares.splits(new, self.part.total)
         except ConfigError as exc:
             self.log.error("reload_failed", config=str(self.config.path), problems=exc.problems)
             if self.notifier:
                 self.notifier.ready(self.status_line())
             return
         self.file_config = new
-        self.config = workers.portion(new, self.part)
+        self.config = shares.portion(new, self.part)
         self.intake.dispatch = self.config.dispatch
         self.intake.horizon = new.retry.max_age
         self.feedback.config = new.notify
@@ -204,7 +210,7 @@ class Dispatcher:
                 uplink.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
                 # A worker started again takes back its dead predecessor's claims; at the
                 # service's start the main process has done it for all.
-                restarted = bool(os.environ.get(workers.RESTARTED))
+                restarted = bool(os.environ.get(shares.RESTARTED))
                 recovered = recovery.stale_claims(self.spool) if restarted else []
             for candidate in recovered:
                 self.log.info("recovered", id=candidate.id)
@@ -452,18 +458,18 @@ class Dispatcher:
             return
         assert parsed is not None and parsed.sender is not None  # policy.check saw to that
         relay_config = config.relays[decision.relay]
-        login = credentials.bind(decision.credentials or relay_config.credentials, parsed.sender)
+        login = logins.bind(decision.credentials or relay_config.credentials, parsed.sender)
         now = time.time()
-        buckets = ratelimit.buckets(relay_config, decision, login)
-        slot = self.limiter.slot(claimed.id, relay_config.name, buckets, now)
+        limits = buckets.buckets(relay_config, decision, login)
+        slot = self.limiter.slot(claimed.id, relay_config.name, limits, now)
         if slot > now:
             # Over a provider limit: not an attempt, not an error; it waits its turn.
-            detail = f"waiting its turn: {ratelimit.limits(relay_config, decision)}"
+            detail = f"waiting its turn: {buckets.limits(relay_config, decision)}"
             self.recorder.waiting(claimed, parsed, slot, detail)
             self.intake.due_at(slot)
             return
         started = time.monotonic()
-        delivery = await relay.send(
+        delivery = await transaction.send(
             self.pool,
             relay_config,
             login,

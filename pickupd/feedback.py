@@ -20,11 +20,11 @@ import os
 import socket
 import time
 
-from . import ids
-from .config import NotifyConfig
-from .log import Logger
-from .sidecar import Sidecar
-from .spool import Spool
+from pickupd import ids
+from pickupd.config.loading import NotifyConfig
+from pickupd.log import Logger
+from pickupd.spool.folders import Spool
+from pickupd.spool.sidecar import Sidecar
 
 __all__ = ["HOOKS_AT_ONCE", "Feedback"]
 

@@ -14,9 +14,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .config import DispatchConfig
-from .spool import Candidate, Later, Spool
-from .workers import ONLY, Part, owns
+from pickupd.config.loading import DispatchConfig
+from pickupd.spool.folders import Candidate, Later, Spool
+from pickupd.workers.shares import ONLY, Part, owns
 
 __all__ = ["DEFERRED_DEBOUNCE", "WRITER_PATIENCE", "Intake"]
 

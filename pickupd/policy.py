@@ -5,9 +5,9 @@ Checked before any connection is made: a message that fails it is never relayed.
 
 from __future__ import annotations
 
-from .config import Config, SenderRule
-from .envelope import Envelope
-from .outcome import Reason, Refusal
+from pickupd.config.loading import Config, SenderRule
+from pickupd.message.envelope import Envelope
+from pickupd.outcome import Reason, Refusal
 
 __all__ = ["check"]
 

@@ -18,15 +18,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import ids, retry
-from .config import Config
-from .envelope import Envelope
-from .errors import SpoolWriteError
-from .log import Logger
-from .outcome import Delivery, Outcome, Reason, RecipientResult, Refusal
-from .sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
-from .spool import Claimed, Spool
-from .units import format_duration
+from pickupd import ids, retry
+from pickupd.config.loading import Config
+from pickupd.errors import SpoolWriteError
+from pickupd.log import Logger
+from pickupd.message.envelope import Envelope
+from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal
+from pickupd.spool.folders import Claimed, Spool
+from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
+from pickupd.units import format_duration
 
 __all__ = ["Meter", "Recorder", "Stats"]
 

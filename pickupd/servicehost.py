@@ -13,9 +13,9 @@ import enum
 import threading
 from typing import Protocol
 
-from . import log as logs
-from .config import Config
-from .dispatcher import GRACE, Dispatcher
+from pickupd import log as logs
+from pickupd.config.loading import Config
+from pickupd.dispatcher import GRACE, Dispatcher
 
 __all__ = ["ServiceHost", "State", "StatusReporter"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from harness import pickupd
 
-from pickupd.config import Credentials, Secret, load
+from pickupd.config.loading import Credentials, Secret, load
 from pickupd.errors import ConfigError
 
 GOOD = """
@@ -296,10 +296,10 @@ def test_shipped_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.Mon
 def test_every_key_is_documented() -> None:
     """Every key of the one table of keys (config.SECTIONS, relays, senders) is shown in
     etc/pickupd.toml and named in the README; `pickupd init` writes each plain one."""
+    from pickupd.auth.logins import CREDENTIAL_KEYS
     from pickupd.cli.init import starter_config
-    from pickupd.config import SECTIONS, RelayConfig, SenderRule
-    from pickupd.credentials import CREDENTIAL_KEYS
-    from pickupd.settings import keys
+    from pickupd.config.keys import keys
+    from pickupd.config.loading import SECTIONS, RelayConfig, SenderRule
 
     root = Path(__file__).parent.parent
     example = (root / "etc" / "pickupd.toml").read_text()
@@ -320,8 +320,8 @@ def test_provider_presets_and_oauth2_logins_load(tmp_path: Path) -> None:
     """provider fills the host (SES per region); an OAuth2 login's secret files obey the
     password_file rule; a relay's OAuth2 login without username serves each sender's own
     mailbox."""
-    from pickupd.config import OAuth2Login
-    from pickupd.credentials import MicrosoftSource, XOAuth2, bind
+    from pickupd.auth.logins import MicrosoftSource, XOAuth2, bind
+    from pickupd.config.loading import OAuth2Login
 
     secret = tmp_path / "m365.secret"
     secret.write_text("s\n")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from pickupd import log
-from pickupd.config import Config, DispatchConfig, RelayConfig, SenderRule, SpoolConfig
+from pickupd.config.loading import Config, DispatchConfig, RelayConfig, SenderRule, SpoolConfig
 from pickupd.dispatcher import Dispatcher
 from pickupd.intake import Intake
-from pickupd.spool import Candidate, Spool
+from pickupd.spool.folders import Candidate, Spool
 
 
 def _config(tmp_path: Path) -> Config:

@@ -14,7 +14,7 @@ from harness import Daemon, drop_eml, drop_maildir, message, relay_for, wait_unt
 from smtpserver import SmtpServer
 
 from pickupd import ids
-from pickupd.sidecar import Sidecar, from_timestamp
+from pickupd.spool.sidecar import Sidecar, from_timestamp
 
 
 def test_maildir_drop_is_relayed_byte_for_byte(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pickupd.envelope import AddressError, Envelope, parse, parse_address_list
+from pickupd.message.envelope import AddressError, Envelope, parse, parse_address_list
 from pickupd.outcome import Reason, Refusal
 
 
@@ -396,7 +396,7 @@ def test_address_error_is_a_value_error_with_a_printable_reason() -> None:
 )
 def test_bare_address_fast_path_agrees_with_the_full_parser(value: str) -> None:
     """The fast path for a bare addr-spec returns exactly what the full parser returns."""
-    from pickupd.addresses import _Parser
+    from pickupd.message.addresses import _Parser
 
     assert parse_address_list(value) == _Parser(value).addresses("end") == [value.strip()]
 

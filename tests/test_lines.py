@@ -10,7 +10,7 @@ from collections.abc import Callable
 from harness import Daemon, drop_maildir
 from smtpserver import SmtpServer
 
-from pickupd import envelope
+from pickupd.message import envelope
 from pickupd.outcome import Reason, Refusal
 
 

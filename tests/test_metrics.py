@@ -24,8 +24,8 @@ from harness import (
 )
 from smtpserver import SmtpServer
 
-from pickupd.metrics import Metrics
-from pickupd.spool import Spool
+from pickupd.hosting.metrics import Metrics
+from pickupd.spool.folders import Spool
 
 
 def test_daemon_metrics_count_outcomes_and_queue(

@@ -13,8 +13,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pickupd import addresses, envelope, policy
-from pickupd.config import Config, RelayConfig, SenderRule
+from pickupd import policy
+from pickupd.config.loading import Config, RelayConfig, SenderRule
+from pickupd.message import addresses, envelope
 from pickupd.outcome import Refusal
 
 CONFIG = Config(

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pickupd import envelope, ids, policy, retry
-from pickupd.config import Config, PolicyConfig, RelayConfig, SenderRule
+from pickupd import ids, policy, retry
+from pickupd.config.loading import Config, PolicyConfig, RelayConfig, SenderRule
+from pickupd.message import envelope
 from pickupd.outcome import Reason, Refusal
-from pickupd.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
+from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from pickupd.units import format_duration, parse_duration, parse_size
 
 

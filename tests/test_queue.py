@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import Daemon, drop_maildir, message, pickupd, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.sidecar import to_timestamp
+from pickupd.spool.sidecar import to_timestamp
 
 
 def cli(daemon: Daemon, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.ratelimit import PAUSE_FIRST, Limiter, is_throttling
-from pickupd.sidecar import to_timestamp
+from pickupd.limits.buckets import PAUSE_FIRST, Limiter, is_throttling
+from pickupd.spool.sidecar import to_timestamp
 from pickupd.units import Rate
 
 

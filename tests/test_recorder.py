@@ -8,12 +8,13 @@ import json
 import time
 from pathlib import Path
 
-from pickupd import envelope, log
-from pickupd.config import Config, RetryConfig
+from pickupd import log
+from pickupd.config.loading import Config, RetryConfig
+from pickupd.message import envelope
 from pickupd.outcome import Delivery, RecipientResult
 from pickupd.recorder import Recorder
-from pickupd.sidecar import to_timestamp
-from pickupd.spool import Candidate, Claimed, Spool
+from pickupd.spool.folders import Candidate, Claimed, Spool
+from pickupd.spool.sidecar import to_timestamp
 
 RAW = b"From: app@example.com\nTo: a@example.net, b@example.net\nSubject: s\n\nbody\n"
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from harness import Daemon, drop_maildir, free_port, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.sidecar import to_timestamp
+from pickupd.spool.sidecar import to_timestamp
 
 
 def _hup(daemon: Daemon, event: str) -> dict[str, object]:

@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from pickupd import ids, recovery
-from pickupd.files import atomic_write
-from pickupd.sidecar import Sidecar, from_timestamp
-from pickupd.spool import Candidate, Later, Spool, TooLarge, Unsafe
+from pickupd import ids
+from pickupd.spool import recovery
+from pickupd.spool.files import atomic_write
+from pickupd.spool.folders import Candidate, Later, Spool, TooLarge, Unsafe
+from pickupd.spool.sidecar import Sidecar, from_timestamp
 
 
 def make(tmp_path: Path) -> Spool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.config import load
+from pickupd.config.loading import load
 from pickupd.dispatcher import GRACE
 from pickupd.servicehost import ServiceHost, State
 

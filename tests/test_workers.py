@@ -12,8 +12,8 @@ from pathlib import Path
 from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.config import load
-from pickupd.workers import ENV, MAX_AUTO, Part, count, owns, portion
+from pickupd.config.loading import load
+from pickupd.workers.shares import ENV, MAX_AUTO, Part, count, owns, portion
 
 
 def worker_pids(daemon: Daemon) -> list[int]:

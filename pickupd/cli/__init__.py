@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from .. import __version__
-from ..errors import CommandError
-from . import check, demo, drop, init, moves, queue, run, sendmail, service
-from .common import EX_USAGE, Handler
+from pickupd import __version__
+from pickupd.cli import check, demo, drop, init, moves, queue, run, sendmail, service
+from pickupd.cli.common import EX_USAGE, Handler
+from pickupd.errors import CommandError
 
 __all__ = ["main"]
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import aiosmtplib
 
-from ..config import Config, Credentials, Login, OAuth2Login, RelayConfig
-from ..credentials import TokenSource, XOAuth2, bind
-from ..errors import SessionError
-from ..pool import Pool
-from ..relay import describe_error
-from ..tokens import per_mailbox
-from .common import EX_OK, add_command, load_config
+from pickupd.auth.logins import TokenSource, XOAuth2, bind
+from pickupd.auth.tokencache import per_mailbox
+from pickupd.cli.common import EX_OK, add_command, load_config
+from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
+from pickupd.errors import SessionError
+from pickupd.smtp.pool import Pool
+from pickupd.smtp.transaction import describe_error
 
 __all__ = ["Probe", "ProbeResult", "probe_all", "probes", "register"]
 

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..config import DEFAULT_CONFIG_PATH, Config, config_path, load
-from ..errors import CommandError, ConfigError
-from ..spool import Spool
+from pickupd.config.loading import DEFAULT_CONFIG_PATH, Config, config_path, load
+from pickupd.errors import CommandError, ConfigError
+from pickupd.spool.folders import Spool
 
 __all__ = [
     "CONFIG_HELP",

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import log as logs
-from ..config import load
-from ..dispatcher import Dispatcher
-from .common import add_command
+from pickupd import log as logs
+from pickupd.cli.common import add_command
+from pickupd.config.loading import load
+from pickupd.dispatcher import Dispatcher
 
 if TYPE_CHECKING:  # aiosmtpd is imported by the demo only: a daemon need not carry it
     from aiosmtpd.smtp import Envelope as ServerEnvelope

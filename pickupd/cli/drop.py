@@ -8,8 +8,7 @@ import stat
 import sys
 from typing import Any
 
-from ..errors import CommandError
-from .common import (
+from pickupd.cli.common import (
     EX_CONFIG,
     EX_NOINPUT,
     EX_OK,
@@ -19,6 +18,7 @@ from .common import (
     open_spool,
     warn,
 )
+from pickupd.errors import CommandError
 
 __all__ = ["register"]
 

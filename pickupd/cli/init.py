@@ -10,11 +10,11 @@ from typing import Any
 
 import tomli_w
 
-from ..config import DEFAULT_CONFIG_PATH, SECTIONS, SpoolConfig, config_path
-from ..errors import CommandError
-from ..settings import keys
-from ..spool import Spool
-from .common import EX_CONFIG, EX_OK, EX_USAGE, add_command
+from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command
+from pickupd.config.keys import keys
+from pickupd.config.loading import DEFAULT_CONFIG_PATH, SECTIONS, SpoolConfig, config_path
+from pickupd.errors import CommandError
+from pickupd.spool.folders import Spool
 
 __all__ = ["register", "starter_config"]
 

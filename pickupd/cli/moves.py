@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import moves
-from ..errors import CommandError
-from ..outcome import Reason
-from ..sidecar import Attempt, Sidecar, from_timestamp
-from ..spool import Spool
-from .common import EX_NOINPUT, EX_OK, EX_USAGE, add_command, open_spool, say, warn
-from .queue import no_such, resolve, sidecar_of
+from pickupd.cli.common import EX_NOINPUT, EX_OK, EX_USAGE, add_command, open_spool, say, warn
+from pickupd.cli.queue import no_such, resolve, sidecar_of
+from pickupd.errors import CommandError
+from pickupd.outcome import Reason
+from pickupd.spool import moves
+from pickupd.spool.folders import Spool
+from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp
 
 __all__ = ["register"]
 

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import ids, moves
-from ..errors import CommandError
-from ..files import read_limited
-from ..sidecar import Sidecar, from_timestamp, to_timestamp
-from ..spool import FOLDERS, Spool
-from ..units import format_duration
-from .common import EX_NOINPUT, EX_OK, add_command, open_spool
+from pickupd import ids
+from pickupd.cli.common import EX_NOINPUT, EX_OK, add_command, open_spool
+from pickupd.errors import CommandError
+from pickupd.spool import moves
+from pickupd.spool.files import read_limited
+from pickupd.spool.folders import FOLDERS, Spool
+from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
+from pickupd.units import format_duration
 
 __all__ = ["OPERATOR_OUTCOMES", "no_such", "register", "resolve", "sidecar_of"]
 

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import daemonize, uplink, workers
-from .. import log as logs
-from ..config import Config
-from ..dispatcher import Dispatcher
-from ..errors import CommandError, PickupdError
-from .common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command, load_config
+from pickupd import log as logs
+from pickupd.cli.common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command, load_config
+from pickupd.config.loading import Config
+from pickupd.dispatcher import Dispatcher
+from pickupd.errors import CommandError, PickupdError
+from pickupd.hosting import daemon
+from pickupd.workers import shares, uplink
 
 __all__ = ["loop_factory", "register"]
 
@@ -78,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     detached: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if args.daemon:
         try:
-            detached = daemonize.detached(args.pidfile, args.log_file)
+            detached = daemon.detached(args.pidfile, args.log_file)
         except PickupdError as exc:
             raise CommandError(EX_TEMPFAIL, f"pickupd run: {exc}") from None
     with detached:
@@ -97,17 +98,17 @@ async def _serve_signals(dispatcher: Dispatcher) -> None:
 
 def _serve(config: Config, *, once: bool) -> int:
     logs.configure(config.log.level, config.log.format)
-    part = workers.Part.from_env()
+    part = shares.Part.from_env()
     if part is not None:  # started by the main process as one of its workers
-        uplink.die_with_parent(int(os.environ.get(workers.PARENT, "0")))
+        uplink.die_with_parent(int(os.environ.get(shares.PARENT, "0")))
         dispatcher = Dispatcher(config, once=once, part=part, main=False)
     else:
-        total, why = workers.count(config, os.cpu_count())
+        total, why = shares.count(config, os.cpu_count())
         if why:
             logs.get().warning(
                 "workers_capped", asked=config.dispatch.workers or "auto", workers=total, why=why
             )
-        dispatcher = Dispatcher(config, once=once, part=workers.Part(0, total))
+        dispatcher = Dispatcher(config, once=once, part=shares.Part(0, total))
     try:
         dispatcher.spool.ensure()
     except OSError as exc:

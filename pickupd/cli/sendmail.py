@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import envelope
-from ..config import config_path, load_submission
-from ..errors import ConfigError
-from ..outcome import Refusal
-from ..spool import Spool
-from .common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command
+from pickupd.cli.common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command
+from pickupd.config.loading import config_path, load_submission
+from pickupd.errors import ConfigError
+from pickupd.message import envelope
+from pickupd.outcome import Refusal
+from pickupd.spool.folders import Spool
 
 __all__ = ["main", "register"]
 

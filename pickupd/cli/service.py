@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CommandError
-from ..servicehost import ServiceHost, State
-from .common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
+from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
+from pickupd.errors import CommandError
+from pickupd.servicehost import ServiceHost, State
 
 __all__ = ["SERVICE_NAME", "default_config_path", "register"]
 

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from . import log as logs
+from pickupd import log as logs
 
 __all__ = ["STATUS_EVERY", "Notifier"]
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import aiosmtplib
 
-from .config import Credentials, RelayConfig
-from .credentials import XOAuth2
-from .errors import AuthNotOffered, StartTLSNotOffered, TLSHandshakeFailed
-from .tokens import Tokens
+from pickupd.auth.logins import XOAuth2
+from pickupd.auth.tokencache import Tokens
+from pickupd.config.loading import Credentials, RelayConfig
+from pickupd.errors import AuthNotOffered, StartTLSNotOffered, TLSHandshakeFailed
 
 __all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
 

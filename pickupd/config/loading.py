@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import settings as s
-from .credentials import Credentials, Login, OAuth2Login, Secret, others_can_access
-from .errors import ConfigError
-from .routing import (
+from pickupd.auth.logins import Credentials, Login, OAuth2Login, Secret, others_can_access
+from pickupd.config import keys as s
+from pickupd.config.keys import Reader, setting
+from pickupd.config.routing import (
     RelayConfig,
     SenderRule,
     is_loopback,
@@ -26,7 +26,7 @@ from .routing import (
     read_relay,
     read_sender,
 )
-from .settings import Reader, setting
+from pickupd.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

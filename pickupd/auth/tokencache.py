@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from . import log as logs
-from .credentials import CommandSource, GoogleSource, TokenSource
-from .tokensources import Fetcher, Token, TokenError
+from pickupd import log as logs
+from pickupd.auth.logins import CommandSource, GoogleSource, TokenSource
+from pickupd.auth.sources import Fetcher, Token, TokenError
 
 __all__ = ["TokenError", "Tokens", "per_mailbox"]
 

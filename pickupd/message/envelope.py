@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import lines
-from .addresses import AddressError, is_null, parse_address_list, qualify
-from .outcome import Reason, Refusal
+from pickupd.message import longlines
+from pickupd.message.addresses import AddressError, is_null, parse_address_list, qualify
+from pickupd.outcome import Reason, Refusal
 
 __all__ = [
     "NO_DSN",
@@ -318,7 +318,7 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
             unique.append(address)
     head = b"".join(line for f in kept for line in f.lines)
     try:
-        data = lines.fit(head, body)
-    except lines.TooLong as error:
+        data = longlines.fit(head, body)
+    except longlines.TooLong as error:
         raise _Malformed(str(error)) from None
     return Envelope(sender, tuple(unique), header_from, data, message_id, tuple(authors), dsn)

@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .errors import PickupdError
-from .spool import Spool
+from pickupd.errors import PickupdError
+from pickupd.spool.folders import Spool
 
 __all__ = ["Metrics"]
 

@@ -21,10 +21,10 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from pickupd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import Config
+    from pickupd.config.loading import Config
 
 __all__ = [
     "ENV",

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import settings as s
-from .credentials import CREDENTIAL_KEYS, Login, read_credentials
-from .settings import Reader, setting
-from .units import Rate
+from pickupd.auth.logins import CREDENTIAL_KEYS, Login, read_credentials
+from pickupd.config import keys as s
+from pickupd.config.keys import Reader, setting
+from pickupd.units import Rate
 
 __all__ = [
     "DEFAULT_PORTS",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .credentials import (
+from pickupd.auth.logins import (
     GOOGLE_SCOPE,
     MICROSOFT_SCOPE,
     CommandSource,
@@ -29,8 +29,8 @@ from .credentials import (
     Secret,
     TokenSource,
 )
-from .errors import SessionError
-from .files import atomic_write, try_lock
+from pickupd.errors import SessionError
+from pickupd.spool.files import atomic_write, try_lock
 
 __all__ = ["COMMAND_TOKEN_LIFETIME", "Fetcher", "Token", "TokenError"]
 

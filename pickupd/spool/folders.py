@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import ids
-from .files import (
+from pickupd import ids
+from pickupd.spool.files import (
     BINARY,
     PRIVATE,
     SAFE,
@@ -36,7 +36,7 @@ from .files import (
     try_lock,
     write_then_rename,
 )
-from .sidecar import Sidecar, to_timestamp
+from pickupd.spool.sidecar import Sidecar, to_timestamp
 
 __all__ = [
     "FOLDERS",

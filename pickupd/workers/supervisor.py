@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .workers import ENV, PARENT, PIPE, RESTARTED, Part
+from pickupd.workers.shares import ENV, PARENT, PIPE, RESTARTED, Part
 
 if TYPE_CHECKING:
-    from .log import Logger
+    from pickupd.log import Logger
 
 __all__ = ["RESTART_MAX", "Supervisor"]
 

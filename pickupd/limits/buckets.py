@@ -16,10 +16,10 @@ import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-from .config import Credentials, RelayConfig, SenderRule
-from .credentials import XOAuth2
-from .outcome import Delivery, RecipientResult
-from .units import Rate
+from pickupd.auth.logins import XOAuth2
+from pickupd.config.loading import Credentials, RelayConfig, SenderRule
+from pickupd.outcome import Delivery, RecipientResult
+from pickupd.units import Rate
 
 __all__ = ["PAUSE_FIRST", "PAUSE_MAX", "Limiter", "buckets", "is_throttling", "limits"]
 

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import ids
-from .files import PRIVATE, try_lock
-from .spool import (
+from pickupd import ids
+from pickupd.spool.files import PRIVATE, try_lock
+from pickupd.spool.folders import (
     LEFTOVER_AGE,
     TMP_MAX_AGE,
     Candidate,

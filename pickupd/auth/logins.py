@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .settings import Reader, positive_duration, string, type_name
-from .settings import command as settings_command
+from pickupd.config.keys import Reader, positive_duration, string, type_name
+from pickupd.config.keys import command as settings_command
 
 __all__ = [
     "CREDENTIAL_KEYS",

@@ -13,10 +13,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import ids
-from .files import atomic_write, fsync_dir
-from .sidecar import Sidecar, from_timestamp
-from .spool import Spool
+from pickupd import ids
+from pickupd.spool.files import atomic_write, fsync_dir
+from pickupd.spool.folders import Spool
+from pickupd.spool.sidecar import Sidecar, from_timestamp
 
 __all__ = ["delete", "hold", "locate", "make_due", "make_one_due", "requeue"]
 

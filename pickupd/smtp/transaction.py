@@ -10,13 +10,13 @@ from typing import Any
 
 import aiosmtplib
 
-from .config import Credentials, RelayConfig
-from .credentials import XOAuth2
-from .envelope import NO_DSN, Dsn
-from .errors import SessionError
-from .outcome import Delivery, RecipientResult
-from .pool import Pool, Session
-from .wire import Wire
+from pickupd.auth.logins import XOAuth2
+from pickupd.config.loading import Credentials, RelayConfig
+from pickupd.errors import SessionError
+from pickupd.message.envelope import NO_DSN, Dsn
+from pickupd.outcome import Delivery, RecipientResult
+from pickupd.smtp.pool import Pool, Session
+from pickupd.smtp.wire import Wire
 
 __all__ = ["describe_error", "send"]
 

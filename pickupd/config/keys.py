@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .units import Rate, parse_duration, parse_rate, parse_size
+from pickupd.units import Rate, parse_duration, parse_rate, parse_size
 
 __all__ = [
     "Key",

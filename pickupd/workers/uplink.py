@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .sidecar import Sidecar
+    from pickupd.spool.sidecar import Sidecar
 
 __all__ = ["FLUSH_EVERY", "Forwarder", "die_with_parent", "watch_lifeline"]
 

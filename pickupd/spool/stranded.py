@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import SpoolWriteError
-from .log import Logger
+from pickupd.errors import SpoolWriteError
+from pickupd.log import Logger
 
 __all__ = ["BACKOFF_MAX", "Stranded"]
 

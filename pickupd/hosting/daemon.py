@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from .errors import PickupdError
+from pickupd.errors import PickupdError
 
 __all__ = ["detached"]
 

@@ -1,0 +1,1 @@
+"""TOML -> frozen Config: loading, the key table, routing, reading logins."""

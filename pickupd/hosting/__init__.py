@@ -1,0 +1,1 @@
+"""What hosts the service: systemd's notify protocol, the classic daemon, the metrics endpoint."""

@@ -1,0 +1,1 @@
+"""Provider limits: what a relay or a login may send, and when."""

@@ -1,0 +1,1 @@
+"""One SMTP transaction, the connection's wire, the session pool."""

@@ -1,0 +1,1 @@
+"""The dispatcher processes of one service: shares, the supervisor, the uplink."""

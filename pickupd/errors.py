@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pickupd.outcome import SessionFault
+
 __all__ = [
+    "AddressError",
     "AuthNotOffered",
     "CommandError",
     "ConfigError",
+    "Invalid",
+    "MessageError",
     "PickupdError",
+    "ProtocolError",
     "SessionError",
+    "SpoolLocked",
     "SpoolWriteError",
     "StartTLSNotOffered",
     "TLSHandshakeFailed",
+    "TokenError",
+    "TooLong",
 ]
 
 
@@ -38,16 +47,21 @@ class CommandError(PickupdError):
         self.message = message
 
 
+class Invalid(PickupdError, ValueError):
+    """A value that does not convert (a config value, a duration, a sidecar): the text, when
+    there is one, says what was expected. A ValueError too, so converters may raise either."""
+
+
 class SessionError(PickupdError):
     """An SMTP session cannot be used as configured; `kind` is the metrics label."""
 
-    kind = "protocol"
+    kind: SessionFault = "protocol"
 
 
 class StartTLSNotOffered(SessionError):
     """security = "starttls" and the server does not offer STARTTLS: never send in clear."""
 
-    kind = "tls"
+    kind: SessionFault = "tls"
 
     def __init__(self) -> None:
         super().__init__("STARTTLS not offered by the server (security = starttls requires it)")
@@ -57,7 +71,7 @@ class TLSHandshakeFailed(SessionError):
     """STARTTLS was accepted but the handshake did not complete (no common protocol
     version or cipher, or the server gave up)."""
 
-    kind = "tls"
+    kind: SessionFault = "tls"
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(f"TLS handshake failed: {cause}")
@@ -66,12 +80,43 @@ class TLSHandshakeFailed(SessionError):
 class AuthNotOffered(SessionError):
     """Credentials are configured and the server offers no AUTH we can use."""
 
-    kind = "auth"
+    kind: SessionFault = "auth"
 
     def __init__(self, offered: str) -> None:
         super().__init__(
             f"AUTH not offered by the server{f' (it offers {offered})' if offered else ''}"
         )
+
+
+class TokenError(SessionError):
+    """No OAuth2 access token from a source (named by `source`): `misconfigured` when the
+    endpoint (or the file) says the login itself is wrong, so retrying will not help."""
+
+    kind: SessionFault = "token"
+
+    def __init__(self, source: str, text: str, *, misconfigured: bool = False) -> None:
+        super().__init__(f"{source}: {text}")
+        self.misconfigured = misconfigured
+
+
+class MessageError(PickupdError):
+    """A dropped message cannot be read as mail: the parser turns it into a Refusal."""
+
+
+class AddressError(MessageError):
+    """An address field that the RFC 5322 grammar does not allow (the text says where)."""
+
+
+class TooLong(MessageError):
+    """A header line cannot be folded under 998 octets."""
+
+
+class SpoolLocked(PickupdError):
+    """Another `pickupd run` holds the spool's lock."""
+
+
+class ProtocolError(PickupdError):
+    """A line between the main process and a worker process that is not a message."""
 
 
 class SpoolWriteError(PickupdError):

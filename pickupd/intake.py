@@ -1,5 +1,6 @@
 """Intake: what to work on next. Watcher hints, rescans of pickup/ and deferred/, the
-due-deferred scheduler, and the two queues (new mail, due mail) that workers take from in turn.
+due-deferred scheduler, and the two queues (new mail, due mail) that the lanes (the
+service's asyncio tasks, one message each) take from in turn.
 
 Events are hints; the directory scan is the truth (as Postfix's pickup). Only a bounded number
 of candidates wait in memory: the backlog stays on disk.
@@ -20,8 +21,8 @@ from pickupd.workers.shares import ONLY, Part, owns
 
 __all__ = ["DEFERRED_DEBOUNCE", "WRITER_PATIENCE", "Intake"]
 
-# How many candidates wait in memory per queue and worker.
-_QUEUE_PER_WORKER = 4
+# How many candidates wait in memory per queue and lane.
+_QUEUE_PER_LANE = 4
 # A direct .eml still open by its writer after this long is taken anyway (missed event).
 WRITER_PATIENCE = 300.0
 # After an operator's change in deferred/ (retry, flush, release), look again this soon: a
@@ -30,19 +31,19 @@ DEFERRED_DEBOUNCE = 0.1
 
 
 class Intake:
-    """Feeds candidates to the workers until `close()` (or, `once`, until all is taken)."""
+    """Feeds candidates to the lanes until `close()` (or, `once`, until all is taken)."""
 
     def __init__(
         self, spool: Spool, dispatch: DispatchConfig, *, once: bool, part: Part = ONLY
     ) -> None:
         self.spool = spool
-        self.part = part  # only the files this worker owns (workers.py)
+        self.part = part  # only the files this worker process owns (workers/shares.py)
         self.dispatch = dispatch  # swapped on reload
         # No message is due further ahead than this ([retry] max_age): see scan_deferred.
         self.horizon = float("inf")
         self.once = once
-        self.busy = 0  # candidates being worked on
-        self.unmovable: set[Path] = set()  # logged once, skipped since
+        self._busy = 0  # candidates being worked on
+        self._unmovable: set[Path] = set()  # logged once, skipped since
         self._concurrency = dispatch.concurrency  # fixed for the process
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
@@ -70,12 +71,12 @@ class Intake:
         self._has_work.set()
 
     def cover(self, workers: frozenset[int]) -> None:
-        """Take these workers' shares too (they are down), or no more (they are back)."""
+        """Take these worker processes' shares too (they are down), or no more (back up)."""
         self.part = dataclasses.replace(self.part, covering=workers)
         self.wake()
 
     def _mine(self, name: str) -> bool:
-        """Whether this worker takes the file `name`, by its share as it is now."""
+        """Whether this worker process takes the file `name`, by its share as it is now."""
         return owns(self.part, name)
 
     def wake(self) -> None:
@@ -97,10 +98,30 @@ class Intake:
             self._next_due = due
             self._deferred_wake.set()
 
+    def started(self, candidate: Candidate) -> None:
+        """A lane has taken `candidate` and works on it."""
+        self._busy += 1
+
     def done(self, candidate: Candidate) -> None:
-        """A worker is finished with `candidate` (whatever became of it)."""
+        """A lane is finished with `candidate` (whatever became of it)."""
+        self._busy -= 1
         self._queued.discard(candidate.path)
         self._has_work.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Candidates the lanes are working on now."""
+        return self._busy
+
+    def unmovable(self, path: Path) -> bool:
+        """`path` cannot be claimed (not ours to rename): skip it from now on. True the first
+        time, so it is logged once."""
+        if path in self._unmovable:
+            return False
+        if len(self._unmovable) > 10_000:
+            self._unmovable.clear()
+        self._unmovable.add(path)
+        return True
 
     def close(self) -> None:
         """Stop feeding: `next()` returns None from now on, and waiting feeders end."""
@@ -178,7 +199,7 @@ class Intake:
     # -- the queues ----------------------------------------------------------------------------
 
     def _capacity(self) -> int:
-        return self._concurrency * _QUEUE_PER_WORKER
+        return self._concurrency * _QUEUE_PER_LANE
 
     def _enqueue(self, queue: deque[Candidate], candidate: Candidate) -> None:
         self._queued.add(candidate.path)
@@ -206,8 +227,8 @@ class Intake:
                 self._prefer_new = queue is not self._new
                 self._has_room.set()
                 return queue.popleft()
-            if self.once and self._feeders_done >= 2 and self.busy == 0:
-                self._has_work.set()  # wake the other idle workers so they see it too
+            if self.once and self._feeders_done >= 2 and self._busy == 0:
+                self._has_work.set()  # wake the other idle lanes so they see it too
                 return None
             self._has_work.clear()
             await self._has_work.wait()
@@ -227,7 +248,7 @@ class Intake:
                         wake_at = min(wake_at, item.at + 0.01)
                     elif item.origin == "eml" and self._still_open(item.path):
                         continue  # its close event wakes us
-                    elif item.path in self.unmovable:
+                    elif item.path in self._unmovable:
                         continue
                     elif item.path not in self._queued and not await self._put(self._new, item):
                         return

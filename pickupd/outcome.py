@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["Delivery", "Outcome", "Reason", "RecipientResult", "Refusal"]
+__all__ = ["Delivery", "Outcome", "Reason", "RecipientResult", "Refusal", "SessionFault", "Stats"]
 
 
 class Outcome(enum.Enum):
@@ -29,6 +31,11 @@ class Reason(enum.Enum):
     UNSAFE_FILE = "unsafe_file"
     REJECTED = "rejected"
     EXPIRED = "expired"
+
+
+# What failed when a session could not be used: the metrics label and the recorder's choice
+# of log event. "token": an OAuth2 access token could not be had.
+SessionFault = Literal["connect", "tls", "auth", "token", "timeout", "protocol"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,5 +72,23 @@ class Delivery:
     text: str = ""
     unknown: bool = False
     too_large: bool = False
-    # Set when the session itself failed: "connect", "tls", "auth", "timeout" or "protocol".
-    session_error: str = ""
+    # Set when the session itself failed (see SessionFault); None when it did not.
+    session_error: SessionFault | None = None
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counts of outcomes in this run (for `--once` summaries, the demo, the status line)."""
+
+    claimed: int = 0
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(
+            *(
+                a + b
+                for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+            )
+        )

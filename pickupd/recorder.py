@@ -23,12 +23,12 @@ from pickupd.config.loading import Config
 from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
 from pickupd.message.envelope import Envelope
-from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal
+from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
 from pickupd.spool.folders import Claimed, Spool
 from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from pickupd.units import format_duration
 
-__all__ = ["Meter", "Recorder", "Stats"]
+__all__ = ["Meter", "Recorder"]
 
 # A move in the spool, then what follows it once it is done.
 _Step = tuple[Callable[[], None], Callable[[], None]]
@@ -42,16 +42,6 @@ class Meter(Protocol):
     def send_seconds(self, relay: str, seconds: float) -> None: ...
     def stranded(self, count: int) -> None: ...
     def connection_error(self, relay: str, kind: str) -> None: ...
-
-
-@dataclasses.dataclass(slots=True)
-class Stats:
-    """Counts of outcomes in this run (for `--once` summaries, the demo, the status line)."""
-
-    claimed: int = 0
-    sent: int = 0
-    deferred: int = 0
-    failed: int = 0
 
 
 class Recorder:

@@ -2,7 +2,7 @@
 
 Portable on purpose: the Windows service (cli/service.py) is a thin shell around this, and the
 tests drive the same lifecycle on Linux with a recording reporter. The dispatcher runs in its
-own thread with its own event loop; `stop()` asks it to drain (`Dispatcher.stop`, thread-safe)
+own thread with its own event loop; `stop()` asks it to drain (`Service.stop`, thread-safe)
 and reports STOP_PENDING with a wait hint until it has, well within the manager's timeout.
 """
 
@@ -15,7 +15,7 @@ from typing import Protocol
 
 from pickupd import log as logs
 from pickupd.config.loading import Config
-from pickupd.dispatcher import GRACE, Dispatcher
+from pickupd.service import GRACE, Service
 
 __all__ = ["ServiceHost", "State", "StatusReporter"]
 
@@ -45,7 +45,7 @@ class ServiceHost:
     def __init__(self, config: Config, report: StatusReporter) -> None:
         self.config = config
         self.report = report
-        self.dispatcher: Dispatcher | None = None
+        self.service: Service | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -67,9 +67,9 @@ class ServiceHost:
     def stop(self) -> None:
         """Drain in-flight sends (up to GRACE), put the rest back, report STOPPED."""
         self.report(State.STOP_PENDING, GRACE + 5)
-        loop, dispatcher = self._loop, self.dispatcher
-        if loop is not None and dispatcher is not None and not self._done.is_set():
-            loop.call_soon_threadsafe(dispatcher.stop)
+        loop, service = self._loop, self.service
+        if loop is not None and service is not None and not self._done.is_set():
+            loop.call_soon_threadsafe(service.stop)
         self._wait(self._done, GRACE + 10, State.STOP_PENDING)
         if self._thread is not None:
             self._thread.join(5)
@@ -103,11 +103,11 @@ class ServiceHost:
             self._done.set()
 
     async def _serve(self) -> None:
-        dispatcher = Dispatcher(self.config)
-        self.dispatcher = dispatcher
-        ready = asyncio.ensure_future(dispatcher.wait_ready())
+        service = Service(self.config)
+        self.service = service
+        ready = asyncio.ensure_future(service.wait_ready())
         ready.add_done_callback(lambda _: self._ready.set())
         try:
-            await dispatcher.run()
+            await service.run()
         finally:
             ready.cancel()

@@ -296,10 +296,10 @@ def test_shipped_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.Mon
 def test_every_key_is_documented() -> None:
     """Every key of the one table of keys (config.SECTIONS, relays, senders) is shown in
     etc/pickupd.toml and named in the README; `pickupd init` writes each plain one."""
-    from pickupd.auth.logins import CREDENTIAL_KEYS
     from pickupd.cli.init import starter_config
     from pickupd.config.keys import keys
     from pickupd.config.loading import SECTIONS, RelayConfig, SenderRule
+    from pickupd.config.logins import CREDENTIAL_KEYS
 
     root = Path(__file__).parent.parent
     example = (root / "etc" / "pickupd.toml").read_text()

@@ -9,8 +9,8 @@ import pytest
 
 from pickupd import log
 from pickupd.config.loading import Config, DispatchConfig, RelayConfig, SenderRule, SpoolConfig
-from pickupd.dispatcher import Dispatcher
 from pickupd.intake import Intake
+from pickupd.service import Service
 from pickupd.spool.folders import Candidate, Spool
 
 
@@ -53,13 +53,13 @@ def test_a_file_that_cannot_be_moved_is_logged_once_and_skipped(
     (tmp_path / "plain-file").write_bytes(b"not a directory")
 
     async def run() -> None:
-        dispatcher = Dispatcher(_config(tmp_path))
-        dispatcher.spool.ensure()
+        service = Service(_config(tmp_path))
+        service.spool.ensure()
         # Renaming "plain-file/x" fails with ENOTDIR: not a race, an unmovable entry.
         candidate = Candidate(tmp_path / "plain-file" / "x", "plain-file/x", "new")
-        await dispatcher._process(candidate)
-        await dispatcher._process(candidate)
-        assert dispatcher.stats.claimed == 0
+        await service.dispatcher.process(candidate, service.config)
+        await service.dispatcher.process(candidate, service.config)
+        assert service.stats.claimed == 0
 
     asyncio.run(run())
     out = capsys.readouterr().out

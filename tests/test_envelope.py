@@ -384,10 +384,14 @@ def test_valid_address(value: str, expected: list[str]) -> None:
     assert list(env.recipients) == expected
 
 
-def test_address_error_is_a_value_error_with_a_printable_reason() -> None:
-    """AddressError is a ValueError whose text escapes control characters."""
-    with pytest.raises(ValueError, match=r"control character '\\x1b'"):
+def test_address_error_is_a_pickupd_error_with_a_printable_reason() -> None:
+    """AddressError belongs to pickupd's one error tree, and its text escapes control
+    characters."""
+    from pickupd.errors import MessageError, PickupdError
+
+    with pytest.raises(AddressError, match=r"control character '\\x1b'") as raised:
         parse_address_list("a\x1b@x")
+    assert isinstance(raised.value, MessageError) and isinstance(raised.value, PickupdError)
 
 
 @pytest.mark.parametrize(

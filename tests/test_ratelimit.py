@@ -73,7 +73,8 @@ def test_throttling_reply_pauses_the_relay(
     paused_until = to_timestamp(throttled["paused_until"])
     got = smtp_server.wait_for(2, timeout=PAUSE_FIRST + 10)
     assert sorted(r.data.split(b"Subject: ")[1][:6] for r in got) == [b"first\r", b"second"]
-    sent = daemon.events("sent")
+    # The server has both before the daemon has logged the second: wait for its lines.
+    sent = daemon.wait_event("sent", count=2)
     assert min(to_timestamp(e["timestamp"]) for e in sent) >= paused_until - 0.05
 
 

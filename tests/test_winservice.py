@@ -12,7 +12,7 @@ from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_unti
 from smtpserver import SmtpServer
 
 from pickupd.config.loading import load
-from pickupd.dispatcher import GRACE
+from pickupd.service import GRACE
 from pickupd.servicehost import ServiceHost, State
 
 

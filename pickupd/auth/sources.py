@@ -29,7 +29,7 @@ from pickupd.auth.logins import (
     Secret,
     TokenSource,
 )
-from pickupd.errors import SessionError
+from pickupd.errors import TokenError
 from pickupd.spool.files import atomic_write, try_lock
 
 __all__ = ["COMMAND_TOKEN_LIFETIME", "Fetcher", "Token", "TokenError"]
@@ -57,16 +57,6 @@ class Token:
     value: Secret
     expires_at: float
     fetched_at: float
-
-
-class TokenError(SessionError):
-    """No token from a source: `misconfigured` when the endpoint said the login is wrong."""
-
-    kind = "token"
-
-    def __init__(self, source: TokenSource, text: str, *, misconfigured: bool = False) -> None:
-        super().__init__(f"{source.describe()}: {text}")
-        self.misconfigured = misconfigured
 
 
 class Fetcher:
@@ -114,21 +104,25 @@ class Fetcher:
             result = app.acquire_token_for_client(scopes=[MICROSOFT_SCOPE])
         except requests.exceptions.Timeout:
             raise TokenError(
-                source, f"token endpoint timed out after {source.timeout:g}s"
+                source.describe(), f"token endpoint timed out after {source.timeout:g}s"
             ) from None
         except requests.exceptions.RequestException as exc:
-            raise TokenError(source, f"token endpoint unreachable: {_first_line(exc)}") from None
+            raise TokenError(
+                source.describe(), f"token endpoint unreachable: {_first_line(exc)}"
+            ) from None
         except msal.exceptions.MsalServiceError as exc:
-            raise TokenError(source, f"token endpoint error: {_first_line(exc)}") from None
+            raise TokenError(
+                source.describe(), f"token endpoint error: {_first_line(exc)}"
+            ) from None
         except ValueError as exc:  # msal: the tenant's discovery document was refused (4xx)
-            raise TokenError(source, _first_line(exc), misconfigured=True) from None
+            raise TokenError(source.describe(), _first_line(exc), misconfigured=True) from None
         if "access_token" in result:
             expires_in = float(result.get("expires_in", 3600))
             return Token(Secret(result["access_token"]), started + expires_in, started)
         error = str(result.get("error", "error"))
         description = _first_line(result.get("error_description") or "")
         raise TokenError(
-            source,
+            source.describe(),
             f"{error}: {description}" if description else error,
             misconfigured=error in _MISCONFIGURED,
         )
@@ -138,10 +132,17 @@ def _msal_credential(source: MicrosoftSource) -> str | dict[str, str]:
     if source.client_secret is not None:
         return source.client_secret.reveal()
     assert source.certificate_file is not None and source.key_file is not None
-    credential = {
-        "private_key": source.key_file.read_text(),
-        "public_certificate": source.certificate_file.read_text(),
-    }
+    try:
+        credential = {
+            "private_key": source.key_file.read_text(),
+            "public_certificate": source.certificate_file.read_text(),
+        }
+    except OSError as exc:  # a login problem, not a connection problem: name the file
+        raise TokenError(
+            source.describe(),
+            f"cannot read {exc.filename}: {exc.strerror or exc}",
+            misconfigured=True,
+        ) from None
     if source.thumbprint:
         credential["thumbprint"] = source.thumbprint.replace(":", "")
     return credential
@@ -171,14 +172,16 @@ def _google_errors(source: TokenSource, call: Any) -> Any:
         error = _oauth_error(exc)
         retryable = bool(getattr(exc, "retryable", False))
         raise TokenError(
-            source,
+            source.describe(),
             _first_line(exc.args[0] if exc.args else exc),
             misconfigured=not retryable and error in _MISCONFIGURED,
         ) from None
     except google.auth.exceptions.TransportError as exc:
-        raise TokenError(source, f"token endpoint unreachable: {_first_line(exc)}") from None
+        raise TokenError(
+            source.describe(), f"token endpoint unreachable: {_first_line(exc)}"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise TokenError(source, _first_line(exc), misconfigured=True) from None
+        raise TokenError(source.describe(), _first_line(exc), misconfigured=True) from None
 
 
 def _oauth_error(exc: Exception) -> str:
@@ -220,11 +223,11 @@ def _lock_current(source: RefreshTokenSource, path: Path, deadline: float) -> in
         try:
             lock = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise TokenError(source, f"cannot read {path}: {exc.strerror}") from None
+            raise TokenError(source.describe(), f"cannot read {path}: {exc.strerror}") from None
         while not try_lock(lock):
             if time.monotonic() > deadline:
                 os.close(lock)
-                raise TokenError(source, f"{path} stayed locked by another process")
+                raise TokenError(source.describe(), f"{path} stayed locked by another process")
             time.sleep(0.05)
         try:
             current = os.stat(path).st_ino == os.fstat(lock).st_ino
@@ -247,7 +250,7 @@ def _refresh(source: RefreshTokenSource) -> Token:
     try:
         refresh_token = path.read_text().strip()
         if not refresh_token:
-            raise TokenError(source, f"{path} is empty", misconfigured=True)
+            raise TokenError(source.describe(), f"{path} is empty", misconfigured=True)
         credentials = oauth2.Credentials(  # type: ignore[no-untyped-call]
             token=None,
             refresh_token=refresh_token,
@@ -289,13 +292,17 @@ def _command(source: CommandSource, user: str) -> Token:
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
-        raise TokenError(source, f"timed out after {source.timeout:g}s (killed)") from None
+        raise TokenError(
+            source.describe(), f"timed out after {source.timeout:g}s (killed)"
+        ) from None
     except OSError as exc:
-        raise TokenError(source, f"cannot run: {exc.strerror}", misconfigured=True) from None
+        raise TokenError(
+            source.describe(), f"cannot run: {exc.strerror}", misconfigured=True
+        ) from None
     stderr = _first_line(done.stderr.decode("utf-8", "replace"))
     if done.returncode != 0:
         said = f": {stderr}" if stderr else ""
-        raise TokenError(source, f"exited with status {done.returncode}{said}")
+        raise TokenError(source.describe(), f"exited with status {done.returncode}{said}")
     out = done.stdout.decode("utf-8", "replace").strip()
     lifetime = COMMAND_TOKEN_LIFETIME
     if out.startswith("{"):
@@ -304,7 +311,7 @@ def _command(source: CommandSource, user: str) -> Token:
             out = str(doc["access_token"]).strip()
             lifetime = float(doc.get("expires_in", lifetime))
     if not out or "\n" in out:
-        raise TokenError(source, "printed no token (one line, or a JSON access_token)")
+        raise TokenError(source.describe(), "printed no token (one line, or a JSON access_token)")
     return Token(Secret(out), started + lifetime, started)
 
 

@@ -15,7 +15,8 @@ import time
 
 from pickupd import log as logs
 from pickupd.auth.logins import CommandSource, GoogleSource, TokenSource
-from pickupd.auth.sources import Fetcher, Token, TokenError
+from pickupd.auth.sources import Fetcher, Token
+from pickupd.errors import TokenError
 
 __all__ = ["TokenError", "Tokens", "per_mailbox"]
 
@@ -80,6 +81,11 @@ class Tokens:
         except TokenError as exc:
             log.warning("token_failed", user=user, detail=str(exc))
             raise
+        except Exception as exc:
+            # A bug in a library or in us: logged with its traceback, and a TokenError for
+            # whoever waits, so a background refresh never fails without a word.
+            log.exception("token_failed", user=user, detail=f"{type(exc).__name__}: {exc}")
+            raise TokenError(source.describe(), f"unexpected error: {exc}") from exc
         finally:
             self._inflight.pop(key, None)
         self._tokens[key] = token

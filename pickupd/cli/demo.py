@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pickupd import log as logs
 from pickupd.cli.common import add_command
 from pickupd.config.loading import load
-from pickupd.dispatcher import Dispatcher
+from pickupd.service import Service
 
 if TYPE_CHECKING:  # aiosmtpd is imported by the demo only: a daemon need not carry it
     from aiosmtpd.smtp import Envelope as ServerEnvelope
@@ -205,11 +205,11 @@ async def _demo(folder: Path) -> int:
     config = load(config_file)
     log_file = (folder / "pickupd.log").open("a", encoding="utf-8")
     logs.configure(config.log.level, config.log.format, stream=log_file)
-    dispatcher = Dispatcher(config)
+    service = Service(config)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, dispatcher.stop)
-    task = asyncio.create_task(dispatcher.run())
-    await asyncio.wait_for(dispatcher.wait_ready(), timeout=10)
+        loop.add_signal_handler(signum, service.stop)
+    task = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.wait_ready(), timeout=10)
 
     pickup = config.spool.path / "pickup"
     print(f"pickupd demo in {folder}/")

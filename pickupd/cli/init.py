@@ -103,7 +103,8 @@ def starter_config(path: Path, spool_root: Path) -> str:
             if name == "spool" and key.name == "path":
                 continue
             shown = key.shown or '"..."'
-            lines.append(f"# {key.name} = {shown}".ljust(44) + f"# {key.help}")
+            line = f"# {key.name} = {shown}"
+            lines.append(f"{line.ljust(43)} # {key.help}")  # at least one space before "#"
         lines.append("")
     doc = {
         "relays": {"main": {"host": "localhost", "port": 25, "security": "none"}},

@@ -14,9 +14,9 @@ from typing import Any
 from pickupd import log as logs
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command, load_config
 from pickupd.config.loading import Config
-from pickupd.dispatcher import Dispatcher
-from pickupd.errors import CommandError, PickupdError
+from pickupd.errors import CommandError, PickupdError, SpoolLocked
 from pickupd.hosting import daemon
+from pickupd.service import Service
 from pickupd.workers import shares, uplink
 
 __all__ = ["loop_factory", "register"]
@@ -86,14 +86,14 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(config, once=args.once)
 
 
-async def _serve_signals(dispatcher: Dispatcher) -> None:
+async def _serve_signals(service: Service) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, dispatcher.stop)
+        loop.add_signal_handler(signum, service.stop)
     if hasattr(signal, "SIGHUP"):  # POSIX: reload the config, as every daemon does
-        loop.add_signal_handler(signal.SIGHUP, dispatcher.reload)
-        loop.add_signal_handler(signal.SIGUSR1, dispatcher.flush)
-    await dispatcher.run()
+        loop.add_signal_handler(signal.SIGHUP, service.reload)
+        loop.add_signal_handler(signal.SIGUSR1, service.flush)
+    await service.run()
 
 
 def _serve(config: Config, *, once: bool) -> int:
@@ -101,16 +101,16 @@ def _serve(config: Config, *, once: bool) -> int:
     part = shares.Part.from_env()
     if part is not None:  # started by the main process as one of its workers
         uplink.die_with_parent(int(os.environ.get(shares.PARENT, "0")))
-        dispatcher = Dispatcher(config, once=once, part=part, main=False)
+        service = Service(config, once=once, part=part, main=False)
     else:
         total, why = shares.count(config, os.cpu_count())
         if why:
             logs.get().warning(
                 "workers_capped", asked=config.dispatch.workers or "auto", workers=total, why=why
             )
-        dispatcher = Dispatcher(config, once=once, part=shares.Part(0, total))
+        service = Service(config, once=once, part=shares.Part(0, total))
     try:
-        dispatcher.spool.ensure()
+        service.spool.ensure()
     except OSError as exc:
         where = exc.filename or config.spool.path
         raise CommandError(
@@ -118,13 +118,13 @@ def _serve(config: Config, *, once: bool) -> int:
         ) from None
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
-            runner.run(_serve_signals(dispatcher))
-    except PickupdError as exc:
-        raise CommandError(EX_CONFIG, f"{config.path}: {exc}") from None
-    except BlockingIOError:
+            runner.run(_serve_signals(service))
+    except SpoolLocked:
         raise CommandError(
             EX_CONFIG,
             f"{config.spool.path}: another pickupd with the same host name and process id"
             " (a container?) holds the spool lock",
         ) from None
+    except PickupdError as exc:
+        raise CommandError(EX_CONFIG, f"{config.path}: {exc}") from None
     return EX_OK

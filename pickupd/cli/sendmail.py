@@ -28,7 +28,7 @@ from typing import Any
 
 from pickupd.cli.common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command
 from pickupd.config.loading import config_path, load_submission
-from pickupd.errors import ConfigError
+from pickupd.errors import ConfigError, PickupdError
 from pickupd.message import envelope
 from pickupd.outcome import Refusal
 from pickupd.spool.folders import Spool
@@ -45,7 +45,7 @@ _IGNORED_ALONE = frozenset("vmnUGA")
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
-class _Usage(Exception):
+class _Usage(PickupdError):
     """A bad command line: one line for stderr, exit 64."""
 
 

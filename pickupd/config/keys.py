@@ -3,8 +3,12 @@ and the reader that collects every problem with its `file: key.path`.
 
 A section of the config is a frozen dataclass whose fields are declared with `setting(...)`:
 the field's name is the key, and the metadata holds its converter, the words of the error
-when a value does not convert, its help text and how its default is written in TOML. Config
-loading, `pickupd init` and the documentation test all read this one table.
+when a value does not convert and its help text. How its default is written in TOML (`shown`)
+is derived from the default itself, so each default is written once. Config loading,
+`pickupd init`, `pickupd check` and the documentation test all read this one table.
+
+A converter raises `Invalid` (or TypeError / ValueError): with a text, that text is the
+problem shown; without one, the key's "expected ..." words are.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pickupd.units import Rate, parse_duration, parse_rate, parse_size
+import tomli_w
+
+from pickupd.errors import Invalid
+from pickupd.units import Rate, format_duration, format_size, parse_duration, parse_rate, parse_size
 
 __all__ = [
     "Key",
@@ -55,10 +62,34 @@ class Key:
     default: Any
 
 
-def setting(default: Any, convert: Convert, expected: str, help: str, shown: str = "") -> Any:
+def setting(default: Any, convert: Convert, expected: str, help: str) -> Any:
     """A dataclass field that is a config key (see the module docstring)."""
-    meta = {"convert": convert, "expected": expected, "help": help, "shown": shown}
+    meta = {"convert": convert, "expected": expected, "help": help}
     return field(default=default, metadata=meta)
+
+
+def shown(default: Any, convert: Convert) -> str:
+    """A default as TOML writes it ("" for None: the key is unset by default)."""
+    if default is None:
+        return ""
+    return _inline(_AS_TOML.get(convert, _plain)(default))
+
+
+def _inline(value: Any) -> str:
+    """A value as an inline TOML value, on one line."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(item) for item in value) + "]"
+    return tomli_w.dumps({"k": value}).partition("=")[2].strip()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Rate):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def keys(section: type) -> Iterator[Key]:
@@ -71,7 +102,7 @@ def keys(section: type) -> Iterator[Key]:
                 meta["convert"],
                 meta["expected"],
                 meta["help"],
-                meta["shown"],
+                shown(item.default, meta["convert"]),
                 item.default,
             )
 
@@ -126,10 +157,11 @@ class Reader:
         value = table[key]
         try:
             return convert(value)
-        except (TypeError, ValueError) as exc:
-            detail = str(exc) if str(exc).startswith("expected") else None
-            self.problem(prefix + key, detail or f"expected {expected}, got {type_name(value)}")
-            return default
+        except Invalid as exc:
+            self.problem(prefix + key, str(exc) or f"expected {expected}, got {type_name(value)}")
+        except (TypeError, ValueError):
+            self.problem(prefix + key, f"expected {expected}, got {type_name(value)}")
+        return default
 
     def values(
         self,
@@ -158,13 +190,13 @@ class Reader:
         return path if path.is_absolute() else self.dir / path
 
 
-# -- converters: raise ValueError (or TypeError); a message starting "expected" is shown ----
+# -- converters: raise Invalid, with the problem's text or without (see the module docstring) --
 
 
 def int_range(low: int, high: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError
+            raise Invalid()
         return value
 
     return convert
@@ -172,44 +204,44 @@ def int_range(low: int, high: int) -> Callable[[Any], int]:
 
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError
+        raise Invalid()
     return value
 
 
 def string(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError
+        raise Invalid()
     return value
 
 
 def duration(value: Any) -> float:
     if not isinstance(value, str):
-        raise ValueError
+        raise Invalid()
     return parse_duration(value)
 
 
 def positive_duration(value: Any) -> float:
     seconds = duration(value)
     if seconds <= 0:
-        raise ValueError("expected a duration greater than zero")
+        raise Invalid("expected a duration greater than zero")
     return seconds
 
 
 def schedule(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError('expected a non-empty array of durations like ["1m", "5m"]')
+        raise Invalid('expected a non-empty array of durations like ["1m", "5m"]')
     return tuple(positive_duration(item) for item in value)
 
 
 def size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError
+        raise Invalid()
     return parse_size(value)
 
 
 def rate(value: Any) -> Rate:
     if not isinstance(value, str):
-        raise ValueError('expected a rate like "30/min"')
+        raise Invalid('expected a rate like "30/min"')
     return parse_rate(value)
 
 
@@ -217,18 +249,18 @@ def domain(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(
         r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
     ):
-        raise ValueError('expected a domain name like "example.com"')
+        raise Invalid('expected a domain name like "example.com"')
     return value.lower()
 
 
 def listen(value: Any) -> tuple[str, int]:
     expected = 'expected "host:port", like "127.0.0.1:9464" or "[::1]:9464"'
     if not isinstance(value, str):
-        raise ValueError(expected)
+        raise Invalid(expected)
     host, colon, port = value.rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(expected)
+        raise Invalid(expected)
     return host, int(port)
 
 
@@ -239,21 +271,36 @@ def command(value: Any) -> tuple[str, ...]:
         or not value
         or not all(isinstance(part, str) and part for part in value)
     ):
-        raise ValueError('expected an array like ["/usr/local/bin/cmd", "--flag"]')
+        raise Invalid('expected an array like ["/usr/local/bin/cmd", "--flag"]')
     return tuple(value)
 
 
 def address(value: Any) -> str:
     """One mail address (addr-spec), like "ops@example.com"."""
     if not isinstance(value, str) or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
-        raise ValueError('expected an address like "ops@example.com"')
+        raise Invalid('expected an address like "ops@example.com"')
     return value
 
 
 def choice(*options: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in options:
-            raise ValueError("expected one of " + ", ".join(f'"{o}"' for o in options))
+            raise Invalid("expected one of " + ", ".join(f'"{o}"' for o in options))
         return str(value)
 
     return convert
+
+
+def _listen_as_toml(value: tuple[str, int]) -> str:
+    host, port = value
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# How a converter's typed value goes back into TOML (others: as it is).
+_AS_TOML: dict[Convert, Callable[[Any], Any]] = {
+    duration: format_duration,
+    positive_duration: format_duration,
+    schedule: lambda value: [format_duration(item) for item in value],
+    size: format_size,
+    listen: _listen_as_toml,
+}

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pickupd.auth.logins import Credentials, Login, OAuth2Login, Secret, others_can_access
+from pickupd.auth.logins import Credentials, Login, OAuth2Login, Secret
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
+from pickupd.config.logins import others_can_access
 from pickupd.config.routing import (
     RelayConfig,
     SenderRule,
@@ -65,21 +66,18 @@ class SpoolConfig:
         s.string,
         "a path",
         "the root of pickup/, active/, deferred/, hold/, failed/ and sent/ (one filesystem)",
-        '"/var/spool/pickupd"',
     )
     keep_sent: bool = setting(
         False,
         s.boolean,
         "true or false",
         "keep relayed messages in sent/ with their .json",
-        "false",
     )
     claim_lease: float = setting(
         600.0,
         s.positive_duration,
         "a duration",
         "a claim not renewed this long (its host is gone) may be taken over by another host",
-        '"10m"',
     )
 
 
@@ -92,28 +90,24 @@ class DispatchConfig:
         s.int_range(1, 1000),
         "an integer 1-1000",
         "messages relayed at the same time (by all workers together)",
-        "8",
     )
     workers: int = setting(
         0,
         s.int_range(0, 64),
         "an integer 0-64",
         "dispatcher processes sharing the work; 0: one per CPU core, at most 4",
-        "0",
     )
     settle: float = setting(
         1.0,
         s.duration,
         "a duration",
         "a .eml written straight into pickup/ is taken once unchanged this long",
-        '"1s"',
     )
     rescan_interval: float = setting(
         30.0,
         s.positive_duration,
         "a duration",
         "rescan pickup/ and deferred/ this often, in case a file event was missed",
-        '"30s"',
     )
 
 
@@ -126,20 +120,18 @@ class PolicyConfig:
         s.int_range(1, 100_000),
         "an integer >= 1",
         "more recipients: failed/ with reason too_many_recipients",
-        "100",
     )
     max_message_size: int = setting(
-        25 * 1024 * 1024, s.size, "", "larger messages: failed/ with reason too_large", '"25MiB"'
+        25 * 1024 * 1024, s.size, "", "larger messages: failed/ with reason too_large"
     )
     max_header_size: int = setting(
-        64 * 1024, s.size, "", "a larger header section: failed/ as malformed", '"64KiB"'
+        64 * 1024, s.size, "", "a larger header section: failed/ as malformed"
     )
     check_header_from: bool = setting(
         True,
         s.boolean,
         "a boolean",
         "every From: address must match a [senders] entry too",
-        "true",
     )
     # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
     local_domain: str | None = setting(
@@ -156,14 +148,12 @@ class RetryConfig:
         s.schedule,
         "",
         "wait after the 1st, 2nd, 3rd ... failed attempt; the last value repeats",
-        '["1m", "5m", "15m", "1h", "2h", "4h"]',
     )
     max_age: float = setting(
         5 * 86400.0,
         s.positive_duration,
         "a duration",
         "give up after this long: failed/ with reason expired",
-        '"5d"',
     )
 
 
@@ -176,14 +166,12 @@ class LogConfig:
         s.choice("debug", "info", "warning", "error"),
         "",
         "debug | info | warning | error",
-        '"info"',
     )
     format: Literal["json", "console"] = setting(
         "json",
         s.choice("json", "console"),
         "",
         '"json": one JSON object per line (journald); "console": text for people',
-        '"json"',
     )
 
 
@@ -217,7 +205,6 @@ class NotifyConfig:
         s.positive_duration,
         "a duration",
         "a hook still running after this is killed",
-        '"30s"',
     )
     report_to: str | None = setting(
         None, s.address, "", "mail a report of failed messages to this address (not set)"
@@ -230,7 +217,6 @@ class NotifyConfig:
         s.positive_duration,
         "a duration",
         "at most one report this often; failures in between are batched",
-        '"1h"',
     )
 
 

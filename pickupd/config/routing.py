@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pickupd.auth.logins import CREDENTIAL_KEYS, Login, read_credentials
+from pickupd.auth.logins import Login
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
+from pickupd.config.logins import CREDENTIAL_KEYS, read_credentials
 from pickupd.units import Rate
 
 __all__ = [
@@ -49,7 +50,6 @@ class RelayConfig:
         s.choice("starttls", "tls", "none"),
         "",
         '"starttls" (required, verified), "tls" (implicit, port 465) or "none"',
-        '"starttls"',
     )
     ca_file: Path | None = setting(
         None, s.string, "a file path", "CA certificates to verify the server with (not set)"
@@ -59,20 +59,16 @@ class RelayConfig:
         s.positive_duration,
         "a duration",
         "for connecting and for each SMTP command",
-        '"30s"',
     )
     max_connections: int = setting(
-        4, s.int_range(1, 1000), "an integer 1-1000", "open sessions to this relay at most", "4"
+        4, s.int_range(1, 1000), "an integer 1-1000", "open sessions to this relay at most"
     )
-    idle_timeout: float = setting(
-        10.0, s.duration, "a duration", "close a session idle this long", '"10s"'
-    )
+    idle_timeout: float = setting(10.0, s.duration, "a duration", "close a session idle this long")
     max_messages_per_connection: int = setting(
         100,
         s.int_range(1, 1_000_000),
         "an integer >= 1",
         "then open a new session (also after 300 s)",
-        "100",
     )
     rate: Rate | None = setting(
         None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'

@@ -11,11 +11,9 @@ import re
 import unicodedata
 from typing import NamedTuple
 
+from pickupd.errors import AddressError
+
 __all__ = ["AddressError", "is_null", "parse_address_list", "qualify"]
-
-
-class AddressError(ValueError):
-    """An address header value that does not follow the RFC 5322 grammar."""
 
 
 # ---- Addresses: a tokenizer, then recursive descent over RFC 5322 3.4 (with RFC 6532 UTF-8).

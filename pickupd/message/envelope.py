@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pickupd.errors import AddressError, MessageError, TooLong
 from pickupd.message import longlines
-from pickupd.message.addresses import AddressError, is_null, parse_address_list, qualify
+from pickupd.message.addresses import is_null, parse_address_list, qualify
 from pickupd.outcome import Reason, Refusal
 
 __all__ = [
@@ -83,7 +84,7 @@ _LABELS = {
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class _Malformed(Exception):
+class _Malformed(MessageError):
     """Carries the one-line detail of a MALFORMED refusal up to parse()."""
 
 
@@ -319,6 +320,6 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
     head = b"".join(line for f in kept for line in f.lines)
     try:
         data = longlines.fit(head, body)
-    except longlines.TooLong as error:
+    except TooLong as error:
         raise _Malformed(str(error)) from None
     return Envelope(sender, tuple(unique), header_from, data, message_id, tuple(authors), dsn)

@@ -20,16 +20,14 @@ import io
 import quopri
 from typing import TYPE_CHECKING
 
+from pickupd.errors import TooLong
+
 if TYPE_CHECKING:
     from email.message import Message
 
 __all__ = ["LIMIT", "TooLong", "fit"]
 
 LIMIT = 998  # octets, without the CRLF
-
-
-class TooLong(ValueError):
-    """A line that cannot be made short enough: the detail names where."""
 
 
 def fit(head: bytes, body: bytes) -> bytes:

@@ -12,9 +12,9 @@ import aiosmtplib
 
 from pickupd.auth.logins import XOAuth2
 from pickupd.config.loading import Credentials, RelayConfig
-from pickupd.errors import SessionError
+from pickupd.errors import AddressError, PickupdError, SessionError
 from pickupd.message.envelope import NO_DSN, Dsn
-from pickupd.outcome import Delivery, RecipientResult
+from pickupd.outcome import Delivery, RecipientResult, SessionFault
 from pickupd.smtp.pool import Pool, Session
 from pickupd.smtp.wire import Wire
 
@@ -25,7 +25,7 @@ _SESSION_ERRORS = (aiosmtplib.SMTPException, SessionError, OSError, asyncio.Time
 PROBE_AFTER = 1.0
 
 
-def describe_error(exc: BaseException) -> tuple[int, str, str]:
+def describe_error(exc: BaseException) -> tuple[int, str, SessionFault]:
     """(SMTP code or 0, one line for an operator, kind) for an error that ended a session.
     The kind (a metrics label) comes from the exception's type, never from its text."""
     if isinstance(exc, SessionError):
@@ -119,7 +119,7 @@ async def send(
     raise AssertionError("unreachable")
 
 
-class _StaleSession(Exception):
+class _StaleSession(PickupdError):
     """A reused session turned out closed at MAIL, before anything was handed over."""
 
 
@@ -390,7 +390,7 @@ def _line(verb: bytes, address: str, encoding: str, options: Sequence[str]) -> b
     what goes on the wire.
     """
     if any(char in address for char in "\r\n\0"):
-        raise ValueError("an address with CR, LF or NUL must never reach the wire")
+        raise AddressError("an address with CR, LF or NUL must never reach the wire")
     words = [verb + b"<" + address.encode(encoding) + b">"]
     words.extend(option.encode("ascii") for option in options)
     return b" ".join(words) + b"\r\n"

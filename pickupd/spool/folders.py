@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from pickupd import ids
+from pickupd.errors import SpoolLocked
 from pickupd.spool.files import (
     BINARY,
     PRIVATE,
@@ -172,7 +173,7 @@ class Spool:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | PRIVATE, 0o600)
         if not try_lock(fd):
             os.close(fd)
-            raise BlockingIOError(f"{path} is locked by another process")
+            raise SpoolLocked(f"{path} is locked by another process")
         self._lock_fd = fd
 
     def unlock(self) -> None:

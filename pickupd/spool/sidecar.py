@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from pickupd.errors import Invalid
+
 __all__ = ["Attempt", "Sidecar", "from_timestamp", "to_timestamp"]
 
 
@@ -98,4 +100,4 @@ class Sidecar:
                 history=tuple(Attempt(**entry) for entry in data.get("history", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"not a pickupd sidecar: {exc}") from None
+            raise Invalid(f"not a pickupd sidecar: {exc}") from None

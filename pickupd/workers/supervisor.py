@@ -1,6 +1,6 @@
-"""The main process's side of the workers (workers.py): it starts workers 1..N-1, starts
-again one that dies (covering its share meanwhile), passes signals and pauses on, and feeds
-what they report (uplink.Forwarder) into its own counters.
+"""The main process's side of the worker processes: it starts workers 1..N-1, starts again
+one that dies (covering its share meanwhile), passes signals and pauses on, and feeds what
+they report (uplink.Forwarder, in protocol.py's messages) into its own counters.
 """
 
 from __future__ import annotations
@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pickupd.errors import ProtocolError
+from pickupd.outcome import Stats
+from pickupd.workers import protocol
 from pickupd.workers.shares import ENV, PARENT, PIPE, RESTARTED, Part
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ RESTART_MAX = 30.0
 class _Worker:
     part: Part
     process: asyncio.subprocess.Process | None = None
-    stats: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0, 0])
+    stats: Stats = dataclasses.field(default_factory=Stats)
     stranded: int = 0
     starts: int = 0
     ready: bool = False
@@ -50,7 +52,7 @@ class Supervisor:
         *,
         once: bool,
         log: Logger,
-        report: Callable[[list[Any]], None],
+        report: Callable[[protocol.Up], None],
         cover: Callable[[frozenset[int]], None],
     ) -> None:
         self.log = log
@@ -61,14 +63,14 @@ class Supervisor:
         self._report = report
         self._workers = [_Worker(Part(index, total)) for index in range(1, total)]
         self._stopping = False
-        self._retired = [0, 0, 0, 0]  # the counts of workers that have exited
+        self._retired = Stats()  # the counts of workers that have exited
         self._all_ready = asyncio.Event()
 
-    def stats(self) -> list[int]:
-        """claimed, sent, deferred, failed of all workers (the main process's not included)."""
-        total = list(self._retired)
+    def stats(self) -> Stats:
+        """The counts of all workers (the main process's not included)."""
+        total = self._retired
         for worker in self._workers:
-            total = [a + b for a, b in zip(total, worker.stats, strict=True)]
+            total = total + worker.stats
         return total
 
     def stranded(self) -> int:
@@ -108,9 +110,9 @@ class Supervisor:
         self._covered = covered
         self._cover(covered)
 
-    def tell(self, event: list[Any]) -> None:
-        """Send `event` to every running worker (a relay's pause)."""
-        line = (json.dumps(event) + "\n").encode()
+    def tell(self, message: protocol.Down) -> None:
+        """Send `message` to every running worker (a relay's pause, a flush)."""
+        line = protocol.encode_down(message)
         for worker in self._workers:
             process = worker.process
             if process is not None and process.stdin is not None and process.returncode is None:
@@ -198,11 +200,11 @@ class Supervisor:
         if not self._stopping and not (self._once and code == 0):
             # Its mail must not wait for it: the main process takes its share until it is back.
             self._cover_only({*self._covered, worker.part.index})
-        self._retired = [a + b for a, b in zip(self._retired, worker.stats, strict=True)]
-        worker.stats = [0, 0, 0, 0]
+        self._retired = self._retired + worker.stats
+        worker.stats = Stats()
         if worker.stranded:
             worker.stranded = 0
-            self._report(["s"])  # the main process counts stranded() anew
+            self._report(protocol.Stranded(0))  # the main process counts stranded() anew
         return code
 
     async def _read(self, worker: _Worker, fd: int) -> None:
@@ -214,18 +216,19 @@ class Supervisor:
         try:
             while line := await reader.readline():
                 try:
-                    batch = json.loads(line)
-                    stats, events = batch["stats"], batch["events"]
-                except (ValueError, KeyError, TypeError):
-                    self.log.error("worker_message_invalid", worker=worker.part.index)
+                    batch = protocol.decode_batch(line)
+                except ProtocolError as exc:
+                    self.log.error(
+                        "worker_message_invalid", worker=worker.part.index, error=str(exc)
+                    )
                     continue
-                worker.stats = [int(n) for n in stats]
-                for event in events:
-                    if event[0] == "r":
+                worker.stats = batch.stats
+                for event in batch.events:
+                    if isinstance(event, protocol.Ready):
                         self._became_ready(worker)
                         continue
-                    if event[0] == "s":
-                        worker.stranded = int(event[1])
+                    if isinstance(event, protocol.Stranded):
+                        worker.stranded = event.count
                     self._report(event)
         finally:
             transport.close()

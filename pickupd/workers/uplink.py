@@ -1,7 +1,8 @@
-"""A worker process's link to the main process (workers.py): its counts, metric events and
-[notify] events go up a pipe in batches (`Forwarder`); what the main process tells every
-worker (a relay's pause, a flush) comes down its stdin, whose end of file means the main
-process is gone (`watch_lifeline`); on Linux the worker dies with it (`die_with_parent`).
+"""A worker process's link to the main process: its counts, metric events and [notify]
+events go up a pipe in batches (`Forwarder`); what the main process tells every worker (a
+relay's pause, a flush) comes down its stdin, whose end of file means the main process is
+gone (`watch_lifeline`); on Linux the worker dies with it (`die_with_parent`). The messages
+themselves are protocol.py's.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pickupd.errors import ProtocolError
+from pickupd.outcome import Stats
+from pickupd.workers import protocol
 
 if TYPE_CHECKING:
     from pickupd.spool.sidecar import Sidecar
@@ -30,7 +34,7 @@ _PR_SET_PDEATHSIG = 1
 class Forwarder:
     """A worker's metrics and feedback, sent up to the main process in batches."""
 
-    def __init__(self, fd: int, stats: Callable[[], list[int]], metrics: bool) -> None:
+    def __init__(self, fd: int, stats: Callable[[], Stats], metrics: bool) -> None:
         self._fd = fd
         # Never blocks the loop: what the pipe cannot take now waits here, in order.
         with contextlib.suppress(OSError):
@@ -38,39 +42,39 @@ class Forwarder:
         self._unsent = bytearray()
         self._stats = stats
         self._metrics = metrics  # forward metric events only where the main process serves them
-        self._events: list[list[Any]] = []
+        self._events: list[protocol.Up] = []
         self._flush: asyncio.TimerHandle | None = None
         self._broken = False
 
     def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None:
-        self._add(["o", outcome, reason, relay] if self._metrics else None)
+        self._add(protocol.Outcome(outcome, reason, relay) if self._metrics else None)
 
     def send_seconds(self, relay: str, seconds: float) -> None:
         if self._metrics:
-            self._add(["t", relay, seconds])
+            self._add(protocol.SendTime(relay, seconds))
 
     def stranded(self, count: int) -> None:
-        self._add(["s", count])
+        self._add(protocol.Stranded(count))
 
     def connection_error(self, relay: str, kind: str) -> None:
         if self._metrics:
-            self._add(["e", relay, kind])
+            self._add(protocol.SessionFailed(relay, kind))
 
     def paused(self, relay: str, until: float) -> None:
         """This worker was asked to slow down: the main process pauses every worker."""
-        self._events.append(["p", relay, until])
+        self._events.append(protocol.Paused(relay, until))
         self.flush()
 
     def ready(self) -> None:
         """Tell the main process this worker is watching and takes signals."""
-        self._events.append(["r"])
+        self._events.append(protocol.Ready())
         self.flush()
 
     def notify(self, event: str, sidecar: Sidecar) -> None:
         """feedback.Feedback.notify's stand-in: the main process runs hooks and reports."""
-        self._add(["n", event, sidecar.to_json().decode()])
+        self._add(protocol.Feedback(event, sidecar.to_json().decode()))
 
-    def _add(self, event: list[Any] | None) -> None:
+    def _add(self, event: protocol.Up | None) -> None:
         if event is not None:
             self._events.append(event)
         if self._flush is None:
@@ -84,11 +88,11 @@ class Forwarder:
         if final:
             with contextlib.suppress(OSError):
                 os.set_blocking(self._fd, True)
-        line = json.dumps({"stats": self._stats(), "events": self._events}) + "\n"
+        line = protocol.encode_batch(protocol.Batch(self._stats(), tuple(self._events)))
         self._events = []
         if self._broken:
             return
-        self._unsent += line.encode()
+        self._unsent += line
         try:
             while self._unsent:
                 del self._unsent[: os.write(self._fd, self._unsent)]
@@ -113,7 +117,7 @@ def die_with_parent(parent: int) -> None:
 
 def watch_lifeline(
     loop: asyncio.AbstractEventLoop,
-    told: Callable[[list[Any]], None],
+    told: Callable[[protocol.Down], None],
     stop: Callable[[], None],
 ) -> None:
     """Pass each line the main process writes to stdin to `told` (on the loop), and call
@@ -122,8 +126,8 @@ def watch_lifeline(
     def wait() -> None:
         with contextlib.suppress(OSError, RuntimeError), open(0, "rb", closefd=False) as lines:
             for line in lines:
-                with contextlib.suppress(ValueError):
-                    loop.call_soon_threadsafe(told, json.loads(line))
+                with contextlib.suppress(ProtocolError):
+                    loop.call_soon_threadsafe(told, protocol.decode_down(line))
         with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping anyway
             loop.call_soon_threadsafe(stop)
 

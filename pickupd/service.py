@@ -1,0 +1,396 @@
+"""The running service: wiring, start and stop, reload, flush, status, and what the worker
+processes report.
+
+It builds the parts (spool, intake, pool, limiter, recorder, feedback, metrics, supervisor),
+recovers what an earlier run left, starts the watcher, the feeders and `concurrency` lanes
+(asyncio tasks, each carrying one message at a time through dispatcher.py), and drains them
+in two stages on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from pickupd import log as logs
+from pickupd.config.loading import Config, keep_fixed, load
+from pickupd.dispatcher import LARGE_AT_ONCE, Dispatcher
+from pickupd.errors import ConfigError
+from pickupd.feedback import Feedback
+from pickupd.hosting.systemd import Notifier
+from pickupd.intake import Intake
+from pickupd.limits import buckets
+from pickupd.outcome import Stats
+from pickupd.recorder import Meter, Recorder
+from pickupd.smtp.pool import Pool
+from pickupd.spool import moves, recovery
+from pickupd.spool.folders import Candidate, Spool
+from pickupd.spool.sidecar import Sidecar
+from pickupd.spool.stranded import Stranded
+from pickupd.watcher import Watcher
+from pickupd.workers import protocol, shares, uplink
+from pickupd.workers.shares import ONLY, Part
+from pickupd.workers.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from pickupd.hosting.metrics import Metrics
+
+__all__ = ["GRACE", "WORKERS_START", "Service"]
+
+# On SIGTERM, in-flight sends get this long to finish before they are put back.
+GRACE = 30.0
+# The main process says it is ready when its workers are, or after this long.
+WORKERS_START = 30.0
+
+
+class Service:
+    """Takes messages from the spool and relays them until stopped (or, `once`, until idle)."""
+
+    def __init__(
+        self, config: Config, *, once: bool = False, part: Part = ONLY, main: bool = True
+    ) -> None:
+        """`part`: which of the service's worker processes this is (workers/shares.py);
+        `main`: the process that supervises the others and speaks for the service (metrics,
+        systemd)."""
+        self.file_config = config  # as the file says; `config` is this worker's portion of it
+        self.config = shares.portion(config, part)
+        self.once = once
+        self.part = part
+        self.spool = Spool(config.spool.path)
+        self.pool = Pool()
+        self.limiter = buckets.Limiter()
+        self.log = logs.get()
+        self.notifier = None if once or not main else Notifier.from_env()
+        self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
+        self.intake.horizon = config.retry.max_age
+        self.feedback = Feedback(config.notify, self.spool, self.log)
+        self.metrics: Meter | None = None
+        self._served: Metrics | None = None  # the endpoint, in the main process
+        self.supervisor: Supervisor | None = None
+        self._forwarder: uplink.Forwarder | None = None
+        notify = self.feedback.notify
+        if not main:
+            fd = int(os.environ.get(shares.PIPE, "-1"))
+            self._forwarder = uplink.Forwarder(fd, lambda: self.stats, bool(config.metrics.listen))
+            self.metrics = self._forwarder
+            notify = self._forwarder.notify
+        elif config.metrics.listen and not once:
+            # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
+            from pickupd.hosting.metrics import Metrics
+
+            self.metrics = self._served = Metrics(self.spool)
+        if main and part.total > 1:
+            self.supervisor = Supervisor(
+                str(config.path),
+                part.total,
+                once=once,
+                log=self.log,
+                report=self._reported,
+                cover=self.intake.cover,
+            )
+        self.recorder = Recorder(self.spool, self.log, self.metrics, self.intake.deferring, notify)
+        self.stats = self.recorder.stats
+        self.stranded = Stranded(self.log, self._stranded_changed)
+        self.dispatcher = Dispatcher(
+            spool=self.spool,
+            intake=self.intake,
+            pool=self.pool,
+            limiter=self.limiter,
+            recorder=self.recorder,
+            stranded=self.stranded,
+            metrics=self.metrics,
+            paused=self._paused,
+            large_at_once=part.share(LARGE_AT_ONCE),
+        )
+        self._background: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._stopping = False
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking new messages; in-flight sends get GRACE seconds. Safe to call twice
+        (the second time, in-flight sends are put back at once)."""
+        self._stop.set()
+        if self.supervisor is not None:
+            self.supervisor.signal(signal.SIGTERM)
+
+    def reload(self) -> None:
+        """Read the config file again (SIGHUP). A valid one is used from the next attempt on,
+        in-flight sends go on with the old one; an invalid one is logged and ignored."""
+        if self.notifier:
+            self.notifier.reloading()
+        if self.supervisor is not None:
+            self.supervisor.signal(signal.SIGHUP)
+        try:
+            new = load(self.config.path)
+            new, unchanged = keep_fixed(self.file_config, new)
+            shares.splits(new, self.part.total)
+        except ConfigError as exc:
+            self.log.error("reload_failed", config=str(self.config.path), problems=exc.problems)
+            if self.notifier:
+                self.notifier.ready(self.status_line())
+            return
+        self.file_config = new
+        self.config = shares.portion(new, self.part)
+        self.intake.dispatch = self.config.dispatch
+        self.intake.horizon = new.retry.max_age
+        self.feedback.config = new.notify
+        logs.configure(new.log.level, new.log.format)
+        self.log = self.recorder.log = self.feedback.log = self.stranded.log = logs.get()
+        if unchanged:
+            self.log.warning("reload_needs_restart", keys=unchanged)
+        self.log.info(
+            "reloaded",
+            config=str(new.path),
+            relays=sorted(new.relays),
+            senders=len(new.senders),
+        )
+        self.intake.wake()
+        if self.notifier:
+            self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: this run's outcomes and what the spool holds."""
+        census = self.spool.census(time.time())
+        stats = self.service_stats()
+        return (
+            f"sent {stats.sent}, deferred {stats.deferred}, failed {stats.failed} since start;"
+            f" queue: pickup {census['pickup'].count}, deferred {census['deferred'].count},"
+            f" hold {census['hold'].count}, failed {census['failed'].count}"
+        )
+
+    def service_stats(self) -> Stats:
+        """This run's counts, the other workers' included."""
+        if self.supervisor is None:
+            return self.stats
+        return self.stats + self.supervisor.stats()
+
+    def flush(self) -> None:
+        """Make every deferred message due now (SIGUSR1, as `pickupd flush`)."""
+        if self._stopping:
+            return
+
+        async def flush() -> None:
+            count = await asyncio.to_thread(moves.make_due, self.spool, time.time())
+            self.log.info("flushed", messages=count)
+            self._wake_all()
+            if self.supervisor is not None:  # the workers look again once all is due
+                self.supervisor.tell(protocol.Flush())
+
+        task = asyncio.get_running_loop().create_task(flush())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_ready(self) -> None:
+        """Return once the dispatcher is watching the pickup folder."""
+        await self._ready.wait()
+
+    async def run(self) -> Stats:
+        """Recover, take what is waiting, then react to new files until `stop()`."""
+        started = time.monotonic()
+        self.spool.ensure()
+        self.spool.lock()
+        watcher = None
+        # The workers start first: they are up (~0.3 s of Python start) by the time the main
+        # process has recovered and scanned.
+        supervising = None
+        if self.supervisor is not None:
+            supervising = asyncio.get_running_loop().create_task(self.supervisor.run())
+        try:
+            if self._served is not None and self.config.metrics.listen:
+                self._served.start(self.config.metrics.listen)
+            if self._forwarder is None:
+                recovered = self._clean_and_recover()
+            else:
+                uplink.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
+                # A worker started again takes back its dead predecessor's claims; at the
+                # service's start the main process has done it for all.
+                restarted = bool(os.environ.get(shares.RESTARTED))
+                recovered = recovery.stale_claims(self.spool) if restarted else []
+            for candidate in recovered:
+                self.log.info("recovered", id=candidate.id)
+            self.intake.recover(recovered)
+            if not self.once:
+                folders = [self.spool.pickup, self.spool.new, self.spool.deferred]
+                watcher = Watcher(folders, self.intake.hint)
+                watcher.start(asyncio.get_running_loop())
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._lane()) for _ in range(self.config.dispatch.concurrency)
+                ]
+                helpers = [
+                    group.create_task(self.intake.feed_pickup()),
+                    group.create_task(self.intake.feed_deferred()),
+                    group.create_task(self._reap_sessions()),
+                    group.create_task(self.stranded.run(self.intake.wake)),
+                    group.create_task(
+                        recovery.keep_leases(
+                            self.spool, lambda: self.config.spool.claim_lease, self._take_over
+                        )
+                    ),
+                ]
+                if self.supervisor is not None and supervising is not None:
+                    group.create_task(_until_done(supervising))
+                    # The service is ready when all its workers watch the spool.
+                    if not await self.supervisor.wait_ready(WORKERS_START):
+                        self.log.error("workers_not_ready", seconds=WORKERS_START)
+                if self.notifier:
+                    helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
+                group.create_task(self._supervise(tasks, helpers))
+                self._ready.set()
+                if self._forwarder is not None:
+                    self._forwarder.ready()
+                self.log.info(
+                    "ready" if self._forwarder is None else "worker_ready",
+                    spool=str(self.spool.root),
+                    once=self.once,
+                    concurrency=self.config.dispatch.concurrency,
+                    workers=self.part.total,
+                    relays=sorted(self.config.relays),
+                )
+        finally:
+            if supervising is not None and not supervising.done():
+                supervising.cancel()  # only when run() itself failed: the workers are killed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await supervising
+            if watcher is not None:
+                watcher.stop()
+            await self.feedback.close(timeout=5.0)
+            await self.pool.close_all()
+            self.spool.unlock()
+            if self.notifier:
+                self.notifier.close()
+            if self._served is not None:
+                self._served.stop()
+            if self._forwarder is not None:
+                self._forwarder.flush(final=True)
+        stats = self.service_stats()
+        self.log.info(
+            "stopped" if self._forwarder is None else "worker_stopped",
+            seconds=round(time.monotonic() - started, 3),
+            **dataclasses.asdict(stats),
+        )
+        return stats
+
+    # -- around the work ---------------------------------------------------------------------------
+
+    def _clean_and_recover(self) -> list[Candidate]:
+        """At start (the main process): clean what crashes leave, and take back claims."""
+        removed = recovery.clean_tmp(self.spool, time.time())
+        if removed:
+            self.log.info("tmp_cleaned", removed=removed)
+        leftovers = recovery.clean_leftovers(self.spool, time.time())
+        if any(leftovers.values()):
+            self.log.info("leftovers_cleaned", **leftovers)
+        recovered = recovery.stale_claims(self.spool)
+        recovered += recovery.expired(self.spool, time.time(), self.config.spool.claim_lease)
+        return recovered
+
+    def _stranded_changed(self, count: int) -> None:
+        if self.supervisor is not None:
+            count += self.supervisor.stranded()
+        if self.metrics is not None:
+            self.metrics.stranded(count)
+
+    def _reported(self, event: protocol.Up) -> None:
+        """An event a worker process sent up (workers/uplink.py)."""
+        match event:
+            case protocol.Feedback(kind, sidecar):
+                with contextlib.suppress(ValueError):
+                    self.feedback.notify(kind, Sidecar.from_json(sidecar.encode()))
+            case protocol.Stranded():  # a worker's count of stranded claims changed
+                self._stranded_changed(len(self.stranded))
+            case protocol.Paused():
+                self._told(event)
+                if self.supervisor is not None:
+                    self.supervisor.tell(event)
+            case protocol.Outcome(outcome, reason, relay) if self.metrics is not None:
+                self.metrics.outcome(outcome, reason, relay)
+            case protocol.SendTime(relay, seconds) if self.metrics is not None:
+                self.metrics.send_seconds(relay, seconds)
+            case protocol.SessionFailed(relay, kind) if self.metrics is not None:
+                self.metrics.connection_error(relay, kind)
+
+    def _told(self, message: protocol.Down) -> None:
+        """What the main process passes on to every worker: a relay's pause, a flush."""
+        match message:
+            case protocol.Paused(relay, until):
+                self.limiter.hold(relay, until)
+            case protocol.Flush():
+                self._wake_all()
+
+    def _paused(self, relay: str, until: float) -> None:
+        """A relay asked this process to slow down: the pause holds for the whole service."""
+        if self._forwarder is not None:
+            self._forwarder.paused(relay, until)
+        elif self.supervisor is not None:
+            self.supervisor.tell(protocol.Paused(relay, until))
+
+    def _wake_all(self) -> None:
+        self.intake.wake()
+        self.stranded.wake()
+
+    def _take_over(self, claims: list[Candidate]) -> None:
+        for candidate in claims:
+            self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
+        self.intake.recover(claims)
+
+    async def _reap_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            timeouts = {name: r.idle_timeout for name, r in self.config.relays.items()}
+            await self.pool.close_idle(timeouts)
+            self.limiter.prune(time.time())
+
+    async def _supervise(
+        self, tasks: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
+    ) -> None:
+        """Wait for stop (or, once, for the work to end), then drain in two stages."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        all_workers = asyncio.ensure_future(asyncio.wait(tasks))
+        await asyncio.wait([stop, all_workers], return_when=asyncio.FIRST_COMPLETED)
+        self._stopping = True
+        self.intake.close()
+        for task in helpers:
+            task.cancel()
+        if self.notifier:
+            self.notifier.stopping()
+        if not all_workers.done():
+            self.log.info("stopping", in_flight=self.intake.in_flight, grace=GRACE)
+            self._stop.clear()
+            second = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait(
+                [all_workers, second], timeout=GRACE, return_when=asyncio.FIRST_COMPLETED
+            )
+            second.cancel()
+            for task in tasks:
+                task.cancel()
+        stop.cancel()
+        all_workers.cancel()
+
+    # -- the lanes ---------------------------------------------------------------------------------
+
+    async def _lane(self) -> None:
+        """One asyncio task taking candidates from the intake, one message at a time."""
+        intake = self.intake
+        while (candidate := await intake.next()) is not None:
+            intake.started(candidate)
+            try:
+                await self.dispatcher.process(candidate, self.config)
+            except Exception:
+                # One bad file must never stop the daemon (claiming failed: nothing to put
+                # back; the file stays where it was and the next scan sees it again).
+                self.log.exception("internal_error", source=candidate.source)
+            finally:
+                intake.done(candidate)
+
+
+async def _until_done(task: asyncio.Task[None]) -> None:
+    await task

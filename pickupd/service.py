@@ -207,7 +207,7 @@ class Service:
             if self._served is not None and self.config.metrics.listen:
                 self._served.start(self.config.metrics.listen)
             if self._forwarder is None:
-                recovered = self._clean_and_recover()
+                recovered = recovery.at_start(self.spool, self.config.spool.claim_lease, self.log)
             else:
                 uplink.watch_lifeline(asyncio.get_running_loop(), self._told, self.stop)
                 # A worker started again takes back its dead predecessor's claims; at the
@@ -281,18 +281,6 @@ class Service:
 
     # -- around the work ---------------------------------------------------------------------------
 
-    def _clean_and_recover(self) -> list[Candidate]:
-        """At start (the main process): clean what crashes leave, and take back claims."""
-        removed = recovery.clean_tmp(self.spool, time.time())
-        if removed:
-            self.log.info("tmp_cleaned", removed=removed)
-        leftovers = recovery.clean_leftovers(self.spool, time.time())
-        if any(leftovers.values()):
-            self.log.info("leftovers_cleaned", **leftovers)
-        recovered = recovery.stale_claims(self.spool)
-        recovered += recovery.expired(self.spool, time.time(), self.config.spool.claim_lease)
-        return recovered
-
     def _stranded_changed(self, count: int) -> None:
         if self.supervisor is not None:
             count += self.supervisor.stranded()
@@ -350,30 +338,24 @@ class Service:
             self.limiter.prune(time.time())
 
     async def _supervise(
-        self, tasks: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
+        self, lanes: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
     ) -> None:
-        """Wait for stop (or, once, for the work to end), then drain in two stages."""
+        """Wait for stop (or, once, for the work to end), then drain."""
         stop = asyncio.ensure_future(self._stop.wait())
-        all_workers = asyncio.ensure_future(asyncio.wait(tasks))
-        await asyncio.wait([stop, all_workers], return_when=asyncio.FIRST_COMPLETED)
+        all_lanes = asyncio.ensure_future(asyncio.wait(lanes))
+        await asyncio.wait([stop, all_lanes], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
         self._stopping = True
         self.intake.close()
         for task in helpers:
             task.cancel()
         if self.notifier:
             self.notifier.stopping()
-        if not all_workers.done():
+        if not all_lanes.done():
             self.log.info("stopping", in_flight=self.intake.in_flight, grace=GRACE)
             self._stop.clear()
-            second = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait(
-                [all_workers, second], timeout=GRACE, return_when=asyncio.FIRST_COMPLETED
-            )
-            second.cancel()
-            for task in tasks:
-                task.cancel()
-        stop.cancel()
-        all_workers.cancel()
+            await _drain(lanes, all_lanes, self._stop)
+        all_lanes.cancel()
 
     # -- the lanes ---------------------------------------------------------------------------------
 
@@ -394,3 +376,15 @@ class Service:
 
 async def _until_done(task: asyncio.Task[None]) -> None:
     await task
+
+
+async def _drain(
+    lanes: list[asyncio.Task[None]], all_lanes: asyncio.Future[Any], stop: asyncio.Event
+) -> None:
+    """The second stage of a stop: in-flight sends get GRACE seconds, or until a second stop
+    signal; then the lanes are cancelled (each puts its message back)."""
+    second = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([all_lanes, second], timeout=GRACE, return_when=asyncio.FIRST_COMPLETED)
+    second.cancel()
+    for task in lanes:
+        task.cancel()

@@ -347,3 +347,38 @@ def test_provider_presets_and_oauth2_logins_load(tmp_path: Path) -> None:
     assert isinstance(login, OAuth2Login) and isinstance(login.source, MicrosoftSource)
     assert login.source.client_secret is not None and "s" not in repr(login.source.client_secret)
     assert bind(login, "sales@contoso.com") == XOAuth2(login.source, "sales@contoso.com")
+
+
+def test_documented_defaults_are_the_tables_values() -> None:
+    """The default each key shows in etc/pickupd.toml and in the README's key tables is the
+    value the key table declares (not only the key's name): a default is written once, in
+    the code, and the docs must agree with it."""
+    from pickupd.config.keys import keys
+    from pickupd.config.loading import SECTIONS, RelayConfig, SenderRule
+    from pickupd.config.logins import OAuth2Keys
+
+    root = Path(__file__).parent.parent
+    example = (root / "etc" / "pickupd.toml").read_text()
+    readme = (root / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| ([^|]*) \|", readme, re.MULTILINE))
+    # The OAuth2 table's columns are key | for | meaning, the meaning saying "default `...`".
+    for key_name, default in re.findall(
+        r"^\| `([a-z_]+)` \| [^|]* \| default (`[^`]*`)", readme, re.MULTILINE
+    ):
+        rows[key_name] = default
+    wrong = []
+    tables = [*SECTIONS.items(), ("", RelayConfig), ("", SenderRule), ("", OAuth2Keys)]
+    for name, section in tables:
+        for key in keys(section):
+            row = rows.get(f"{name}.{key.name}" if name else key.name)
+            if not key.shown:
+                if row is not None and row.strip().startswith("`"):
+                    wrong.append(f"README: {key.name} shows {row.strip()}, but it is unset")
+                continue
+            if not re.search(rf"^#? ?{key.name} = {re.escape(key.shown)}", example, re.M):
+                wrong.append(f"etc/pickupd.toml: no '{key.name} = {key.shown}'")
+            if row is None:
+                wrong.append(f"README: no row for {name + '.' if name else ''}{key.name}")
+            elif row.strip() != f"`{key.shown}`":
+                wrong.append(f"README: {key.name} shows {row.strip()}, the code {key.shown}")
+    assert not wrong, "\n".join(wrong)

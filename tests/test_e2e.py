@@ -14,7 +14,8 @@ from harness import Daemon, drop_eml, drop_maildir, message, relay_for, wait_unt
 from smtpserver import SmtpServer
 
 from pickupd import ids
-from pickupd.spool.sidecar import Sidecar, from_timestamp
+from pickupd.smtp.transaction import PROBE_AFTER
+from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
 
 
 def test_maildir_drop_is_relayed_byte_for_byte(
@@ -568,8 +569,10 @@ def test_session_that_fails_its_rset_is_replaced(
     daemon = make_daemon(smtp_server)
     drop_maildir(daemon.spool, message(subject="first"))
     smtp_server.wait_for(1)
-    daemon.wait_event("sent")
-    time.sleep(1.2)  # longer than relay.PROBE_AFTER
+    (sent,) = daemon.wait_event("sent")
+    # The session must sit idle longer than PROBE_AFTER, counted from when it was last used.
+    idle_until = to_timestamp(sent["timestamp"]) + PROBE_AFTER + 0.2
+    wait_until(lambda: time.time() > idle_until, PROBE_AFTER + 5, "the session to be idle")
     smtp_server.reply_421_at, smtp_server.fail_next = "RSET", 1
     drop_maildir(daemon.spool, message(subject="second"))
     assert smtp_server.wait_for(2)[1].session == 2
@@ -624,7 +627,9 @@ def test_large_messages_go_a_few_at_a_time(
     for n in range(5):
         drop_maildir(daemon.spool, message(subject=f"big {n}", body=big * 12_000))
     wait_until(lambda: smtp_server.sessions == 2, 5, "two sessions")
-    time.sleep(0.5)
+    # All five are claimed (in active/) before any waits its turn: once they are, a third
+    # session would already be open if the limit did not hold.
+    wait_until(lambda: daemon.census()["active"] == 5, 5, "five claims")
     assert smtp_server.sessions == 2  # the other three wait their turn
     smtp_server.stall = None
     drop_maildir(daemon.spool, message(subject="small"))

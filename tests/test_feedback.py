@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +42,9 @@ def test_on_failed_runs_once_per_failed_message_with_its_sidecar(
     smtp_server.wait_for(1)
     failed = {s["id"]: s for s in daemon.wait_sidecars("failed", count=3)}
     wait_until(lambda: len(runs(out)) >= 3, 10, "three hook runs")
-    time.sleep(0.5)  # a window in which a second run of any of them would show
+    # A stopped daemon has finished (or killed) every hook it started: a second run of any
+    # of them would show by now.
+    assert daemon.stop() == 0
     recorded = runs(out)
     assert len(recorded) == 3
     for record in recorded:
@@ -123,6 +124,9 @@ def test_report_batches_failures_into_one_mail_to_report_to(
     text = report.data.decode()
     assert "Subject: pickupd: 50 failed messages on" in text
     assert all(sidecar["id"] in text for sidecar in failed)
-    time.sleep(2.5)  # a window in which a second report would come
+    # A stopped daemon has queued any report it still had pending (into pickup/, unsent):
+    # the one report is all there was.
+    assert daemon.stop() == 0
+    assert daemon.census()["pickup/new"] == 0
     assert len(smtp_server.received) == 1
     assert daemon.events("report_queued")[0]["messages"] == 50

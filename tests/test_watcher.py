@@ -36,7 +36,18 @@ def test_arrivals_and_a_writers_open_and_close_become_hints(tmp_path: Path, nati
                           native=native)  # fmt: skip
         watcher.start(asyncio.get_running_loop())
         try:
-            await asyncio.sleep(0.2)  # watchdog's threads start
+            # Watching has begun once a probe file's event arrives (watchdog's threads take
+            # a moment to start): a positive sign, then the real arrivals.
+            probe = f"{deferred}/.probe"
+            for _ in range(200):
+                Path(probe).write_bytes(b"p")
+                if any(p == probe for _, p in seen):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the watcher never reported the probe file")
+            os.unlink(probe)
+            seen.clear()
             (pickup / "tmp" / "m1").write_bytes(b"x")
             os.rename(pickup / "tmp" / "m1", new / "m1")
             (deferred / "01ARZ3NDEKTSV4RRFFQ69G5FAV.eml").write_bytes(b"x")

@@ -1,5 +1,5 @@
 """Getting one OAuth2 access token from a token source: msal for Microsoft 365, google-auth for
-Google service accounts and stored refresh tokens, or a command. Blocking calls: tokens.py
+Google service accounts and stored refresh tokens, or a command. Blocking calls: tokencache.py
 runs them off the event loop and keeps what they return.
 
 A failure is a `TokenError` that names the source and says whether it looks like
@@ -61,7 +61,7 @@ class Token:
 
 class Fetcher:
     """Fetches tokens, keeping what a library wants kept between calls (msal's app and its
-    token cache, per source). Not thread-safe per source: tokens.py runs one fetch per
+    token cache, per source). Not thread-safe per source: tokencache.py runs one fetch per
     source and mailbox at a time."""
 
     def __init__(self) -> None:

@@ -1,6 +1,6 @@
 """`pickupd retry`, `flush`, `hold`, `release` and `delete`: an operator moving messages.
 
-Each works while daemons run on the same spool: every move is one rename in spool.py that
+Each works while daemons run on the same spool: every move is one rename in spool/moves.py that
 either wins or loses cleanly against a dispatcher's claim, and a running dispatcher sees what
 was put back into deferred/ within a second (its watch on that folder).
 """

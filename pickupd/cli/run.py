@@ -16,7 +16,7 @@ from pickupd.cli.common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_comm
 from pickupd.config.loading import Config
 from pickupd.errors import CommandError, PickupdError, SpoolLocked
 from pickupd.hosting import daemon
-from pickupd.service import Service
+from pickupd.service import GRACE, Service
 from pickupd.workers import shares, uplink
 
 __all__ = ["loop_factory", "register"]
@@ -32,7 +32,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         description=(
             "Recover messages left in active/ by an earlier run of this host, take everything "
             "waiting, then relay new files as they are dropped. SIGTERM/SIGINT: finish in-flight "
-            "sends (up to 30 s), put the rest back, exit 0."
+            f"sends (up to {GRACE:g} s), put the rest back, exit 0."
         ),
     )
     run.add_argument(

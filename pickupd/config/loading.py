@@ -1,8 +1,8 @@
 """TOML -> frozen `Config`. Collects every problem as `file: key.path: problem`.
 
 The section dataclasses below (and RelayConfig, SenderRule in routing.py) are the one table of
-config keys: each field declared with `setting(default, converter, expected, help, shown)` is
-a key (see settings.py).
+config keys: each field declared with `setting(default, converter, expected, help)` is
+a key (see keys.py).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pickupd.units import Rate
 
 __all__ = [
     "DEFAULT_PORTS",
+    "MAX_SESSION_AGE",
     "PROVIDERS",
     "RelayConfig",
     "SenderRule",
@@ -27,6 +28,10 @@ __all__ = [
 ]
 
 Security = Literal["starttls", "tls", "none"]
+
+# A session is retired after this long even if busy: servers and middleboxes drop old ones
+# (smtp/pool.py keeps to it; max_messages_per_connection's help names it).
+MAX_SESSION_AGE = 300.0
 
 DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
 # provider = "...": the host of its SMTP submission service (SES: per region). They all take
@@ -68,7 +73,7 @@ class RelayConfig:
         100,
         s.int_range(1, 1_000_000),
         "an integer >= 1",
-        "then open a new session (also after 300 s)",
+        f"then open a new session (also after {MAX_SESSION_AGE:g} s)",
     )
     rate: Rate | None = setting(
         None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'

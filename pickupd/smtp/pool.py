@@ -21,12 +21,11 @@ import aiosmtplib
 from pickupd.auth.logins import XOAuth2
 from pickupd.auth.tokencache import Tokens
 from pickupd.config.loading import Credentials, RelayConfig
+from pickupd.config.routing import MAX_SESSION_AGE
 from pickupd.errors import AuthNotOffered, StartTLSNotOffered, TLSHandshakeFailed
 
 __all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
 
-# A session is retired after this long even if busy: servers and middleboxes drop old ones.
-MAX_SESSION_AGE = 300.0
 # How long a closing session may take to say goodbye before it is cut.
 QUIT_TIMEOUT = 2.0
 

@@ -1,4 +1,6 @@
-"""The spool: the only module that creates, reads, renames and removes message files.
+"""The spool's folders: scan, claim, read, finish, census. Only the spool/ package creates,
+renames and removes message files: this module for the dispatcher's moves, moves.py for the
+operator's, recovery.py and stranded.py for what a crash or a full disk leaves.
 
 The folders are the state machine (pickup -> active -> deferred | failed | sent). A message is
 wherever its `.eml` is; the `.json` sidecar follows it and is written first, so a crash at any

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pickupd import ids
+from pickupd.log import Logger
 from pickupd.spool.files import PRIVATE, try_lock
 from pickupd.spool.folders import (
     LEFTOVER_AGE,
@@ -36,6 +37,7 @@ from pickupd.spool.folders import (
 )
 
 __all__ = [
+    "at_start",
     "clean_leftovers",
     "clean_tmp",
     "expired",
@@ -172,3 +174,15 @@ async def keep_leases(
         taken = await asyncio.to_thread(expired, spool, now, lease())
         if taken:
             take(taken)
+
+
+def at_start(spool: Spool, claim_lease: float, log: Logger) -> list[Candidate]:
+    """At the service's start (the main process): clean what crashes leave, and take back
+    the claims of dead processes of this host and expired leases of any host."""
+    removed = clean_tmp(spool, time.time())
+    if removed:
+        log.info("tmp_cleaned", removed=removed)
+    leftovers = clean_leftovers(spool, time.time())
+    if any(leftovers.values()):
+        log.info("leftovers_cleaned", **leftovers)
+    return stale_claims(spool) + expired(spool, time.time(), claim_lease)

@@ -6,20 +6,21 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from configs import unit_config
 
 from pickupd import log
-from pickupd.config.loading import Config, DispatchConfig, RelayConfig, SenderRule, SpoolConfig
+from pickupd.config.loading import Config, DispatchConfig, SpoolConfig
 from pickupd.intake import Intake
 from pickupd.service import Service
 from pickupd.spool.folders import Candidate, Spool
 
 
 def _config(tmp_path: Path) -> Config:
-    return Config(
-        path=tmp_path / "pickupd.toml",
+    return unit_config(
+        tmp_path / "pickupd.toml",
+        host="127.0.0.1",
+        port=9,
         spool=SpoolConfig(path=tmp_path / "spool"),
-        relays={"m": RelayConfig(name="m", host="127.0.0.1", port=9)},
-        senders=(SenderRule(pattern="app@example.com", relay="m"),),
     )
 
 

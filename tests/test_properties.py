@@ -8,24 +8,16 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
-from pathlib import Path
 
+from configs import unit_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pickupd import policy
-from pickupd.config.loading import Config, RelayConfig, SenderRule
 from pickupd.message import addresses, envelope
 from pickupd.outcome import Refusal
 
-CONFIG = Config(
-    path=Path("t.toml"),
-    relays={"m": RelayConfig(name="m", host="h", port=25)},
-    senders=(
-        SenderRule(pattern="app@example.com", relay="m"),
-        SenderRule(pattern="*@corp.example", relay="m"),
-    ),
-)
+CONFIG = unit_config()
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Pieces an attacker would combine: allowed and forbidden addresses, display names, quotes,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
+from configs import unit_config
 
 from pickupd import ids, policy, retry
-from pickupd.config.loading import Config, PolicyConfig, RelayConfig, SenderRule
+from pickupd.config.loading import Config, PolicyConfig, SenderRule
 from pickupd.message import envelope
 from pickupd.outcome import Reason, Refusal
 from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
@@ -104,15 +104,7 @@ def test_sidecar_round_trip() -> None:
 
 
 def _config(**policy_values: object) -> Config:
-    return Config(
-        path=Path("t.toml"),
-        policy=PolicyConfig(**policy_values),  # type: ignore[arg-type]
-        relays={"m": RelayConfig(name="m", host="h", port=25)},
-        senders=(
-            SenderRule(pattern="app@example.com", relay="m"),
-            SenderRule(pattern="*@corp.example", relay="m"),
-        ),
-    )
+    return unit_config(policy=PolicyConfig(**policy_values))  # type: ignore[arg-type]
 
 
 def _env(raw: bytes) -> envelope.Envelope:

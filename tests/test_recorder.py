@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+from configs import unit_config
+
 from pickupd import log
 from pickupd.config.loading import Config, RetryConfig
 from pickupd.message import envelope
@@ -41,7 +43,7 @@ def test_a_deferral_follows_the_schedule_of_the_config_it_is_given(tmp_path: Pat
     recorder, out = _recorder(spool)
     parsed = envelope.parse(RAW)
     assert isinstance(parsed, envelope.Envelope)
-    config = Config(path=tmp_path / "c.toml", retry=RetryConfig(schedule=(3600.0,)))
+    config = unit_config(tmp_path / "c.toml", retry=RetryConfig(schedule=(3600.0,)))
     deferred = tuple(RecipientResult(r, 451, "451 later") for r in parsed.recipients)
     before = time.time()
     due = recorder.record(claimed, parsed, Delivery("m", deferred=deferred), RAW, config)

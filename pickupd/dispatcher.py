@@ -18,20 +18,22 @@ from dataclasses import dataclass
 
 from pickupd import policy
 from pickupd.auth import logins
-from pickupd.config.loading import Config, SenderRule
+from pickupd.config.loading import Config, RelayConfig, SenderRule
 from pickupd.errors import SpoolWriteError
 from pickupd.intake import Intake
 from pickupd.limits import buckets
 from pickupd.log import Logger
 from pickupd.message import envelope
-from pickupd.outcome import Reason, Refusal
+from pickupd.outcome import Delivery, Reason, Refusal
 from pickupd.recorder import Meter, Recorder
 from pickupd.smtp import transaction
 from pickupd.smtp.pool import Pool
+from pickupd.spool import moves
 from pickupd.spool.files import printable
 from pickupd.spool.folders import Candidate, Claimed, Spool, TooLarge, Unsafe
 from pickupd.spool.sidecar import from_timestamp
 from pickupd.spool.stranded import Stranded
+from pickupd.suspension import Suspensions
 
 __all__ = ["LARGE_AT_ONCE", "LARGE_MESSAGE", "Dispatcher", "Examined", "examine"]
 
@@ -76,6 +78,8 @@ class Dispatcher:
         self.metrics = metrics
         self._paused = paused
         self._large = asyncio.Semaphore(large_at_once)
+        self.suspensions = Suspensions()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def log(self) -> Logger:
@@ -161,7 +165,14 @@ class Dispatcher:
             # Over a provider limit: not an attempt, not an error; it waits its turn.
             detail = f"waiting its turn: {buckets.limits(relay_config, decision)}"
             self.recorder.waiting(claimed, parsed, slot, detail)
-            self.intake.due_at(slot)
+            self.intake.due_at(claimed.id, slot)
+            return
+        admission = self.suspensions.admit(relay_config.name, now, relay_config.probe_interval)
+        if not admission.go:
+            # The relay is not answering: no connection attempt, not an attempt either.
+            self.suspensions.waiting(relay_config.name, claimed.id)
+            self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
+            self.intake.due_at(claimed.id, admission.until)
             return
         started = time.monotonic()
         delivery = await transaction.send(
@@ -177,6 +188,7 @@ class Dispatcher:
             self.metrics.send_seconds(relay_config.name, time.monotonic() - started)
             if delivery.session_error:
                 self.metrics.connection_error(relay_config.name, delivery.session_error)
+        self._observe(relay_config, delivery, probe=admission.probe)
         throttled = self.limiter.pace(relay_config.name, delivery, time.time())
         if throttled is not None:
             reply, until = throttled
@@ -190,7 +202,46 @@ class Dispatcher:
             )
         due = self.recorder.record(claimed, parsed, delivery, examined.data, config)
         if due is not None:
-            self.intake.due_at(due)
+            self.intake.due_at(claimed.id, due)
+
+    def _observe(self, relay: RelayConfig, delivery: Delivery, *, probe: bool) -> None:
+        """Count an attempt towards the relay's suspension; log and act on a change."""
+        change = self.suspensions.observe(
+            relay.name,
+            delivery,
+            time.time(),
+            suspend_after=relay.suspend_after,
+            probe_interval=relay.probe_interval,
+            probe=probe,
+        )
+        if change is None:
+            return
+        kind, waited = change
+        if self.metrics is not None:
+            self.metrics.suspended(relay.name, kind == "suspended")
+        if kind == "suspended":
+            self.log.error(
+                "relay_suspended",
+                relay=relay.name,
+                failures=relay.suspend_after,
+                detail=delivery.text,
+                probe_every=relay.probe_interval,
+            )
+            return
+        self.log.info("relay_resumed", relay=relay.name, waiting=len(waited))
+        self._resumed(waited)
+
+    def _resumed(self, waited: list[str]) -> None:
+        """The mail that waited for a suspended relay goes now (the utimes run in a thread)."""
+
+        async def due_now() -> None:
+            now = time.time()
+            for msg_id in await asyncio.to_thread(moves.make_waiting_due, self.spool, waited, now):
+                self.intake.due_at(msg_id, now)
+
+        task = asyncio.get_running_loop().create_task(due_now())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 async def examine(spool: Spool, claimed: Claimed, config: Config) -> Examined:

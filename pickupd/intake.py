@@ -3,7 +3,10 @@ due-deferred scheduler, and the two queues (new mail, due mail) that the lanes (
 service's asyncio tasks, one message each) take from in turn.
 
 Events are hints; the directory scan is the truth (as Postfix's pickup). Only a bounded number
-of candidates wait in memory: the backlog stays on disk.
+of candidates wait in memory: the backlog stays on disk. Deferred messages are the exception:
+their due times are kept (duetimes.py), so a deferral or a waiting backlog costs nothing per
+message waiting; the full scan of deferred/ runs in a thread, at start, after a flush, and at
+an interval that grows with the folder.
 """
 
 from __future__ import annotations
@@ -11,23 +14,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections import deque
 from pathlib import Path
 
 from pickupd.config.loading import DispatchConfig
-from pickupd.spool.folders import Candidate, Later, Spool
+from pickupd.duetimes import DueTimes
+from pickupd.spool.folders import Candidate, Later, Spool, message_id
 from pickupd.workers.shares import ONLY, Part, owns
 
-__all__ = ["DEFERRED_DEBOUNCE", "WRITER_PATIENCE", "Intake"]
+__all__ = ["RESCAN_MAX", "WRITER_PATIENCE", "Intake", "rescan_every"]
 
 # How many candidates wait in memory per queue and lane.
 _QUEUE_PER_LANE = 4
 # A direct .eml still open by its writer after this long is taken anyway (missed event).
 WRITER_PATIENCE = 300.0
-# After an operator's change in deferred/ (retry, flush, release), look again this soon: a
-# burst of renames gives one rescan, and the message still goes out well within a second.
-DEFERRED_DEBOUNCE = 0.1
+# The full scan of deferred/ runs every rescan_interval for up to 10,000 messages there, and
+# more seldom as the folder grows (it reads every entry), up to this.
+RESCAN_MAX = 300.0
+_RESCAN_PER = 10_000
+
+
+def rescan_every(interval: float, waiting: int) -> float:
+    """Seconds between full scans of deferred/ with `waiting` messages in it."""
+    return max(interval, min(RESCAN_MAX, interval * waiting / _RESCAN_PER))
 
 
 class Intake:
@@ -50,7 +61,9 @@ class Intake:
         self._queued: set[Path] = set()
         self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
         self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
-        self._deferred_rescan: asyncio.TimerHandle | None = None
+        self._due_times = DueTimes()  # what waits in deferred/ (of our share), by due time
+        self._scanned_since: DueTimes | None = None  # added while a full scan runs
+        self._rescan = True  # a full scan of deferred/ is wanted (at start: yes)
         self._prefer_new = True
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -80,9 +93,15 @@ class Intake:
         return owns(self.part, name)
 
     def wake(self) -> None:
-        """Scan both folders again now (a reload, a flush)."""
+        """Scan both folders again now (a reload, a flush, a share taken over)."""
+        self._rescan = True
         self._pickup_wake.set()
         self._deferred_wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Deferred messages this process knows to be waiting (its share of deferred/)."""
+        return len(self._due_times)
 
     def deferring(self, msg_id: str) -> None:
         """We are about to move `msg_id` into deferred/ ourselves: that is no news for the watch."""
@@ -92,8 +111,11 @@ class Intake:
             self._own_deferrals.clear()
         self._own_deferrals.add(msg_id)
 
-    def due_at(self, due: float) -> None:
-        """A message now waits in deferred/ until `due`: wake the scheduler then, if sooner."""
+    def due_at(self, msg_id: str, due: float) -> None:
+        """Message `msg_id` now waits in deferred/ until `due`: take it then."""
+        self._due_times.add(msg_id, due)
+        if self._scanned_since is not None:
+            self._scanned_since.add(msg_id, due)
         if due < self._next_due:
             self._next_due = due
             self._deferred_wake.set()
@@ -170,22 +192,21 @@ class Intake:
 
     def _deferred_hint(self, event_type: str, name: str) -> None:
         """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
-        ourselves, which is no news). Rescan shortly, once per burst."""
+        ourselves, which is no news)."""
         if event_type not in ("created", "moved") or name.startswith("."):
             return
         msg_id, _, suffix = name.partition(".")
+        if message_id(f"{msg_id}.eml") is None or not self._mine(f"{msg_id}.eml"):
+            return
         if msg_id in self._own_deferrals:
             if suffix == "eml":  # our sidecar came first; the .eml is the last of our two
                 self._own_deferrals.discard(msg_id)
             return
-        if self._deferred_rescan is None:
-
-            def rescan() -> None:
-                self._deferred_rescan = None
-                self._deferred_wake.set()
-
-            loop = asyncio.get_running_loop()
-            self._deferred_rescan = loop.call_later(DEFERRED_DEBOUNCE, rescan)
+        # An operator's retry, release or flush (another process): its due time is the
+        # .eml's mtime, one stat away. A burst too large for the watch overflows into a rescan.
+        with contextlib.suppress(OSError):
+            due = os.stat(self.spool.deferred / f"{msg_id}.eml", follow_symlinks=False).st_mtime
+            self.due_at(msg_id, due)
 
     def _still_open(self, path: Path) -> bool:
         """True while a writer holds a direct .eml open (bounded: a missed close event must not
@@ -262,25 +283,65 @@ class Intake:
             self._feeder_done()
 
     async def feed_deferred(self) -> None:
-        """Take deferred messages as they come due (their file's mtime is the due time)."""
+        """Take deferred messages as they come due (their file's mtime is the due time): from
+        the due times kept, which a full scan of deferred/ (in a thread) renews at start,
+        after a flush or a reload, and every `rescan_every`."""
         try:
+            next_scan = 0.0
             while not self._closed:
                 self._deferred_wake.clear()
+                if self._rescan or time.time() >= next_scan:
+                    await self._scan_deferred()
+                    next_scan = time.time() + rescan_every(
+                        self.dispatch.rescan_interval, len(self._due_times)
+                    )
                 now = time.time()
-                self._next_due = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_deferred(now, self.horizon, self._mine):
-                    if isinstance(item, Later):
-                        self._next_due = min(self._next_due, item.at)
-                    elif item.path not in self._queued and not await self._put(self._due, item):
+                for msg_id in self._due_times.pop_due(now):
+                    candidate = self._still_due(msg_id, now)
+                    if candidate is None or candidate.path in self._queued:
+                        continue
+                    if not await self._put(self._due, candidate):
                         return
                 if self.once:
                     return
+                self._next_due = min(next_scan, self._due_times.next_due() or next_scan)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         self._deferred_wake.wait(), max(0.0, self._next_due - time.time())
                     )
         finally:
             self._feeder_done()
+
+    async def _scan_deferred(self) -> None:
+        """The full scan, off the event loop: the due times of our share of deferred/ as the
+        folder holds them, plus what was deferred while it ran."""
+        self._rescan = False
+        self._scanned_since = DueTimes()
+        try:
+            scanned = await asyncio.to_thread(
+                DueTimes, self.spool.deferred_times(time.time(), self.horizon, self._mine)
+            )
+            scanned.merge(self._scanned_since)
+            self._due_times = scanned
+        finally:
+            self._scanned_since = None
+
+    def _still_due(self, msg_id: str, now: float) -> Candidate | None:
+        """The candidate for `msg_id` if its file is still in deferred/ and due (its mtime
+        says so; a later one is kept for then). One further ahead than `horizon` cannot
+        come from pickupd (a clock jump, an edit): it is taken now, with `clamped_from`."""
+        name = f"{msg_id}.eml"
+        path = self.spool.deferred / name
+        try:
+            due = os.stat(path, follow_symlinks=False).st_mtime
+        except OSError:
+            return None  # taken by another process, or moved by an operator
+        if due > now + self.horizon:
+            return Candidate(path, name, "deferred", msg_id, due)
+        if due > now:
+            self._due_times.add(msg_id, due)
+            return None
+        return Candidate(path, name, "deferred", msg_id)
 
     def _feeder_done(self) -> None:
         self._feeders_done += 1

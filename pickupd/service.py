@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pickupd import log as logs
@@ -29,7 +30,8 @@ from pickupd.outcome import Stats
 from pickupd.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves, recovery
-from pickupd.spool.folders import Candidate, Spool
+from pickupd.spool.census import CensusCache
+from pickupd.spool.folders import Candidate, FolderCount, Spool
 from pickupd.spool.sidecar import Sidecar
 from pickupd.spool.stranded import Stranded
 from pickupd.watcher import Watcher
@@ -66,6 +68,7 @@ class Service:
         self.limiter = buckets.Limiter()
         self.log = logs.get()
         self.notifier = None if once or not main else Notifier.from_env()
+        self.census = CensusCache(self.spool)  # for the status line and the metrics
         self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
         self.intake.horizon = config.retry.max_age
         self.feedback = Feedback(config.notify, self.spool, self.log)
@@ -83,7 +86,7 @@ class Service:
             # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
             from pickupd.hosting.metrics import Metrics
 
-            self.metrics = self._served = Metrics(self.spool)
+            self.metrics = self._served = Metrics(self.spool, self.census.current)
         if main and part.total > 1:
             self.supervisor = Supervisor(
                 str(config.path),
@@ -133,9 +136,13 @@ class Service:
             new, unchanged = keep_fixed(self.file_config, new)
             shares.splits(new, self.part.total)
         except ConfigError as exc:
-            self.log.error("reload_failed", config=str(self.config.path), problems=exc.problems)
-            if self.notifier:
-                self.notifier.ready(self.status_line())
+            self.log.error(
+                "reload_failed",
+                config=str(self.config.path),
+                problems=exc.problems,
+                worker=self.part.index,
+            )
+            self._ready_again()
             return
         self.file_config = new
         self.config = shares.portion(new, self.part)
@@ -151,20 +158,19 @@ class Service:
             config=str(new.path),
             relays=sorted(new.relays),
             senders=len(new.senders),
+            worker=self.part.index,
         )
         self.intake.wake()
-        if self.notifier:
-            self.notifier.ready(self.status_line())
+        self._ready_again()
+
+    def _ready_again(self) -> None:
+        """After a reload: READY=1 with a status line counted afresh (in a thread)."""
+        if self.notifier is not None:
+            self._spawn(_ready_after_count(self.notifier, self.census, self.status_line))
 
     def status_line(self) -> str:
-        """One line for `systemctl status`: this run's outcomes and what the spool holds."""
-        census = self.spool.census(time.time())
-        stats = self.service_stats()
-        return (
-            f"sent {stats.sent}, deferred {stats.deferred}, failed {stats.failed} since start;"
-            f" queue: pickup {census['pickup'].count}, deferred {census['deferred'].count},"
-            f" hold {census['hold'].count}, failed {census['failed'].count}"
-        )
+        """One line for `systemctl status` (never a count taken here, on the loop)."""
+        return status_line(self.service_stats(), self.census.latest)
 
     def service_stats(self) -> Stats:
         """This run's counts, the other workers' included."""
@@ -184,7 +190,10 @@ class Service:
             if self.supervisor is not None:  # the workers look again once all is due
                 self.supervisor.tell(protocol.Flush())
 
-        task = asyncio.get_running_loop().create_task(flush())
+        self._spawn(flush())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -241,7 +250,10 @@ class Service:
                     # The service is ready when all its workers watch the spool.
                     if not await self.supervisor.wait_ready(WORKERS_START):
                         self.log.error("workers_not_ready", seconds=WORKERS_START)
+                if self.notifier or self._served:
+                    helpers.append(group.create_task(self.census.run()))
                 if self.notifier:
+                    await self.census.renewed()  # READY=1 says what the spool holds
                     helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))
                 group.create_task(self._supervise(tasks, helpers))
                 self._ready.set()
@@ -299,12 +311,8 @@ class Service:
                 self._told(event)
                 if self.supervisor is not None:
                     self.supervisor.tell(event)
-            case protocol.Outcome(outcome, reason, relay) if self.metrics is not None:
-                self.metrics.outcome(outcome, reason, relay)
-            case protocol.SendTime(relay, seconds) if self.metrics is not None:
-                self.metrics.send_seconds(relay, seconds)
-            case protocol.SessionFailed(relay, kind) if self.metrics is not None:
-                self.metrics.connection_error(relay, kind)
+            case _ if self._served is not None:
+                self._served.apply(event)
 
     def _told(self, message: protocol.Down) -> None:
         """What the main process passes on to every worker: a relay's pause, a flush."""
@@ -372,6 +380,25 @@ class Service:
                 self.log.exception("internal_error", source=candidate.source)
             finally:
                 intake.done(candidate)
+
+
+def status_line(stats: Stats, census: dict[str, FolderCount] | None) -> str:
+    """This run's outcomes and what the spool held at the latest census (spool/census.py)."""
+    line = f"sent {stats.sent}, deferred {stats.deferred}, failed {stats.failed} since start"
+    if census is None:
+        return f"{line}; queue: not counted yet"
+    return (
+        f"{line}; queue: pickup {census['pickup'].count}, deferred {census['deferred'].count},"
+        f" hold {census['hold'].count}, failed {census['failed'].count}"
+    )
+
+
+async def _ready_after_count(
+    notifier: Notifier, census: CensusCache, status: Callable[[], str]
+) -> None:
+    with contextlib.suppress(OSError):
+        await census.renewed()
+    notifier.ready(status())
 
 
 async def _until_done(task: asyncio.Task[None]) -> None:

@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pickupd import ids
+from pickupd.duetimes import DueTimes
 from pickupd.spool import recovery
 from pickupd.spool.files import atomic_write
 from pickupd.spool.folders import Candidate, Later, Spool, TooLarge, Unsafe
@@ -81,7 +84,8 @@ def test_direct_eml_waits_for_settle(tmp_path: Path) -> None:
 
 
 def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
-    """finish_deferred sets the due time; scan_deferred offers it only once due."""
+    """finish_deferred sets the due time (the .eml's mtime); deferred_times reports it,
+    and the due-time index gives the id back only once it is due."""
     spool = make(tmp_path)
     (spool.new / "m").write_bytes(b"x")
     claimed = spool.claim(Candidate(spool.new / "m", "new/m", "new"))
@@ -89,11 +93,48 @@ def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
     car = Sidecar(claimed.id, "new/m", "a@b", ("c@d",), 1, from_timestamp(time.time()))
     due = time.time() + 100
     spool.finish_deferred(claimed, car, due)
-    assert list(spool.scan_deferred(time.time())) == [Later(due)]
-    (item,) = spool.scan_deferred(due + 1)
-    assert isinstance(item, Candidate) and item.id == claimed.id
+    ((msg_id, found),) = spool.deferred_times(time.time())
+    assert msg_id == claimed.id and abs(found - due) < 0.001
+    index = DueTimes(spool.deferred_times(time.time()))
+    assert list(index.pop_due(due - 0.2)) == [] and index.next_due() == pytest.approx(due, abs=0.1)
+    assert list(index.pop_due(due + 0.1)) == [claimed.id] and len(index) == 0
+    item = Candidate(spool.deferred / f"{msg_id}.eml", f"{msg_id}.eml", "deferred", msg_id)
     again = spool.claim(item)
     assert again is not None and again.sidecar == car
+
+
+def test_deferred_times_clamp_a_due_time_beyond_the_horizon(tmp_path: Path) -> None:
+    """A due time further ahead than the horizon (a clock jump, an edit) is given as now."""
+    spool = make(tmp_path)
+    (spool.deferred / f"{ids.new()}.eml").write_bytes(b"x")
+    far = time.time() + 10 * 86400
+    (path,) = spool.deferred.iterdir()
+    os.utime(path, (far, far))
+    now = time.time()
+    assert [due for _, due in spool.deferred_times(now, horizon=86400)] == [now]
+    assert [due for _, due in spool.deferred_times(now)] == [far]
+
+
+def test_due_times_keep_order_and_take_late_additions() -> None:
+    """Entries come out earliest first, never before their time, and an entry added while
+    popping is seen when due; a stale duplicate is harmless (the taker re-reads the mtime)."""
+    index = DueTimes()
+    first, second, third = ids.new(), ids.new(), ids.new()
+    index.add(second, 1000.5)
+    index.add(first, 1000.0)
+    index.add("not-an-id", 999.0)  # only ids can name deferred files
+    assert len(index) == 2
+    assert list(index.pop_due(999.99)) == []
+    popped = []
+    for msg_id in index.pop_due(1001.0):
+        popped.append(msg_id)
+        if msg_id == first:
+            index.add(third, 1000.7)
+    assert popped == [first, second, third] and len(index) == 0
+    other = DueTimes([(first, 5.0)])
+    index.merge(other)
+    index.merge(other)
+    assert list(index.pop_due(5.0)) == [first, first]
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -78,6 +78,15 @@ class RelayConfig:
     rate: Rate | None = setting(
         None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'
     )
+    suspend_after: int = setting(
+        3,
+        s.int_range(0, 1000),
+        "an integer 0-1000",
+        "connection failures in a row that suspend the relay (0: never)",
+    )
+    probe_interval: float = setting(
+        30.0, s.positive_duration, "a duration", "while suspended: one probe this often"
+    )
     provider: str | None = setting(
         None,
         s.choice(*PROVIDERS),

@@ -18,7 +18,7 @@ Metrics:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -26,7 +26,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pickupd.errors import PickupdError
-from pickupd.spool.folders import Spool
+from pickupd.spool.folders import FolderCount, Spool
+from pickupd.workers import protocol
 
 __all__ = ["Metrics"]
 
@@ -35,13 +36,14 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 
 class _SpoolCollector(Collector):
-    """Queue depth per folder and the age of the oldest deferred message, read at scrape."""
+    """Queue depth per folder and the age of the oldest deferred message, at scrape (from
+    the service's census, spool/census.py)."""
 
-    def __init__(self, spool: Spool) -> None:
-        self._spool = spool
+    def __init__(self, count: Callable[[], dict[str, FolderCount]]) -> None:
+        self._count = count
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        census = self._spool.census(time.time(), ages=("deferred",))
+        census = self._count()
         depth = GaugeMetricFamily(
             "pickupd_queue_messages", "Messages in each spool folder", labels=["folder"]
         )
@@ -59,7 +61,10 @@ class _SpoolCollector(Collector):
 class Metrics:
     """The dispatcher's metrics and, once started, their HTTP endpoint."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(
+        self, spool: Spool, count: Callable[[], dict[str, FolderCount]] | None = None
+    ) -> None:
+        """`count`: the census to show (default: a fresh one at every scrape)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._messages = Counter(
             "pickupd_messages",
@@ -80,12 +85,20 @@ class Metrics:
             ["relay", "kind"],
             registry=self.registry,
         )
+        self._suspended = Gauge(
+            "pickupd_relay_suspended",
+            "Processes of the service holding the relay suspended (it stopped answering)",
+            ["relay"],
+            registry=self.registry,
+        )
         self._stranded = Gauge(
             "pickupd_stranded_messages",
             "Claimed messages that could not be moved to their folder (disk full?), retried",
             registry=self.registry,
         )
-        self.registry.register(_SpoolCollector(spool))
+        self.registry.register(
+            _SpoolCollector(count or (lambda: spool.census(time.time(), ages=("deferred",))))
+        )
         self._server: WSGIServer | None = None
 
     def start(self, listen: tuple[str, int]) -> None:
@@ -106,6 +119,25 @@ class Metrics:
 
     def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None:
         self._messages.labels(outcome, reason or "", relay or "").inc()
+
+    def apply(self, event: protocol.Up) -> None:
+        """A metric event a worker process sent up (others are not the metrics' business)."""
+        match event:
+            case protocol.Outcome(outcome, reason, relay):
+                self.outcome(outcome, reason, relay)
+            case protocol.SendTime(relay, seconds):
+                self.send_seconds(relay, seconds)
+            case protocol.SessionFailed(relay, kind):
+                self.connection_error(relay, kind)
+            case protocol.Suspended(relay, on):
+                self.suspended(relay, on)
+
+    def suspended(self, relay: str, on: bool) -> None:
+        gauge = self._suspended.labels(relay)
+        if on:
+            gauge.inc()
+        else:
+            gauge.dec()
 
     def send_seconds(self, relay: str, seconds: float) -> None:
         self._duration.labels(relay).observe(seconds)

@@ -212,13 +212,13 @@ class Spool:
                 else:
                     yield Candidate(Path(entry.path), name, "eml")
 
-    def scan_deferred(
+    def deferred_times(
         self, now: float, horizon: float = float("inf"), mine: Callable[[str], bool] = _every
-    ) -> Iterator[Candidate | Later]:
-        """Yield deferred messages that are due, and `Later` with the due time of the others.
-        The due time is the .eml's mtime (the one truth; the sidecar's next_attempt says the
-        same for people). One further ahead than `horizon` seconds cannot come from pickupd
-        (a clock jump, an edit): that message is yielded now, with `clamped_from` set."""
+    ) -> Iterator[tuple[str, float]]:
+        """(id, due time) of each message in deferred/ (of `mine`), in folder order. The due
+        time is the .eml's mtime (the one truth; the sidecar's next_attempt says the same for
+        people). One further ahead than `horizon` seconds cannot come from pickupd (a clock
+        jump, an edit): it is given as due `now` (the taker logs it as clamped)."""
         for entry in entries(self.deferred):
             msg_id = message_id(entry.name)
             if msg_id is None or not mine(entry.name):
@@ -227,12 +227,7 @@ class Spool:
                 due = entry.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue
-            if due <= now:
-                yield Candidate(Path(entry.path), entry.name, "deferred", msg_id)
-            elif due > now + horizon:
-                yield Candidate(Path(entry.path), entry.name, "deferred", msg_id, due)
-            else:
-                yield Later(due)
+            yield msg_id, now if due > now + horizon else due
 
     # -- claiming and reading -----------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pickupd.spool.files import atomic_write, fsync_dir
 from pickupd.spool.folders import Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp
 
-__all__ = ["delete", "hold", "locate", "make_due", "make_one_due", "requeue"]
+__all__ = ["delete", "hold", "locate", "make_due", "make_one_due", "make_waiting_due", "requeue"]
 
 
 def locate(spool: Spool, msg_id: str) -> Path | None:
@@ -93,6 +93,22 @@ def make_one_due(spool: Spool, msg_id: str, now: float) -> bool:
             dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
         )
     return True
+
+
+def make_waiting_due(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
+    """Make these deferred messages due at `now` (a suspended relay answers again); return
+    those still waiting. Only the .eml's mtime changes (the one truth): each sidecar keeps
+    the next_attempt it was deferred with, as it would have for a `waiting` turn."""
+    made = []
+    for msg_id in msg_ids:
+        eml = spool.deferred / f"{msg_id}.eml"
+        try:
+            if os.stat(eml, follow_symlinks=False).st_mtime > now:
+                os.utime(eml, (now, now), follow_symlinks=False)
+                made.append(msg_id)
+        except FileNotFoundError:
+            continue  # taken meanwhile
+    return made
 
 
 def delete(spool: Spool, msg_id: str, folder: Path) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "SendTime",
     "SessionFailed",
     "Stranded",
+    "Suspended",
     "Up",
     "decode_batch",
     "decode_down",
@@ -65,6 +66,14 @@ class SessionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Suspended:
+    """Up: the worker suspended `relay` (`on`), or it answered again."""
+
+    relay: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Stranded:
     """Up: the worker's count of claims the spool could not take changed."""
 
@@ -94,7 +103,7 @@ class Flush:
     """Down: every deferred message was made due: look again now."""
 
 
-Up = Ready | Outcome | SendTime | SessionFailed | Stranded | Paused | Feedback
+Up = Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Paused | Feedback
 Down = Paused | Flush
 
 
@@ -108,7 +117,7 @@ class Batch:
 
 _UP: dict[str, type[Up]] = {
     cls.__name__.lower(): cls
-    for cls in (Ready, Outcome, SendTime, SessionFailed, Stranded, Paused, Feedback)
+    for cls in (Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Paused, Feedback)
 }
 _DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Paused, Flush)}
 # Field types the wire may carry as another JSON type (an int where a float is meant).

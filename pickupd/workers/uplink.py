@@ -60,6 +60,10 @@ class Forwarder:
         if self._metrics:
             self._add(protocol.SessionFailed(relay, kind))
 
+    def suspended(self, relay: str, on: bool) -> None:
+        if self._metrics:
+            self._add(protocol.Suspended(relay, on))
+
     def paused(self, relay: str, until: float) -> None:
         """This worker was asked to slow down: the main process pauses every worker."""
         self._events.append(protocol.Paused(relay, until))

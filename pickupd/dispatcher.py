@@ -188,7 +188,7 @@ class Dispatcher:
             self.metrics.send_seconds(relay_config.name, time.monotonic() - started)
             if delivery.session_error:
                 self.metrics.connection_error(relay_config.name, delivery.session_error)
-        self._observe(relay_config, delivery, probe=admission.probe)
+        self._observe(relay_config, delivery, claimed.id, probe=admission.probe)
         throttled = self.limiter.pace(relay_config.name, delivery, time.time())
         if throttled is not None:
             reply, until = throttled
@@ -204,22 +204,25 @@ class Dispatcher:
         if due is not None:
             self.intake.due_at(claimed.id, due)
 
-    def _observe(self, relay: RelayConfig, delivery: Delivery, *, probe: bool) -> None:
+    def _observe(self, relay: RelayConfig, delivery: Delivery, msg_id: str, *, probe: bool) -> None:
         """Count an attempt towards the relay's suspension; log and act on a change."""
         change = self.suspensions.observe(
             relay.name,
             delivery,
             time.time(),
+            msg_id,
             suspend_after=relay.suspend_after,
             probe_interval=relay.probe_interval,
             probe=probe,
         )
-        if change is None:
+        if change.rearm is not None:
+            msg_id, at = change.rearm
+            self._make_due([msg_id], at)
+        if change.kind is None:
             return
-        kind, waited = change
         if self.metrics is not None:
-            self.metrics.suspended(relay.name, kind == "suspended")
-        if kind == "suspended":
+            self.metrics.suspended(relay.name, change.kind == "suspended")
+        if change.kind == "suspended":
             self.log.error(
                 "relay_suspended",
                 relay=relay.name,
@@ -228,16 +231,18 @@ class Dispatcher:
                 probe_every=relay.probe_interval,
             )
             return
-        self.log.info("relay_resumed", relay=relay.name, waiting=len(waited))
-        self._resumed(waited)
+        self.log.info("relay_resumed", relay=relay.name, waiting=len(change.waited))
+        self._make_due(list(change.waited), None)
 
-    def _resumed(self, waited: list[str]) -> None:
-        """The mail that waited for a suspended relay goes now (the utimes run in a thread)."""
+    def _make_due(self, msg_ids: list[str], at: float | None) -> None:
+        """Mail that waited for a suspended relay goes at `at` (None: now): the relay is back,
+        or one of them is to be the next probe. The utimes run in a thread."""
 
         async def due_now() -> None:
-            now = time.time()
-            for msg_id in await asyncio.to_thread(moves.make_waiting_due, self.spool, waited, now):
-                self.intake.due_at(msg_id, now)
+            when = time.time() if at is None else at
+            made = await asyncio.to_thread(moves.make_waiting_due, self.spool, msg_ids, when)
+            for msg_id in made:
+                self.intake.due_at(msg_id, when)
 
         task = asyncio.get_running_loop().create_task(due_now())
         self._background.add(task)

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
 from pickupd.duetimes import DueTimes
 from pickupd.spool.folders import Candidate, Later, Spool, message_id
@@ -64,6 +65,7 @@ class Intake:
         self._due_times = DueTimes()  # what waits in deferred/ (of our share), by due time
         self._scanned_since: DueTimes | None = None  # added while a full scan runs
         self._rescan = True  # a full scan of deferred/ is wanted (at start: yes)
+        self._scans = 0
         self._prefer_new = True
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
@@ -317,6 +319,7 @@ class Intake:
         folder holds them, plus what was deferred while it ran."""
         self._rescan = False
         self._scanned_since = DueTimes()
+        started = time.monotonic()
         try:
             scanned = await asyncio.to_thread(
                 DueTimes, self.spool.deferred_times(time.time(), self.horizon, self._mine)
@@ -325,6 +328,10 @@ class Intake:
             self._due_times = scanned
         finally:
             self._scanned_since = None
+        took = time.monotonic() - started
+        if not self._scans or took > 1.0:  # the first, and any an operator would notice
+            logs.get().info("deferred_scanned", waiting=len(scanned), seconds=round(took, 3))
+        self._scans += 1
 
     def _still_due(self, msg_id: str, now: float) -> Candidate | None:
         """The candidate for `msg_id` if its file is still in deferred/ and due (its mtime

@@ -3,8 +3,9 @@
 After `suspend_after` connection failures in a row (refused, timed out, a TLS handshake that
 fails, a 421 greeting), the relay is suspended in this process: its mail waits in deferred/
 without a connection attempt each and without counting an attempt. One message at a time
-goes out as a probe, every `probe_interval`; the first one that reaches the server ends the
-suspension, and the mail that waited is made due at once. Other relays are untouched; a
+goes out as a probe, every `probe_interval`: one waiting message is due then (the "armed"
+one), the others wait longer; the first probe that reaches the server ends the suspension,
+and the mail that waited is made due at once. Other relays are untouched; a
 login that fails (auth, token) is the login's problem, not the relay's.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pickupd.outcome import Delivery
 
-__all__ = ["HOLD_PROBES", "Admission", "Suspensions", "is_dead_relay"]
+__all__ = ["HOLD_PROBES", "Admission", "Change", "Suspensions", "is_dead_relay"]
 
 # Mail that waits for a suspended relay is due again after this many probe intervals at
 # most (sooner if a probe succeeds): a restart meanwhile never strands it for long.
@@ -40,17 +41,31 @@ class Admission:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What an attempt changed: `kind` "suspended" or "resumed" (None: neither); on resume,
+    the ids that waited (make them due now); `rearm`: a waiting id to make due at a time,
+    to be the next probe."""
+
+    kind: str | None = None
+    waited: tuple[str, ...] = ()
+    rearm: tuple[str, float] | None = None
+
+
 @dataclass(slots=True)
 class _Relay:
     failures: int = 0
     last_error: str = ""
     suspended: bool = False
     probing: bool = False
+    armed: bool = False  # a waiting message is due at next_probe, to be the probe
     next_probe: float = 0.0
     waiting: list[str] = field(default_factory=list)  # ids deferred while suspended
+    failed: list[str] = field(default_factory=list)  # ids of the failures before it
 
 
 _GO = Admission(go=True)
+_NONE = Change()
 
 
 class Suspensions:
@@ -70,8 +85,12 @@ class Suspensions:
             return _GO
         if not state.probing and now >= state.next_probe:
             state.probing = True
+            state.armed = False
             return Admission(go=True, probe=True)
         until = now + probe_interval * HOLD_PROBES
+        if not state.armed and not state.probing:
+            state.armed = True  # this one comes back for the next probe
+            until = state.next_probe
         detail = f"relay_suspended: {relay} is not answering; last error: {state.last_error}"
         return Admission(go=False, until=until, detail=detail)
 
@@ -86,31 +105,41 @@ class Suspensions:
         relay: str,
         delivery: Delivery,
         now: float,
+        msg_id: str = "",
         *,
         suspend_after: int,
         probe_interval: float,
         probe: bool,
-    ) -> tuple[str, list[str]] | None:
-        """Count the outcome of an attempt on `relay`. Returns ("suspended", []) when this
-        failure suspends it, ("resumed", ids of the mail that waited) when this success ends
-        a suspension, else None."""
+    ) -> Change:
+        """Count the outcome of an attempt on `relay` for `msg_id` (`probe`: it was the
+        probe). A message deferred because the relay was down is handed back on resume
+        with those that waited, so no mail of the outage waits for its retry schedule."""
         state = self._relays.setdefault(relay, _Relay())
         if probe:
             state.probing = False
         if not is_dead_relay(delivery):
             state.failures = 0
+            state.failed.clear()
             if not state.suspended:
-                return None
-            state.suspended = False
+                return _NONE
+            state.suspended = state.armed = False
             waited, state.waiting = state.waiting, []
-            return "resumed", waited
+            return Change("resumed", tuple(waited))
         state.failures += 1
         state.last_error = delivery.text
+        if msg_id:
+            (state.waiting if state.suspended else state.failed).append(msg_id)
         if state.suspended:
-            state.next_probe = now + probe_interval
-            return None
+            if probe:  # failed: the next probe is one of the waiting messages, then
+                state.next_probe = now + probe_interval
+                if state.waiting and not state.armed:
+                    state.armed = True
+                    return Change(rearm=(state.waiting.pop(0), state.next_probe))
+            return _NONE
         if suspend_after and state.failures >= suspend_after:
             state.suspended = True
             state.next_probe = now + probe_interval
-            return "suspended", []
-        return None
+            state.waiting.extend(state.failed)
+            state.failed.clear()
+            return Change("suspended")
+        return _NONE

@@ -107,7 +107,7 @@ class DispatchConfig:
         30.0,
         s.positive_duration,
         "a duration",
-        "rescan pickup/ and deferred/ this often, in case a file event was missed",
+        "rescan pickup/ and deferred/ this often (deferred/: more seldom as it grows)",
     )
 
 

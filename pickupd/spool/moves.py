@@ -96,9 +96,10 @@ def make_one_due(spool: Spool, msg_id: str, now: float) -> bool:
 
 
 def make_waiting_due(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
-    """Make these deferred messages due at `now` (a suspended relay answers again); return
-    those still waiting. Only the .eml's mtime changes (the one truth): each sidecar keeps
-    the next_attempt it was deferred with, as it would have for a `waiting` turn."""
+    """Make these deferred messages due at `now` if they are due later (a suspended relay
+    answers again, or one of them is to be its next probe); return those so moved. Only the
+    .eml's mtime changes (the one truth): each sidecar keeps the next_attempt it was given.
+    """
     made = []
     for msg_id in msg_ids:
         eml = spool.deferred / f"{msg_id}.eml"

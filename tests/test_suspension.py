@@ -93,6 +93,15 @@ def test_a_dead_relay_is_suspended_probed_and_resumed(
         drop_maildir(daemon.spool, message(sender="ops@example.com", subject=f"o{n}"))
     other.wait_for(3)
     daemon.wait_event("waiting", count=17)
+    queue = subprocess.run(
+        [PICKUPD, "queue", "-c", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert queue.returncode == 0, queue.stderr
+    assert queue.stdout.count("relay_suspended: main is not answering") >= 17, queue.stdout
     started, before = time.monotonic(), dead.sessions
     wait_until(lambda: dead.sessions >= before + 2, 5, "two probes")
     probes = dead.sessions - before

@@ -23,7 +23,16 @@ from typing import Any, TypeVar
 import tomli_w
 
 from pickupd.errors import Invalid
-from pickupd.units import Rate, format_duration, format_size, parse_duration, parse_rate, parse_size
+from pickupd.units import (
+    Limit,
+    Rate,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_limit,
+    parse_rate,
+    parse_size,
+)
 
 __all__ = [
     "Key",
@@ -36,6 +45,7 @@ __all__ = [
     "duration",
     "int_range",
     "keys",
+    "limits",
     "listen",
     "positive_duration",
     "rate",
@@ -245,6 +255,13 @@ def rate(value: Any) -> Rate:
     return parse_rate(value)
 
 
+def limits(value: Any) -> tuple[Limit, ...]:
+    """An array of limits: ["30 messages/min", "10000 recipients/day", "3 connections"]."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid('expected an array like ["30 messages/min", "10000 recipients/day"]')
+    return tuple(parse_limit(item) for item in value)
+
+
 def domain(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(
         r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
@@ -303,4 +320,5 @@ _AS_TOML: dict[Convert, Callable[[Any], Any]] = {
     schedule: lambda value: [format_duration(item) for item in value],
     size: format_size,
     listen: _listen_as_toml,
+    limits: lambda value: [str(item) for item in value],
 }

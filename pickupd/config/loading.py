@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pickupd.auth.logins import Credentials, Login, OAuth2Login, Secret
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
+from pickupd.config.limits import LimitsConfig, read_limits
 from pickupd.config.logins import others_can_access
 from pickupd.config.routing import (
     RelayConfig,
@@ -244,6 +245,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     relays: Mapping[str, RelayConfig] = field(default_factory=dict)
     senders: tuple[SenderRule, ...] = ()
 
@@ -267,6 +269,7 @@ def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
         "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
         "dispatch.workers": (old.dispatch.workers, new.dispatch.workers),
         "metrics.listen": (old.metrics.listen, new.metrics.listen),
+        "limits.store": (old.limits.store, new.limits.store),
     }
     changed = [key for key, (before, after) in fixed.items() if before != after]
     kept = dataclasses.replace(
@@ -276,6 +279,7 @@ def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
             new.dispatch, concurrency=old.dispatch.concurrency, workers=old.dispatch.workers
         ),
         metrics=old.metrics,
+        limits=dataclasses.replace(new.limits, store=old.limits.store),
     )
     return kept, changed
 
@@ -306,11 +310,12 @@ def load(path: Path) -> Config:
     """Read and validate the config file; raise ConfigError listing every problem found."""
     reader = Reader(path)
     doc = _parse(path)
-    reader.unknown(doc, "", set(SECTIONS) | {"relays", "senders"})
+    reader.unknown(doc, "", set(SECTIONS) | {"limits", "relays", "senders"})
     sections: dict[str, Any] = {"spool": _spool(reader, doc)}
     for name, section in SECTIONS.items():
         if name != "spool":
             sections[name] = section(**reader.values(reader.table(doc, name), f"{name}.", section))
+    sections["limits"] = read_limits(reader, doc)
 
     relays: dict[str, RelayConfig] = {}
     for name, table in named_tables(reader, doc, "relays").items():

@@ -13,12 +13,14 @@ from pickupd.auth.logins import Login
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
 from pickupd.config.logins import CREDENTIAL_KEYS, read_credentials
-from pickupd.units import Rate
+from pickupd.units import Limit, Rate, from_rate, merged, parse_limits
 
 __all__ = [
     "DEFAULT_PORTS",
+    "MAILBOX_PRESETS",
     "MAX_SESSION_AGE",
     "PROVIDERS",
+    "RELAY_PRESETS",
     "RelayConfig",
     "SenderRule",
     "is_loopback",
@@ -40,6 +42,21 @@ PROVIDERS: dict[str, str] = {
     "microsoft365": "smtp.office365.com",
     "google": "smtp.gmail.com",
     "ses": "email-smtp.{region}.amazonaws.com",
+}
+# The providers' published limits, checked 2026-12-01 (sources: the README's "Provider
+# limits"). Microsoft 365 and Google count each mailbox (each login through the relay).
+MAILBOX_PRESETS: dict[str, tuple[Limit, ...]] = {
+    "microsoft365": parse_limits(
+        ["30 messages/min", "10000 recipients/day", "3 connections", "500 recipients/message"]
+    ),
+    "google": parse_limits(["2000 messages/day", "10000 recipients/day", "100 recipients/message"]),
+    "ses": (),
+}
+# SES counts the account (the relay's login); its rate and quota differ per account.
+RELAY_PRESETS: dict[str, tuple[Limit, ...]] = {
+    "microsoft365": (),
+    "google": (),
+    "ses": parse_limits(["50 recipients/message"]),
 }
 
 
@@ -76,7 +93,20 @@ class RelayConfig:
         f"then open a new session (also after {MAX_SESSION_AGE:g} s)",
     )
     rate: Rate | None = setting(
-        None, s.rate, "", 'provider limit for the whole relay, like "100/min" (not set)'
+        None, s.rate, "", 'the older form of limits = ["100 messages/min"] (not set)'
+    )
+    limits: tuple[Limit, ...] = setting(
+        (),
+        s.limits,
+        "",
+        "for all mail through this relay (the account), shared by the fleet; over the"
+        " provider's, kind by kind",
+    )
+    mailbox_limits: tuple[Limit, ...] = setting(
+        (),
+        s.limits,
+        "",
+        "for each mailbox (login) through this relay; over the provider's, kind by kind",
     )
     suspend_after: int = setting(
         3,
@@ -107,7 +137,15 @@ class SenderRule:
     relay: str
     credentials: Login | None = None
     # For this sender's credentials (or the relay's, if it has none).
-    rate: Rate | None = setting(None, s.rate, "", 'per mailbox, like "30/min" (not set)')
+    rate: Rate | None = setting(
+        None, s.rate, "", 'the older form of limits = ["30 messages/min"] (not set)'
+    )
+    limits: tuple[Limit, ...] = setting(
+        (),
+        s.limits,
+        "",
+        "for this sender's mailbox (its login); over the relay's mailbox_limits, kind by kind",
+    )
 
     def matches(self, address: str) -> bool:
         """Case-insensitive match of an addr-spec against this entry."""
@@ -154,6 +192,12 @@ def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConf
     credentials = read_credentials(reader, table, prefix)
     if not host:
         return None
+    # What applies, as `pickupd check` shows it: the presets, overridden kind by kind.
+    rate = () if values["rate"] is None else (from_rate(values["rate"]),)
+    values["limits"] = merged(RELAY_PRESETS.get(provider or "", ()), values["limits"] + rate)
+    values["mailbox_limits"] = merged(
+        MAILBOX_PRESETS.get(provider or "", ()), values["mailbox_limits"]
+    )
     relay = RelayConfig(name=name, host=host, port=port, credentials=credentials, **values)
     if credentials is not None:
         problem = _cleartext_problem(relay)
@@ -195,6 +239,8 @@ def read_sender(
         problem = _cleartext_problem(relays[relay])
         if problem:
             reader.problem(prefix + "username", problem)
+    if values["rate"] is not None:
+        values["limits"] = merged((from_rate(values["rate"]),), values["limits"])
     return SenderRule(pattern=pattern.lower(), relay=relay, credentials=credentials, **values)
 
 

@@ -1,0 +1,129 @@
+"""The dispatcher's side of the ledger: a turn before each transaction, the books settled after
+it, and the provider's reply turned into a pause for its scope (replies.py).
+
+A message over a limit is not an attempt and not an error: its turn is booked (in order, so a
+burst of a thousand at 30 a minute is spread over 33 minutes in one pass) and it waits in
+deferred/ until then. When it comes back it goes on the turn it holds, without asking again.
+A turn lives in this process's memory: a message taken by another process (or after a
+restart) books a new one, and the old stays counted, which errs on the side of the limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pickupd.limits.ledger import Ledger, Turn
+from pickupd.limits.needs import Applies
+from pickupd.limits.replies import PAUSE_FIRST, PAUSE_MAX, SPENT, TENANT, Kind, Rule, classify
+from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal
+from pickupd.spool.sidecar import from_timestamp
+
+__all__ = ["EARLY", "Go", "Pause", "Quota", "Wait"]
+
+# Turns this close to now are taken at once (a due message must not bounce for a rounding).
+EARLY = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Go:
+    """Send now, on this turn (None: no counted limit applies)."""
+
+    turn: Turn | None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Not now: wait in deferred/ until `at` (this host's clock), for the reason `detail`."""
+
+    at: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """What a reply did to its scope, for the log and the outcome."""
+
+    rule: Rule
+    reply: RecipientResult
+    scope: str
+    until: float  # this host's clock
+
+
+class Quota:
+    """Turns from the ledger for the messages of one process."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._held: dict[str, tuple[Turn, float]] = {}  # message id -> its turn, due (local)
+        self._lengths: dict[str, float] = {}  # scope -> its last throttling pause
+
+    async def turn(self, msg_id: str, applies: Applies, recipients: int) -> Go | Wait | Refusal:
+        """May the message go now? A Refusal when it never can under its limits."""
+        if applies.per_message is not None and recipients > applies.per_message[0].amount:
+            limit, where = applies.per_message
+            return Refusal(
+                Reason.TOO_MANY_RECIPIENTS,
+                f"{recipients} recipients, over {where} = {limit}: pickupd does not split a"
+                f" message; send it in parts of at most {limit.amount} recipients",
+            )
+        held = self._held.pop(msg_id, None)
+        if held is not None:
+            turn, due = held
+            if time.time() >= due - EARLY:
+                return Go(turn)
+            self._held[msg_id] = held
+            return Wait(due, self._detail(turn, applies))
+        if not applies.needs and not applies.scopes:
+            return Go(None)
+        turn = await self.ledger.reserve(applies.needs, applies.scopes)
+        if turn.never is not None:
+            need = turn.never
+            return Refusal(
+                Reason.TOO_MANY_RECIPIENTS,
+                f"{need.amount} {need.limit.unit}, more than {need.scope} = {need.limit}"
+                " can ever take",
+            )
+        if turn.at <= turn.now + EARLY:
+            return Go(turn if turn.booked else None)
+        due = time.time() + (turn.at - turn.now)
+        self._held[msg_id] = (turn, due)
+        return Wait(due, self._detail(turn, applies))
+
+    def forget(self, msg_id: str) -> None:
+        """A message that will not come back for its turn."""
+        self._held.pop(msg_id, None)
+
+    async def settle(self, turn: Turn | None, delivery: Delivery, applies: Applies) -> Pause | None:
+        """After the transaction: give back what the server did not take, and pause the
+        scope a reply asks to pause."""
+        if turn is not None and turn.booked:
+            unused = len(delivery.deferred) + len(delivery.rejected)
+            if unused or not delivery.sent:
+                await self.ledger.refund(turn, unused, not delivery.sent)
+        found = classify(delivery)
+        if found is None:
+            if delivery.sent:
+                for scope in applies.scopes:
+                    self._lengths.pop(scope, None)
+            return None
+        rule, reply = found
+        scope = applies.mailbox if rule.scope == "mailbox" else applies.account
+        if rule.kind is Kind.OAUTH2:
+            return Pause(rule, reply, scope, time.time())
+        if rule.kind is Kind.SPENT:
+            length = SPENT
+        elif rule.kind is Kind.TENANT:
+            length = TENANT
+        else:
+            last = self._lengths.get(scope, 0.0)
+            length = min(PAUSE_MAX, last * 2 if last else PAUSE_FIRST)
+            self._lengths[scope] = length
+        now = await self.ledger.clock()
+        until = await self.ledger.pause(scope, now + length, f"{rule.says}: {reply.text}")
+        return Pause(rule, reply, scope, time.time() + (until - now))
+
+    def _detail(self, turn: Turn, applies: Applies) -> str:
+        if turn.paused is not None:
+            return f"waiting: {turn.paused} is paused ({turn.why}) until {from_timestamp(turn.at)}"
+        return f"waiting its turn: {applies.describe()}"

@@ -1,0 +1,369 @@
+"""The ledger in Redis, shared by every pickupd process and host that names the same store.
+
+Why redis-py's asyncio client and our own Lua, not the `limits` library: a turn must be booked
+against several limits at once, all or nothing, possibly in the future (a burst spread over
+its window), and in one round trip; `limits` checks one key at a time, only for now, and keeps
+the clock of each client. The script does the arithmetic of windows.py on the server, with
+the server's clock (TIME), so a fleet has one clock.
+
+Keys: `pickupd:{<relay host>}:<scope>/<unit>/<window>`, a hash of bucket -> count plus the
+tail (`t`); pauses `pickupd:{<relay host>}:pause:<scope>`; connection leases a sorted set.
+The hash tag keeps the keys of one message in one Redis Cluster slot; every key expires by
+itself once no window can reach it.
+
+When the store does not answer within `[limits] wait` (100 ms), or refuses us, each host goes
+on with a share of every limit (`[limits] hosts`), booked in a file beside the spool's ledger,
+and tries the store again with backoff; what it booked meanwhile is added to the store when it
+is back. So relaying neither stops nor exceeds the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from pickupd.config.limits import LimitsConfig
+from pickupd.limits.ledger import Ledger, Need, SpoolLedger, Turn, refunds
+from pickupd.log import Logger
+
+__all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger", "shown_url"]
+
+T = TypeVar("T")
+FALLBACK = "ledger.fallback.json"
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local nk, np = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start, paused, why = now, 0, ''
+for i = 1, np do
+  local p = redis.call('GET', KEYS[nk + i])
+  if p then
+    local sep = string.find(p, '|', 1, true)
+    local untilms = tonumber(string.sub(p, 1, sep - 1))
+    if untilms > start then start, paused, why = untilms, i, string.sub(p, sep + 1) end
+  end
+end
+local books, at = {}, start
+for i = 1, nk do
+  local base = 2 + (i - 1) * 4
+  local amount, size = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local span, need = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  if need > amount then return {now, now, i, paused, why} end
+  local flat = redis.call('HGETALL', KEYS[i])
+  local counts, tail = {}, -1
+  for j = 1, #flat, 2 do
+    if flat[j] == 't' then tail = tonumber(flat[j + 1])
+    else counts[#counts + 1] = {tonumber(flat[j]), tonumber(flat[j + 1])} end
+  end
+  table.sort(counts, function(a, b) return a[1] < b[1] end)
+  local bucket = math.max(math.floor(start / size), tail)
+  while true do
+    local low, sum, first = bucket - span, 0, nil
+    for _, c in ipairs(counts) do
+      if c[1] > low and c[1] <= bucket then
+        sum = sum + c[2]
+        if first == nil then first = c[1] end
+      end
+    end
+    if sum + need <= amount then break end
+    bucket = first + span
+  end
+  books[i] = {amount, size, span, need, tail, counts}
+  if bucket * size > at then at = bucket * size end
+end
+local out = {at, now, 0, paused, why}
+for i = 1, nk do
+  local b = books[i]
+  local amount, size, span, need, tail, counts = b[1], b[2], b[3], b[4], b[5], b[6]
+  local bucket = math.floor(at / size)
+  redis.call('HINCRBY', KEYS[i], bucket, need)
+  if bucket > tail then tail = bucket end
+  redis.call('HSET', KEYS[i], 't', tail)
+  local used = need
+  for _, c in ipairs(counts) do
+    if c[1] <= tail - span then redis.call('HDEL', KEYS[i], c[1])
+    elseif c[1] <= tail then used = used + c[2] end
+  end
+  redis.call('PEXPIREAT', KEYS[i], (tail + span + 1) * size)
+  out[#out + 1] = bucket
+  out[#out + 1] = amount - used
+end
+return out
+"""
+_REFUND = """
+for i = 1, #KEYS do
+  local left = redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 1], -tonumber(ARGV[2 * i]))
+  if left <= 0 then redis.call('HDEL', KEYS[i], ARGV[2 * i - 1]) end
+end
+return 1
+"""
+_ADD = """
+for i = 1, #KEYS do
+  local bucket, amount, expires = ARGV[3 * i - 2], ARGV[3 * i - 1], tonumber(ARGV[3 * i])
+  redis.call('HINCRBY', KEYS[i], bucket, amount)
+  local tail = tonumber(redis.call('HGET', KEYS[i], 't') or '-1')
+  if tonumber(bucket) > tail then redis.call('HSET', KEYS[i], 't', bucket) end
+  if redis.call('PEXPIRETIME', KEYS[i]) < expires then redis.call('PEXPIREAT', KEYS[i], expires) end
+end
+return 1
+"""
+_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local untilms = now + tonumber(ARGV[1])
+local p = redis.call('GET', KEYS[1])
+if p then
+  local held = tonumber(string.sub(p, 1, string.find(p, '|', 1, true) - 1))
+  if held >= untilms then return {held, now} end
+end
+redis.call('SET', KEYS[1], untilms .. '|' .. ARGV[2], 'PXAT', untilms)
+return {untilms, now}
+"""
+_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not mine and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+def shown_url(url: str) -> str:
+    """The store's URL as logs show it (without a user's name or password, if it had any)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _key(shard: str, name: str) -> str:
+    return f"pickupd:{{{shard}}}:{name}"
+
+
+class RedisLedger(Ledger):
+    """The ledger in Redis, with a host's share in the spool while Redis is away."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        config: LimitsConfig,
+        spool: Path,
+        log: Callable[[], Logger],
+        up: Callable[[bool], None],
+    ) -> None:
+        """`log`: the logger in force (swapped on reload); `up(bool)`: the store's gauge."""
+        import redis.asyncio as aioredis  # imported only when a store is configured
+
+        assert config.store is not None
+        self.config = config
+        self.url = shown_url(config.store)
+        kwargs: dict[str, Any] = {
+            "socket_connect_timeout": max(config.wait, 1.0),
+            "socket_timeout": max(config.wait * 10, 1.0),
+            "retry_on_timeout": False,
+            "health_check_interval": 0,
+            "client_name": f"pickupd-{socket.gethostname()}-{os.getpid()}",
+        }
+        if config.password is not None:
+            kwargs["password"] = config.password.reveal()
+        if config.store.startswith("rediss://"):
+            kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+            if config.ca_file is not None:
+                kwargs["ssl_ca_certs"] = str(config.ca_file)
+        self.redis = aioredis.Redis.from_url(config.store, **kwargs)
+        self._reserve = self.redis.register_script(_RESERVE)
+        self._refund = self.redis.register_script(_REFUND)
+        self._add = self.redis.register_script(_ADD)
+        self._pause = self.redis.register_script(_PAUSE)
+        self._lease = self.redis.register_script(_LEASE)
+        self.fallback = SpoolLedger(spool / FALLBACK, scale=config.hosts)
+        self._log = log
+        self._up = up
+        self._down: str | None = None  # why the store is away, while it is
+        self._spent: list[tuple[Need, int, int]] = []  # booked on the fallback meanwhile
+        self._paused: list[tuple[str, float, str]] = []  # pauses set meanwhile (local clock)
+        self._retry: asyncio.Task[None] | None = None
+        self.round_trips = 0
+
+    @property
+    def down(self) -> bool:
+        return self._down is not None
+
+    async def _call(self, work: Callable[[], Awaitable[T]]) -> T | None:
+        """One round trip, or None once the store is (or just went) away."""
+        if self._down is not None:
+            return None
+        self.round_trips += 1
+        try:
+            return await asyncio.wait_for(work(), self.config.wait)
+        except TimeoutError:
+            self._went_down(f"no answer within {self.config.wait * 1000:.0f} ms")
+        except Exception as exc:  # redis errors, OSError, ssl errors: all mean "not now"
+            self._went_down(_why(exc))
+        return None
+
+    def _went_down(self, why: str) -> None:
+        if self._down is not None:
+            return
+        self._down = why
+        self._up(False)
+        self._log().error(
+            "limit_store_down",
+            store=self.url,
+            detail=why,
+            share=f"1/{self.config.hosts} of each limit until it is back",
+        )
+        self._retry = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay, since = BACKOFF_FIRST, time.monotonic()
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self.redis.ping(), max(self.config.wait, 1.0))
+                await asyncio.wait_for(self._replay(), max(self.config.wait * 10, 2.0))
+            except Exception as exc:
+                self._down = _why(exc)
+                delay = min(BACKOFF_MAX, delay * 2)
+                continue
+            self._down = None
+            self._up(True)
+            self._log().info(
+                "limit_store_up", store=self.url, down_seconds=round(time.monotonic() - since, 1)
+            )
+            return
+
+    async def _replay(self) -> None:
+        """What this host booked and paused while the store was away, added to it."""
+        spent, self._spent = self._spent, []
+        try:
+            if spent:
+                keys = [_key(need.shard, need.key) for need, _, _ in spent]
+                args: list[int] = []
+                for need, bucket, amount in spent:
+                    window = need.window
+                    args += [bucket, amount, (bucket + window.span + 1) * window.size_ms]
+                await self._add(keys=keys, args=args)
+            for scope, until, why in self._paused:
+                left = until - time.time()
+                if left > 0:
+                    shard = _shard([scope])
+                    await self._pause(
+                        keys=[_key(shard, f"pause:{scope}")], args=[int(left * 1000), why]
+                    )
+            self._paused = []
+        except BaseException:
+            self._spent = spent + self._spent
+            raise
+
+    async def reserve(self, needs: Sequence[Need], scopes: Sequence[str]) -> Turn:
+        shard = needs[0].shard if needs else _shard(scopes)
+        keys = [_key(n.shard, n.key) for n in needs]
+        keys += [_key(shard, f"pause:{scope}") for scope in scopes]
+        args: list[Any] = [len(needs), len(scopes)]
+        for need in needs:
+            window = need.window
+            args += [window.amount, window.size_ms, window.span, need.amount]
+        got = await self._call(lambda: self._reserve(keys=keys, args=args))
+        if got is None:
+            turn = self.fallback.book(needs, scopes, time.time())
+            if turn.never is None:
+                self._spent += [(need, bucket, need.amount) for need, bucket in turn.booked]
+            return turn
+        at, now, never, paused = (int(x) for x in got[:4])
+        why = got[4].decode() if isinstance(got[4], bytes) else str(got[4])
+        if never:
+            return Turn(now / 1000, now / 1000, never=needs[never - 1])
+        rest = [int(x) for x in got[5:]]
+        booked = tuple((need, rest[2 * i]) for i, need in enumerate(needs))
+        room = tuple(rest[2 * i + 1] for i in range(len(needs)))
+        scope = scopes[paused - 1] if paused else None
+        return Turn(at / 1000, now / 1000, booked, paused=scope, why=why, room=room)
+
+    async def refund(self, turn: Turn, recipients: int, message: bool) -> None:
+        back = refunds(turn, recipients, message)
+        if not back:
+            return
+        keys = [_key(need.shard, need.key) for need, _, _ in back]
+        args = [x for _, bucket, amount in back for x in (bucket, amount)]
+        if await self._call(lambda: self._refund(keys=keys, args=args)) is None:
+            await self.fallback.refund(turn, recipients, message)
+
+    async def clock(self) -> float:
+        got = await self._call(self.redis.time) if self._down is None else None
+        if got is None:
+            return time.time()
+        seconds, micros = got
+        return float(seconds) + float(micros) / 1e6
+
+    async def pause(self, scope: str, until: float, why: str) -> float:
+        now = time.time()
+        left = max(0.0, until - await self.clock())
+        key = _key(_shard([scope]), f"pause:{scope}")
+        got = await self._call(lambda: self._pause(keys=[key], args=[int(left * 1000), why]))
+        if got is None:
+            self._paused.append((scope, now + left, why))
+            return await self.fallback.pause(scope, now + left, why)
+        held, server_now = int(got[0]), int(got[1])
+        return server_now / 1000 + (held - server_now) / 1000
+
+    async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
+        name = _key(_shard([key]), key)
+        got = await self._call(
+            lambda: self._lease(keys=[name], args=[most, holder, int(ttl * 1000)])
+        )
+        if got is None:
+            share = max(1, most // self.config.hosts)
+            return await self.fallback.lease(key, share, holder, ttl)
+        return bool(int(got))
+
+    async def release(self, key: str, holder: str) -> None:
+        name = _key(_shard([key]), key)
+        if await self._call(lambda: self.redis.zrem(name, holder)) is None:
+            await self.fallback.release(key, holder)
+
+    async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(BaseException):
+                await self._retry
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 2.0)
+        await self.fallback.close()
+
+
+_SHARD = re.compile(r"^(?:account|mailbox):(\[[^\]]*\]|[^:/]+)")
+
+
+def _shard(names: Sequence[str]) -> str:
+    """The relay host in "account:<host>[:<user>]" or "mailbox:<host>:<user>[/...]"."""
+    for name in names:
+        match = _SHARD.match(name)
+        if match:
+            return match.group(1)
+    return "pickupd"
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "invalid password" in text.lower() or "WRONGPASS" in text or "NOAUTH" in text:
+        return f"the store refused our password ({text}): check [limits] password_file"
+    return text

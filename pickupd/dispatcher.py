@@ -1,6 +1,6 @@
 """One message through one attempt: claim -> read -> examine -> relay -> record.
 
-    spool.claim -> message.parse -> policy.check -> limits -> smtp.send -> recorder
+    spool.claim -> message.parse -> policy.check -> limits.quota -> smtp.send -> recorder
 
 Finding work is intake.py's job, running the service service.py's, and turning an outcome
 into a folder, a sidecar and a log line recorder.py's.
@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pickupd import policy
@@ -21,10 +20,12 @@ from pickupd.auth import logins
 from pickupd.config.loading import Config, RelayConfig, SenderRule
 from pickupd.errors import SpoolWriteError
 from pickupd.intake import Intake
-from pickupd.limits import buckets
+from pickupd.limits import needs
+from pickupd.limits.quota import Pause, Quota, Wait
+from pickupd.limits.replies import Kind
 from pickupd.log import Logger
 from pickupd.message import envelope
-from pickupd.outcome import Delivery, Reason, Refusal
+from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal
 from pickupd.recorder import Meter, Recorder
 from pickupd.smtp import transaction
 from pickupd.smtp.pool import Pool
@@ -61,22 +62,19 @@ class Dispatcher:
         spool: Spool,
         intake: Intake,
         pool: Pool,
-        limiter: buckets.Limiter,
+        quota: Quota,
         recorder: Recorder,
         stranded: Stranded,
         metrics: Meter | None,
-        paused: Callable[[str, float], None],
         large_at_once: int,
     ) -> None:
-        """`paused(relay, until)`: a relay asked us to slow down (the service spreads it)."""
         self.spool = spool
         self.intake = intake
         self.pool = pool
-        self.limiter = limiter
+        self.quota = quota
         self.recorder = recorder
         self.stranded = stranded
         self.metrics = metrics
-        self._paused = paused
         self._large = asyncio.Semaphore(large_at_once)
         self.suspensions = Suspensions()
         self._background: set[asyncio.Task[None]] = set()
@@ -158,18 +156,25 @@ class Dispatcher:
         assert parsed is not None and parsed.sender is not None  # policy.check saw to that
         relay_config = config.relays[decision.relay]
         login = logins.bind(decision.credentials or relay_config.credentials, parsed.sender)
-        now = time.time()
-        limits = buckets.buckets(relay_config, decision, login)
-        slot = self.limiter.slot(claimed.id, relay_config.name, limits, now)
-        if slot > now:
-            # Over a provider limit: not an attempt, not an error; it waits its turn.
-            detail = f"waiting its turn: {buckets.limits(relay_config, decision)}"
-            self.recorder.waiting(claimed, parsed, slot, detail)
-            self.intake.due_at(claimed.id, slot)
+        applies = needs.applies(relay_config, decision, login, len(parsed.recipients))
+        verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients))
+        if isinstance(verdict, Refusal):
+            self.recorder.fail(claimed, parsed, verdict)
             return
+        if isinstance(verdict, Wait):
+            # Over a provider limit, or its scope is paused: not an attempt, not an error.
+            self.recorder.waiting(claimed, parsed, verdict.at, verdict.detail)
+            self.intake.due_at(claimed.id, verdict.at)
+            return
+        if verdict.turn is not None and self.metrics is not None:
+            for (need, _), room in zip(verdict.turn.booked, verdict.turn.room, strict=False):
+                self.metrics.room(need.key, room)
+        now = time.time()
         admission = self.suspensions.admit(relay_config.name, now, relay_config.probe_interval)
         if not admission.go:
             # The relay is not answering: no connection attempt, not an attempt either.
+            if verdict.turn is not None:
+                await self.quota.ledger.refund(verdict.turn, len(parsed.recipients), True)
             self.suspensions.waiting(relay_config.name, claimed.id)
             self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
             self.intake.due_at(claimed.id, admission.until)
@@ -183,26 +188,49 @@ class Dispatcher:
             parsed.recipients,
             parsed.data,
             parsed.dsn,
+            applies.connections,
         )
         if self.metrics is not None:
             self.metrics.send_seconds(relay_config.name, time.monotonic() - started)
             if delivery.session_error:
                 self.metrics.connection_error(relay_config.name, delivery.session_error)
+        if delivery.session_error == "connections":
+            # The mailbox's connections are all open elsewhere: not an attempt; soon again.
+            if verdict.turn is not None:
+                await self.quota.ledger.refund(verdict.turn, len(parsed.recipients), True)
+            at = time.time() + 1.0
+            self.recorder.waiting(claimed, parsed, at, f"waiting for a connection: {delivery.text}")
+            self.intake.due_at(claimed.id, at)
+            return
         self._observe(relay_config, delivery, claimed.id, probe=admission.probe)
-        throttled = self.limiter.pace(relay_config.name, delivery, time.time())
-        if throttled is not None:
-            reply, until = throttled
-            self._paused(relay_config.name, until)
-            self.log.warning(
-                "relay_throttled",
-                relay=relay_config.name,
-                code=reply.code,
-                detail=reply.text,
-                paused_until=from_timestamp(until),
-            )
-        due = self.recorder.record(claimed, parsed, delivery, examined.data, config)
+        pause = await self.quota.settle(verdict.turn, delivery, applies)
+        not_before = None
+        if pause is not None:
+            delivery, not_before = self._paused(relay_config, delivery, pause)
+        due = self.recorder.record(claimed, parsed, delivery, examined.data, config, not_before)
         if due is not None:
             self.intake.due_at(claimed.id, due)
+
+    def _paused(
+        self, relay: RelayConfig, delivery: Delivery, pause: Pause
+    ) -> tuple[Delivery, float | None]:
+        """Log what a provider's reply did to its scope (limits/replies.py); a spent quota
+        or the tenant's rate keeps the message waiting until the pause ends, even on 5xx."""
+        rule, reply = pause.rule, pause.reply
+        fields = {"relay": relay.name, "scope": pause.scope, "code": reply.code}
+        if rule.kind is Kind.OAUTH2:
+            self.log.error("oauth2_required", **fields, detail=f"{rule.says}: {reply.text}")
+            return _explained(delivery, rule.says), None
+        until = from_timestamp(pause.until)
+        if rule.kind in (Kind.THROTTLED, Kind.CONNECTIONS):
+            self.log.warning("relay_throttled", **fields, detail=reply.text, paused_until=until)
+            return delivery, None
+        if pause.new:
+            event = "quota_spent" if rule.kind is Kind.SPENT else "tenant_limited"
+            self.log.error(event, **fields, detail=f"{rule.says}: {reply.text}", paused_until=until)
+        if self.metrics is not None and rule.kind is Kind.SPENT:
+            self.metrics.spent(pause.scope, pause.until)
+        return _as_deferred(delivery, rule.says), pause.until
 
     def _observe(self, relay: RelayConfig, delivery: Delivery, msg_id: str, *, probe: bool) -> None:
         """Count an attempt towards the relay's suspension; log and act on a change."""
@@ -247,6 +275,25 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(due_now())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _explained(delivery: Delivery, says: str) -> Delivery:
+    """The replies of `delivery`, prefixed with what they mean."""
+
+    def told(results: tuple[RecipientResult, ...]) -> tuple[RecipientResult, ...]:
+        return tuple(dataclasses.replace(r, text=f"{says}: {r.text}") for r in results)
+
+    return dataclasses.replace(
+        delivery, deferred=told(delivery.deferred), rejected=told(delivery.rejected)
+    )
+
+
+def _as_deferred(delivery: Delivery, says: str) -> Delivery:
+    """A quota refusal: the mail is fine, the mailbox is not. Its recipients wait."""
+    explained = _explained(delivery, says)
+    return dataclasses.replace(
+        explained, deferred=explained.deferred + explained.rejected, rejected=()
+    )
 
 
 async def examine(spool: Spool, claimed: Claimed, config: Config) -> Examined:

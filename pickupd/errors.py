@@ -11,6 +11,7 @@ __all__ = [
     "AuthNotOffered",
     "CommandError",
     "ConfigError",
+    "ConnectionsBusy",
     "Invalid",
     "MessageError",
     "PickupdError",
@@ -86,6 +87,13 @@ class AuthNotOffered(SessionError):
         super().__init__(
             f"AUTH not offered by the server{f' (it offers {offered})' if offered else ''}"
         )
+
+
+class ConnectionsBusy(SessionError):
+    """A mailbox's connections limit is held in full (by this host or others of the fleet)
+    for longer than the relay's timeout: the message waits, without an attempt."""
+
+    kind: SessionFault = "connections"
 
 
 class TokenError(SessionError):

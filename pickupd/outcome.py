@@ -34,8 +34,9 @@ class Reason(enum.Enum):
 
 
 # What failed when a session could not be used: the metrics label and the recorder's choice
-# of log event. "token": an OAuth2 access token could not be had.
-SessionFault = Literal["connect", "tls", "auth", "token", "timeout", "protocol"]
+# of log event. "token": an OAuth2 access token could not be had; "connections": a mailbox's
+# connections limit stayed full (not a failure of the relay; the message waits).
+SessionFault = Literal["connect", "tls", "auth", "token", "timeout", "protocol", "connections"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,9 @@ class Meter(Protocol):
     def stranded(self, count: int) -> None: ...
     def connection_error(self, relay: str, kind: str) -> None: ...
     def suspended(self, relay: str, on: bool) -> None: ...
+    def room(self, limit: str, room: int) -> None: ...
+    def store_up(self, up: bool) -> None: ...
+    def spent(self, scope: str, until: float) -> None: ...
 
 
 class Recorder:
@@ -125,10 +128,17 @@ class Recorder:
     # -- one SMTP attempt ------------------------------------------------------------------------
 
     def record(
-        self, claimed: Claimed, parsed: Envelope, delivery: Delivery, data: bytes, config: Config
+        self,
+        claimed: Claimed,
+        parsed: Envelope,
+        delivery: Delivery,
+        data: bytes,
+        config: Config,
+        not_before: float | None = None,
     ) -> float | None:
         """Turn one SMTP attempt into folders and log lines; return the time the message (or
-        what is left of it) is due again, if it was deferred."""
+        what is left of it) is due again, if it was deferred (not before `not_before`: a
+        provider paused its scope)."""
         base = self._base(claimed, parsed)
         attempt = base.attempts + 1
         fields: dict[str, Any] = {
@@ -171,7 +181,7 @@ class Recorder:
             steps.append(self._reject(claimed, base, delivery, data, attempt, fields))
         due = None
         if delivery.deferred:
-            due, step = self._defer(claimed, base, delivery, attempt, fields, config)
+            due, step = self._defer(claimed, base, delivery, attempt, fields, config, not_before)
             steps.append(step)
         self._run(claimed, steps)
         return due
@@ -240,6 +250,7 @@ class Recorder:
         attempt: int,
         fields: dict[str, Any],
         config: Config,
+        not_before: float | None,
     ) -> tuple[float | None, _Step]:
         """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
         as expired once max_age is reached; returns the due time (None: expired)."""
@@ -251,6 +262,8 @@ class Recorder:
         detail = _detail(delivery.deferred, delivery.sent)
         schedule, max_age = config.retry.schedule, config.retry.max_age
         due = retry.next_attempt(attempt, since, now, schedule, max_age)
+        if due is not None and not_before is not None:
+            due = max(due, min(not_before, since + max_age))
         outcome = Outcome.DEFERRED if due else Outcome.FAILED
         history = Attempt(from_timestamp(now), delivery.relay, outcome.value, code, detail)
         if due is None:

@@ -1,7 +1,7 @@
 """The running service: wiring, start and stop, reload, flush, status, and what the worker
 processes report.
 
-It builds the parts (spool, intake, pool, limiter, recorder, feedback, metrics, supervisor),
+It builds the parts (spool, intake, pool, ledger, recorder, feedback, metrics, supervisor),
 recovers what an earlier run left, starts the watcher, the feeders and `concurrency` lanes
 (asyncio tasks, each carrying one message at a time through dispatcher.py), and drains them
 in two stages on stop.
@@ -25,7 +25,9 @@ from pickupd.errors import ConfigError
 from pickupd.feedback import Feedback
 from pickupd.hosting.systemd import Notifier
 from pickupd.intake import Intake
-from pickupd.limits import buckets
+from pickupd.limits.ledger import FILE as LEDGER_FILE
+from pickupd.limits.ledger import Ledger, SpoolLedger
+from pickupd.limits.quota import Quota
 from pickupd.outcome import Stats
 from pickupd.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
@@ -64,9 +66,10 @@ class Service:
         self.once = once
         self.part = part
         self.spool = Spool(config.spool.path)
-        self.pool = Pool()
-        self.limiter = buckets.Limiter()
         self.log = logs.get()
+        self.ledger = self._ledger(config)
+        self.pool = Pool(ledger=self.ledger)
+        self.quota = Quota(self.ledger)
         self.notifier = None if once or not main else Notifier.from_env()
         self.census = CensusCache(self.spool)  # for the status line and the metrics
         self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
@@ -103,11 +106,10 @@ class Service:
             spool=self.spool,
             intake=self.intake,
             pool=self.pool,
-            limiter=self.limiter,
+            quota=self.quota,
             recorder=self.recorder,
             stranded=self.stranded,
             metrics=self.metrics,
-            paused=self._paused,
             large_at_once=part.share(LARGE_AT_ONCE),
         )
         self._background: set[asyncio.Task[None]] = set()
@@ -276,6 +278,7 @@ class Service:
                 watcher.stop()
             await self.feedback.close(timeout=5.0)
             await self.pool.close_all()
+            await self.ledger.close()
             self.spool.unlock()
             if self.notifier:
                 self.notifier.close()
@@ -307,27 +310,27 @@ class Service:
                     self.feedback.notify(kind, Sidecar.from_json(sidecar.encode()))
             case protocol.Stranded():  # a worker's count of stranded claims changed
                 self._stranded_changed(len(self.stranded))
-            case protocol.Paused():
-                self._told(event)
-                if self.supervisor is not None:
-                    self.supervisor.tell(event)
             case _ if self._served is not None:
                 self._served.apply(event)
 
     def _told(self, message: protocol.Down) -> None:
-        """What the main process passes on to every worker: a relay's pause, a flush."""
+        """What the main process passes on to every worker: a flush."""
         match message:
-            case protocol.Paused(relay, until):
-                self.limiter.hold(relay, until)
             case protocol.Flush():
                 self._wake_all()
 
-    def _paused(self, relay: str, until: float) -> None:
-        """A relay asked this process to slow down: the pause holds for the whole service."""
-        if self._forwarder is not None:
-            self._forwarder.paused(relay, until)
-        elif self.supervisor is not None:
-            self.supervisor.tell(protocol.Paused(relay, until))
+    def _ledger(self, config: Config) -> Ledger:
+        """The quota ledger: the fleet's store, or the spool's file (limits/ledger.py).
+        Pauses and turns live there, so every worker process sees them without a word."""
+        if config.limits.store is None:
+            return SpoolLedger(config.spool.path / LEDGER_FILE)
+        from pickupd.limits.store import RedisLedger  # imports redis-py
+
+        return RedisLedger(config.limits, config.spool.path, lambda: self.log, self._store_up)
+
+    def _store_up(self, up: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.store_up(up)
 
     def _wake_all(self) -> None:
         self.intake.wake()
@@ -343,7 +346,7 @@ class Service:
             await asyncio.sleep(1.0)
             timeouts = {name: r.idle_timeout for name, r in self.config.relays.items()}
             await self.pool.close_idle(timeouts)
-            self.limiter.prune(time.time())
+            self.quota.prune(time.time())
 
     async def _supervise(
         self, lanes: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon, NotifySocket, relay_for
+from redisserver import RedisServer
 from smtpserver import SmtpServer, TestCA
 
 # -- SMTP test server (tests/smtpserver.py) ----------------------------------------------
@@ -45,6 +46,30 @@ def smtp_factory(test_ca: TestCA) -> Iterator[Callable[..., SmtpServer]]:
     yield make
     for server in reversed(servers):
         server.stop()
+
+
+# -- Redis (tests/redisserver.py) ----------------------------------------------------------
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start real redis-server processes (`password=`, `ca=`); all are killed after."""
+    servers: list[RedisServer] = []
+
+    def make(**kwargs: Any) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A started Redis without a password, on a free loopback port."""
+    return redis_factory()
 
 
 # -- the real daemon (tests/harness.py) ----------------------------------------------------

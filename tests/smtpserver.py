@@ -72,6 +72,7 @@ class Received:
     tls: bool
     session: int
     rcpt_options: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.time)  # when the server accepted it
 
     def summary(self) -> str:
         return (
@@ -119,6 +120,14 @@ class TestCA:
                 ctx.minimum_version = ssl.TLSVersion.TLSv1_1
                 ctx.maximum_version = ssl.TLSVersion.TLSv1_1
         return ctx
+
+    def server_files(self, directory: Path) -> tuple[Path, Path]:
+        """The good server certificate (chain) and its key as PEM files, for servers that
+        read files (redis-server)."""
+        cert, key = directory / "server.pem", directory / "server.key"
+        self._cert.cert_chain_pems[0].write_to_path(str(cert))
+        self._cert.private_key_pem.write_to_path(str(key))
+        return cert, key
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)

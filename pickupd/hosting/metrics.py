@@ -13,6 +13,13 @@ Metrics:
   broke (kind: connect, tls, auth, timeout, protocol)
 - `pickupd_queue_messages{folder}`: pickup, active, deferred, hold, failed, sent
 - `pickupd_oldest_deferred_age_seconds`: since the first_seen of the oldest deferred message
+- `pickupd_relay_suspended{relay}`: processes holding the relay suspended
+- `pickupd_limit_room{limit}`: what a counted limit had left after the last turn booked
+  (`limit`: the ledger's key, "mailbox:<host>:<user>/recipients/86400")
+- `pickupd_limit_store_up`: 1 while the fleet's ledger store answers (0: each host is on its
+  share); absent without a store
+- `pickupd_quota_spent_until_seconds{scope}`: a provider said this mailbox's or account's
+  quota is spent: paused until this time (alert on `> time()`)
 """
 
 from __future__ import annotations
@@ -91,6 +98,24 @@ class Metrics:
             ["relay"],
             registry=self.registry,
         )
+        self._room = Gauge(
+            "pickupd_limit_room",
+            "What a counted limit had left after the last turn booked",
+            ["limit"],
+            registry=self.registry,
+        )
+        self._store_up = Gauge(
+            "pickupd_limit_store_up",
+            "1 while the ledger store answers every process (0: hosts are on their share)",
+            registry=self.registry,
+        )
+        self._down: set[int] = set()  # processes (0: main) whose store is down
+        self._spent = Gauge(
+            "pickupd_quota_spent_until_seconds",
+            "A quota the provider said is spent: paused until this Unix time",
+            ["scope"],
+            registry=self.registry,
+        )
         self._stranded = Gauge(
             "pickupd_stranded_messages",
             "Claimed messages that could not be moved to their folder (disk full?), retried",
@@ -131,6 +156,26 @@ class Metrics:
                 self.connection_error(relay, kind)
             case protocol.Suspended(relay, on):
                 self.suspended(relay, on)
+            case protocol.Room(limit, room):
+                self.room(limit, room)
+            case protocol.Spent(scope, until):
+                self.spent(scope, until)
+            case protocol.StoreUp(up):
+                self.store_up(up, worker=-1)
+
+    def room(self, limit: str, room: int) -> None:
+        self._room.labels(limit).set(room)
+
+    def store_up(self, up: bool, worker: int = 0) -> None:
+        """The store answers this process (`worker`; -1: some worker) or not."""
+        if up:
+            self._down.discard(worker)
+        else:
+            self._down.add(worker)
+        self._store_up.set(0 if self._down else 1)
+
+    def spent(self, scope: str, until: float) -> None:
+        self._spent.labels(scope).set(until)
 
     def suspended(self, relay: str, on: bool) -> None:
         gauge = self._suspended.labels(relay)

@@ -179,7 +179,8 @@ def book(
         books.expires[need.key] = (key.tail + window.span + 1) * window.size_ms / 1000
         booked.append((need, bucket))
     room = tuple(key.room(window, int(now * 1000)) for _, window, key, _ in found)
-    return Turn(at_ms / 1000, now, tuple(booked), paused=paused, why=why, room=room)
+    at = now if at_ms <= int(now * 1000) else at_ms / 1000
+    return Turn(at, now, tuple(booked), paused=paused, why=why, room=room)
 
 
 class SpoolLedger(Ledger):

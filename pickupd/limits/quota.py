@@ -48,6 +48,7 @@ class Pause:
     reply: RecipientResult
     scope: str
     until: float  # this host's clock
+    new: bool = True  # False: the scope was paused as long already (by another message)
 
 
 class Quota:
@@ -94,6 +95,12 @@ class Quota:
         """A message that will not come back for its turn."""
         self._held.pop(msg_id, None)
 
+    def prune(self, now: float) -> None:
+        """Forget turns an hour past due (their message was removed or taken elsewhere)."""
+        for msg_id, (_, due) in list(self._held.items()):
+            if due < now - 3600:
+                del self._held[msg_id]
+
     async def settle(self, turn: Turn | None, delivery: Delivery, applies: Applies) -> Pause | None:
         """After the transaction: give back what the server did not take, and pause the
         scope a reply asks to pause."""
@@ -120,8 +127,9 @@ class Quota:
             length = min(PAUSE_MAX, last * 2 if last else PAUSE_FIRST)
             self._lengths[scope] = length
         now = await self.ledger.clock()
-        until = await self.ledger.pause(scope, now + length, f"{rule.says}: {reply.text}")
-        return Pause(rule, reply, scope, time.time() + (until - now))
+        asked = now + length
+        until = await self.ledger.pause(scope, asked, f"{rule.says}: {reply.text}")
+        return Pause(rule, reply, scope, time.time() + (until - now), new=until - asked < 1.0)
 
     def _detail(self, turn: Turn, applies: Applies) -> str:
         if turn.paused is not None:

@@ -9,7 +9,8 @@ the server's clock (TIME), so a fleet has one clock.
 Keys: `pickupd:{<relay host>}:<scope>/<unit>/<window>`, a hash of bucket -> count plus the
 tail (`t`); pauses `pickupd:{<relay host>}:pause:<scope>`; connection leases a sorted set.
 The hash tag keeps the keys of one message in one Redis Cluster slot; every key expires by
-itself once no window can reach it.
+itself once no window can reach it. This module (and redis-py) is imported only when a store
+is configured.
 
 When the store does not answer within `[limits] wait` (100 ms), or refuses us, each host goes
 on with a share of every limit (`[limits] hosts`), booked in a file beside the spool's ledger,
@@ -30,6 +31,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.exceptions
 
 from pickupd.config.limits import LimitsConfig
 from pickupd.limits.ledger import Ledger, Need, SpoolLedger, Turn, refunds
@@ -170,8 +175,6 @@ class RedisLedger(Ledger):
         up: Callable[[bool], None],
     ) -> None:
         """`log`: the logger in force (swapped on reload); `up(bool)`: the store's gauge."""
-        import redis.asyncio as aioredis  # imported only when a store is configured
-
         assert config.store is not None
         self.config = config
         self.url = shown_url(config.store)
@@ -188,7 +191,7 @@ class RedisLedger(Ledger):
             kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
             if config.ca_file is not None:
                 kwargs["ssl_ca_certs"] = str(config.ca_file)
-        self.redis = aioredis.Redis.from_url(config.store, **kwargs)
+        self.redis = redis.asyncio.Redis.from_url(config.store, **kwargs)
         self._reserve = self.redis.register_script(_RESERVE)
         self._refund = self.redis.register_script(_REFUND)
         self._add = self.redis.register_script(_ADD)
@@ -364,6 +367,6 @@ def _shard(names: Sequence[str]) -> str:
 
 def _why(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    if "invalid password" in text.lower() or "WRONGPASS" in text or "NOAUTH" in text:
+    if isinstance(exc, redis.exceptions.AuthenticationError) or "NOAUTH" in text:
         return f"the store refused our password ({text}): check [limits] password_file"
     return text

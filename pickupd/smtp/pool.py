@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import socket
 import ssl
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 
@@ -22,9 +26,15 @@ from pickupd.auth.logins import XOAuth2
 from pickupd.auth.tokencache import Tokens
 from pickupd.config.loading import Credentials, RelayConfig
 from pickupd.config.routing import MAX_SESSION_AGE
-from pickupd.errors import AuthNotOffered, StartTLSNotOffered, TLSHandshakeFailed
+from pickupd.errors import AuthNotOffered, ConnectionsBusy, StartTLSNotOffered, TLSHandshakeFailed
+from pickupd.limits.ledger import Ledger
 
-__all__ = ["MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
+__all__ = ["LEASE_TTL", "MAX_SESSION_AGE", "Pool", "Session", "SessionKey"]
+
+# A connection lease (a mailbox's "3 connections", limits/ledger.py) lasts this long past its
+# last renewal, so a host that dies frees its leases within a minute or two; a session renews
+# its lease when it is taken from the pool and the lease is a third of this old.
+LEASE_TTL = 60.0
 
 # How long a closing session may take to say goodbye before it is cut.
 QUIT_TIMEOUT = 2.0
@@ -56,6 +66,9 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     messages: int = 0
     clean: bool = True  # no transaction left open on it
+    leases: tuple[str, ...] = ()  # the connection leases it holds (ledger keys)
+    holder: str = ""
+    leased_at: float = 0.0
 
     def fresh(self, relay: RelayConfig, now: float) -> bool:
         return (
@@ -68,8 +81,10 @@ class Session:
 class Pool:
     """At most `max_connections` sessions per relay, shared by all workers of a dispatcher."""
 
-    def __init__(self, tokens: Tokens | None = None) -> None:
+    def __init__(self, tokens: Tokens | None = None, ledger: Ledger | None = None) -> None:
         self.tokens = tokens or Tokens()
+        self.ledger = ledger  # for connection leases
+        self._serial = itertools.count(1)
         self._idle: dict[SessionKey, list[Session]] = {}
         self._open: dict[str, int] = {}
         self._changed = asyncio.Condition()
@@ -77,21 +92,33 @@ class Pool:
         self._quitting: set[asyncio.Task[None]] = set()
         self._hostname = socket.gethostname()
 
-    async def acquire(self, relay: RelayConfig, login: Credentials | XOAuth2 | None) -> Session:
-        """An idle session for this relay and login, or a new one once there is room.
+    async def acquire(
+        self,
+        relay: RelayConfig,
+        login: Credentials | XOAuth2 | None,
+        leases: Sequence[tuple[str, int, str]] = (),
+    ) -> Session:
+        """An idle session for this relay and login, or a new one once there is room (and,
+        for a mailbox with a connections limit, a lease on one of its connections: `leases`
+        holds (ledger key, most, where the config sets it)).
 
-        Raises whatever connecting, TLS or AUTH raises (aiosmtplib errors, OSError, ssl errors).
+        Raises whatever connecting, TLS or AUTH raises (aiosmtplib errors, OSError, ssl
+        errors), and ConnectionsBusy when no lease came within the relay's timeout.
         """
         key = SessionKey.of(relay, login)
+        session: Session | None = None
         async with self._changed:
-            while True:
+            while session is None:
                 now = time.monotonic()
                 idle = self._idle.get(key, [])
-                while idle:
-                    session = idle.pop()
-                    if session.fresh(relay, now):
-                        return session
-                    self._close_locked(session)
+                while idle and session is None:
+                    candidate = idle.pop()
+                    if candidate.fresh(relay, now):
+                        session = candidate
+                    else:
+                        self._close_locked(candidate)
+                if session is not None:
+                    break
                 if self._open.get(relay.name, 0) < relay.max_connections:
                     self._open[relay.name] = self._open.get(relay.name, 0) + 1
                     break
@@ -101,13 +128,62 @@ class Pool:
                     self._close_locked(victim)
                     continue
                 await self._changed.wait()
+        if session is not None:
+            if session.leases and time.monotonic() - session.leased_at > LEASE_TTL / 3:
+                await self._renew(session, leases)
+            return session
+        holder = f"{self._hostname}/{os.getpid()}/{next(self._serial)}"
         try:
-            return Session(key, await self.connect(relay, login))
+            held = await self._lease(relay, leases, holder)
+            try:
+                session = Session(key, await self.connect(relay, login))
+            except BaseException:
+                await self._unlease(held, holder)
+                raise
+            session.leases, session.holder, session.leased_at = held, holder, time.monotonic()
+            return session
         except BaseException:
             async with self._changed:
                 self._open[relay.name] -= 1
                 self._changed.notify_all()
             raise
+
+    async def _lease(
+        self, relay: RelayConfig, leases: Sequence[tuple[str, int, str]], holder: str
+    ) -> tuple[str, ...]:
+        """Take one connection of every connections limit, waiting up to the relay's timeout
+        for them all (never holding some while waiting for others)."""
+        if not leases or self.ledger is None:
+            return ()
+        deadline = time.monotonic() + relay.timeout
+        while True:
+            held: list[str] = []
+            for key, most, _ in leases:
+                if not await self.ledger.lease(key, most, holder, LEASE_TTL):
+                    break
+                held.append(key)
+            else:
+                return tuple(held)
+            await self._unlease(tuple(held), holder)
+            if time.monotonic() >= deadline:
+                _, most, where = leases[len(held)]
+                raise ConnectionsBusy(
+                    f"all {most} connections of {where} are open (on this host or others)"
+                    f" for over {relay.timeout:g} s"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _renew(self, session: Session, leases: Sequence[tuple[str, int, str]]) -> None:
+        assert self.ledger is not None
+        most = {key: n for key, n, _ in leases}
+        for key in session.leases:
+            await self.ledger.lease(key, most.get(key, 1), session.holder, LEASE_TTL)
+        session.leased_at = time.monotonic()
+
+    async def _unlease(self, held: tuple[str, ...], holder: str) -> None:
+        if self.ledger is not None:
+            for key in held:
+                await self.ledger.release(key, holder)
 
     async def release(self, session: Session, *, reusable: bool, abort: bool = False) -> None:
         """Give a session back: kept for the next message, or closed (with QUIT, unless
@@ -158,8 +234,13 @@ class Pool:
         if not session.smtp.is_connected:
             session.smtp.close()
             self._open[session.key.relay] -= 1
+            if session.leases:
+                self._spawn(self._unlease(session.leases, session.holder))
             return
-        task = asyncio.get_running_loop().create_task(self._quit(session))
+        self._spawn(self._quit(session))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._quitting.add(task)
         task.add_done_callback(self._quitting.discard)
 
@@ -167,6 +248,7 @@ class Pool:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.smtp.quit(), timeout=QUIT_TIMEOUT)
         session.smtp.close()
+        await self._unlease(session.leases, session.holder)
         async with self._changed:
             self._open[session.key.relay] -= 1
             self._changed.notify_all()

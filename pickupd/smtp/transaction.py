@@ -71,9 +71,10 @@ async def send(
     recipients: Sequence[str],
     data: bytes,
     dsn: Dsn = NO_DSN,
+    leases: Sequence[tuple[str, int, str]] = (),
 ) -> Delivery:
     """Relay `data` from `sender` to `recipients` over a pooled session (with the `dsn`
-    requests where the server offers DSN).
+    requests where the server offers DSN; `leases`: the mailbox's connections limits).
 
     A reused session is reset with RSET when its last transaction did not complete, or when
     it has sat in the pool for PROBE_AFTER (then RSET also proves it is alive, as Postfix
@@ -84,7 +85,7 @@ async def send(
     """
     for tries_left in (1, 0):
         try:
-            session = await pool.acquire(relay, login)
+            session = await pool.acquire(relay, login, leases)
         except _SESSION_ERRORS as exc:
             return _session_failed(relay.name, recipients, exc)
         reused = session.messages > 0

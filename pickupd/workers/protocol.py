@@ -21,10 +21,12 @@ __all__ = [
     "Feedback",
     "Flush",
     "Outcome",
-    "Paused",
     "Ready",
+    "Room",
     "SendTime",
     "SessionFailed",
+    "Spent",
+    "StoreUp",
     "Stranded",
     "Suspended",
     "Up",
@@ -81,11 +83,25 @@ class Stranded:
 
 
 @dataclass(frozen=True, slots=True)
-class Paused:
-    """Up: a relay asked this worker to slow down. Down: the main process pauses every
-    worker the same way."""
+class Room:
+    """Up: what a limit has left after the worker's last turn (`limit`: the ledger's key)."""
 
-    relay: str
+    limit: str
+    room: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUp:
+    """Up: the worker's view of the fleet's ledger store: answering (`up`) or not."""
+
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """Up: a provider said a quota of `scope` is spent; it is paused until `until`."""
+
+    scope: str
     until: float
 
 
@@ -103,8 +119,11 @@ class Flush:
     """Down: every deferred message was made due: look again now."""
 
 
-Up = Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Paused | Feedback
-Down = Paused | Flush
+Up = (
+    Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Room | StoreUp | Spent
+    | Feedback
+)  # fmt: skip
+Down = Flush
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +136,12 @@ class Batch:
 
 _UP: dict[str, type[Up]] = {
     cls.__name__.lower(): cls
-    for cls in (Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Paused, Feedback)
-}
-_DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Paused, Flush)}
+    for cls in (
+        Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Room, StoreUp, Spent,
+        Feedback,
+    )
+}  # fmt: skip
+_DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Flush,)}
 # Field types the wire may carry as another JSON type (an int where a float is meant).
 _FLOATS = {"seconds", "until"}
 

@@ -9,8 +9,9 @@ for the same claim, and each claims under its own owner token, as several hosts 
 spool do (recovery.py).
 
 What must hold for the service as a whole is split, never multiplied (`portion`): each worker
-gets its share of `concurrency`, of every relay's `max_connections` and of every `rate`, so the
-shares add up to the configured limit. `count` caps N where a limit is too small to split.
+gets its share of `concurrency` and of every relay's `max_connections`, so the shares add up
+to the configured limit. `count` caps N where a limit is too small to split. Provider limits
+are not split: every worker books its turns in the spool's one ledger (limits/ledger.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import os
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pickupd.errors import ConfigError
 
@@ -96,11 +97,6 @@ def count(config: Config, cores: int | None) -> tuple[int, str | None]:
     smallest: list[tuple[int, str]] = [(config.dispatch.concurrency, "dispatch.concurrency")]
     for relay in config.relays.values():
         smallest.append((relay.max_connections, f"relays.{relay.name}.max_connections"))
-        if relay.rate is not None:
-            smallest.append((relay.rate.count, f"relays.{relay.name}.rate"))
-    for rule in config.senders:
-        if rule.rate is not None:
-            smallest.append((rule.rate.count, f'senders."{rule.pattern}".rate'))
     least, key = min(smallest)
     if least < asked:
         return least, f"{key} = {least} cannot be split among {asked} processes"
@@ -123,21 +119,10 @@ def portion(config: Config, part: Part) -> Config:
     if part.total == 1:
         return config
     relays = {
-        name: dataclasses.replace(
-            relay,
-            max_connections=part.share(relay.max_connections),
-            rate=_rate_share(relay.rate, part),
-        )
+        name: dataclasses.replace(relay, max_connections=part.share(relay.max_connections))
         for name, relay in config.relays.items()
     }
-    senders = tuple(
-        dataclasses.replace(rule, rate=_rate_share(rule.rate, part)) for rule in config.senders
-    )
     dispatch = dataclasses.replace(
         config.dispatch, concurrency=part.share(config.dispatch.concurrency)
     )
-    return dataclasses.replace(config, dispatch=dispatch, relays=relays, senders=senders)
-
-
-def _rate_share(rate: Any, part: Part) -> Any:
-    return None if rate is None else dataclasses.replace(rate, count=part.share(rate.count))
+    return dataclasses.replace(config, dispatch=dispatch, relays=relays)

@@ -43,6 +43,7 @@ class Forwarder:
         self._stats = stats
         self._metrics = metrics  # forward metric events only where the main process serves them
         self._events: list[protocol.Up] = []
+        self._rooms: dict[str, int] = {}  # the last room sent per limit
         self._flush: asyncio.TimerHandle | None = None
         self._broken = False
 
@@ -64,10 +65,16 @@ class Forwarder:
         if self._metrics:
             self._add(protocol.Suspended(relay, on))
 
-    def paused(self, relay: str, until: float) -> None:
-        """This worker was asked to slow down: the main process pauses every worker."""
-        self._events.append(protocol.Paused(relay, until))
-        self.flush()
+    def room(self, limit: str, room: int) -> None:
+        if self._metrics and self._rooms.get(limit) != room:
+            self._rooms[limit] = room
+            self._add(protocol.Room(limit, room))
+
+    def store_up(self, up: bool) -> None:
+        self._add(protocol.StoreUp(up) if self._metrics else None)
+
+    def spent(self, scope: str, until: float) -> None:
+        self._add(protocol.Spent(scope, until) if self._metrics else None)
 
     def ready(self) -> None:
         """Tell the main process this worker is watching and takes signals."""

@@ -1,4 +1,5 @@
-"""Provider limits: `rate` on relays and senders, and slowing down when a relay throttles us.
+"""Provider limits: limits on relays and senders (and the older `rate`), the ledger's rolling
+windows, and slowing down when a relay throttles us.
 
 The real daemon and a real SMTP server; times are read from the daemon's own log lines, and
 only lower bounds are asserted (a slow machine can only make the spacing larger).
@@ -11,9 +12,8 @@ from collections.abc import Callable
 from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.limits.buckets import PAUSE_FIRST, Limiter, is_throttling
+from pickupd.limits.replies import PAUSE_FIRST, is_throttling
 from pickupd.spool.sidecar import to_timestamp
-from pickupd.units import Rate
 
 
 def test_over_the_limit_waits_its_turn_without_an_attempt(
@@ -30,7 +30,7 @@ def test_over_the_limit_waits_its_turn_without_an_attempt(
     assert len(smtp_server.received) == 1
     for sidecar in sidecars:
         assert sidecar["attempts"] == 0 and sidecar["history"] == []
-        assert "relays.main.rate = 1/min" in sidecar["detail"]
+        assert "relays.main.limits: 1 messages/min" in sidecar["detail"]
         assert sidecar["recipients"] == ["alice@example.net"]
     (sent,) = daemon.wait_event("sent")
     turns = sorted(to_timestamp(w["next_attempt"]) for w in waiting)
@@ -69,32 +69,13 @@ def test_throttling_reply_pauses_the_relay(
     daemon.wait_event("deferred")
     drop_maildir(daemon.spool, message(subject="second"))
     (waiting, *_) = daemon.wait_event("waiting")
-    assert "asked us to slow down" in waiting["detail"]
+    assert "is paused (the account is sending too fast" in waiting["detail"]
     paused_until = to_timestamp(throttled["paused_until"])
     got = smtp_server.wait_for(2, timeout=PAUSE_FIRST + 10)
     assert sorted(r.data.split(b"Subject: ")[1][:6] for r in got) == [b"first\r", b"second"]
     # The server has both before the daemon has logged the second: wait for its lines.
     sent = daemon.wait_event("sent", count=2)
     assert min(to_timestamp(e["timestamp"]) for e in sent) >= paused_until - 0.05
-
-
-def test_limiter_reserves_turns_and_keeps_them() -> None:
-    """The bucket arithmetic: a burst of `count`, then one per interval; a message asking
-    again gets the turn it was given, not a new one at the back."""
-    limiter = Limiter()
-    bucket = [(("relay", "main"), Rate(2, 1.0))]
-    now = 1000.0
-    slots = [limiter.slot(f"m{n}", "main", bucket, now) for n in range(5)]
-    assert slots == [now, now, now + 0.5, now + 1.0, now + 1.5]
-    assert limiter.slot("m3", "main", bucket, now + 0.2) == now + 1.0  # same turn again
-    assert limiter.slot("m3", "main", bucket, now + 1.0) == now + 1.0  # its turn: go
-    assert limiter.slot("m5", "main", bucket, now + 1.0) == now + 2.0
-    until = limiter.throttled("main", now + 1.0)
-    assert until == now + 1.0 + PAUSE_FIRST
-    assert limiter.slot("m4", "main", bucket, now + 1.5) == until  # paused: its turn moves
-    assert limiter.throttled("main", now + 2) == now + 2 + 2 * PAUSE_FIRST  # doubles
-    limiter.accepted("main")
-    assert limiter.slot("x", "other", [], now) == now  # no limit, no pause: at once
 
 
 def test_which_replies_count_as_throttling() -> None:

@@ -241,6 +241,8 @@ class RedisLedger(Ledger):
         while True:
             await asyncio.sleep(delay)
             try:
+                # Connections from before the outage are dead even if the server is back.
+                await self.redis.connection_pool.disconnect()
                 await asyncio.wait_for(self.redis.ping(), max(self.config.wait, 1.0))
                 await asyncio.wait_for(self._replay(), max(self.config.wait * 10, 2.0))
             except Exception as exc:

@@ -1,0 +1,173 @@
+"""Limits shared by a fleet: real daemons on their own spools, one real Redis, one SMTP server
+that counts what it receives, window by window. And the spool's own ledger, shared by the
+workers of one host, without Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from harness import Daemon, drop_maildir, message, pickupd, wait_until
+from redisserver import RedisServer
+from smtpserver import Received, SmtpServer
+
+from pickupd.spool.sidecar import to_timestamp
+
+TO3 = "a@example.net, b@example.net, c@example.net"
+
+
+def _most_in_a_window(
+    got: Sequence[Received], window: float, weight: Callable[[Received], int]
+) -> int:
+    """The most any window of `window` seconds (ending at an arrival) saw at the server."""
+    times = sorted((r.at, weight(r)) for r in got)
+    return max(sum(w for t, w in times if end - window < t <= end) for end, _ in times)
+
+
+def _fleet(
+    make_daemon: Callable[..., Daemon],
+    server: SmtpServer,
+    store: RedisServer | None,
+    limits: list[str],
+    count: int = 3,
+    hosts: int | None = None,
+    **sections: Any,
+) -> list[Daemon]:
+    extra = {"limits": {"store": store.url, "hosts": hosts or count}} if store else {}
+    return [
+        make_daemon(
+            server,
+            senders={"app@example.com": {"relay": "main", "limits": limits}},
+            retry={"schedule": ["1h"], "max_age": "5d"},
+            **extra,
+            **sections,
+        )
+        for _ in range(count)
+    ]
+
+
+def test_three_daemons_share_one_mailbox_limit(
+    smtp_server: SmtpServer, redis_server: RedisServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Three daemons, three spools, one Redis: 10 messages a second and 60 recipients per
+    10 seconds for the one mailbox they all send as. The server never sees a window over
+    either, and every message arrives exactly once."""
+    daemons = _fleet(make_daemon, smtp_server, redis_server, ["10 messages/s", "60 recipients/10s"])
+    for n in range(15):
+        for d, daemon in enumerate(daemons):
+            drop_maildir(daemon.spool, message(to=TO3, subject=f"d{d}-{n}"))
+    got = smtp_server.wait_for(45, timeout=60)
+    subjects = [r.data.split(b"Subject: ")[1].split(b"\r")[0] for r in got]
+    assert len(subjects) == len(set(subjects)) == 45
+    assert _most_in_a_window(got, 1.0, lambda r: 1) <= 10
+    assert _most_in_a_window(got, 10.0, lambda r: len(r.rcpt_tos)) <= 60
+    # 135 recipients at 60 per 10 s: the last cannot have gone before two windows rolled.
+    assert max(r.at for r in got) - min(r.at for r in got) > 20
+    for daemon in daemons:
+        assert daemon.events("limit_store_down") == []
+        assert daemon.events("deferred") == []  # waiting is not an attempt
+        wait_until(lambda d=daemon: d.census()["deferred"] == 0, 10, "deferred/ to empty")
+
+
+def test_a_rolling_quota_never_lets_more_through_in_any_window(
+    smtp_server: SmtpServer, redis_server: RedisServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A daily quota as a short window (the same code path): 8 recipients per 4 seconds,
+    20 messages of one recipient each from two daemons; no 4 seconds, wherever they start,
+    see more than 8 at the server."""
+    daemons = _fleet(make_daemon, smtp_server, redis_server, ["8 recipients/4s"], count=2)
+    for n in range(10):
+        for daemon in daemons:
+            drop_maildir(daemon.spool, message(subject=f"q{n}"))
+    got = smtp_server.wait_for(20, timeout=40)
+    assert _most_in_a_window(got, 4.0, lambda r: len(r.rcpt_tos)) <= 8
+    assert max(r.at for r in got) - min(r.at for r in got) > 8  # three windows at least
+
+
+def test_redis_dies_the_share_holds_and_the_count_resumes(
+    smtp_server: SmtpServer, redis_server: RedisServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Redis is killed mid-run: the daemon goes on with its share (hosts = 2: 3 of 6 per 2 s),
+    logs it once, loses nothing; Redis comes back on its port and holds the count again."""
+    (daemon,) = _fleet(
+        make_daemon,
+        smtp_server,
+        redis_server,
+        ["6 messages/2s"],
+        1,
+        hosts=2,
+        dispatch={"workers": 1},
+    )
+    for n in range(6):
+        drop_maildir(daemon.spool, message(subject=f"a{n}"))
+    smtp_server.wait_for(6, timeout=20)
+    redis_server.kill()
+    for n in range(9):
+        drop_maildir(daemon.spool, message(subject=f"b{n}"))
+    (down,) = daemon.wait_event("limit_store_down", timeout=20)
+    assert down["share"].startswith("1/2")
+    got = smtp_server.wait_for(15, timeout=40)
+    during = [r for r in got if b"Subject: b" in r.data]
+    assert _most_in_a_window(during, 2.0, lambda r: 1) <= 3  # the host's share
+    redis_server.start()
+    daemon.wait_event("limit_store_up", timeout=40)
+    for n in range(8):
+        drop_maildir(daemon.spool, message(subject=f"c{n}"))
+    got = smtp_server.wait_for(23, timeout=30)
+    # Back on the store's count: the whole limit again (6 in a window, not the share of 3),
+    # and booked in Redis.
+    assert redis_server.client().keys("pickupd:*mailbox*")
+    after = [r for r in got if b"Subject: c" in r.data]
+    assert _most_in_a_window(after, 2.0, lambda r: 1) in (4, 5, 6)
+    subjects = [r.data.split(b"Subject: ")[1].split(b"\r")[0] for r in got]
+    assert len(set(subjects)) == len(subjects) == 23
+    assert len(daemon.events("limit_store_down")) == 1
+
+
+def test_a_spent_mailbox_stops_the_whole_fleet(
+    smtp_server: SmtpServer, redis_server: RedisServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """One daemon gets Microsoft 365's SubmissionQuotaExceeded: the mailbox is paused in
+    Redis for a day, so the other daemon stops sending as it too; the message is kept in
+    deferred/ (not failed: the mail is fine), once logged, and shown by `queue`."""
+    one, two = _fleet(make_daemon, smtp_server, redis_server, ["100 messages/s"], count=2)
+    smtp_server.fail_data = (
+        "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException;"
+        " Failed to process message due to a permanent exception"
+    )
+    smtp_server.fail_next = 1
+    drop_maildir(one.spool, message(subject="first"))
+    (spent,) = one.wait_event("quota_spent")
+    assert spent["scope"] == "mailbox:127.0.0.1:sender app@example.com"
+    (deferred,) = one.wait_sidecars("deferred")
+    assert deferred.get("reason") is None
+    assert "daily recipient quota is spent" in deferred["detail"]
+    assert to_timestamp(deferred["next_attempt"]) - time.time() > 86000  # not the 1h schedule
+    queue = pickupd("queue", "-c", str(one.config_path))
+    assert "next attempt in 24h" in queue.stdout or "next attempt in 23h" in queue.stdout, queue
+    assert "SubmissionQuotaExceeded" in queue.stdout
+    for n in range(3):
+        drop_maildir(two.spool, message(subject=f"two{n}"))
+    waiting = two.wait_event("waiting", count=3)
+    assert all("is paused" in w["detail"] and "quota is spent" in w["detail"] for w in waiting)
+    assert smtp_server.received == []
+    assert one.events("failed") == [] and two.events("failed") == []
+
+
+def test_workers_of_one_host_share_the_spool_ledger(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """No Redis: two worker processes on one spool book in its one ledger file, so the
+    limit holds for the host (not two halves, not twice)."""
+    daemon = make_daemon(
+        smtp_server,
+        senders={"app@example.com": {"relay": "main", "limits": ["4 messages/2s"]}},
+        dispatch={"workers": 2},
+        retry={"schedule": ["1h"]},
+    )
+    for n in range(16):
+        drop_maildir(daemon.spool, message(subject=f"w{n}"))
+    got = smtp_server.wait_for(16, timeout=40)
+    assert _most_in_a_window(got, 2.0, lambda r: 1) <= 4
+    assert max(r.at for r in got) - min(r.at for r in got) > 5

@@ -25,8 +25,7 @@ from pickupd.errors import ConfigError
 from pickupd.feedback import Feedback
 from pickupd.hosting.systemd import Notifier
 from pickupd.intake import Intake
-from pickupd.limits.ledger import FILE as LEDGER_FILE
-from pickupd.limits.ledger import Ledger, SpoolLedger
+from pickupd.limits import ledger
 from pickupd.limits.quota import Quota
 from pickupd.outcome import Stats
 from pickupd.recorder import Meter, Recorder
@@ -67,7 +66,10 @@ class Service:
         self.part = part
         self.spool = Spool(config.spool.path)
         self.log = logs.get()
-        self.ledger = self._ledger(config)
+        # Pauses and turns live in the ledger, so every worker process sees them without a word.
+        self.ledger = ledger.open_ledger(
+            config.limits, config.spool.path, lambda: self.log, self._store_up
+        )
         self.pool = Pool(ledger=self.ledger)
         self.quota = Quota(self.ledger)
         self.notifier = None if once or not main else Notifier.from_env()
@@ -318,15 +320,6 @@ class Service:
         match message:
             case protocol.Flush():
                 self._wake_all()
-
-    def _ledger(self, config: Config) -> Ledger:
-        """The quota ledger: the fleet's store, or the spool's file (limits/ledger.py).
-        Pauses and turns live there, so every worker process sees them without a word."""
-        if config.limits.store is None:
-            return SpoolLedger(config.spool.path / LEDGER_FILE)
-        from pickupd.limits.store import RedisLedger  # imports redis-py
-
-        return RedisLedger(config.limits, config.spool.path, lambda: self.log, self._store_up)
 
     def _store_up(self, up: bool) -> None:
         if self.metrics is not None:

@@ -8,12 +8,17 @@ only lower bounds are asserted (a slow machine can only make the spacing larger)
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from harness import Daemon, drop_maildir, message, relay_for, wait_until
+import pytest
+from harness import Daemon, drop_maildir, message, pickupd, relay_for, wait_until
 from smtpserver import SmtpServer
 
+from pickupd.config.loading import load
+from pickupd.errors import ConfigError
 from pickupd.limits.replies import PAUSE_FIRST, is_throttling
 from pickupd.spool.sidecar import to_timestamp
+from pickupd.units import parse_limit
 
 
 def test_over_the_limit_waits_its_turn_without_an_attempt(
@@ -88,3 +93,92 @@ def test_which_replies_count_as_throttling() -> None:
     assert not is_throttling(451, "4.7.0 Temporary authentication failure")
     assert not is_throttling(554, "5.7.1 Throttling failure")  # permanent: not ours to pace
     assert not is_throttling(None, "throttled")
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pickupd.toml"
+    path.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n{text}')
+    return path
+
+
+def test_limits_as_providers_say_them(tmp_path: Path) -> None:
+    """The presets fill each mailbox's limits, a relay's own override them kind by kind,
+    `rate` is the older spelling, and `pickupd check` shows what applies and who set it."""
+    path = _config(
+        tmp_path,
+        """
+[relays.m365]
+provider = "microsoft365"
+mailbox_limits = ["20 messages/min"]
+[relays.ses]
+provider = "ses"
+region = "eu-west-1"
+limits = ["14 recipients/s", "50,000 recipients/day"]
+[senders."noreply@example.com"]
+relay = "m365"
+[senders."billing@example.com"]
+relay = "ses"
+rate = "5/s"
+""",
+    )
+    config = load(path)
+    m365 = config.relays["m365"]
+    assert [str(x) for x in m365.mailbox_limits or ()] == [
+        "10000 recipients/day",
+        "3 connections",
+        "500 recipients/message",
+        "20 messages/min",
+    ]
+    assert [str(x) for x in config.relays["ses"].limits or ()] == [
+        "50 recipients/message",
+        "14 recipients/s",
+        "50000 recipients/day",
+    ]
+    assert config.sender_rule("billing@example.com").limits == (  # type: ignore[union-attr]
+        parse_limit("5 messages/s"),
+    )
+    checked = pickupd("check", "-c", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert (
+        "limits: relays.m365.mailbox_limits (each login): 10000 recipients/day"
+        " (microsoft365's), 3 connections (microsoft365's), 500 recipients/message"
+        " (microsoft365's), 20 messages/min"
+    ) in checked.stdout
+    assert f"kept in {tmp_path / 'spool' / 'ledger.json'}" in checked.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ('["30 messages"]', 'has no window ("/min", "/day", "/60s")'),
+        ('["3 connections/min"]', "connections are counted open at once"),
+        ('["10 messages/fortnight"]', 'unknown window "/fortnight"'),
+        ('["0 recipients/day"]', "at least 1"),
+        ('"30/min"', "expected an array like"),
+    ],
+)
+def test_a_bad_limit_names_its_key(tmp_path: Path, value: str, says: str) -> None:
+    path = _config(
+        tmp_path,
+        f'[relays.main]\nhost = "h"\nlimits = {value}\n[senders."a@b.c"]\nrelay = "main"\n',
+    )
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    (problem,) = raised.value.problems
+    assert problem.startswith(f"{path}: relays.main.limits: ") and says in problem, problem
+
+
+def test_a_store_password_never_goes_in_clear(tmp_path: Path) -> None:
+    secret = tmp_path / "redis.password"
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    path = _config(
+        tmp_path,
+        f'[limits]\nstore = "redis://redis.example.net:6379/0"\npassword_file = "{secret}"\n'
+        '[relays.main]\nhost = "h"\n[senders."a@b.c"]\nrelay = "main"\n',
+    )
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    assert "limits.store: the password would go in clear to redis.example.net" in str(
+        raised.value.problems
+    )

@@ -25,10 +25,14 @@ import aiosmtplib
 from pickupd.auth.logins import TokenSource, XOAuth2, bind
 from pickupd.auth.tokencache import per_mailbox
 from pickupd.cli.common import EX_OK, add_command, load_config
+from pickupd.config.limits import shown_url
 from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
+from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
 from pickupd.errors import SessionError
+from pickupd.limits.ledger import FILE as LEDGER_FILE
 from pickupd.smtp.pool import Pool
 from pickupd.smtp.transaction import describe_error
+from pickupd.units import Limit
 
 __all__ = ["Probe", "ProbeResult", "probe_all", "probes", "register"]
 
@@ -64,12 +68,52 @@ def _check(args: argparse.Namespace) -> int:
         f"{config.path}: ok: {len(config.relays)} relay(s), {len(config.senders)} sender"
         f" {entries}, spool {config.spool.path}"
     )
+    for line in limit_lines(config):
+        print(line)
     if not args.connect:
         return EX_OK
     results = asyncio.run(probe_all(probes(config, args.mailbox)))
     for result in results:
         print(result.line())
     return EX_OK if all(result.ok for result in results) else EX_PROBE_FAILED
+
+
+def limit_lines(config: Config) -> list[str]:
+    """The provider limits in force, each marked where a preset set it, and the ledger."""
+    lines = []
+
+    def shown(
+        limits: tuple[Limit, ...] | None, preset: tuple[Limit, ...], provider: str | None
+    ) -> str:
+        return ", ".join(
+            f"{limit} ({provider}'s)" if limit in preset else str(limit) for limit in limits or ()
+        )
+
+    for relay in config.relays.values():
+        provider = relay.provider
+        if relay.limits:
+            preset = RELAY_PRESETS.get(provider or "", ())
+            lines.append(
+                f"limits: relays.{relay.name}.limits (all its mail):"
+                f" {shown(relay.limits, preset, provider)}"
+            )
+        if relay.mailbox_limits:
+            preset = MAILBOX_PRESETS.get(provider or "", ())
+            lines.append(
+                f"limits: relays.{relay.name}.mailbox_limits (each login):"
+                f" {shown(relay.mailbox_limits, preset, provider)}"
+            )
+    for rule in config.senders:
+        if rule.limits:
+            lines.append(f'limits: senders."{rule.pattern}".limits: {shown(rule.limits, (), None)}')
+    if lines:
+        store = config.limits.store
+        lines.append(
+            f"limits: kept in {shown_url(store)}, {config.limits.hosts} host(s) sharing it"
+            if store
+            else f"limits: kept in {config.spool.path / LEDGER_FILE} (this host's processes)"
+        )
+    return lines
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pickupd.auth.logins import Secret
 from pickupd.config import keys as s
@@ -16,7 +16,7 @@ from pickupd.config.logins import read_secret
 from pickupd.config.routing import is_loopback
 from pickupd.errors import Invalid
 
-__all__ = ["LimitsConfig", "read_limits"]
+__all__ = ["LimitsConfig", "read_limits", "shown_url"]
 
 _PASSWORD_KEYS = ("password", "password_file", "password_env")
 
@@ -82,3 +82,13 @@ def read_limits(reader: Reader, doc: Mapping[str, Any]) -> LimitsConfig:
                 f"the password would go in clear to {host}: use rediss:// (TLS)",
             )
     return LimitsConfig(password=password, **values)
+
+
+def shown_url(url: str) -> str:
+    """The store's URL as logs show it (without a user's name or password, if it had any)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

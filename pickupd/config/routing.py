@@ -95,15 +95,16 @@ class RelayConfig:
     rate: Rate | None = setting(
         None, s.rate, "", 'the older form of limits = ["100 messages/min"] (not set)'
     )
-    limits: tuple[Limit, ...] = setting(
-        (),
+    # Unset by default: the provider's preset (or none). Once read, what applies.
+    limits: tuple[Limit, ...] | None = setting(
+        None,
         s.limits,
         "",
         "for all mail through this relay (the account), shared by the fleet; over the"
         " provider's, kind by kind",
     )
-    mailbox_limits: tuple[Limit, ...] = setting(
-        (),
+    mailbox_limits: tuple[Limit, ...] | None = setting(
+        None,
         s.limits,
         "",
         "for each mailbox (login) through this relay; over the provider's, kind by kind",
@@ -140,8 +141,8 @@ class SenderRule:
     rate: Rate | None = setting(
         None, s.rate, "", 'the older form of limits = ["30 messages/min"] (not set)'
     )
-    limits: tuple[Limit, ...] = setting(
-        (),
+    limits: tuple[Limit, ...] | None = setting(
+        None,
         s.limits,
         "",
         "for this sender's mailbox (its login); over the relay's mailbox_limits, kind by kind",
@@ -194,9 +195,11 @@ def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConf
         return None
     # What applies, as `pickupd check` shows it: the presets, overridden kind by kind.
     rate = () if values["rate"] is None else (from_rate(values["rate"]),)
-    values["limits"] = merged(RELAY_PRESETS.get(provider or "", ()), values["limits"] + rate)
+    values["limits"] = merged(
+        RELAY_PRESETS.get(provider or "", ()), (values["limits"] or ()) + rate
+    )
     values["mailbox_limits"] = merged(
-        MAILBOX_PRESETS.get(provider or "", ()), values["mailbox_limits"]
+        MAILBOX_PRESETS.get(provider or "", ()), values["mailbox_limits"] or ()
     )
     relay = RelayConfig(name=name, host=host, port=port, credentials=credentials, **values)
     if credentials is not None:
@@ -239,8 +242,9 @@ def read_sender(
         problem = _cleartext_problem(relays[relay])
         if problem:
             reader.problem(prefix + "username", problem)
-    if values["rate"] is not None:
-        values["limits"] = merged((from_rate(values["rate"]),), values["limits"])
+    values["limits"] = merged(
+        () if values["rate"] is None else (from_rate(values["rate"]),), values["limits"] or ()
+    )
     return SenderRule(pattern=pattern.lower(), relay=relay, credentials=credentials, **values)
 
 

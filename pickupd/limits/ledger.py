@@ -14,12 +14,14 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pickupd.config.limits import LimitsConfig
 from pickupd.limits.windows import Key, Window, earliest
+from pickupd.log import Logger
 from pickupd.units import Limit
 
 try:
@@ -27,7 +29,7 @@ try:
 except ImportError:  # Windows: one process per spool there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FILE", "Ledger", "Need", "SpoolLedger", "Turn"]
+__all__ = ["FILE", "Ledger", "Need", "SpoolLedger", "Turn", "open_ledger"]
 
 FILE = "ledger.json"
 
@@ -281,3 +283,15 @@ class SpoolLedger(Ledger):
         with self._books() as books:
             doc: dict[str, Any] = json.loads(books.dump())
             return doc
+
+
+def open_ledger(
+    config: LimitsConfig, spool: Path, log: Callable[[], Logger], up: Callable[[bool], None]
+) -> Ledger:
+    """The ledger `[limits]` names: the fleet's store, or the spool's file. `log`: the logger
+    in force; `up(bool)`: the store answers, or not (for the metrics)."""
+    if config.store is None:
+        return SpoolLedger(spool / FILE)
+    from pickupd.limits.store import RedisLedger  # imports redis-py
+
+    return RedisLedger(config, spool, log, up)

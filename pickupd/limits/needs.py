@@ -60,12 +60,12 @@ def applies(
         if rule.limits
         else f"relays.{relay.name}.mailbox_limits ({user})"
     )
-    own = merged(relay.mailbox_limits, rule.limits)
+    own = merged(relay.mailbox_limits or (), rule.limits or ())
     needs: list[Need] = []
     per_message: tuple[Limit, str] | None = None
     connections: list[tuple[str, int, str]] = []
     for scope, where, limits in (
-        (account, where_relay, relay.limits),
+        (account, where_relay, relay.limits or ()),
         (mailbox, where_mailbox, own),
     ):
         for limit in limits:

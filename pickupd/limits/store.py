@@ -30,17 +30,16 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 import redis.exceptions
 
-from pickupd.config.limits import LimitsConfig
+from pickupd.config.limits import LimitsConfig, shown_url
 from pickupd.limits.ledger import Ledger, Need, SpoolLedger, Turn, refunds
 from pickupd.log import Logger
 
-__all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger", "shown_url"]
+__all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger"]
 
 T = TypeVar("T")
 FALLBACK = "ledger.fallback.json"
@@ -146,16 +145,6 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
-
-
-def shown_url(url: str) -> str:
-    """The store's URL as logs show it (without a user's name or password, if it had any)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _key(shard: str, name: str) -> str:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from harness import Daemon, drop_maildir, message, pickupd, wait_until
+from harness import Daemon, drop_maildir, message, pickupd, relay_for, wait_until
 from redisserver import RedisServer
 from smtpserver import Received, SmtpServer
 
@@ -32,12 +32,13 @@ def _fleet(
     limits: list[str],
     count: int = 3,
     hosts: int | None = None,
+    relay: dict[str, Any] | None = None,
     **sections: Any,
 ) -> list[Daemon]:
     extra = {"limits": {"store": store.url, "hosts": hosts or count}} if store else {}
     return [
         make_daemon(
-            server,
+            relays={"main": relay_for(server, **(relay or {}))},
             senders={"app@example.com": {"relay": "main", "limits": limits}},
             retry={"schedule": ["1h"], "max_age": "5d"},
             **extra,
@@ -171,3 +172,22 @@ def test_workers_of_one_host_share_the_spool_ledger(
     got = smtp_server.wait_for(16, timeout=40)
     assert _most_in_a_window(got, 2.0, lambda r: 1) <= 4
     assert max(r.at for r in got) - min(r.at for r in got) > 5
+
+
+def test_a_connections_limit_holds_across_daemons(
+    smtp_factory: Callable[..., SmtpServer],
+    redis_server: RedisServer,
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """ "2 connections" for the mailbox, three daemons of up to 4 sessions each: the server
+    never has more than two open at once (leases in Redis), and all mail arrives."""
+    server = smtp_factory(trickle=True)  # slow replies: sessions overlap if they can
+    daemons = _fleet(
+        make_daemon, server, redis_server, ["2 connections"], relay={"idle_timeout": "300ms"}
+    )
+    for n in range(8):
+        for d, daemon in enumerate(daemons):
+            drop_maildir(daemon.spool, message(subject=f"c{d}-{n}"))
+    got = server.wait_for(24, timeout=60)
+    assert len({r.data for r in got}) == 24
+    assert server.peak_connections <= 2, server.peak_connections

@@ -52,8 +52,9 @@ def test_the_split_adds_up_to_the_whole() -> None:
 
 
 def test_limits_are_shared_out_and_small_ones_cap_the_count(tmp_path: Path) -> None:
-    """concurrency, max_connections and rates are split so that the service as a whole keeps
-    them; a limit smaller than the number of workers lowers it, and says which key."""
+    """concurrency and max_connections are split so that the service as a whole keeps them;
+    provider limits are not split (the workers share one ledger); a limit smaller than the
+    number of workers lowers it, and says which key."""
     path = tmp_path / "pickupd.toml"
     path.write_text(
         f"""
@@ -78,10 +79,9 @@ rate = "30/min"
     parts = [portion(config, Part(k, 3)) for k in range(3)]
     assert sum(p.dispatch.concurrency for p in parts) == 9
     assert sum(p.relays["main"].max_connections for p in parts) == 5
-    assert sum(p.relays["main"].rate.count for p in parts if p.relays["main"].rate) == 10
-    assert sum(p.senders[0].rate.count for p in parts if p.senders[0].rate) == 30
-    rates = [p.relays["main"].rate for p in parts]
-    assert all(rate is not None and rate.per == 60.0 for rate in rates)
+    assert all(str(p.relays["main"].limits) == "(Limit(amount=10, unit='messages', window=60.0),)"
+               for p in parts)  # fmt: skip
+    assert all(p.senders[0].limits == config.senders[0].limits for p in parts)
 
     path.write_text(path.read_text().replace("max_connections = 5", "max_connections = 2"))
     why = "relays.main.max_connections = 2 cannot be split among 3 processes"

@@ -1,0 +1,157 @@
+"""What the fleet's quota ledger costs: the 2 KB warm rate of bench/compare.py with and without
+a Redis store, limits far above the load, and the store's round trips per message.
+
+    python bench/ledger.py                  # 3 rounds of 5000 x 2 KB, each way, interleaved
+    python bench/ledger.py --count 1000 --rounds 1 --json
+
+Each round runs pickupd (its workers as configured by default) against Postfix's smtp-sink,
+once with `[limits] store` naming a private redis-server (started here on a free loopback port,
+`--save '' --appendonly no`) and once without, in alternating order. The sender has
+`limits = ["1000000 messages/min", "10000000 recipients/day"]`, so every message books a turn
+and none waits. Round trips are Redis's own count of commands (INFO commandstats, less the
+bench's) divided by the messages. The rate with the store must be at least 80% of without.
+Needs redis-server (Debian's package), smtp-sink (Debian's postfix) and pickupd installed in
+the Python that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare as cmp
+import throughput as tp
+
+LIMITS = '["1000000 messages/min", "10000000 recipients/day"]'
+
+
+class Redis:
+    """A private redis-server on a free loopback port."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise tp.BenchError("redis-server is needed (apt-get install redis-server)")
+        self.port = tp.free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != "PONG":
+            if time.monotonic() > deadline:
+                raise tp.BenchError("redis-server did not answer")
+            time.sleep(0.05)
+
+    def cli(self, *args: str) -> str:
+        found = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=False
+        )
+        return found.stdout.strip()
+
+    def commands(self) -> int:
+        """Commands the server has run, less INFO itself (one a call)."""
+        total = 0
+        for line in self.cli("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_") and not line.startswith(
+                ("cmdstat_info:", "cmdstat_ping:")
+            ):
+                total += int(line.split("calls=")[1].split(",")[0])
+        return total
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def with_limits(service: cmp.Pickupd, store: str | None) -> None:
+    text = service.config.read_text()
+    text = text.replace('relay = "sink"\n', f'relay = "sink"\nlimits = {LIMITS}\n')
+    if store:
+        text = text.replace("[log]\n", f'[limits]\nstore = "{store}"\n\n[log]\n')
+    service.config.write_text(text)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pickupd", help="the pickupd command (default: beside this Python)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    pickupd = tp.find_pickupd(args.pickupd)
+    sink_path = tp.find_smtp_sink()
+    if sink_path is None:
+        raise tp.BenchError("smtp-sink is needed (Debian's postfix package)")
+    work = Path(tempfile.mkdtemp(prefix="pickupd-ledger-"))
+    redis = Redis(work)
+    runs: dict[str, list[dict[str, float]]] = {"without": [], "store": []}
+    trips: list[float] = []
+    try:
+        for round_ in range(args.rounds):
+            order = ["without", "store"] if round_ % 2 == 0 else ["store", "without"]
+            for way in order:
+                sink = tp.Sink("smtp-sink", sink_path, work)
+                sink.start(f"{way}-{round_}")
+                service = cmp.Pickupd(work, pickupd, sink.port)
+                with_limits(
+                    service, f"redis://127.0.0.1:{redis.port}/0" if way == "store" else None
+                )
+                before = redis.commands()
+                try:
+                    result = cmp.relay(
+                        service, sink, args.count, 2048, f"L{round_}{way}", warm=True
+                    )
+                finally:
+                    sink.stop()
+                if way == "store":
+                    trips.append((redis.commands() - before) / args.count)
+                if b"limit_store_down" in service.log.read_bytes():
+                    raise tp.BenchError(f"the store went down: {tp.tail(service.log)}")
+                runs[way].append(result)
+                print(f"round {round_ + 1} {way}: {result['msg_per_s']:.0f} msg/s", file=sys.stderr)
+    finally:
+        redis.stop()
+    median = {way: statistics.median(r["msg_per_s"] for r in rs) for way, rs in runs.items()}
+    cpu = {way: statistics.median(r["cpu_ms_per_msg"] for r in rs) for way, rs in runs.items()}
+    out: dict[str, Any] = {
+        "count": args.count,
+        "rounds": args.rounds,
+        "msg_per_s": median,
+        "cpu_ms_per_msg": cpu,
+        "store_over_without": round(median["store"] / median["without"], 3),
+        "round_trips_per_msg": round(statistics.median(trips), 3),
+        "runs": runs,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"2 KB warm, {args.count} messages, median of {args.rounds} rounds")
+        for way in ("without", "store"):
+            print(f"  {way:8} {median[way]:7.0f} msg/s   CPU {cpu[way]:.2f} ms/msg")
+        ok = out["store_over_without"] >= 0.8
+        print(
+            f"  store / without: {out['store_over_without']:.2f} ({'ok' if ok else 'under 0.80'})"
+        )
+        print(f"  Redis round trips per message: {out['round_trips_per_msg']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except tp.BenchError as exc:
+        print(f"bench/ledger.py: {exc}", file=sys.stderr)
+        sys.exit(1)

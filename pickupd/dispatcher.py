@@ -30,6 +30,7 @@ from pickupd.recorder import Meter, Recorder
 from pickupd.smtp import transaction
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves
+from pickupd.spool.disk import Disk
 from pickupd.spool.files import printable
 from pickupd.spool.folders import Candidate, Claimed, Spool, TooLarge, Unsafe
 from pickupd.spool.sidecar import from_timestamp
@@ -67,8 +68,10 @@ class Dispatcher:
         stranded: Stranded,
         metrics: Meter | None,
         large_at_once: int,
+        disk: Disk,
     ) -> None:
         self.spool = spool
+        self.disk = disk
         self.intake = intake
         self.pool = pool
         self.quota = quota
@@ -86,7 +89,7 @@ class Dispatcher:
     async def process(self, candidate: Candidate, config: Config) -> None:
         """Claim `candidate` and make one attempt under `config` (the config in force now)."""
         try:
-            claimed = self.spool.claim(candidate)
+            claimed = await self.disk.run(self.spool.claim, candidate)
         except OSError as exc:
             # Not ours to move (a directory we may not rename, a file on a read-only mount):
             # say so once, leave it where it is, and keep going.
@@ -126,7 +129,7 @@ class Dispatcher:
 
     async def _deliver(self, claimed: Claimed, config: Config) -> None:
         try:
-            large = os.stat(claimed.path, follow_symlinks=False).st_size > LARGE_MESSAGE
+            large = (await self.disk.run(os.lstat, claimed.path)).st_size > LARGE_MESSAGE
         except OSError:
             large = False  # the read says what is wrong with it
         if not large:
@@ -138,7 +141,7 @@ class Dispatcher:
             await self._attempt(claimed, config)
 
     async def _attempt(self, claimed: Claimed, config: Config) -> None:
-        examined = await examine(self.spool, claimed, config)
+        examined = await examine(self.spool, claimed, config, self.disk)
         parsed, decision = examined.envelope, examined.decision
         self.log.info(
             "claimed",
@@ -151,7 +154,7 @@ class Dispatcher:
             code=None,
         )
         if isinstance(decision, Refusal):
-            self.recorder.fail(claimed, parsed, decision)
+            await self.recorder.fail(claimed, parsed, decision)
             return
         assert parsed is not None and parsed.sender is not None  # policy.check saw to that
         relay_config = config.relays[decision.relay]
@@ -159,11 +162,11 @@ class Dispatcher:
         applies = needs.applies(relay_config, decision, login, len(parsed.recipients))
         verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients))
         if isinstance(verdict, Refusal):
-            self.recorder.fail(claimed, parsed, verdict)
+            await self.recorder.fail(claimed, parsed, verdict)
             return
         if isinstance(verdict, Wait):
             # Over a provider limit, or its scope is paused: not an attempt, not an error.
-            self.recorder.waiting(claimed, parsed, verdict.at, verdict.detail)
+            await self.recorder.waiting(claimed, parsed, verdict.at, verdict.detail)
             self.intake.due_at(claimed.id, verdict.at)
             return
         if verdict.turn is not None and self.metrics is not None:
@@ -176,7 +179,7 @@ class Dispatcher:
             if verdict.turn is not None:
                 await self.quota.ledger.refund(verdict.turn, len(parsed.recipients), True)
             self.suspensions.waiting(relay_config.name, claimed.id)
-            self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
+            await self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
             self.intake.due_at(claimed.id, admission.until)
             return
         started = time.monotonic()
@@ -199,7 +202,9 @@ class Dispatcher:
             if verdict.turn is not None:
                 await self.quota.ledger.refund(verdict.turn, len(parsed.recipients), True)
             at = time.time() + 1.0
-            self.recorder.waiting(claimed, parsed, at, f"waiting for a connection: {delivery.text}")
+            await self.recorder.waiting(
+                claimed, parsed, at, f"waiting for a connection: {delivery.text}"
+            )
             self.intake.due_at(claimed.id, at)
             return
         self._observe(relay_config, delivery, claimed.id, probe=admission.probe)
@@ -207,7 +212,9 @@ class Dispatcher:
         not_before = None
         if pause is not None:
             delivery, not_before = self._paused(relay_config, delivery, pause)
-        due = self.recorder.record(claimed, parsed, delivery, examined.data, config, not_before)
+        due = await self.recorder.record(
+            claimed, parsed, delivery, examined.data, config, not_before
+        )
         if due is not None:
             self.intake.due_at(claimed.id, due)
 
@@ -296,14 +303,17 @@ def _as_deferred(delivery: Delivery, says: str) -> Delivery:
     )
 
 
-async def examine(spool: Spool, claimed: Claimed, config: Config) -> Examined:
-    """Read, parse and check a claimed message."""
-    data = spool.read(claimed, config.policy.max_message_size)
+async def examine(
+    spool: Spool, claimed: Claimed, config: Config, disk: Disk | None = None
+) -> Examined:
+    """Read, parse and check a claimed message (the read where `disk` says)."""
+    limit = config.policy.max_message_size
+    data = await disk.run(spool.read, claimed, limit) if disk else spool.read(claimed, limit)
     for _ in range(50):  # a Maildir writer between link() and unlink(): up to 1 s
         if not (isinstance(data, Unsafe) and data.linked):
             break
         await asyncio.sleep(0.02)
-        data = spool.read(claimed, config.policy.max_message_size)
+        data = await disk.run(spool.read, claimed, limit) if disk else spool.read(claimed, limit)
     if isinstance(data, Unsafe):
         return Examined(b"", None, Refusal(Reason.UNSAFE_FILE, f"{claimed.source} {data.detail}"))
     if isinstance(data, TooLarge):

@@ -24,6 +24,7 @@ from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
 from pickupd.message.envelope import Envelope
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
+from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Claimed, Spool
 from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from pickupd.units import format_duration
@@ -58,8 +59,11 @@ class Recorder:
         metrics: Meter | None = None,
         deferring: Callable[[str], None] = lambda msg_id: None,
         notify: Callable[[str, Sidecar], None] = lambda event, sidecar: None,
+        disk: Disk | None = None,
     ) -> None:
+        """`disk`: where the moves run (spool/disk.py; None: here, at once)."""
         self.spool = spool
+        self.disk = disk
         self.log = log  # swapped on reload (a new level or format)
         self.metrics = metrics
         self.stats = Stats()
@@ -71,7 +75,7 @@ class Recorder:
 
     # -- refused before any connection ---------------------------------------------------------
 
-    def fail(self, claimed: Claimed, parsed: Envelope | None, refusal: Refusal) -> None:
+    async def fail(self, claimed: Claimed, parsed: Envelope | None, refusal: Refusal) -> None:
         """A message refused before any connection: to failed/ with the reason."""
         base = self._base(claimed, parsed)
         sidecar = base.with_attempt(
@@ -97,7 +101,7 @@ class Recorder:
                 detail=refusal.detail,
             )
 
-        self._run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
+        await self._run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
 
     # -- not an attempt --------------------------------------------------------------------------
 
@@ -108,8 +112,18 @@ class Recorder:
         sidecar: Sidecar | None = None,
         event: str = "put_back",
     ) -> None:
-        """Move a claimed message to deferred/ without counting an attempt (shutdown, an
-        internal error, waiting for its turn under a provider limit)."""
+        """Move a claimed message to deferred/ without counting an attempt, here and now
+        (at shutdown, and after an internal error)."""
+        self._run_now(claimed, self._back(claimed, due, sidecar, event))
+
+    async def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> None:
+        """Over a provider limit: not an attempt, not an error; it waits for its turn."""
+        waiting = dataclasses.replace(self._base(claimed, parsed), detail=detail)
+        await self._run(claimed, self._back(claimed, due, waiting, "waiting"))
+
+    def _back(
+        self, claimed: Claimed, due: float, sidecar: Sidecar | None, event: str
+    ) -> list[_Step]:
         sidecar = sidecar or claimed.sidecar or self._new_sidecar(claimed, None, ())
         sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
 
@@ -118,16 +132,11 @@ class Recorder:
                 event, id=claimed.id, next_attempt=sidecar.next_attempt, detail=sidecar.detail
             )
 
-        self._run(claimed, [(lambda: self._to_deferred(claimed, sidecar, due), done)])
-
-    def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> None:
-        """Over a provider limit: not an attempt, not an error; it waits for its turn."""
-        waiting = dataclasses.replace(self._base(claimed, parsed), detail=detail)
-        self.put_back(claimed, due, waiting, event="waiting")
+        return [(lambda: self._to_deferred(claimed, sidecar, due), done)]
 
     # -- one SMTP attempt ------------------------------------------------------------------------
 
-    def record(
+    async def record(
         self,
         claimed: Claimed,
         parsed: Envelope,
@@ -173,7 +182,7 @@ class Recorder:
                     attempts=attempt,
                     next_attempt=None,
                 )
-            self._sent(claimed, archive)
+            await self._run(claimed, [(lambda: self._sent(claimed, archive), lambda: None)])
             return None
 
         steps: list[_Step] = []
@@ -183,7 +192,7 @@ class Recorder:
         if delivery.deferred:
             due, step = self._defer(claimed, base, delivery, attempt, fields, config, not_before)
             steps.append(step)
-        self._run(claimed, steps)
+        await self._run(claimed, steps)
         return due
 
     def _sent(self, claimed: Claimed, archive: Sidecar | None) -> None:
@@ -326,14 +335,27 @@ class Recorder:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _run(self, claimed: Claimed, steps: list[_Step]) -> None:
-        """Each move, then what follows it; SpoolWriteError (resumable) if a move fails."""
+    async def _run(self, claimed: Claimed, steps: list[_Step]) -> None:
+        """Each move (where the disk says: spool/disk.py), then what follows it here, on the
+        loop; SpoolWriteError (resumable) if a move fails."""
+        if self.disk is None or not self.disk.threads:
+            self._run_now(claimed, steps)
+            return
+        for index, (move, after) in enumerate(steps):
+            try:
+                await self.disk.run(move)
+            except OSError as exc:
+                resume = functools.partial(self._run_now, claimed, steps[index:])
+                raise SpoolWriteError(claimed.id, resume, exc) from exc
+            after()
+
+    def _run_now(self, claimed: Claimed, steps: list[_Step]) -> None:
+        """Each move, then what follows it, here and now."""
         for index, (move, after) in enumerate(steps):
             try:
                 move()
             except OSError as exc:
-                rest = steps[index:]
-                resume = functools.partial(self._run, claimed, rest)
+                resume = functools.partial(self._run_now, claimed, steps[index:])
                 raise SpoolWriteError(claimed.id, resume, exc) from exc
             after()
 

@@ -32,6 +32,7 @@ from pickupd.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves, recovery
 from pickupd.spool.census import CensusCache
+from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Candidate, FolderCount, Spool
 from pickupd.spool.sidecar import Sidecar
 from pickupd.spool.stranded import Stranded
@@ -101,7 +102,10 @@ class Service:
                 report=self._reported,
                 cover=self.intake.cover,
             )
-        self.recorder = Recorder(self.spool, self.log, self.metrics, self.intake.deferring, notify)
+        self.disk = Disk(config.spool.io, config.spool.path)
+        self.recorder = Recorder(
+            self.spool, self.log, self.metrics, self.intake.deferring, notify, self.disk
+        )
         self.stats = self.recorder.stats
         self.stranded = Stranded(self.log, self._stranded_changed)
         self.dispatcher = Dispatcher(
@@ -113,6 +117,7 @@ class Service:
             stranded=self.stranded,
             metrics=self.metrics,
             large_at_once=part.share(LARGE_AT_ONCE),
+            disk=self.disk,
         )
         self._background: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -270,6 +275,7 @@ class Service:
                     concurrency=self.config.dispatch.concurrency,
                     workers=self.part.total,
                     relays=sorted(self.config.relays),
+                    io="threads" if self.disk.threads else "loop",
                 )
         finally:
             if supervising is not None and not supervising.done():
@@ -281,6 +287,7 @@ class Service:
             await self.feedback.close(timeout=5.0)
             await self.pool.close_all()
             await self.ledger.close()
+            self.disk.close()
             self.spool.unlock()
             if self.notifier:
                 self.notifier.close()

@@ -3,6 +3,7 @@ a log line, under the config the attempt was made with."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -46,7 +47,9 @@ def test_a_deferral_follows_the_schedule_of_the_config_it_is_given(tmp_path: Pat
     config = unit_config(tmp_path / "c.toml", retry=RetryConfig(schedule=(3600.0,)))
     deferred = tuple(RecipientResult(r, 451, "451 later") for r in parsed.recipients)
     before = time.time()
-    due = recorder.record(claimed, parsed, Delivery("m", deferred=deferred), RAW, config)
+    due = asyncio.run(
+        recorder.record(claimed, parsed, Delivery("m", deferred=deferred), RAW, config)
+    )
     assert due is not None and 0.9 * 3600 <= due - before <= 1.1 * 3600 + 1
     (sidecar,) = [json.loads(p.read_text()) for p in spool.deferred.glob("*.json")]
     assert abs(to_timestamp(sidecar["next_attempt"]) - due) < 0.01
@@ -68,7 +71,7 @@ def test_a_partial_refusal_splits_a_copy_into_failed(tmp_path: Path) -> None:
         deferred=(RecipientResult("a@example.net", 452, "452 full"),),
         rejected=(RecipientResult("b@example.net", 550, "550 no such user"),),
     )
-    recorder.record(claimed, parsed, delivery, RAW, Config(path=tmp_path / "c.toml"))
+    asyncio.run(recorder.record(claimed, parsed, delivery, RAW, Config(path=tmp_path / "c.toml")))
     (failed,) = [json.loads(p.read_text()) for p in spool.failed.glob("*.json")]
     (waiting,) = [json.loads(p.read_text()) for p in spool.deferred.glob("*.json")]
     assert failed["split_from"] == claimed.id and failed["recipients"] == ["b@example.net"]

@@ -29,6 +29,7 @@ from pickupd.config.routing import (
     read_sender,
 )
 from pickupd.errors import ConfigError
+from pickupd.spool.disk import IoMode
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -79,6 +80,13 @@ class SpoolConfig:
         s.positive_duration,
         "a duration",
         "a claim not renewed this long (its host is gone) may be taken over by another host",
+    )
+    io: IoMode = setting(
+        "auto",
+        s.choice("auto", "loop", "threads"),
+        "",
+        'where claims, reads and moves run: "threads" on a network file system (NFS), so a'
+        ' slow server stalls no session; "auto" tells by the file system',
     )
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 
 from pickupd import ids
 from pickupd.errors import SpoolLocked
+from pickupd.spool.disk import slow_read
 from pickupd.spool.files import (
     BINARY,
     PRIVATE,
@@ -279,6 +280,7 @@ class Spool:
             data = read_fd(fd, limit + 1)
         finally:
             os.close(fd)
+        slow_read(data)
         return TooLarge(len(data)) if len(data) > limit else data
 
     # -- outcomes -------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""A slow spool (a file server that takes seconds to answer) stalls only the message it is
+slow for: with `[spool] io = "threads"` (what "auto" picks on NFS) the other relays keep
+sending. The slowness is injected into the spool's read (PICKUPD_FAULT_SLOW_READ, spool/disk.py);
+with `io = "loop"` the same fault holds everything up, which shows the test can tell."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from harness import Daemon, drop_maildir, message, relay_for
+from smtpserver import SmtpServer
+
+SLOW = 3.0
+
+
+@pytest.mark.parametrize("io", ["threads", "loop"])
+def test_a_slow_read_holds_up_only_its_own_message(
+    io: str, smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon]
+) -> None:
+    slow_relay, fast_relay = smtp_factory(), smtp_factory()
+    daemon = make_daemon(
+        relays={"slow": relay_for(slow_relay), "fast": relay_for(fast_relay)},
+        senders={"app@example.com": {"relay": "slow"}, "ops@example.com": {"relay": "fast"}},
+        spool={"io": io},
+        dispatch={"workers": 1},
+        start=False,
+    )
+    daemon.start(env={"PICKUPD_FAULT_SLOW_READ": f"SLOWREAD={SLOW}"})
+    (ready,) = daemon.wait_event("ready")
+    assert ready["io"] == io
+    drop_maildir(daemon.spool, message(subject="SLOWREAD"))
+    time.sleep(0.3)  # it is being read now
+    started = time.monotonic()
+    for n in range(5):
+        drop_maildir(daemon.spool, message(sender="ops@example.com", subject=f"f{n}"))
+    fast_relay.wait_for(5, timeout=SLOW + 10)
+    took = time.monotonic() - started
+    slow_relay.wait_for(1, timeout=SLOW + 10)
+    if io == "threads":
+        assert took < SLOW - 1.5, took  # the other relay did not wait
+        assert fast_relay.received[-1].at < slow_relay.received[0].at
+    else:
+        assert took > SLOW - 1.0, took  # on the loop, everything waited for the one read

@@ -9,7 +9,8 @@ once with `[limits] store` naming a private redis-server (started here on a free
 `--save '' --appendonly no`) and once without, in alternating order. The sender has
 `limits = ["1000000 messages/min", "10000000 recipients/day"]`, so every message books a turn
 and none waits. Round trips are Redis's own count of the commands pickupd sends (INFO commandstats:
-EVALSHA, EVAL, SCRIPT, ZREM; not those a script runs inside) divided by the messages. The rate with the store must be at least 80% of without.
+EVALSHA, EVAL, SCRIPT, ZREM; not those a script runs inside) divided by the messages. The
+rate with the store must be at least 80% of without.
 Needs redis-server (Debian's package), smtp-sink (Debian's postfix) and pickupd installed in
 the Python that runs it.
 """

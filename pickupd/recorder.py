@@ -124,7 +124,7 @@ class Recorder:
     def _back(
         self, claimed: Claimed, due: float, sidecar: Sidecar | None, event: str
     ) -> list[_Step]:
-        sidecar = sidecar or claimed.sidecar or self._new_sidecar(claimed, None, ())
+        sidecar = sidecar or claimed.sidecar or _new_sidecar(claimed, None, ())
         sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
 
         def done() -> None:
@@ -338,12 +338,9 @@ class Recorder:
     async def _run(self, claimed: Claimed, steps: list[_Step]) -> None:
         """Each move (where the disk says: spool/disk.py), then what follows it here, on the
         loop; SpoolWriteError (resumable) if a move fails."""
-        if self.disk is None or not self.disk.threads:
-            self._run_now(claimed, steps)
-            return
         for index, (move, after) in enumerate(steps):
             try:
-                await self.disk.run(move)
+                await self.disk.run(move) if self.disk else move()
             except OSError as exc:
                 resume = functools.partial(self._run_now, claimed, steps[index:])
                 raise SpoolWriteError(claimed.id, resume, exc) from exc
@@ -374,23 +371,22 @@ class Recorder:
             self.metrics.outcome(outcome.value, reason.value if reason else None, relay)
 
     @staticmethod
-    def _new_sidecar(
-        claimed: Claimed, parsed: Envelope | None, recipients: tuple[str, ...]
-    ) -> Sidecar:
-        return Sidecar(
-            id=claimed.id,
-            source=claimed.source,
-            sender=parsed.sender if parsed else None,
-            recipients=recipients,
-            attempts=0,
-            first_seen=from_timestamp(claimed.claimed_at),
-            message_id=parsed.message_id if parsed else None,
-        )
-
-    def _base(self, claimed: Claimed, parsed: Envelope | None) -> Sidecar:
+    def _base(claimed: Claimed, parsed: Envelope | None) -> Sidecar:
         if claimed.sidecar is None:
-            return self._new_sidecar(claimed, parsed, parsed.recipients if parsed else ())
+            return _new_sidecar(claimed, parsed, parsed.recipients if parsed else ())
         return claimed.sidecar
+
+
+def _new_sidecar(claimed: Claimed, parsed: Envelope | None, recipients: tuple[str, ...]) -> Sidecar:
+    return Sidecar(
+        id=claimed.id,
+        source=claimed.source,
+        sender=parsed.sender if parsed else None,
+        recipients=recipients,
+        attempts=0,
+        first_seen=from_timestamp(claimed.claimed_at),
+        message_id=parsed.message_id if parsed else None,
+    )
 
 
 def _detail(results: tuple[RecipientResult, ...], sent: tuple[str, ...]) -> str:

@@ -67,9 +67,8 @@ class Service:
         self.part = part
         self.spool = Spool(config.spool.path)
         self.log = logs.get()
-        # Pauses and turns live in the ledger, so every worker process sees them without a word.
         self.ledger = ledger.open_ledger(
-            config.limits, config.spool.path, lambda: self.log, self._store_up
+            config.limits, config.spool.path, lambda: self.log, self._up
         )
         self.pool = Pool(ledger=self.ledger)
         self.quota = Quota(self.ledger)
@@ -305,6 +304,10 @@ class Service:
 
     # -- around the work ---------------------------------------------------------------------------
 
+    def _up(self, up: bool) -> None:
+        if self.metrics is not None:  # the fleet's store answers, or not
+            self.metrics.store_up(up)
+
     def _stranded_changed(self, count: int) -> None:
         if self.supervisor is not None:
             count += self.supervisor.stranded()
@@ -327,10 +330,6 @@ class Service:
         match message:
             case protocol.Flush():
                 self._wake_all()
-
-    def _store_up(self, up: bool) -> None:
-        if self.metrics is not None:
-            self.metrics.store_up(up)
 
     def _wake_all(self) -> None:
         self.intake.wake()

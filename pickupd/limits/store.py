@@ -7,7 +7,8 @@ the clock of each client. The script does the arithmetic of windows.py on the se
 the server's clock (TIME), so a fleet has one clock.
 
 Keys: `pickupd:{<relay host>}:<scope>/<unit>/<window>`, a hash of bucket -> count plus the
-tail (`t`); pauses `pickupd:{<relay host>}:pause:<scope>`; connection leases a sorted set.
+tail (`t`) and the sum of the buckets kept (`s`: while it leaves room, a turn needs no bucket
+read); pauses `pickupd:{<relay host>}:pause:<scope>`; connection leases a sorted set.
 The hash tag keeps the keys of one message in one Redis Cluster slot; every key expires by
 itself once no window can reach it. This module (and redis-py) is imported only when a store
 is configured.
@@ -65,51 +66,74 @@ for i = 1, nk do
   local amount, size = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
   local span, need = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   if need > amount then return {now, now, i, paused, why} end
-  local flat = redis.call('HGETALL', KEYS[i])
-  local counts, tail = {}, -1
-  for j = 1, #flat, 2 do
-    if flat[j] == 't' then tail = tonumber(flat[j + 1])
-    else counts[#counts + 1] = {tonumber(flat[j]), tonumber(flat[j + 1])} end
-  end
-  table.sort(counts, function(a, b) return a[1] < b[1] end)
+  -- `s` is the sum of every bucket kept (the window's and perhaps older ones not dropped
+  -- yet): while it leaves room, so does the window, and no bucket needs reading.
+  local head = redis.call('HMGET', KEYS[i], 't', 's')
+  local tail, sum = tonumber(head[1] or '-1'), tonumber(head[2] or '0')
   local bucket = math.max(math.floor(start / size), tail)
-  while true do
-    local low, sum, first = bucket - span, 0, nil
-    for _, c in ipairs(counts) do
-      if c[1] > low and c[1] <= bucket then
-        sum = sum + c[2]
-        if first == nil then first = c[1] end
+  local counts = nil
+  if sum + need > amount then
+    local flat = redis.call('HGETALL', KEYS[i])
+    counts, sum = {}, 0
+    for j = 1, #flat, 2 do
+      if flat[j] ~= 't' and flat[j] ~= 's' then
+        counts[#counts + 1] = {tonumber(flat[j]), tonumber(flat[j + 1])}
+        sum = sum + tonumber(flat[j + 1])
       end
     end
-    if sum + need <= amount then break end
-    bucket = first + span
+    table.sort(counts, function(a, b) return a[1] < b[1] end)
+    while true do
+      local low, inside, first = bucket - span, 0, nil
+      for _, c in ipairs(counts) do
+        if c[1] > low and c[1] <= bucket then
+          inside = inside + c[2]
+          if first == nil then first = c[1] end
+        end
+      end
+      if inside + need <= amount then break end
+      bucket = first + span
+    end
   end
-  books[i] = {amount, size, span, need, tail, counts}
+  books[i] = {amount, size, span, need, tail, counts, sum}
   if bucket * size > at then at = bucket * size end
 end
 local out = {at, now, 0, paused, why}
 for i = 1, nk do
   local b = books[i]
-  local amount, size, span, need, tail, counts = b[1], b[2], b[3], b[4], b[5], b[6]
+  local amount, size, span, need, tail, counts, sum = b[1], b[2], b[3], b[4], b[5], b[6], b[7]
   local bucket = math.floor(at / size)
   redis.call('HINCRBY', KEYS[i], bucket, need)
-  if bucket > tail then tail = bucket end
-  redis.call('HSET', KEYS[i], 't', tail)
-  local used = need
-  for _, c in ipairs(counts) do
-    if c[1] <= tail - span then redis.call('HDEL', KEYS[i], c[1])
-    elseif c[1] <= tail then used = used + c[2] end
+  if bucket > tail then
+    tail = bucket
+    redis.call('HSET', KEYS[i], 't', tail)
   end
+  if counts ~= nil then
+    -- The buckets were read: drop those no window can reach, so `s` is exact again.
+    for _, c in ipairs(counts) do
+      if c[1] <= tail - span then
+        redis.call('HDEL', KEYS[i], c[1])
+        sum = sum - c[2]
+      end
+    end
+  end
+  sum = sum + need
+  redis.call('HSET', KEYS[i], 's', sum)
   redis.call('PEXPIREAT', KEYS[i], (tail + span + 1) * size)
   out[#out + 1] = bucket
-  out[#out + 1] = amount - used
+  out[#out + 1] = amount - sum
 end
 return out
 """
+
 _REFUND = """
 for i = 1, #KEYS do
-  local left = redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 1], -tonumber(ARGV[2 * i]))
-  if left <= 0 then redis.call('HDEL', KEYS[i], ARGV[2 * i - 1]) end
+  local had = tonumber(redis.call('HGET', KEYS[i], ARGV[2 * i - 1]) or '0')
+  local back = math.min(had, tonumber(ARGV[2 * i]))
+  if back > 0 then
+    if had - back <= 0 then redis.call('HDEL', KEYS[i], ARGV[2 * i - 1])
+    else redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 1], -back) end
+    redis.call('HINCRBY', KEYS[i], 's', -back)
+  end
 end
 return 1
 """
@@ -117,6 +141,7 @@ _ADD = """
 for i = 1, #KEYS do
   local bucket, amount, expires = ARGV[3 * i - 2], ARGV[3 * i - 1], tonumber(ARGV[3 * i])
   redis.call('HINCRBY', KEYS[i], bucket, amount)
+  redis.call('HINCRBY', KEYS[i], 's', amount)
   local tail = tonumber(redis.call('HGET', KEYS[i], 't') or '-1')
   if tonumber(bucket) > tail then redis.call('HSET', KEYS[i], 't', bucket) end
   if redis.call('PEXPIRETIME', KEYS[i]) < expires then redis.call('PEXPIREAT', KEYS[i], expires) end

@@ -91,7 +91,8 @@ class Service:
             # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
             from pickupd.hosting.metrics import Metrics
 
-            self.metrics = self._served = Metrics(self.spool, self.census.current)
+            store = config.limits.store is not None
+            self.metrics = self._served = Metrics(self.spool, self.census.current, store)
         if main and part.total > 1:
             self.supervisor = Supervisor(
                 str(config.path),

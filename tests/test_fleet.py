@@ -8,7 +8,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from harness import Daemon, drop_maildir, message, pickupd, relay_for, wait_until
+from harness import (
+    Daemon,
+    drop_maildir,
+    free_port,
+    message,
+    pickupd,
+    relay_for,
+    scrape,
+    wait_until,
+)
 from redisserver import RedisServer
 from smtpserver import Received, SmtpServer
 
@@ -191,3 +200,38 @@ def test_a_connections_limit_holds_across_daemons(
     got = server.wait_for(24, timeout=60)
     assert len({r.data for r in got}) == 24
     assert server.peak_connections <= 2, server.peak_connections
+
+
+def test_the_metrics_show_room_the_store_and_a_spent_quota(
+    smtp_server: SmtpServer, redis_server: RedisServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The endpoint shows each limit's room after the last turn, the store's gauge (down
+    while Redis is frozen), and when a spent mailbox may send again."""
+    port = free_port()
+    (daemon,) = _fleet(
+        make_daemon,
+        smtp_server,
+        redis_server,
+        ["50 messages/min"],
+        count=1,
+        metrics={"listen": f"127.0.0.1:{port}"},
+        dispatch={"workers": 1},
+    )
+    for n in range(3):
+        drop_maildir(daemon.spool, message(subject=f"r{n}"))
+    smtp_server.wait_for(3)
+    room = 'pickupd_limit_room{limit="mailbox:127.0.0.1:sender app@example.com/messages/60"}'
+    got = wait_until(lambda: (s := scrape(port)).get(room) == 47 and s, 5, "the room of 50")
+    assert got["pickupd_limit_store_up"] == 1
+    redis_server.freeze()
+    drop_maildir(daemon.spool, message(subject="frozen"))
+    smtp_server.wait_for(4)  # from the host's share
+    wait_until(lambda: scrape(port).get("pickupd_limit_store_up") == 0, 5, "the store down")
+    redis_server.thaw()
+    smtp_server.fail_data, smtp_server.fail_next = "550 5.4.5 Daily user sending limit exceeded", 1
+    wait_until(lambda: scrape(port).get("pickupd_limit_store_up") == 1, 40, "the store back")
+    drop_maildir(daemon.spool, message(subject="spent"))
+    daemon.wait_event("quota_spent")
+    key = 'pickupd_quota_spent_until_seconds{scope="mailbox:127.0.0.1:sender app@example.com"}'
+    until = wait_until(lambda: scrape(port).get(key), 5, "the spent gauge")
+    assert until > time.time() + 86000

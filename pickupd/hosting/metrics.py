@@ -69,9 +69,13 @@ class Metrics:
     """The dispatcher's metrics and, once started, their HTTP endpoint."""
 
     def __init__(
-        self, spool: Spool, count: Callable[[], dict[str, FolderCount]] | None = None
+        self,
+        spool: Spool,
+        count: Callable[[], dict[str, FolderCount]] | None = None,
+        store: bool = False,
     ) -> None:
-        """`count`: the census to show (default: a fresh one at every scrape)."""
+        """`count`: the census to show (default: a fresh one at every scrape); `store`: a
+        ledger store is configured (its gauge starts at 1)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._messages = Counter(
             "pickupd_messages",
@@ -110,6 +114,8 @@ class Metrics:
             registry=self.registry,
         )
         self._down: set[int] = set()  # processes (0: main) whose store is down
+        if store:
+            self._store_up.set(1)
         self._spent = Gauge(
             "pickupd_quota_spent_until_seconds",
             "A quota the provider said is spent: paused until this Unix time",

@@ -16,6 +16,7 @@ queue in a busy process, a clock a few milliseconds apart.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class Window:
     span: int
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)
     def of(cls, amount: int, window: float) -> Window:
         size_ms = max(1, int(window * 1000) // BUCKETS)
         span = math.ceil((window + margin(window)) * 1000 / size_ms) + 1

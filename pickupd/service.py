@@ -68,7 +68,10 @@ class Service:
         self.spool = Spool(config.spool.path)
         self.log = logs.get()
         self.ledger = ledger.open_ledger(
-            config.limits, config.spool.path, lambda: self.log, self._up
+            config.limits,
+            config.spool.path,
+            lambda: self.log,
+            lambda up: self.metrics.store_up(up) if self.metrics else None,
         )
         self.pool = Pool(ledger=self.ledger)
         self.quota = Quota(self.ledger)
@@ -304,10 +307,6 @@ class Service:
         return stats
 
     # -- around the work ---------------------------------------------------------------------------
-
-    def _up(self, up: bool) -> None:
-        if self.metrics is not None:  # the fleet's store answers, or not
-            self.metrics.store_up(up)
 
     def _stranded_changed(self, count: int) -> None:
         if self.supervisor is not None:

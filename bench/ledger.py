@@ -8,11 +8,11 @@ Each round runs pickupd (its workers as configured by default) against Postfix's
 once with `[limits] store` naming a private redis-server (started here on a free loopback port,
 `--save '' --appendonly no`) and once without, in alternating order. The sender has
 `limits = ["1000000 messages/min", "10000000 recipients/day"]`, so every message books a turn
-and none waits. Round trips are what pickupd's processes log when they stop (`limit_store_closed`: turns
-asked for while one is on its way share a pipeline); scripts are Redis's own count of the
-commands pickupd sends (INFO commandstats: EVALSHA, EVAL, SCRIPT LOAD, ZREM; not those a
-script runs inside). Both per message. The rate with the store must be at least 80% of
-without.
+and none waits. Round trips are what pickupd's processes log when they stop
+(`limit_store_closed`: turns asked for while one is on its way share a pipeline); scripts
+are Redis's own count of the commands pickupd sends (INFO commandstats: EVALSHA, EVAL,
+SCRIPT LOAD, ZREM; not those a script runs inside). Both per message. The rate with the
+store must be at least 80% of without.
 Needs redis-server (Debian's package), smtp-sink (Debian's postfix) and pickupd installed in
 the Python that runs it.
 """

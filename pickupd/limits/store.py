@@ -13,10 +13,12 @@ The hash tag keeps the keys of one message in one Redis Cluster slot; every key 
 itself once no window can reach it. This module (and redis-py) is imported only when a store
 is configured.
 
-When the store does not answer within `[limits] wait` (100 ms), or refuses us, each host goes
-on with a share of every limit (`[limits] hosts`), booked in a file beside the spool's ledger,
-and tries the store again with backoff; what it booked meanwhile is added to the store when it
-is back. So relaying neither stops nor exceeds the limit.
+A turn the store does not answer within `[limits] wait` (100 ms) is booked on the host's
+share of every limit (`[limits] hosts`), in a file beside the spool's ledger, and added to the
+store later. After three late answers in a row, or at once when the store refuses us or
+cannot be reached, the store is down: every turn goes on the share, and the store is tried
+again with backoff; what was booked meanwhile is added to it when it is back. So relaying
+neither stops nor exceeds the limit.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger"]
 T = TypeVar("T")
 FALLBACK = "ledger.fallback.json"
 BACKOFF_FIRST = 0.5
+SLOW_STRIKES = 3
 BACKOFF_MAX = 30.0
 
 
@@ -115,6 +118,8 @@ class RedisLedger(Ledger):
         self._spent: list[tuple[Need, int, int]] = []  # booked on the fallback meanwhile
         self._paused: list[tuple[str, float, str]] = []  # pauses set meanwhile (local clock)
         self._retry: asyncio.Task[None] | None = None
+        self._late = 0  # late answers in a row
+        self._catching_up: asyncio.Task[None] | None = None
         self.round_trips = 0  # to the store, and the turns they carried (for the log)
         self.turns = 0
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
@@ -126,18 +131,36 @@ class RedisLedger(Ledger):
         return self._down is not None
 
     async def _call(self, work: Callable[[], Awaitable[T]]) -> T | None:
-        """One round trip, or None once the store is (or just went) away."""
+        """One round trip, or None: the caller then uses the host's share. A store that
+        refuses or is unreachable is down at once; one that is slow, after SLOW_STRIKES
+        late answers in a row (one late answer is as often a busy event loop here)."""
         if self._down is not None:
             return None
         self.round_trips += 1
         try:
             async with asyncio.timeout(self.config.wait):  # no task of its own, as wait_for
-                return await work()
+                got = await work()
         except TimeoutError:
-            self._went_down(f"no answer within {self.config.wait * 1000:.0f} ms")
+            self._late += 1
+            if self._late >= SLOW_STRIKES:
+                self._went_down(f"no answer within {self.config.wait * 1000:.0f} ms")
+            return None
         except Exception as exc:  # redis errors, OSError, ssl errors: all mean "not now"
             self._went_down(_why(exc))
-        return None
+            return None
+        self._late = 0
+        if self._spent and self._catching_up is None:
+            # Turns booked on the share while the store was late: add them to it.
+            self._catching_up = asyncio.get_running_loop().create_task(self._catch_up())
+        return got
+
+    async def _catch_up(self) -> None:
+        try:
+            await asyncio.wait_for(self._replay(), max(self.config.wait * 10, 2.0))
+        except Exception:  # kept: the next success or the reconnect tries again
+            pass
+        finally:
+            self._catching_up = None
 
     def _went_down(self, why: str) -> None:
         if self._down is not None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import Daemon, drop_maildir, message, pickupd, wait_until
+from harness import PICKUPD, Daemon, drop_maildir, message, pickupd, wait_until
 from smtpserver import SmtpServer
 
 from pickupd.spool.sidecar import to_timestamp
@@ -300,3 +300,54 @@ def test_init_writes_a_valid_config_and_a_safe_spool(tmp_path: Path) -> None:
     forced = pickupd(*args, "--force")
     assert forced.returncode == 0
     assert wait_until(lambda: config.exists(), 1)
+
+
+def test_queue_into_head_ends_quietly(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """`pickupd queue | head -3` with 40 messages: no traceback; it ends as coreutils do
+    when their reader goes away (128 + SIGPIPE)."""
+    daemon = make_daemon(smtp_server)
+    for n in range(40):
+        drop_maildir(daemon.spool, message(sender="intruder@example.org", subject=f"q{n}"))
+    daemon.wait_sidecars("failed", count=40)
+    piped = subprocess.run(
+        ["sh", "-c", '"$0" queue -c "$1" | head -3', PICKUPD,
+         str(daemon.config_path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert len(piped.stdout.splitlines()) == 3
+    assert piped.stderr == "", piped.stderr
+    # Without a shell in between, the reader's going away is seen by pickupd itself.
+    proc = subprocess.Popen(
+        [PICKUPD, "queue", "-c", str(daemon.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    code = proc.wait(30)
+    assert proc.stderr.read() == b"" and code == 141
+
+
+def test_show_escapes_a_hostile_header_and_caps_a_binary_file(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A Subject: with terminal escapes prints them as \\x1b (never raw); a file with no
+    blank line is not dumped whole."""
+    daemon = make_daemon(smtp_server)
+    hostile = "\x1b]0;PWNED\x07\x1b[2J"
+    drop_maildir(daemon.spool, message(sender="intruder@example.org", subject=hostile))
+    msg_id = one_id(daemon, "failed")
+    shown = cli(daemon, "show", msg_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "Subject: \\x1b]0;PWNED\\x07\\x1b[2J" in shown.stdout
+    binary = daemon.spool / "failed" / f"{msg_id}.eml"
+    binary.write_bytes(b"\x00\x01garbage\n" * 5000)
+    shown = cli(daemon, "show", msg_id)
+    assert shown.returncode == 0, shown.stderr
+    assert len(shown.stdout.splitlines()) < 260 and "\x00" not in shown.stdout
+    assert "no blank line ends the header section" in shown.stdout

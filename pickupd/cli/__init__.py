@@ -4,6 +4,7 @@ its lines on stderr and its exit code here, in one place."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -61,3 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(exc.message, file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`pickupd queue | head`): end quietly, as coreutils do (they
+        # die of SIGPIPE: 128 + 13), and let nothing more be flushed into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

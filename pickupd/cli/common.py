@@ -87,3 +87,13 @@ def warn(text: str) -> None:
 def say(count: int, noun: str, rest: str) -> None:
     """`1 message put back`, `2 messages put back`."""
     print(f"{count} {noun}{'s' if count != 1 else ''} {rest}")
+
+
+def for_terminal(text: str, keep_newlines: bool = True) -> str:
+    """`text` safe to print on an operator's terminal: control characters (an escape
+    sequence in a hostile Subject: retitles or clears it) are shown as \\xNN, as the
+    sidecar already escapes them."""
+    return "".join(
+        ch if ch.isprintable() or (keep_newlines and ch in "\n\t") else f"\\x{ord(ch):02x}"
+        for ch in text
+    )

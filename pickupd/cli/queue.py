@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pickupd import ids
-from pickupd.cli.common import EX_NOINPUT, EX_OK, add_command, open_spool
+from pickupd.cli.common import EX_NOINPUT, EX_OK, add_command, for_terminal, open_spool
 from pickupd.errors import CommandError
 from pickupd.spool import moves
 from pickupd.spool.files import read_limited
@@ -30,6 +30,9 @@ __all__ = ["OPERATOR_OUTCOMES", "no_such", "register", "resolve", "sidecar_of"]
 OPERATOR_OUTCOMES = ("retried", "released", "held")
 # `show` prints at most this much of a header section.
 _HEADER_LIMIT = 64 * 1024
+# What `show` prints of a header section at most: a binary file is not dumped whole.
+_SHOW_LINES = 200
+_SHOW_WIDTH = 1000
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -166,13 +169,15 @@ def _print_row(row: dict[str, Any], now: float) -> None:
         f"{row['id']}  {row['folder']}  age {_age(row['age_seconds'])}"
         f"  attempts {row['attempts']}  {state}"
     )
-    print(f"  {row['sender'] or '(no sender)'} -> {', '.join(row['recipients']) or '-'}")
+    print(
+        for_terminal(f"  {row['sender'] or '(no sender)'} -> {', '.join(row['recipients']) or '-'}")
+    )
     last = row["last_reply"]
     if last:
         relay = f" (relay {last['relay']})" if last["relay"] else ""
-        print(f"  last: {last['text']}{relay}"[:200])
+        print(for_terminal(f"  last: {last['text']}{relay}"[:200]))
     elif row["detail"]:
-        print(f"  {row['detail']}"[:200])
+        print(for_terminal(f"  {row['detail']}"[:200]))
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -183,7 +188,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"{folder.name}/{msg_id}.eml")
     sidecar_path = folder / f"{msg_id}.json"
     try:
-        print(read_limited(sidecar_path, 16 * 1024 * 1024).decode("utf-8", "replace").rstrip())
+        text = read_limited(sidecar_path, 16 * 1024 * 1024).decode("utf-8", "replace").rstrip()
+        print(for_terminal(text))
     except OSError as exc:
         print(f"(no sidecar: {exc.strerror or exc})")
     print()
@@ -195,7 +201,11 @@ def _show(args: argparse.Namespace) -> int:
         ) from None
     end = min((i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0), default=-1)
     header = data if end < 0 else data[:end]
-    print(header.decode("utf-8", "replace").replace("\r\n", "\n").rstrip())
-    if end < 0 and len(data) >= _HEADER_LIMIT:
-        print(f"(header section longer than {_HEADER_LIMIT} bytes: cut)")
+    lines = header.decode("utf-8", "replace").replace("\r\n", "\n").rstrip().split("\n")
+    for line in lines[:_SHOW_LINES]:
+        print(for_terminal(line, keep_newlines=False)[:_SHOW_WIDTH])
+    if len(lines) > _SHOW_LINES or end < 0:
+        what = "no blank line ends the header section" if end < 0 else "longer"
+        print(f"({what}: {len(lines)} lines, {len(header)} bytes; the first {_SHOW_LINES} shown)"
+              if len(lines) > _SHOW_LINES else f"({what})")  # fmt: skip
     return EX_OK

@@ -100,7 +100,7 @@ def test_secrets_never_print_themselves(good: Path) -> None:
         ),
         (
             '[relays.main]\nhost = "h"\nprot = 25\n[senders."a@b.c"]\nrelay = "main"\n',
-            "relays.main.prot: unknown key",
+            'relays.main.prot: unknown key (did you mean "port"?)',
         ),
         (
             '[relays.main]\nhost = "h"\n[senders."a@b.c"]\nrelay = "mian"\n',
@@ -121,7 +121,13 @@ def test_secrets_never_print_themselves(good: Path) -> None:
         ("[relays.m]\nport = 25\n", "relays.m.host: required"),
         ('[senders."not-an-address"]\nrelay = "x"\n', 'senders."not-an-address": expected'),
         ("[spool\n", "not valid TOML"),
-        ("[bogus]\n", "bogus: unknown key"),
+        ("[bogus]\n", "bogus: unknown section"),
+        ("[sendrs]\n", 'sendrs: unknown section (did you mean "senders"?)'),
+        (
+            '[relays.m]\nhost = "h"\nsecurity = "startls"\n[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.security: expected one of "starttls", "tls", "none", got "startls"'
+            ' (did you mean "starttls"?)',
+        ),
         (
             '[relays.m]\nhost = "h"\nrate = "30 per minute"\n[senders."a@b.c"]\nrelay = "m"\n',
             'relays.m.rate: expected a rate like "30/min", "5/s", "1000/h" or "10000/day"',

@@ -41,6 +41,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "SystemCallFilter=@system-service",
     ):
         assert directive in text, directive
+    # RestartPreventExitStatus= does not cover ExecStartPre=: a pre-check would restart a
+    # broken config for ever; `pickupd run` refuses it with 78 itself.
+    assert "\nExecStartPre=" not in text
 
 
 def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:

@@ -24,11 +24,11 @@ import aiosmtplib
 
 from pickupd.auth.logins import TokenSource, XOAuth2, bind
 from pickupd.auth.tokencache import per_mailbox
-from pickupd.cli.common import EX_OK, add_command, load_config
+from pickupd.cli.common import EX_OK, EX_USAGE, add_command, load_config
 from pickupd.config.limits import shown_url
 from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
 from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
-from pickupd.errors import SessionError
+from pickupd.errors import CommandError, SessionError
 from pickupd.limits.ledger import FILE as LEDGER_FILE
 from pickupd.smtp.pool import Pool
 from pickupd.smtp.transaction import describe_error
@@ -62,6 +62,8 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.mailbox and not args.connect:
+        raise CommandError(EX_USAGE, "pickupd check: --mailbox is for --connect: give both")
     config = load_config(args.config)
     entries = "entry" if len(config.senders) == 1 else "entries"
     print(

@@ -50,6 +50,8 @@ def add_command(
 ) -> argparse.ArgumentParser:
     """Add subcommand `name`, run by `handler(args) -> exit code`, with `-c FILE` unless
     `config` is False. The one way every subcommand is registered."""
+    if "help" in kwargs:  # `pickupd <name> --help` says what the command is for, too
+        kwargs.setdefault("description", kwargs["help"])
     parser: argparse.ArgumentParser = commands.add_parser(name, **kwargs)
     if config:
         parser.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)

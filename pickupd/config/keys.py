@@ -14,6 +14,7 @@ problem shown; without one, the key's "expected ..." words are.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -151,7 +152,11 @@ class Reader:
     def unknown(self, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
         for key in table:
             if key not in known:
-                self.problem(f"{prefix}{key}", "unknown key")
+                near = difflib.get_close_matches(key, sorted(known), 1)
+                what = "unknown key" if prefix else "unknown section"
+                self.problem(
+                    f"{prefix}{key}", what + (f' (did you mean "{near[0]}"?)' if near else "")
+                )
 
     def get(
         self,
@@ -302,7 +307,12 @@ def address(value: Any) -> str:
 def choice(*options: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in options:
-            raise Invalid("expected one of " + ", ".join(f'"{o}"' for o in options))
+            near = difflib.get_close_matches(str(value), options, 1)
+            hint = f' (did you mean "{near[0]}"?)' if near else ""
+            raise Invalid(
+                "expected one of " + ", ".join(f'"{o}"' for o in options)
+                + f", got {type_name(value)}{hint}"
+            )  # fmt: skip
         return str(value)
 
     return convert

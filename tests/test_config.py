@@ -390,3 +390,20 @@ def test_documented_defaults_are_the_tables_values() -> None:
             elif row.strip() != f"`{key.shown}`":
                 wrong.append(f"README: {key.name} shows {row.strip()}, the code {key.shown}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_init_shows_unset_keys_with_values_of_their_kind() -> None:
+    """A key unset by default is shown commented out with a value it takes (an array for a
+    command), never a placeholder that the key would refuse."""
+    import tomllib
+
+    from pickupd.cli.init import starter_config
+
+    text = starter_config(Path("/etc/pickupd/pickupd.toml"), Path("/var/spool/pickupd"))
+    assert '"..."' not in text
+    for line in text.splitlines():
+        if line.startswith("# ") and " = " in line:
+            key, _, rest = line[2:].partition(" = ")
+            value = rest.split(" # ")[0].strip()
+            tomllib.loads(f"{key} = {value}")  # each is valid TOML
+    assert '# on_failed = ["/usr/local/bin/on-failed", "--json"]' in text

@@ -11,6 +11,7 @@ from typing import Any
 import tomli_w
 
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command
+from pickupd.config import keys as s
 from pickupd.config.keys import keys
 from pickupd.config.loading import DEFAULT_CONFIG_PATH, SECTIONS, SpoolConfig, config_path
 from pickupd.errors import CommandError
@@ -91,6 +92,17 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
 
 
+# How a key unset by default is shown, commented out: a value of its own kind.
+_EXAMPLES: dict[object, str] = {
+    s.command: '["/usr/local/bin/on-failed", "--json"]',
+    s.positive_duration: '"1h"',
+    s.duration: '"1h"',
+    s.address: '"ops@example.com"',
+    s.listen: '"127.0.0.1:9464"',
+    s.domain: '"example.com"',
+}
+
+
 def starter_config(path: Path, spool_root: Path) -> str:
     """The text `pickupd init` writes: a loopback relay, one sender, the spool, and every
     other key of the plain sections commented out with its default and help."""
@@ -102,7 +114,7 @@ def starter_config(path: Path, spool_root: Path) -> str:
         for key in keys(section):
             if name == "spool" and key.name == "path":
                 continue
-            shown = key.shown or '"..."'
+            shown = key.shown or _EXAMPLES.get(key.convert, '"..."')
             line = f"# {key.name} = {shown}"
             lines.append(f"{line.ljust(43)} # {key.help}")  # at least one space before "#"
         lines.append("")

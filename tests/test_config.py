@@ -205,7 +205,7 @@ def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     """A password file others can read is a config error (as ssh and msmtp refuse it)."""
     path = with_password_file(tmp_path, "secret\n", 0o644)
     (line,) = problems(path)
-    assert "relays.m.password_file" in line and "can be read by others" in line
+    assert "relays.m.password_file" in line and "can be read or written by others" in line
     assert "secret" not in line
 
 
@@ -342,7 +342,7 @@ def test_provider_presets_and_oauth2_logins_load(tmp_path: Path) -> None:
         '[senders."*@contoso.com"]\nrelay = "m365"\n'
     )
     path = write(tmp_path, text)
-    assert any("m365.secret can be read by others" in p for p in problems(path))
+    assert any("m365.secret can be read or written by others" in p for p in problems(path))
     secret.chmod(0o600)
     config = load(path)
     assert [r.host for r in config.relays.values()] == [

@@ -85,7 +85,8 @@ def read_secret(reader: Reader, table: Mapping[str, Any], prefix: str, base: str
         if others_can_access(file):
             reader.problem(
                 prefix + source,
-                f"{file} can be read by others; chmod o-rw {file} (as with ssh and msmtp)",
+                f"{file} can be read or written by others; chmod o-rw {file}"
+                " (as with ssh and msmtp)",
             )
             return None
         text = file.read_text(encoding="utf-8")
@@ -114,7 +115,8 @@ def _private_file(reader: Reader, table: Mapping[str, Any], prefix: str, key: st
         if others_can_access(path):
             reader.problem(
                 prefix + key,
-                f"{path} can be read by others; chmod o-rw {path} (as with ssh and msmtp)",
+                f"{path} can be read or written by others; chmod o-rw {path}"
+                " (as with ssh and msmtp)",
             )
             return None
     except OSError as exc:

@@ -351,3 +351,25 @@ def test_show_escapes_a_hostile_header_and_caps_a_binary_file(
     assert shown.returncode == 0, shown.stderr
     assert len(shown.stdout.splitlines()) < 260 and "\x00" not in shown.stdout
     assert "no blank line ends the header section" in shown.stdout
+
+
+def test_show_of_an_unsafe_file_says_what_it_is(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A symlink or a FIFO where a message should be: one line saying what it is, exit 65
+    (not "no such message"), and nothing behind the link is read."""
+    daemon = make_daemon(smtp_server)
+    drop_maildir(daemon.spool, message(sender="intruder@example.org"))
+    msg_id = one_id(daemon, "failed")
+    eml = daemon.spool / "failed" / f"{msg_id}.eml"
+    secret = tmp_path / "secret"
+    secret.write_text("Subject: SECRET\n")
+    eml.unlink()
+    eml.symlink_to(secret)
+    shown = cli(daemon, "show", msg_id)
+    assert shown.returncode == 65 and "is a symbolic link: not read" in shown.stderr
+    assert "SECRET" not in shown.stdout
+    eml.unlink()
+    os.mkfifo(eml)
+    shown = cli(daemon, "show", msg_id)
+    assert shown.returncode == 65 and "is a fifo: not read" in shown.stderr

@@ -10,16 +10,17 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pickupd import ids
-from pickupd.cli.common import EX_NOINPUT, EX_OK, add_command, for_terminal, open_spool
+from pickupd.cli.common import EX_DATAERR, EX_NOINPUT, EX_OK, add_command, for_terminal, open_spool
 from pickupd.errors import CommandError
 from pickupd.spool import moves
-from pickupd.spool.files import read_limited
+from pickupd.spool.files import file_kind, read_limited
 from pickupd.spool.folders import FOLDERS, Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
 from pickupd.units import format_duration
@@ -193,8 +194,16 @@ def _show(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"(no sidecar: {exc.strerror or exc})")
     print()
+    eml = folder / f"{msg_id}.eml"
+    with contextlib.suppress(OSError):
+        mode = os.lstat(eml).st_mode
+        if not stat.S_ISREG(mode):
+            raise CommandError(
+                EX_DATAERR,
+                f"pickupd: {msg_id}: {folder.name}/{eml.name} is {file_kind(mode)}: not read",
+            )
     try:
-        data = read_limited(folder / f"{msg_id}.eml", _HEADER_LIMIT)
+        data = read_limited(eml, _HEADER_LIMIT)
     except OSError as exc:
         raise CommandError(
             EX_NOINPUT, f"pickupd: {msg_id}: cannot read the message: {exc.strerror or exc}"

@@ -79,3 +79,25 @@ def test_failures_are_named(smtp_factory: Factory, test_ca: TestCA, tmp_path: Pa
     assert "FAILED: connection refused" in lines["refused"]
     assert "FAILED: DNS: the host name does not resolve" in lines["nodns"]
     assert "wrong-secret" not in out
+
+
+def test_a_sender_without_a_login_on_an_auth_relay_is_not_ok(
+    smtp_factory: Factory, test_ca: TestCA, tmp_path: Path
+) -> None:
+    """The probe tries MAIL FROM for each sender it can name, then RSET: a relay that wants
+    AUTH refuses the sender without a login (530), so check --connect is not "ok" for it;
+    the one with a login is accepted, and nothing is sent."""
+    server = smtp_factory(security="starttls", users={"billing": "pw-bill"}, require_auth=True)
+    relays = {"main": tls_relay(server, test_ca)}
+    senders = {
+        "app@example.com": {"relay": "main"},
+        "billing@example.com": {"relay": "main", "username": "billing", "password": "pw-bill"},
+    }
+    code, probes = check_connect(tmp_path, relays, senders)
+    lines = probes.splitlines()
+    bare = next(line for line in lines if "no login" in line)
+    assert ": FAILED: " in bare and "AUTH offered, no login configured" in bare
+    assert "MAIL FROM:<app@example.com> refused: 530" in bare
+    billing = next(line for line in lines if "billing" in line)
+    assert ": ok: " in billing and "MAIL FROM:<billing@example.com> accepted" in billing
+    assert code != 0 and server.received == []

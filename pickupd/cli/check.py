@@ -127,6 +127,7 @@ class Probe:
     login: Credentials | XOAuth2 | None
     used_by: str
     token_only: TokenSource | None = None
+    sender: str | None = None  # tried at MAIL FROM (then RSET): what the server will say
 
     def label(self) -> str:
         relay = self.relay
@@ -156,7 +157,7 @@ def probes(config: Config, mailbox: str | None = None) -> list[Probe]:
             found.setdefault((relay.name, login.source), probe)
             return
         bound = bind(login, address or "")
-        found.setdefault((relay.name, bound), Probe(relay, bound, used_by))
+        found.setdefault((relay.name, bound), Probe(relay, bound, used_by, sender=address))
 
     for rule in config.senders:
         relay = config.relays[rule.relay]
@@ -204,6 +205,17 @@ async def _probe(pool: Pool, probe: Probe) -> ProbeResult:
             )
             offered += "; login not tried: no mailbox (check --connect --mailbox ADDR)"
         ok = probe.token_only is None or "xoauth2" in smtp.server_auth_methods
+        if probe.login is None and "auth" in smtp.esmtp_extensions:
+            offered += "; AUTH offered, no login configured"
+        if ok and probe.sender is not None:
+            # What the server will do with this sender, without sending anything.
+            try:
+                await asyncio.wait_for(smtp.mail(probe.sender), relay.timeout)
+            except aiosmtplib.SMTPResponseException as exc:
+                refused = f"MAIL FROM:<{probe.sender}> refused: {exc.code} {exc.message}"
+                return ProbeResult(probe, False, f"{got}{offered}; {refused}")
+            await asyncio.wait_for(smtp.rset(), relay.timeout)
+            offered += f"; MAIL FROM:<{probe.sender}> accepted (then RSET: nothing sent)"
         return ProbeResult(probe, ok, got + offered)
     finally:
         try:

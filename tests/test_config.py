@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
-from harness import pickupd
+from harness import PICKUPD, pickupd
 
 from pickupd.config.loading import Credentials, Secret, load
 from pickupd.errors import ConfigError
@@ -407,3 +409,45 @@ def test_init_shows_unset_keys_with_values_of_their_kind() -> None:
             value = rest.split(" # ")[0].strip()
             tomllib.loads(f"{key} = {value}")  # each is valid TOML
     assert '# on_failed = ["/usr/local/bin/on-failed", "--json"]' in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv to another user needs root (CI is root)")
+def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite() -> None:
+    """A rotated refresh token is written back as a new file renamed over the old: `check`,
+    run as the service's user (here: nobody), fails when that user cannot write its folder,
+    and passes once it can."""
+    import shutil
+    import tempfile
+
+    # pytest's own folders are private to root: nobody could not even read the config.
+    tmp_path = Path(tempfile.mkdtemp(prefix="pickupd-check-", dir="/tmp"))
+    state = tmp_path / "state"
+    state.mkdir()
+    token = state / "other.refresh-token"
+    token.write_text("rt\n")
+    token.chmod(0o600)
+    tmp_path.chmod(0o755)
+    path = tmp_path / "pickupd.toml"
+    path.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        '[relays.m]\nhost = "h"\nauth = "oauth2"\ntoken_url = "https://login.example.net/t"\n'
+        f'client_id = "c"\nrefresh_token_file = "{token}"\n[senders."a@b.c"]\nrelay = "m"\n'
+    )
+    path.chmod(0o644)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv is needed (util-linux)"
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*as_nobody, PICKUPD, "check", "-c", str(path)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    done = check()
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert f"relays.m.refresh_token_file: nobody cannot write {state}" in done.stderr
+    os.chown(state, 65534, 65534)
+    done = check()
+    shutil.rmtree(tmp_path)
+    assert done.returncode == 0, done.stderr

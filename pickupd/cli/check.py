@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import socket
 import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
-from pickupd.auth.logins import TokenSource, XOAuth2, bind
+from pickupd.auth.logins import RefreshTokenSource, TokenSource, XOAuth2, bind
 from pickupd.auth.tokencache import per_mailbox
-from pickupd.cli.common import EX_OK, EX_USAGE, add_command, load_config
+from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
 from pickupd.config.limits import shown_url
 from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
 from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
@@ -65,6 +68,9 @@ def _check(args: argparse.Namespace) -> int:
     if args.mailbox and not args.connect:
         raise CommandError(EX_USAGE, "pickupd check: --mailbox is for --connect: give both")
     config = load_config(args.config)
+    problems = unwritable_tokens(config)
+    if problems:
+        raise CommandError(EX_CONFIG, "\n".join(problems))
     entries = "entry" if len(config.senders) == 1 else "entries"
     print(
         f"{config.path}: ok: {len(config.relays)} relay(s), {len(config.senders)} sender"
@@ -78,6 +84,60 @@ def _check(args: argparse.Namespace) -> int:
     for result in results:
         print(result.line())
     return EX_OK if all(result.ok for result in results) else EX_PROBE_FAILED
+
+
+# The user the shipped unit runs pickupd as: `check` run by root checks for it.
+SERVICE_USER = "pickupd"
+
+
+def unwritable_tokens(config: Config) -> list[str]:
+    """A refresh_token_file whose folder the service's user cannot write: a rotated token
+    could not be saved (the write-back is a new file renamed over the old), and the next
+    start would use a spent one."""
+    if os.name != "posix":
+        return []
+    import pwd  # POSIX only
+
+    user: str | None = None
+    if os.geteuid() == 0:
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam(SERVICE_USER).pw_name
+    found = []
+    tables = [(f"relays.{r.name}", r.credentials) for r in config.relays.values()]
+    tables += [(f'senders."{s.pattern}"', s.credentials) for s in config.senders]
+    for where, login in tables:
+        source = login.source if isinstance(login, OAuth2Login) else None
+        if isinstance(source, RefreshTokenSource):
+            folder = source.refresh_token_file.parent
+            if not _may_write(folder, user):
+                who = user or pwd.getpwuid(os.geteuid()).pw_name
+                found.append(
+                    f"{config.path}: {where}.refresh_token_file: {who} cannot write {folder},"
+                    " so a rotated token could not be saved; keep it under /var/lib/pickupd"
+                    " (the unit's StateDirectory=)"
+                )
+    return found
+
+
+def _may_write(folder: Path, user: str | None) -> bool:
+    import grp
+    import pwd
+
+    if user is None:
+        return os.access(folder, os.W_OK | os.X_OK)
+    entry = pwd.getpwnam(user)
+    groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    try:
+        st = folder.stat()
+    except OSError:
+        return False
+    if st.st_uid == entry.pw_uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid in groups:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & 0o3 == 0o3
 
 
 def limit_lines(config: Config) -> list[str]:

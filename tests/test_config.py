@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import PICKUPD, pickupd
+from harness import pickupd
 
 from pickupd.config.loading import Credentials, Secret, load
 from pickupd.errors import ConfigError
@@ -411,43 +411,44 @@ def test_init_shows_unset_keys_with_values_of_their_kind() -> None:
     assert '# on_failed = ["/usr/local/bin/on-failed", "--json"]' in text
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv to another user needs root (CI is root)")
-def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite() -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="useradd needs root (CI is root)")
+def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite(tmp_path: Path) -> None:
     """A rotated refresh token is written back as a new file renamed over the old: `check`,
-    run as the service's user (here: nobody), fails when that user cannot write its folder,
-    and passes once it can."""
+    run by root, fails when the service's user (`pickupd`, created here if missing) cannot
+    write its folder, and passes once it can."""
+    import pwd
     import shutil
-    import tempfile
 
-    # pytest's own folders are private to root: nobody could not even read the config.
-    tmp_path = Path(tempfile.mkdtemp(prefix="pickupd-check-", dir="/tmp"))
-    state = tmp_path / "state"
-    state.mkdir()
-    token = state / "other.refresh-token"
-    token.write_text("rt\n")
-    token.chmod(0o600)
-    tmp_path.chmod(0o755)
-    path = tmp_path / "pickupd.toml"
-    path.write_text(
-        f'[spool]\npath = "{tmp_path / "spool"}"\n'
-        '[relays.m]\nhost = "h"\nauth = "oauth2"\ntoken_url = "https://login.example.net/t"\n'
-        f'client_id = "c"\nrefresh_token_file = "{token}"\n[senders."a@b.c"]\nrelay = "m"\n'
-    )
-    path.chmod(0o644)
-    setpriv = shutil.which("setpriv")
-    assert setpriv, "setpriv is needed (util-linux)"
-    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-    def check() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*as_nobody, PICKUPD, "check", "-c", str(path)],
-            capture_output=True, text=True, timeout=60, check=False,
+    created = False
+    try:
+        pwd.getpwnam("pickupd")
+    except KeyError:
+        useradd = shutil.which("useradd")
+        assert useradd, "useradd is needed (Debian's passwd package)"
+        subprocess.run(
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "pickupd"],
+            check=True, timeout=30,
         )  # fmt: skip
-
-    done = check()
-    assert done.returncode == 78, done.stdout + done.stderr
-    assert f"relays.m.refresh_token_file: nobody cannot write {state}" in done.stderr
-    os.chown(state, 65534, 65534)
-    done = check()
-    shutil.rmtree(tmp_path)
-    assert done.returncode == 0, done.stderr
+        created = True
+    try:
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        token = state / "other.refresh-token"
+        token.write_text("rt\n")
+        token.chmod(0o600)
+        path = tmp_path / "pickupd.toml"
+        path.write_text(
+            f'[spool]\npath = "{tmp_path / "spool"}"\n[relays.m]\nhost = "h"\nauth = "oauth2"\n'
+            'token_url = "https://login.example.net/t"\nclient_id = "c"\n'
+            f'refresh_token_file = "{token}"\n[senders."a@b.c"]\nrelay = "m"\n'
+        )
+        done = pickupd("check", "-c", str(path))
+        assert done.returncode == 78, done.stdout + done.stderr
+        assert f"relays.m.refresh_token_file: pickupd cannot write {state}" in done.stderr
+        entry = pwd.getpwnam("pickupd")
+        os.chown(state, entry.pw_uid, entry.pw_gid)
+        done = pickupd("check", "-c", str(path))
+        assert done.returncode == 0, done.stderr
+    finally:
+        if created:
+            subprocess.run(["userdel", "pickupd"], check=False, timeout=30)

@@ -131,6 +131,8 @@ def test_a_busy_port_is_a_one_line_config_error(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert re.search(rf"metrics.listen: cannot listen on 127.0.0.1:{port}", done.stderr)
     assert "Traceback" not in done.stderr
+    # Refused before the spool was touched: none of its folders were made.
+    assert not [d for d in ("active", "deferred", "failed", "hold") if (daemon.spool / d).exists()]
 
 
 def test_queue_metrics_and_status_line_count_alike(

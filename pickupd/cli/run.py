@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,24 @@ async def _serve_signals(service: Service) -> None:
     await service.run()
 
 
+def _metrics_port_free(config: Config) -> None:
+    """CommandError (78) if `[metrics] listen` cannot be bound now (the endpoint binds it for
+    real a moment later; this only says so before the spool is touched)."""
+    if config.metrics.listen is None:
+        return
+    host, port = config.metrics.listen
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the endpoint does
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CommandError(
+                EX_CONFIG,
+                f"{config.path}: metrics.listen: cannot listen on {host}:{port}:"
+                f" {exc.strerror or exc}",
+            ) from None
+
+
 def _serve(config: Config, *, once: bool) -> int:
     logs.configure(config.log.level, config.log.format)
     part = shares.Part.from_env()
@@ -109,6 +128,8 @@ def _serve(config: Config, *, once: bool) -> int:
                 "workers_capped", asked=config.dispatch.workers or "auto", workers=total, why=why
             )
         service = Service(config, once=once, part=shares.Part(0, total))
+    if part is None and not once:
+        _metrics_port_free(config)  # a busy port refuses before any folder is made
     try:
         service.spool.ensure()
     except OSError as exc:

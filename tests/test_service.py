@@ -19,11 +19,12 @@ UNIT = Path(__file__).parent.parent / "systemd" / "pickupd.service"
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """The shipped unit, with ExecStart pointing at this venv's pickupd (the unit names
-    /usr/local/bin/pickupd, absent here), verifies without a word on stderr."""
+    /opt/pickupd/bin/pickupd, absent here), verifies without a word on stderr; it names
+    the virtualenv the README's install steps make."""
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is needed (Debian's systemd; .ci/run installs it)"
     unit = tmp_path / "pickupd.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/pickupd", PICKUPD))
+    unit.write_text(UNIT.read_text().replace("/opt/pickupd/bin/pickupd", PICKUPD))
     done = subprocess.run(
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -41,6 +42,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "SystemCallFilter=@system-service",
     ):
         assert directive in text, directive
+    readme = (UNIT.parent.parent / "README.md").read_text()
+    assert "ExecStart=/opt/pickupd/bin/pickupd run" in text
+    assert "python3 -m venv /opt/pickupd && /opt/pickupd/bin/pip install ." in readme
     # RestartPreventExitStatus= does not cover ExecStartPre=: a pre-check would restart a
     # broken config for ever; `pickupd run` refuses it with 78 itself.
     assert "\nExecStartPre=" not in text
@@ -52,7 +56,7 @@ def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is needed (Debian's systemd; .ci/run installs it)"
     unit = tmp_path / "pickupd.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/pickupd", PICKUPD))
+    unit.write_text(UNIT.read_text().replace("/opt/pickupd/bin/pickupd", PICKUPD))
     done = subprocess.run(
         [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
         capture_output=True,

@@ -176,8 +176,7 @@ class Dispatcher:
         admission = self.suspensions.admit(relay_config.name, now, relay_config.probe_interval)
         if not admission.go:
             # The relay is not answering: no connection attempt, not an attempt either.
-            if verdict.turn is not None:
-                await self.quota.ledger.refund(verdict.turn, len(parsed.recipients), True)
+            await self.quota.give_back(verdict.turn, len(parsed.recipients))
             self.suspensions.waiting(relay_config.name, claimed.id)
             await self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
             self.intake.due_at(claimed.id, admission.until)
@@ -199,8 +198,7 @@ class Dispatcher:
                 self.metrics.connection_error(relay_config.name, delivery.session_error)
         if delivery.session_error == "connections":
             # The mailbox's connections are all open elsewhere: not an attempt; soon again.
-            if verdict.turn is not None:
-                await self.quota.ledger.refund(verdict.turn, len(parsed.recipients), True)
+            await self.quota.give_back(verdict.turn, len(parsed.recipients))
             at = time.time() + 1.0
             await self.recorder.waiting(
                 claimed, parsed, at, f"waiting for a connection: {delivery.text}"

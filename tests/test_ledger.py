@@ -94,7 +94,7 @@ def test_a_pause_holds_every_turn_of_its_scope(tmp_path: Path) -> None:
     """A pause in the spool's ledger is seen by another process's ledger on the same file."""
     one, two = SpoolLedger(tmp_path / "ledger.json"), SpoolLedger(tmp_path / "ledger.json")
     now = time.time()
-    asyncio.run(one.pause("mailbox:h:a", now + 60, "spent"))
+    assert asyncio.run(one.pause("mailbox:h:a", 60, "spent")) == pytest.approx(60, abs=1)
     turn = two.book([], ["account:h", "mailbox:h:a"], now)
     assert (
         turn.paused == "mailbox:h:a" and turn.why == "spent" and turn.at == pytest.approx(now + 60)

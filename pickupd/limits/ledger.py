@@ -78,14 +78,11 @@ class Ledger:
         """Give back `recipients` unused recipients of `turn`, and its message if `message`."""
         raise NotImplementedError
 
-    async def pause(self, scope: str, until: float, why: str) -> float:
-        """Pause `scope` (an account, a mailbox) until `until` (or later), because `why`;
-        return the end. `until` is the ledger's clock."""
+    async def pause(self, scope: str, seconds: float, why: str) -> float:
+        """Pause `scope` (an account, a mailbox) for `seconds` from now (or longer, if it is
+        paused longer already), because `why`; return how long it is paused from now (in
+        seconds: the same on every clock)."""
         raise NotImplementedError
-
-    async def clock(self) -> float:
-        """The ledger's time now."""
-        return time.time()
 
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
         """One of `most` connections under `key` for `holder`, for `ttl` seconds, renewed by
@@ -252,12 +249,13 @@ class SpoolLedger(Ledger):
                 for need, bucket, amount in back:
                     books.keys.setdefault(need.key, Key()).refund(bucket, amount)
 
-    async def pause(self, scope: str, until: float, why: str) -> float:
+    async def pause(self, scope: str, seconds: float, why: str) -> float:
+        now = time.time()
         with self._books() as books:
             held = books.pauses.get(scope)
-            if held is None or held[0] < until:
-                books.pauses[scope] = held = (until, why)
-            return held[0]
+            if held is None or held[0] < now + seconds:
+                books.pauses[scope] = held = (now + seconds, why)
+            return held[0] - now
 
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
         now = time.time()

@@ -101,6 +101,11 @@ class Quota:
             if due < now - 3600:
                 del self._held[msg_id]
 
+    async def give_back(self, turn: Turn | None, recipients: int) -> None:
+        """A turn not used at all (no transaction was made): all of it back."""
+        if turn is not None and turn.booked:
+            await self.ledger.refund(turn, recipients, True)
+
     async def settle(self, turn: Turn | None, delivery: Delivery, applies: Applies) -> Pause | None:
         """After the transaction: give back what the server did not take, and pause the
         scope a reply asks to pause."""
@@ -126,10 +131,8 @@ class Quota:
             last = self._lengths.get(scope, 0.0)
             length = min(PAUSE_MAX, last * 2 if last else PAUSE_FIRST)
             self._lengths[scope] = length
-        now = await self.ledger.clock()
-        asked = now + length
-        until = await self.ledger.pause(scope, asked, f"{rule.says}: {reply.text}")
-        return Pause(rule, reply, scope, time.time() + (until - now), new=until - asked < 1.0)
+        left = await self.ledger.pause(scope, length, f"{rule.says}: {reply.text}")
+        return Pause(rule, reply, scope, time.time() + left, new=left - length < 1.0)
 
     def _detail(self, turn: Turn, applies: Applies) -> str:
         if turn.paused is not None:

@@ -206,7 +206,7 @@ class RedisLedger(Ledger):
                     window = need.window
                     args += [bucket, amount, (bucket + window.span + 1) * window.size_ms]
                 await self._add(keys=keys, args=args)
-            for scope, until, why in self._paused:
+            for scope, until, why in self._paused:  # ends on this host's clock
                 left = until - time.time()
                 if left > 0:
                     shard = _shard([scope])
@@ -303,23 +303,14 @@ class RedisLedger(Ledger):
         if await self._call(lambda: self._refund(keys=keys, args=args)) is None:
             await self.fallback.refund(turn, recipients, message)
 
-    async def clock(self) -> float:
-        got = await self._call(self.redis.time) if self._down is None else None
-        if got is None:
-            return time.time()
-        seconds, micros = got
-        return float(seconds) + float(micros) / 1e6
-
-    async def pause(self, scope: str, until: float, why: str) -> float:
-        now = time.time()
-        left = max(0.0, until - await self.clock())
+    async def pause(self, scope: str, seconds: float, why: str) -> float:
         key = _key(_shard([scope]), f"pause:{scope}")
-        got = await self._call(lambda: self._pause(keys=[key], args=[int(left * 1000), why]))
+        got = await self._call(lambda: self._pause(keys=[key], args=[int(seconds * 1000), why]))
         if got is None:
-            self._paused.append((scope, now + left, why))
-            return await self.fallback.pause(scope, now + left, why)
+            self._paused.append((scope, time.time() + seconds, why))
+            return await self.fallback.pause(scope, seconds, why)
         held, server_now = int(got[0]), int(got[1])
-        return server_now / 1000 + (held - server_now) / 1000
+        return (held - server_now) / 1000
 
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
         name = _key(_shard([key]), key)

@@ -22,7 +22,8 @@ from pathlib import Path
 from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
 from pickupd.duetimes import DueTimes
-from pickupd.spool.folders import Candidate, Later, Spool, message_id
+from pickupd.spool.files import printable
+from pickupd.spool.folders import Candidate, Later, Spool, is_stray, message_id
 from pickupd.workers.shares import ONLY, Part, owns
 
 __all__ = ["RESCAN_MAX", "WRITER_PATIENCE", "Intake", "rescan_every"]
@@ -35,6 +36,8 @@ WRITER_PATIENCE = 300.0
 # more seldom as the folder grows (it reads every entry), up to this.
 RESCAN_MAX = 300.0
 _RESCAN_PER = 10_000
+# Names of ignored files in pickup/ logged (once each) at most per process.
+_STRAYS_LOGGED = 1000
 
 
 def rescan_every(interval: float, waiting: int) -> float:
@@ -56,6 +59,7 @@ class Intake:
         self.once = once
         self._busy = 0  # candidates being worked on
         self._unmovable: set[Path] = set()  # logged once, skipped since
+        self._strays: set[str] = set()  # names in pickup/ that are not messages, logged once
         self._concurrency = dispatch.concurrency  # fixed for the process
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
@@ -177,6 +181,9 @@ class Intake:
                 self._enqueue(
                     self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
                 )
+        elif candidate_path.parent == spool.pickup and is_stray(candidate_path.name):
+            if event_type in ("created", "moved"):
+                self._stray(candidate_path.name)
         elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == spool.pickup:
             # A direct .eml is taken once its writer has closed it (inotify tells us on Linux)
             # and it has been unchanged for `settle`: look again after that.
@@ -191,6 +198,20 @@ class Intake:
             asyncio.get_running_loop().call_later(
                 self.dispatch.settle + 0.01, self._pickup_wake.set
             )
+
+    def _stray(self, name: str) -> None:
+        """A file in pickup/ that will never be taken: said once per name (a bounded memory:
+        a folder full of them is logged up to the bound, then counted by `pickupd queue`).
+        The main process says it; its workers, which see the same folder, do not."""
+        if self.part.index != 0 or name in self._strays or len(self._strays) >= _STRAYS_LOGGED:
+            return
+        self._strays.add(name)
+        logs.get().warning(
+            "ignored_file",
+            file=f"pickup/{printable(name)}",
+            detail="not a message: pickupd takes pickup/*.eml and pickup/new/*;"
+            " rename it to end in .eml (write it elsewhere first, then move it in)",
+        )
 
     def _deferred_hint(self, event_type: str, name: str) -> None:
         """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
@@ -266,7 +287,9 @@ class Intake:
                 self._pickup_wake.clear()
                 now = time.time()
                 wake_at = now + self.dispatch.rescan_interval
-                for item in self.spool.scan_pickup(now, self.dispatch.settle, self._mine):
+                for item in self.spool.scan_pickup(
+                    now, self.dispatch.settle, self._mine, self._stray
+                ):
                     if isinstance(item, Later):
                         wake_at = min(wake_at, item.at + 0.01)
                     elif item.origin == "eml" and self._still_open(item.path):

@@ -373,3 +373,32 @@ def test_show_of_an_unsafe_file_says_what_it_is(
     os.mkfifo(eml)
     shown = cli(daemon, "show", msg_id)
     assert shown.returncode == 65 and "is a fifo: not read" in shown.stderr
+
+
+def test_a_file_not_named_eml_is_logged_once_and_counted_by_queue(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A `mail.txt` in pickup/ is never taken: the daemon says so once per name (at start
+    and when one arrives), and `pickupd queue` counts it, so an app waiting for nothing is
+    seen."""
+    daemon = make_daemon(smtp_server, start=False)
+    (daemon.spool / "pickup" / "early.txt").write_bytes(message())
+    daemon.start()
+    daemon.wait_event("ignored_file", file="pickup/early.txt")
+    (daemon.spool / "pickup" / "mail.txt").write_bytes(message())
+    drop_maildir(daemon.spool, message(to="real@example.net"))
+    smtp_server.wait_for(1)
+    daemon.wait_event("ignored_file", file="pickup/mail.txt")
+    time.sleep(2.5)  # a rescan (rescan_interval 2 s in the tests) meets both files again
+    logged = [e["file"] for e in daemon.events("ignored_file")]
+    assert sorted(logged) == ["pickup/early.txt", "pickup/mail.txt"], logged
+    assert "rename it to end in .eml" in daemon.events("ignored_file")[0]["detail"]
+    assert (daemon.spool / "pickup" / "mail.txt").exists()  # left alone, not moved
+
+    text = cli(daemon, "queue")
+    assert text.returncode == 0, text.stderr
+    assert "ignored        2  in pickup/, not messages (not *.eml): early.txt, mail.txt" in (
+        text.stdout
+    )
+    doc = json.loads(cli(daemon, "queue", "--json").stdout)
+    assert doc["ignored"] == ["early.txt", "mail.txt"]

@@ -137,8 +137,10 @@ def _queue(args: argparse.Namespace) -> int:
         for name, counted in spool.census(now, ages=FOLDERS).items()
     }
     rows = _rows(spool, now)
+    strays = spool.strays()
     if args.json:
         doc = {"spool": str(spool.root), "time": from_timestamp(now), "folders": census}
+        doc["ignored"] = strays
         print(json.dumps({**doc, "messages": rows}, indent=2, ensure_ascii=False))
         return EX_OK
     print(f"spool {spool.root}")
@@ -146,6 +148,10 @@ def _queue(args: argparse.Namespace) -> int:
         oldest = numbers["oldest_age_seconds"]
         tail = f"  oldest {_age(oldest)}" if oldest is not None else ""
         print(f"  {name:<9}{numbers['count']:>7}{tail}")
+    if strays:
+        shown = ", ".join(for_terminal(name, keep_newlines=False) for name in strays[:5])
+        more = f" and {len(strays) - 5} more" if len(strays) > 5 else ""
+        print(f"  ignored  {len(strays):>7}  in pickup/, not messages (not *.eml): {shown}{more}")
     if not rows:
         print("\nNothing deferred, held or failed.")
         return EX_OK

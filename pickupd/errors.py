@@ -102,9 +102,15 @@ class TokenError(SessionError):
 
     kind: SessionFault = "token"
 
-    def __init__(self, source: str, text: str, *, misconfigured: bool = False) -> None:
+    def __init__(
+        self, source: str, text: str, *, misconfigured: bool = False, code: str = ""
+    ) -> None:
         super().__init__(f"{source}: {text}")
         self.misconfigured = misconfigured
+        self.code = code  # the endpoint's OAuth2 error ("invalid_grant"), "" if none
+        # A stored refresh token was refused for the first time since it last worked: the
+        # one failure that is told to the operator as such (auth/health.py).
+        self.refused_now = False
 
 
 class MessageError(PickupdError):

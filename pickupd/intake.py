@@ -45,6 +45,29 @@ def rescan_every(interval: float, waiting: int) -> float:
     return max(interval, min(RESCAN_MAX, interval * waiting / _RESCAN_PER))
 
 
+class _Strays:
+    """Files in pickup/ that will never be taken, said once per name (a bounded memory: a
+    folder full of them is logged up to the bound, then counted by `pickupd queue`)."""
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+
+    def note(self, name: str) -> None:
+        if name in self._said or len(self._said) >= _STRAYS_LOGGED:
+            return
+        self._said.add(name)
+        logs.get().warning(
+            "ignored_file",
+            file=f"pickup/{printable(name)}",
+            detail="not a message: pickupd takes pickup/*.eml and pickup/new/*;"
+            " rename it to end in .eml (write it elsewhere first, then move it in)",
+        )
+
+
+def _ignore(name: str) -> None:
+    del name
+
+
 class Intake:
     """Feeds candidates to the lanes until `close()` (or, `once`, until all is taken)."""
 
@@ -59,7 +82,9 @@ class Intake:
         self.once = once
         self._busy = 0  # candidates being worked on
         self._unmovable: set[Path] = set()  # logged once, skipped since
-        self._strays: set[str] = set()  # names in pickup/ that are not messages, logged once
+        # The main process says which files in pickup/ are not messages; its workers, which
+        # see the same folder, do not.
+        self._stray = _Strays().note if part.index == 0 else _ignore
         self._concurrency = dispatch.concurrency  # fixed for the process
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
@@ -198,20 +223,6 @@ class Intake:
             asyncio.get_running_loop().call_later(
                 self.dispatch.settle + 0.01, self._pickup_wake.set
             )
-
-    def _stray(self, name: str) -> None:
-        """A file in pickup/ that will never be taken: said once per name (a bounded memory:
-        a folder full of them is logged up to the bound, then counted by `pickupd queue`).
-        The main process says it; its workers, which see the same folder, do not."""
-        if self.part.index != 0 or name in self._strays or len(self._strays) >= _STRAYS_LOGGED:
-            return
-        self._strays.add(name)
-        logs.get().warning(
-            "ignored_file",
-            file=f"pickup/{printable(name)}",
-            detail="not a message: pickupd takes pickup/*.eml and pickup/new/*;"
-            " rename it to end in .eml (write it elsewhere first, then move it in)",
-        )
 
     def _deferred_hint(self, event_type: str, name: str) -> None:
         """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we

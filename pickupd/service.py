@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pickupd import log as logs
+from pickupd.auth.keepalive import keep_alive
 from pickupd.config.loading import Config, keep_fixed, load
 from pickupd.dispatcher import LARGE_AT_ONCE, Dispatcher
 from pickupd.errors import ConfigError
@@ -95,7 +96,8 @@ class Service:
             from pickupd.hosting.metrics import Metrics
 
             store = config.limits.store is not None
-            self.metrics = self._served = Metrics(self.spool, self.census.current, store)
+            tokens = lambda: self.file_config.refresh_sources()  # noqa: E731 (reloads)
+            self.metrics = self._served = Metrics(self.spool, self.census.current, store, tokens)
         if main and part.total > 1:
             self.supervisor = Supervisor(
                 str(config.path),
@@ -148,12 +150,8 @@ class Service:
             new, unchanged = keep_fixed(self.file_config, new)
             shares.splits(new, self.part.total)
         except ConfigError as exc:
-            self.log.error(
-                "reload_failed",
-                config=str(self.config.path),
-                problems=exc.problems,
-                worker=self.part.index,
-            )
+            where = {"config": str(self.config.path), "worker": self.part.index}
+            self.log.error("reload_failed", problems=exc.problems, **where)
             self._ready_again()
             return
         self.file_config = new
@@ -165,13 +163,8 @@ class Service:
         self.log = self.recorder.log = self.feedback.log = self.stranded.log = logs.get()
         if unchanged:
             self.log.warning("reload_needs_restart", keys=unchanged)
-        self.log.info(
-            "reloaded",
-            config=str(new.path),
-            relays=sorted(new.relays),
-            senders=len(new.senders),
-            worker=self.part.index,
-        )
+        where = {"config": str(new.path), "worker": self.part.index}
+        self.log.info("reloaded", relays=sorted(new.relays), senders=len(new.senders), **where)
         self.intake.wake()
         self._ready_again()
 
@@ -264,6 +257,9 @@ class Service:
                         self.log.error("workers_not_ready", seconds=WORKERS_START)
                 if self.notifier or self._served:
                     helpers.append(group.create_task(self.census.run()))
+                if self.part.index == 0 and not self.once:
+                    sources = lambda: self.file_config.refresh_sources()  # noqa: E731 (reloads)
+                    helpers.append(group.create_task(keep_alive(self.pool.tokens, sources)))
                 if self.notifier:
                     await self.census.renewed()  # READY=1 says what the spool holds
                     helpers.append(group.create_task(self.notifier.heartbeat(self.status_line)))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +20,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from harness import Daemon, drop_maildir, message, pickupd, tls_relay, wait_until
+from harness import (
+    Daemon,
+    drop_maildir,
+    free_port,
+    message,
+    pickupd,
+    scrape,
+    tls_relay,
+    wait_until,
+)
 from smtpserver import SmtpServer, TestCA
 from tokenserver import TokenServer
 
@@ -399,3 +410,99 @@ def test_check_connect_asks_no_per_mailbox_token_without_a_mailbox(rig: Rig) -> 
     assert rig.tokens.token_requests() == []
     named = pickupd("check", "-c", config, "--connect", "--mailbox", "a@example.com", env=env)
     assert "AUTH XOAUTH2 accepted for a@example.com" in named.stdout, named.stdout
+
+
+def test_an_idle_refresh_token_is_kept_alive_and_a_refused_one_is_told_once(rig: Rig) -> None:
+    """With no mail at all, the daemon uses a refresh token idle for its keepalive (here 2 s,
+    7 days by default), keeps the rotated one, and the metrics say when it last worked. When
+    the endpoint answers AADSTS700082 (invalid_grant), refresh_token_refused is logged once
+    with what to do, however often it is tried, the metric says refused and check --connect
+    says so; a new token written to the file works at the next try, no restart."""
+    server = rig.server()
+    port = free_port()
+    relay = refresh_relay(server, rig.ca, rig.tokens, rig.tmp, refresh_token_keepalive="2s")
+    stored = rig.tmp / "refresh.token"
+    old = time.time() - 3600
+    os.utime(stored, (old, old))  # written an hour ago, never used since
+    daemon = rig.make_daemon(
+        relays={"main": relay}, metrics={"listen": f"127.0.0.1:{port}"}, start=False
+    )
+    started = time.time()
+    start(daemon, rig.ca)
+    label = f'{{file="{stored}"}}'
+    wait_until(lambda: len(rig.tokens.token_requests()) >= 1, 5, "the keepalive's grant")
+    metrics = wait_until(
+        lambda: (
+            (m := scrape(port)).get(f"pickupd_refresh_token_last_worked_seconds{label}", 0)
+            > started
+            and m
+        ),
+        5,
+        "the last-worked metric",
+    )
+    assert metrics[f"pickupd_refresh_token_refused{label}"] == 0
+    assert metrics[f"pickupd_refresh_token_age_seconds{label}"] < 60  # rotated: a new token
+    wait_until(lambda: len(rig.tokens.token_requests()) >= 2, 6, "a second keepalive")
+    assert stored.read_text().strip() in rig.tokens.refresh_tokens  # the rotated one kept
+    assert server.received == [] and server.sessions == 0  # no mail, no SMTP
+
+    rig.tokens.mode = "inactive"
+    tried = len(rig.tokens.token_requests())
+    wait_until(lambda: len(rig.tokens.token_requests()) >= tried + 3, 12, "three refused grants")
+    (refused,) = daemon.events("refresh_token_refused")
+    assert refused["file"] == str(stored) and "AADSTS700082" in refused["detail"]
+    assert "a person must sign in again" in refused["action"]
+    assert scrape(port)[f"pickupd_refresh_token_refused{label}"] == 1
+    env = {"REQUESTS_CA_BUNDLE": rig.ca.ca_file}
+    check = pickupd("check", "-c", str(daemon.config_path), "--connect", env=env)
+    assert check.returncode == 1
+    assert "REFUSED (invalid_grant): a person must sign in again" in check.stdout, check.stdout
+    assert "last worked" in check.stdout
+
+    rig.tokens.mode = "ok"
+    stored.write_text(rig.tokens.new_refresh_token())  # the operator signed in again
+    wait_until(
+        lambda: scrape(port)[f"pickupd_refresh_token_refused{label}"] == 0, 6, "the new token"
+    )
+    drop_maildir(daemon.spool, message())
+    server.wait_for(1)
+    assert len(daemon.events("refresh_token_refused")) == 1
+    assert_no_secrets(daemon, rig.tokens, check.stdout)
+
+
+def test_a_microsoft365_password_login_is_warned_about_at_check_and_at_start(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Basic auth for SMTP AUTH ends at Microsoft at the end of December 2026: a password
+    login to smtp.office365.com gets a warning from check and in the log at start, naming the
+    key path; an OAuth2 login to the same host does not."""
+    server = rig.server()
+    relay = {
+        **tls_relay(server, rig.ca),
+        "host": "smtp.office365.com",
+        "username": "app@example.com",
+        "password_file": private_file(tmp_path / "pw", "secret"),
+    }
+    daemon = rig.make_daemon(
+        relays={"m365": relay}, senders={"app@example.com": {"relay": "m365"}}, start=False
+    )
+    check = pickupd("check", "-c", str(daemon.config_path))
+    assert check.returncode == 0, check.stderr
+    assert "warning:" in check.stdout and "relays.m365: logs in to Microsoft 365" in check.stdout
+    assert "550 5.7.30" in check.stdout
+    daemon.start()
+    (warned,) = daemon.wait_event("config_warning")
+    assert (
+        "relays.m365: logs in to Microsoft 365 (smtp.office365.com) with a password"
+        in (warned["detail"])
+    )
+
+    oauth = rig.make_daemon(
+        relays={
+            "m365": {**m365(server, rig.ca, rig.tokens, rig.tmp), "host": "smtp.office365.com"}
+        },
+        senders={"app@example.com": {"relay": "m365"}},
+        start=False,
+    )
+    quiet = pickupd("check", "-c", str(oauth.config_path))
+    assert quiet.returncode == 0 and "warning:" not in quiet.stdout, quiet.stdout

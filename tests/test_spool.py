@@ -71,16 +71,19 @@ def test_hard_links_are_refused(tmp_path: Path) -> None:
 
 
 def test_direct_eml_waits_for_settle(tmp_path: Path) -> None:
-    """A .eml in pickup/ is offered only once unchanged for `settle`; dotfiles never."""
+    """A .eml in pickup/ is offered only once unchanged for `settle`; dotfiles never; any
+    other file (not tmp/ or new/) is told as a stray at each scan."""
     spool = make(tmp_path)
     (spool.pickup / "fresh.eml").write_bytes(b"x")
     (spool.pickup / ".hidden.eml").write_bytes(b"x")
     (spool.pickup / "notes.txt").write_bytes(b"x")
     now = time.time()
-    items = list(spool.scan_pickup(now, 5.0))
+    strays: list[str] = []
+    items = list(spool.scan_pickup(now, 5.0, lambda _: True, strays.append))
     assert len(items) == 1 and isinstance(items[0], Later) and items[0].at > now
-    items = list(spool.scan_pickup(now + 10, 5.0))
+    items = list(spool.scan_pickup(now + 10, 5.0, lambda _: True, strays.append))
     assert [i.source for i in items if isinstance(i, Candidate)] == ["fresh.eml"]
+    assert strays == ["notes.txt", "notes.txt"] and spool.strays() == ["notes.txt"]
 
 
 def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:

@@ -145,6 +145,13 @@ class TokenServer:
             if form.get("scope") != "https://outlook.office365.com/.default":
                 return 400, {"error": "invalid_scope", "error_description": form.get("scope")}
             return 200, self._issue(None)
+        if grant == "refresh_token" and mode == "inactive":
+            # Microsoft's answer for a refresh token unused for 90 days.
+            return 400, {
+                "error": "invalid_grant",
+                "error_description": "AADSTS700082: The refresh token has expired due to"
+                " inactivity.",
+            }
         if grant == "refresh_token":
             if self.clients.get(form.get("client_id", "")) != form.get("client_secret"):
                 return 401, {"error": "invalid_client", "error_description": "bad secret"}

@@ -18,6 +18,7 @@ __all__ = [
     "GOOGLE_SCOPE",
     "MICROSOFT_AUTHORITY",
     "MICROSOFT_SCOPE",
+    "REFRESH_KEEPALIVE",
     "TOKEN_TIMEOUT",
     "CommandSource",
     "Credentials",
@@ -37,6 +38,9 @@ MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
 GOOGLE_SCOPE = "https://mail.google.com/"
 # How long one request to a token endpoint (or one token_command) may take.
 TOKEN_TIMEOUT = 30.0
+# A stored refresh token not used for this long is used anyway (Microsoft's die after 90
+# days without use; a week leaves room for an outage or a long weekend with no mail).
+REFRESH_KEEPALIVE = 7 * 86400.0
 
 
 class Secret:
@@ -108,6 +112,8 @@ class RefreshTokenSource:
     refresh_token_file: Path
     client_secret: Secret | None = None
     timeout: float = TOKEN_TIMEOUT  # for each request to the token endpoint
+    # Used at least this often, mail or not: an idle refresh token dies (Microsoft: 90 days).
+    keepalive: float = REFRESH_KEEPALIVE
 
     def describe(self) -> str:
         return f"refresh token grant at {self.token_url}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pickupd.auth import health
 from pickupd.auth.logins import (
     GOOGLE_SCOPE,
     MICROSOFT_SCOPE,
@@ -125,6 +126,7 @@ class Fetcher:
             source.describe(),
             f"{error}: {description}" if description else error,
             misconfigured=error in _MISCONFIGURED,
+            code=error if error in _MISCONFIGURED else "",
         )
 
 
@@ -175,6 +177,7 @@ def _google_errors(source: TokenSource, call: Any) -> Any:
             source.describe(),
             _first_line(exc.args[0] if exc.args else exc),
             misconfigured=not retryable and error in _MISCONFIGURED,
+            code=error if error in _MISCONFIGURED else "",
         ) from None
     except google.auth.exceptions.TransportError as exc:
         raise TokenError(
@@ -258,13 +261,18 @@ def _refresh(source: RefreshTokenSource) -> Token:
             client_id=source.client_id,
             client_secret=source.client_secret.reveal() if source.client_secret else None,
         )
-        _google_errors(
-            source,
-            lambda: credentials.refresh(_Request(source.timeout)),  # type: ignore[no-untyped-call]
-        )
+        try:
+            _google_errors(
+                source,
+                lambda: credentials.refresh(_Request(source.timeout)),  # type: ignore[no-untyped-call]
+            )
+        except TokenError as exc:
+            exc.refused_now = health.note_failed(path, time.time(), exc.code, str(exc))
+            raise
         rotated = credentials.refresh_token
         if rotated and rotated != refresh_token:
             _write_back(path, rotated)
+        health.note_worked(path, time.time())
     finally:
         os.close(lock)  # releases the lock
     expires_at = _expiry(credentials.expiry, started, 3600)

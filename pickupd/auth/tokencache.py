@@ -11,10 +11,12 @@ same one fail).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from pickupd import log as logs
-from pickupd.auth.logins import CommandSource, GoogleSource, TokenSource
+from pickupd.auth.health import read_health
+from pickupd.auth.logins import CommandSource, GoogleSource, RefreshTokenSource, TokenSource
 from pickupd.auth.sources import Fetcher, Token
 from pickupd.errors import TokenError
 
@@ -55,6 +57,17 @@ class Tokens:
             return token
         return await asyncio.shield(self._start(key, user, background=False))
 
+    async def keep_alive(self, source: RefreshTokenSource) -> bool:
+        """Use the refresh token now if it has not worked for `source.keepalive` (an idle
+        one dies); True if it was used. A failure is logged, as any refresh's."""
+        health = read_health(source.refresh_token_file)
+        last = max(health.worked or 0.0, health.issued or 0.0)
+        if time.time() - last < source.keepalive:
+            return False
+        with contextlib.suppress(TokenError):
+            await asyncio.shield(self._start(_key(source, ""), "", background=False))
+        return True
+
     def invalidate(self, source: TokenSource, user: str, token: Token) -> None:
         """The relay refused `token`: never present it again, and fetch afresh next time."""
         key = _key(source, user)
@@ -80,6 +93,15 @@ class Tokens:
             token = await asyncio.to_thread(self._fetcher.fetch, source, user)
         except TokenError as exc:
             log.warning("token_failed", user=user, detail=str(exc))
+            if exc.refused_now and isinstance(source, RefreshTokenSource):
+                log.error(
+                    "refresh_token_refused",
+                    file=str(source.refresh_token_file),
+                    detail=str(exc),
+                    action="the grant is gone (revoked, or unused too long): a person must"
+                    " sign in again and write the new refresh token to this file; pickupd"
+                    " uses it at its next try, no restart needed",
+                )
             raise
         except Exception as exc:
             # A bug in a library or in us: logged with its traceback, and a TokenError for

@@ -25,9 +25,11 @@ from typing import Any
 
 import aiosmtplib
 
+from pickupd.auth.health import read_health
 from pickupd.auth.logins import RefreshTokenSource, TokenSource, XOAuth2, bind
 from pickupd.auth.tokencache import per_mailbox
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
+from pickupd.config.advice import advice
 from pickupd.config.limits import shown_url
 from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
 from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
@@ -35,7 +37,7 @@ from pickupd.errors import CommandError, SessionError
 from pickupd.limits.ledger import FILE as LEDGER_FILE
 from pickupd.smtp.pool import Pool
 from pickupd.smtp.transaction import describe_error
-from pickupd.units import Limit
+from pickupd.units import Limit, format_duration
 
 __all__ = ["Probe", "ProbeResult", "probe_all", "probes", "register"]
 
@@ -78,6 +80,8 @@ def _check(args: argparse.Namespace) -> int:
     )
     for line in limit_lines(config):
         print(line)
+    for line in advice(config):
+        print(f"warning: {line}")
     if not args.connect:
         return EX_OK
     results = asyncio.run(probe_all(probes(config, args.mailbox)))
@@ -103,9 +107,7 @@ def unwritable_tokens(config: Config) -> list[str]:
         with contextlib.suppress(KeyError):
             user = pwd.getpwnam(SERVICE_USER).pw_name
     found = []
-    tables = [(f"relays.{r.name}", r.credentials) for r in config.relays.values()]
-    tables += [(f'senders."{s.pattern}"', s.credentials) for s in config.senders]
-    for where, login in tables:
+    for where, login in config.logins():
         source = login.source if isinstance(login, OAuth2Login) else None
         if isinstance(source, RefreshTokenSource):
             folder = source.refresh_token_file.parent
@@ -243,6 +245,29 @@ async def probe_all(todo: list[Probe]) -> list[ProbeResult]:
 
 
 async def _probe(pool: Pool, probe: Probe) -> ProbeResult:
+    result = await _try(pool, probe)
+    source = probe.token_only or (probe.login.source if isinstance(probe.login, XOAuth2) else None)
+    if not isinstance(source, RefreshTokenSource):
+        return result
+    return ProbeResult(probe, result.ok, f"{result.text}; {token_health(source, time.time())}")
+
+
+def token_health(source: RefreshTokenSource, now: float) -> str:
+    """How a stored refresh token is doing, as `check --connect` says it."""
+    health = read_health(source.refresh_token_file)
+    age = "age unknown" if health.issued is None else f"{_ago(now - health.issued)} old"
+    worked = f"last worked {_ago(now - health.worked)} ago" if health.worked else "never worked"
+    said = f"refresh token {age}, {worked}"
+    if health.refused:
+        said += ", REFUSED (invalid_grant): a person must sign in again"
+    return said
+
+
+def _ago(seconds: float) -> str:
+    return format_duration(max(0.0, round(seconds)))
+
+
+async def _try(pool: Pool, probe: Probe) -> ProbeResult:
     relay = probe.relay
     got = ""
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pickupd import log as logs
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command, load_config
+from pickupd.config.advice import advice
 from pickupd.config.loading import Config
 from pickupd.errors import CommandError, PickupdError, SpoolLocked
 from pickupd.hosting import daemon
@@ -130,6 +131,9 @@ def _serve(config: Config, *, once: bool) -> int:
         service = Service(config, once=once, part=shares.Part(0, total))
     if part is None and not once:
         _metrics_port_free(config)  # a busy port refuses before any folder is made
+    if part is None:
+        for line in advice(config):
+            logs.get().warning("config_warning", detail=line)
     try:
         service.spool.ensure()
     except OSError as exc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pickupd.auth.logins import Credentials, Login, OAuth2Login, Secret
+from pickupd.auth.logins import Credentials, Login, OAuth2Login, RefreshTokenSource, Secret
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
 from pickupd.config.limits import LimitsConfig, read_limits
@@ -256,6 +256,17 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     relays: Mapping[str, RelayConfig] = field(default_factory=dict)
     senders: tuple[SenderRule, ...] = ()
+
+    def logins(self) -> list[tuple[str, Login]]:
+        """Each login the file holds, with its key path (`relays.x`, `senders."a@b"`)."""
+        found = [(f"relays.{r.name}", r.credentials) for r in self.relays.values()]
+        found += [(f'senders."{s.pattern}"', s.credentials) for s in self.senders]
+        return [(where, login) for where, login in found if login is not None]
+
+    def refresh_sources(self) -> list[RefreshTokenSource]:
+        """The stored refresh tokens its OAuth2 logins use."""
+        sources = (login.source for _, login in self.logins() if isinstance(login, OAuth2Login))
+        return [source for source in sources if isinstance(source, RefreshTokenSource)]
 
     def sender_rule(self, address: str) -> SenderRule | None:
         """The entry that allows `address`: an exact address wins over a `*@domain`."""

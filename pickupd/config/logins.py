@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from pickupd.auth.logins import (
     MICROSOFT_AUTHORITY,
+    REFRESH_KEEPALIVE,
     TOKEN_TIMEOUT,
     CommandSource,
     Credentials,
@@ -47,6 +48,7 @@ _OAUTH2_KEYS = frozenset(
         "refresh_token_file",
         "token_command",
         "token_timeout",
+        "refresh_token_keepalive",
     }
 )
 # Every key a relay or sender table may hold for its login.
@@ -144,6 +146,13 @@ class OAuth2Keys:
         "a duration",
         "for each request to the token endpoint (or each token_command)",
     )
+    refresh_token_keepalive: float = setting(
+        REFRESH_KEEPALIVE,
+        positive_duration,
+        "a duration",
+        "with refresh_token_file: use the token at least this often, mail or not (an idle"
+        " one dies: Microsoft's after 90 days)",
+    )
     authority: str = setting(
         MICROSOFT_AUTHORITY,
         _https_url,
@@ -221,8 +230,11 @@ def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth
         client_id = required("client_id")
         path = _private_file(reader, table, prefix, "refresh_token_file")
         client_secret = secret()
+        keepalive = reader.value(table, prefix, OAuth2Keys, "refresh_token_keepalive")
         if token_url and client_id and path is not None:
-            source = RefreshTokenSource(token_url, client_id, path, client_secret, timeout)
+            source = RefreshTokenSource(
+                token_url, client_id, path, client_secret, timeout, keepalive
+            )
     else:
         command = reader.get(table, prefix, "token_command", None, settings_command, "")
         if command is not None:

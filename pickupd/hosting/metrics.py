@@ -20,6 +20,10 @@ Metrics:
   share); absent without a store
 - `pickupd_quota_spent_until_seconds{scope}`: a provider said this mailbox's or account's
   quota is spent: paused until this time (alert on `> time()`)
+- `pickupd_stranded_messages`: claims that could not be moved to their folder, retried
+- `pickupd_refresh_token_age_seconds{file}`, `pickupd_refresh_token_last_worked_seconds{file}`
+  (Unix time, 0: never) and `pickupd_refresh_token_refused{file}` (1: invalid_grant, a person
+  must sign in again): each stored refresh token, from its record (auth/health.py) at scrape
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pickupd.auth.health import read_health
+from pickupd.auth.logins import RefreshTokenSource
 from pickupd.errors import PickupdError
 from pickupd.spool.folders import FolderCount, Spool
 from pickupd.workers import protocol
@@ -65,6 +71,40 @@ class _SpoolCollector(Collector):
         yield oldest
 
 
+class _TokenCollector(Collector):
+    """The health of each stored refresh token, read from its record at scrape (whichever
+    process used it last wrote it)."""
+
+    def __init__(self, sources: Callable[[], list[RefreshTokenSource]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = time.time()
+        age = GaugeMetricFamily(
+            "pickupd_refresh_token_age_seconds",
+            "Seconds since the stored refresh token was written (rotated or replaced)",
+            labels=["file"],
+        )
+        worked = GaugeMetricFamily(
+            "pickupd_refresh_token_last_worked_seconds",
+            "Unix time the refresh token last gave an access token (0: never)",
+            labels=["file"],
+        )
+        refused = GaugeMetricFamily(
+            "pickupd_refresh_token_refused",
+            "1 if the provider refused the refresh token (invalid_grant): sign in again",
+            labels=["file"],
+        )
+        for path in sorted({source.refresh_token_file for source in self._sources()}):
+            health = read_health(path)
+            label = [str(path)]
+            if health.issued is not None:
+                age.add_metric(label, max(0.0, now - health.issued))
+            worked.add_metric(label, health.worked or 0.0)
+            refused.add_metric(label, 1.0 if health.refused else 0.0)
+        yield from (age, worked, refused)
+
+
 class Metrics:
     """The dispatcher's metrics and, once started, their HTTP endpoint."""
 
@@ -73,9 +113,11 @@ class Metrics:
         spool: Spool,
         count: Callable[[], dict[str, FolderCount]] | None = None,
         store: bool = False,
+        tokens: Callable[[], list[RefreshTokenSource]] = list,
     ) -> None:
         """`count`: the census to show (default: a fresh one at every scrape); `store`: a
-        ledger store is configured (its gauge starts at 1)."""
+        ledger store is configured (its gauge starts at 1); `tokens`: the stored refresh
+        tokens the config uses now."""
         self.registry = CollectorRegistry(auto_describe=True)
         self._messages = Counter(
             "pickupd_messages",
@@ -130,6 +172,7 @@ class Metrics:
         self.registry.register(
             _SpoolCollector(count or (lambda: spool.census(time.time(), ages=("deferred",))))
         )
+        self.registry.register(_TokenCollector(tokens))
         self._server: WSGIServer | None = None
 
     def start(self, listen: tuple[str, int]) -> None:

@@ -189,26 +189,19 @@ class Spool:
     # -- finding work ---------------------------------------------------------------------------
 
     def scan_pickup(
-        self,
-        now: float,
-        settle: float,
-        mine: Callable[[str], bool] = _every,
-        stray: Callable[[str], None] | None = None,
+        self, now: float, settle: float, mine: Callable[[str], bool], stray: Callable[[str], None]
     ) -> Iterator[Candidate | Later]:
         """Yield candidates from pickup/new/ and settled pickup/*.eml files whose name is
         `mine` (asked as the scan reaches each file: a worker's share may change meanwhile).
-
         For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
-        will be, so the caller can come back then. Each other file in pickup/ is told to
-        `stray`: one that will never be taken.
-        """
+        will be. Each other file in pickup/ (never to be taken) is told to `stray`."""
         for entry in entries(self.new):
             if _is_drop(entry.name, maildir=True) and mine(entry.name):
                 yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
         for entry in entries(self.pickup):
             name = entry.name
             if not _is_drop(name, maildir=False):
-                if stray is not None and is_stray(name) and not _is_dir(entry):
+                if is_stray(name) and not entry.is_dir(follow_symlinks=False):
                     stray(name)
                 continue
             if mine(name):
@@ -223,9 +216,12 @@ class Spool:
                     yield Candidate(Path(entry.path), name, "eml")
 
     def strays(self) -> list[str]:
-        """The names in pickup/ that are not messages and never will be (not `*.eml`, not a
-        dot file, not tmp/ or new/): an app that drops `mail.txt` waits for nothing."""
-        return sorted(e.name for e in entries(self.pickup) if is_stray(e.name) and not _is_dir(e))
+        """The files in pickup/ that will never be taken (an app's `mail.txt`)."""
+        return sorted(
+            e.name
+            for e in entries(self.pickup)
+            if is_stray(e.name) and not e.is_dir(follow_symlinks=False)
+        )
 
     def deferred_times(
         self, now: float, horizon: float = float("inf"), mine: Callable[[str], bool] = _every
@@ -410,18 +406,11 @@ def _is_drop(name: str, *, maildir: bool) -> bool:
     return maildir or name.lower().endswith(".eml")
 
 
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
-
-
 def is_stray(name: str) -> bool:
     """A name in pickup/ that pickupd ignores (not a drop, not its own tmp/ and new/)."""
     return (
-        not name.startswith(".")
-        and name not in ("tmp", "new")
+        name not in ("tmp", "new")
+        and not name.startswith(".")
         and not _is_drop(name, maildir=False)
     )
 

@@ -171,7 +171,7 @@ class Dispatcher:
             return
         if verdict.turn is not None and self.metrics is not None:
             for (need, _), room in zip(verdict.turn.booked, verdict.turn.room, strict=False):
-                self.metrics.room(need.key, room)
+                self.metrics.room(need.key, room, need.limit.amount)
         now = time.time()
         admission = self.suspensions.admit(relay_config.name, now, relay_config.probe_interval)
         if not admission.go:
@@ -227,14 +227,15 @@ class Dispatcher:
             self.log.error("oauth2_required", **fields, detail=f"{rule.says}: {reply.text}")
             return _explained(delivery, rule.says), None
         until = from_timestamp(pause.until)
+        if self.metrics is not None:
+            kind = {Kind.SPENT: "spent", Kind.TENANT: "limited"}.get(rule.kind, "throttled")
+            self.metrics.spent(pause.scope, pause.until, kind)
         if rule.kind in (Kind.THROTTLED, Kind.CONNECTIONS):
             self.log.warning("relay_throttled", **fields, detail=reply.text, paused_until=until)
             return delivery, None
         if pause.new:
             event = "quota_spent" if rule.kind is Kind.SPENT else "tenant_limited"
             self.log.error(event, **fields, detail=f"{rule.says}: {reply.text}", paused_until=until)
-        if self.metrics is not None and rule.kind is Kind.SPENT:
-            self.metrics.spent(pause.scope, pause.until)
         return _as_deferred(delivery, rule.says), pause.until
 
     def _observe(self, relay: RelayConfig, delivery: Delivery, msg_id: str, *, probe: bool) -> None:

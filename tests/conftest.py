@@ -11,6 +11,7 @@ import pytest
 from harness import Daemon, NotifySocket, relay_for
 from redisserver import RedisServer
 from smtpserver import SmtpServer, TestCA
+from tokenserver import CLIENT_SECRET, TokenServer
 
 # -- SMTP test server (tests/smtpserver.py) ----------------------------------------------
 
@@ -70,6 +71,16 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
     """A started Redis without a password, on a free loopback port."""
     return redis_factory()
+
+
+@pytest.fixture
+def token_server(test_ca: TestCA) -> Iterator[TokenServer]:
+    """A started OAuth2 token endpoint (tests/tokenserver.py) that knows one client: app-id
+    with the secret tokenserver.CLIENT_SECRET."""
+    server = TokenServer(test_ca).start()
+    server.clients["app-id"] = CLIENT_SECRET
+    yield server
+    server.stop()
 
 
 # -- the real daemon (tests/harness.py) ----------------------------------------------------

@@ -11,7 +11,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,10 +31,9 @@ from harness import (
     wait_until,
 )
 from smtpserver import SmtpServer, TestCA
-from tokenserver import TokenServer
+from tokenserver import CLIENT_SECRET, TokenServer
 
 Factory = Callable[..., SmtpServer]
-CLIENT_SECRET = "client-s3cret-never-logged"
 
 
 @dataclass
@@ -62,15 +61,6 @@ def rig(
 ) -> Rig:
     """The parts of an OAuth2 test, together."""
     return Rig(test_ca, token_server, make_daemon, tmp_path, smtp_factory)
-
-
-@pytest.fixture
-def token_server(test_ca: TestCA) -> Iterator[TokenServer]:
-    """A started token endpoint that knows one client (app-id, CLIENT_SECRET)."""
-    server = TokenServer(test_ca).start()
-    server.clients["app-id"] = CLIENT_SECRET
-    yield server
-    server.stop()
 
 
 def private_file(path: Path, text: str) -> str:

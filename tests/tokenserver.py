@@ -26,11 +26,15 @@ from typing import Any
 import jwt
 from smtpserver import TestCA
 
-__all__ = ["Issued", "TokenServer"]
+__all__ = ["CLIENT_SECRET", "Issued", "TokenServer"]
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # google-auth signs service-account assertions for Google's endpoint, whatever token_uri says.
 GOOGLE_AUDIENCE = "https://oauth2.googleapis.com/token"
+
+
+# The one client secret the tests' token endpoint knows (never to be seen in any output).
+CLIENT_SECRET = "client-s3cret-never-logged"
 
 
 @dataclass

@@ -59,10 +59,10 @@ class Tokens:
 
     async def keep_alive(self, source: RefreshTokenSource) -> bool:
         """Use the refresh token now if it has not worked for `source.keepalive` (an idle
-        one dies); True if it was used. A failure is logged, as any refresh's."""
-        health = read_health(source.refresh_token_file)
-        last = max(health.worked or 0.0, health.issued or 0.0)
-        if time.time() - last < source.keepalive:
+        one dies), or never has as far as its record knows (so a new one is tried at once);
+        True if it was used. A failure is logged, as any refresh's."""
+        worked = read_health(source.refresh_token_file).worked
+        if worked is not None and time.time() - worked < source.keepalive:
             return False
         with contextlib.suppress(TokenError):
             await asyncio.shield(self._start(_key(source, ""), "", background=False))

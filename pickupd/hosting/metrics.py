@@ -16,10 +16,13 @@ Metrics:
 - `pickupd_relay_suspended{relay}`: processes holding the relay suspended
 - `pickupd_limit_room{limit}`: what a counted limit had left after the last turn booked
   (`limit`: the ledger's key, "mailbox:<host>:<user>/recipients/86400")
+- `pickupd_limit_size{limit}`: what that limit allows in its window (for "nearly spent")
 - `pickupd_limit_store_up`: 1 while the fleet's ledger store answers (0: each host is on its
   share); absent without a store
 - `pickupd_quota_spent_until_seconds{scope}`: a provider said this mailbox's or account's
   quota is spent: paused until this time (alert on `> time()`)
+- `pickupd_paused_until_seconds{scope, kind}`: any pause a provider's reply set (throttled,
+  spent, limited: the tenant's rate), until this time
 - `pickupd_stranded_messages`: claims that could not be moved to their folder, retried
 - `pickupd_refresh_token_age_seconds{file}`, `pickupd_refresh_token_last_worked_seconds{file}`
   (Unix time, 0: never) and `pickupd_refresh_token_refused{file}` (1: invalid_grant, a person
@@ -150,6 +153,12 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+        self._size = Gauge(
+            "pickupd_limit_size",
+            "The amount a counted limit allows in its window (room is measured against it)",
+            ["limit"],
+            registry=self.registry,
+        )
         self._store_up = Gauge(
             "pickupd_limit_store_up",
             "1 while the ledger store answers every process (0: hosts are on their share)",
@@ -162,6 +171,13 @@ class Metrics:
             "pickupd_quota_spent_until_seconds",
             "A quota the provider said is spent: paused until this Unix time",
             ["scope"],
+            registry=self.registry,
+        )
+        self._paused = Gauge(
+            "pickupd_paused_until_seconds",
+            "A provider's reply paused this scope until this Unix time (kind: throttled, spent,"
+            " limited)",
+            ["scope", "kind"],
             registry=self.registry,
         )
         self._stranded = Gauge(
@@ -205,15 +221,17 @@ class Metrics:
                 self.connection_error(relay, kind)
             case protocol.Suspended(relay, on):
                 self.suspended(relay, on)
-            case protocol.Room(limit, room):
-                self.room(limit, room)
-            case protocol.Spent(scope, until):
-                self.spent(scope, until)
+            case protocol.Room(limit, room, size):
+                self.room(limit, room, size)
+            case protocol.Spent(scope, until, kind):
+                self.spent(scope, until, kind)
             case protocol.StoreUp(up):
                 self.store_up(up, worker=-1)
 
-    def room(self, limit: str, room: int) -> None:
+    def room(self, limit: str, room: int, size: int = 0) -> None:
         self._room.labels(limit).set(room)
+        if size:
+            self._size.labels(limit).set(size)
 
     def store_up(self, up: bool, worker: int = 0) -> None:
         """The store answers this process (`worker`; -1: some worker) or not."""
@@ -223,8 +241,11 @@ class Metrics:
             self._down.add(worker)
         self._store_up.set(0 if self._down else 1)
 
-    def spent(self, scope: str, until: float) -> None:
-        self._spent.labels(scope).set(until)
+    def spent(self, scope: str, until: float, kind: str = "spent") -> None:
+        """A provider's reply paused `scope` until `until` (kind: see protocol.Spent)."""
+        if kind == "spent":
+            self._spent.labels(scope).set(until)
+        self._paused.labels(scope, kind).set(until)
 
     def suspended(self, relay: str, on: bool) -> None:
         gauge = self._suspended.labels(relay)

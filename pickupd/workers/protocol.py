@@ -88,6 +88,7 @@ class Room:
 
     limit: str
     room: int
+    size: int = 0  # the limit's own amount (what "nearly spent" is measured against)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +100,12 @@ class StoreUp:
 
 @dataclass(frozen=True, slots=True)
 class Spent:
-    """Up: a provider said a quota of `scope` is spent; it is paused until `until`."""
+    """Up: a provider's reply paused `scope` until `until`: `kind` "spent" (a quota is used
+    up), "throttled" (slow down) or "limited" (the tenant's rate)."""
 
     scope: str
     until: float
+    kind: str = "spent"
 
 
 @dataclass(frozen=True, slots=True)

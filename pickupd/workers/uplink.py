@@ -65,16 +65,16 @@ class Forwarder:
         if self._metrics:
             self._add(protocol.Suspended(relay, on))
 
-    def room(self, limit: str, room: int) -> None:
+    def room(self, limit: str, room: int, size: int = 0) -> None:
         if self._metrics and self._rooms.get(limit) != room:
             self._rooms[limit] = room
-            self._add(protocol.Room(limit, room))
+            self._add(protocol.Room(limit, room, size))
 
     def store_up(self, up: bool) -> None:
         self._add(protocol.StoreUp(up) if self._metrics else None)
 
-    def spent(self, scope: str, until: float) -> None:
-        self._add(protocol.Spent(scope, until) if self._metrics else None)
+    def spent(self, scope: str, until: float, kind: str = "spent") -> None:
+        self._add(protocol.Spent(scope, until, kind) if self._metrics else None)
 
     def ready(self) -> None:
         """Tell the main process this worker is watching and takes signals."""

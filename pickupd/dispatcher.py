@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from pickupd import policy
 from pickupd.auth import logins
+from pickupd.auth.owners import describe_uid
 from pickupd.config.loading import Config, RelayConfig, SenderRule
 from pickupd.errors import SpoolWriteError
 from pickupd.intake import Intake
@@ -52,6 +53,7 @@ class Examined:
     data: bytes
     envelope: envelope.Envelope | None
     decision: SenderRule | Refusal
+    owner: int | None = None  # the writer's uid (from the sidecar once recorded there)
 
 
 class Dispatcher:
@@ -143,10 +145,12 @@ class Dispatcher:
     async def _attempt(self, claimed: Claimed, config: Config) -> None:
         examined = await examine(self.spool, claimed, config, self.disk)
         parsed, decision = examined.envelope, examined.decision
+        claimed = dataclasses.replace(claimed, owner=examined.owner)
         self.log.info(
             "claimed",
             id=claimed.id,
             source=claimed.source,
+            owner=None if claimed.owner is None else describe_uid(claimed.owner),
             sender=parsed.sender if parsed else None,
             recipients=list(parsed.recipients) if parsed else [],
             relay=None if isinstance(decision, Refusal) else decision.relay,
@@ -319,14 +323,22 @@ async def examine(
         limit = config.policy.max_message_size
         detail = f"{data.size} bytes, larger than max_message_size = {limit}"
         return Examined(b"", None, Refusal(Reason.TOO_LARGE, detail))
+    # The writer: the file's owner at the first claim; later ones trust what the sidecar
+    # recorded (pickupd's own folders, and a released copy in failed/ is pickupd's file).
+    recorded = claimed.sidecar.owner_uid if claimed.sidecar is not None else None
+    owner = recorded if recorded is not None else data.uid
+    return _checked(data.data, owner, claimed, config)
+
+
+def _checked(data: bytes, owner: int, claimed: Claimed, config: Config) -> Examined:
     parsed = envelope.parse(
         data,
         max_header_size=config.policy.max_header_size,
         local_domain=config.policy.local_domain,
     )
     if isinstance(parsed, Refusal):
-        return Examined(data, None, parsed)
+        return Examined(data, None, parsed, owner)
     if claimed.sidecar is not None and claimed.sidecar.recipients:
         # Recipients already delivered (or failed) are not sent to again.
         parsed = dataclasses.replace(parsed, recipients=claimed.sidecar.recipients)
-    return Examined(data, parsed, policy.check(parsed, config, len(data)))
+    return Examined(data, parsed, policy.check(parsed, config, len(data), owner), owner)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pickupd import ids, retry
+from pickupd.auth.owners import user_name
 from pickupd.config.loading import Config
 from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
@@ -386,6 +387,8 @@ def _new_sidecar(claimed: Claimed, parsed: Envelope | None, recipients: tuple[st
         attempts=0,
         first_seen=from_timestamp(claimed.claimed_at),
         message_id=parsed.message_id if parsed else None,
+        owner_uid=claimed.owner,
+        owner=None if claimed.owner is None else user_name(claimed.owner),
     )
 
 

@@ -19,6 +19,7 @@ from pickupd.cli.common import (
     warn,
 )
 from pickupd.errors import CommandError
+from pickupd.spool.access import not_allowed
 
 __all__ = ["register"]
 
@@ -69,6 +70,10 @@ def _drop(args: argparse.Namespace) -> int:
             continue
         try:
             path = spool.drop(data)
+        except PermissionError:
+            raise CommandError(
+                EX_TEMPFAIL, f"pickupd: {not_allowed(spool.root, f'write into {spool.pickup}')}"
+            ) from None
         except FileNotFoundError:
             raise CommandError(
                 EX_CONFIG,

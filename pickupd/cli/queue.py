@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pickupd import ids
+from pickupd.auth.owners import describe_uid
 from pickupd.cli.common import EX_DATAERR, EX_NOINPUT, EX_OK, add_command, for_terminal, open_spool
 from pickupd.errors import CommandError
 from pickupd.spool import moves
@@ -110,6 +111,8 @@ def _rows(spool: Spool, now: float) -> list[dict[str, Any]]:
                     "age_seconds": _seconds_since(sidecar.first_seen, now),
                     "sender": sidecar.sender,
                     "recipients": list(sidecar.recipients),
+                    "owner": sidecar.owner,
+                    "owner_uid": sidecar.owner_uid,
                     "attempts": sidecar.attempts,
                     "next_attempt": next_attempt,
                     "reason": sidecar.reason,
@@ -176,9 +179,11 @@ def _print_row(row: dict[str, Any], now: float) -> None:
         f"{row['id']}  {row['folder']}  age {_age(row['age_seconds'])}"
         f"  attempts {row['attempts']}  {state}"
     )
-    print(
-        for_terminal(f"  {row['sender'] or '(no sender)'} -> {', '.join(row['recipients']) or '-'}")
-    )
+    writer = ""
+    if row["owner_uid"] is not None:
+        writer = f"  (written by {describe_uid(row['owner_uid'], row['owner'] or '')})"
+    sender = row["sender"] or "(no sender)"
+    print(for_terminal(f"  {sender} -> {', '.join(row['recipients']) or '-'}{writer}"))
     last = row["last_reply"]
     if last:
         relay = f" (relay {last['relay']})" if last["relay"] else ""
@@ -194,6 +199,9 @@ def _show(args: argparse.Namespace) -> int:
         raise CommandError(EX_NOINPUT, f"pickupd: {no_such(args.id)}")
     print(f"{folder.name}/{msg_id}.eml")
     sidecar_path = folder / f"{msg_id}.json"
+    recorded = sidecar_of(folder, msg_id)
+    if recorded is not None and recorded.owner_uid is not None:
+        print(for_terminal(f"written by {describe_uid(recorded.owner_uid, recorded.owner or '')}"))
     try:
         text = read_limited(sidecar_path, 16 * 1024 * 1024).decode("utf-8", "replace").rstrip()
         print(for_terminal(text))

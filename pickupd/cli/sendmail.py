@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import email.utils
 import getpass
+import os
 import re
 import socket
 import sys
@@ -31,6 +32,7 @@ from pickupd.config.loading import config_path, load_submission
 from pickupd.errors import ConfigError, PickupdError
 from pickupd.message import envelope
 from pickupd.outcome import Refusal
+from pickupd.spool.access import not_allowed
 from pickupd.spool.folders import Spool
 
 __all__ = ["main", "register"]
@@ -174,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return EX_USAGE
     path = config_path(options.config)
+    if path.exists() and not os.access(path, os.R_OK):
+        print(f"{PROG}: {not_allowed(path, f'read {path}')}", file=sys.stderr)
+        return EX_TEMPFAIL
     try:
         settings = load_submission(path)
     except ConfigError as exc:
@@ -231,8 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if recipient.lower() not in seen:
             seen.add(recipient.lower())
             envelope_lines += f"X-Receiver: <{recipient}>\n"
+    spool = Spool(settings.spool_path)
     try:
-        Spool(settings.spool_path).drop((envelope_lines + added).encode() + head + body)
+        spool.drop((envelope_lines + added).encode() + head + body)
+    except PermissionError:
+        print(f"{PROG}: {not_allowed(spool.root, f'write into {spool.pickup}')}", file=sys.stderr)
+        return EX_TEMPFAIL
     except OSError as exc:
         where = exc.filename or settings.spool_path
         print(f"{PROG}: cannot write into {where}: {exc.strerror or exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pickupd.auth.logins import Credentials
 from pickupd.config.loading import Config
 from pickupd.config.routing import PROVIDERS
+from pickupd.spool.access import loose
 
 __all__ = ["advice"]
 
@@ -29,6 +30,15 @@ def advice(config: Config) -> list[str]:
                 " at the end of December 2026 (550 5.7.30); give it an OAuth2 login"
                 ' (auth = "oauth2", README: "OAuth2 logins")'
             )
+    owned = [rule.pattern for rule in config.senders if rule.owners is not None]
+    if owned and len(owned) < len(config.senders):
+        open_to_all = [f'senders."{r.pattern}"' for r in config.senders if r.owners is None]
+        lines.append(
+            f"{config.path}: {', '.join(open_to_all)}: no owners, while other entries have"
+            " them: any local writer may send as it (give it owners, or set"
+            " policy.require_owners = true to make this an error)"
+        )
+    lines += [f"{config.path}: spool.path: {line}" for line in loose(config.spool.path / "pickup")]
     return list(dict.fromkeys(lines))
 
 

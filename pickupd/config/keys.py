@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from pickupd.auth.owners import Owner, parse_owner
 from pickupd.errors import Invalid
 from pickupd.units import (
     Limit,
@@ -265,6 +266,19 @@ def limits(value: Any) -> tuple[Limit, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise Invalid('expected an array like ["30 messages/min", "10000 recipients/day"]')
     return tuple(parse_limit(item) for item in value)
+
+
+def owners(value: Any) -> tuple[Owner, ...]:
+    """An array of local users, @groups and uids: ["billing", "@finance", "uid:1234"]."""
+    if not isinstance(value, list) or not value:
+        raise Invalid('expected a non-empty array like ["billing", "@finance", "uid:1234"]')
+    found = []
+    for item in value:
+        try:
+            found.append(parse_owner(item))
+        except Invalid as exc:
+            raise Invalid(f"{item!r}: {exc}") from None
+    return tuple(dict.fromkeys(found))
 
 
 def domain(value: Any) -> str:

@@ -142,6 +142,12 @@ class PolicyConfig:
         "a boolean",
         "every From: address must match a [senders] entry too",
     )
+    require_owners: bool = setting(
+        False,
+        s.boolean,
+        "a boolean",
+        "every [senders] entry must name its owners (the local users who may send as it)",
+    )
     # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
     local_domain: str | None = setting(
         None, s.domain, "", "qualify bare names like root as root@local_domain (not set)"
@@ -348,6 +354,13 @@ def load(path: Path) -> Config:
             senders.append(rule)
     if not senders and not reader.problems:
         reader.problem("senders", 'no sender is allowed: add a [senders."..."] entry')
+    if sections["policy"].require_owners:
+        for rule in senders:
+            if rule.owners is None:
+                reader.problem(
+                    f'senders."{rule.pattern}".owners',
+                    "required by policy.require_owners: the local users who may send as it",
+                )
     notify: NotifyConfig = sections["notify"]
     if (notify.report_to is None) != (notify.report_from is None):
         missing = "report_from" if notify.report_from is None else "report_to"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pickupd.auth.logins import Login
+from pickupd.auth.owners import Owner
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
 from pickupd.config.logins import CREDENTIAL_KEYS, read_credentials
@@ -146,6 +147,13 @@ class SenderRule:
         s.limits,
         "",
         "for this sender's mailbox (its login); over the relay's mailbox_limits, kind by kind",
+    )
+    owners: tuple[Owner, ...] | None = setting(
+        None,
+        s.owners,
+        "",
+        "the local users, @groups and uid:NNN whose dropped files may send as this sender"
+        " (not set: any writer)",
     )
 
     def matches(self, address: str) -> bool:

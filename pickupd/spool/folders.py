@@ -25,6 +25,7 @@ from typing import Literal
 
 from pickupd import ids
 from pickupd.errors import SpoolLocked
+from pickupd.spool.access import DROP_FILE_MODE, DROP_FOLDERS, DROP_MODE
 from pickupd.spool.disk import slow_read
 from pickupd.spool.files import (
     BINARY,
@@ -50,6 +51,7 @@ __all__ = [
     "Claimed",
     "FolderCount",
     "Later",
+    "Read",
     "Spool",
     "TooLarge",
     "Unsafe",
@@ -92,6 +94,15 @@ class Claimed:
     origin: Origin
     claimed_at: float
     sidecar: Sidecar | None  # None for a message seen for the first time
+    owner: int | None = None  # the writer's uid, once read (auth/owners.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A claimed message's bytes, and the uid that owns its file (the writer, for a drop)."""
+
+    data: bytes
+    uid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,18 +168,13 @@ class Spool:
     # -- layout -------------------------------------------------------------------------------
 
     def ensure(self) -> None:
-        """Create missing folders (pickup/ is a Maildir root: tmp, new, cur)."""
-        for folder in (
-            self.tmp,
-            self.new,
-            self.pickup / "cur",
-            self.active,
-            self.deferred,
-            self.failed,
-            self.sent,
-            self.hold,
-        ):
-            folder.mkdir(parents=True, exist_ok=True)
+        """Create missing folders (pickup/ is a Maildir root: tmp, new, cur): the drop
+        folders with access.DROP_MODE, the others private. Existing ones are left as they are."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in DROP_FOLDERS:
+            _make(self.pickup / name if name else self.pickup, DROP_MODE)
+        for folder in (self.active, self.deferred, self.failed, self.sent, self.hold):
+            _make(folder, 0o700)
 
     def lock(self) -> None:
         """Hold a lock file for our owner token: while it is locked our claims are not stale."""
@@ -267,9 +273,10 @@ class Spool:
             return None
 
     @staticmethod
-    def read(claimed: Claimed, limit: int) -> bytes | Unsafe | TooLarge:
-        """The message bytes; `Unsafe` if the file is not a plain file of its own; `TooLarge`
-        if it is larger than `limit`."""
+    def read(claimed: Claimed, limit: int) -> Read | Unsafe | TooLarge:
+        """The message bytes and the file's owner (fstat of the descriptor they are read
+        from); `Unsafe` if the file is not a plain file of its own; `TooLarge` if it is
+        larger than `limit`."""
         try:
             fd = os.open(claimed.path, os.O_RDONLY | SAFE | BINARY)
         except OSError as exc:
@@ -291,7 +298,7 @@ class Spool:
         finally:
             os.close(fd)
         slow_read(data)
-        return TooLarge(len(data)) if len(data) > limit else data
+        return TooLarge(len(data)) if len(data) > limit else Read(data, st.st_uid)
 
     # -- outcomes -------------------------------------------------------------------------------
 
@@ -336,8 +343,8 @@ class Spool:
         Returns its path in new/. Raises OSError if the spool cannot be written."""
         name = maildir_name()
         target = self.new / name
-        # Readable by the group: the daemon may run as another user than the writer.
-        write_then_rename(self.tmp / name, target, data, os.O_EXCL, 0o640)
+        # The writer's alone: the daemon reads it by its capability (spool/access.py).
+        write_then_rename(self.tmp / name, target, data, os.O_EXCL, DROP_FILE_MODE)
         return target
 
     def ids_in(self, folder: Path) -> list[str]:
@@ -388,6 +395,12 @@ class Spool:
                 with contextlib.suppress(ValueError):
                     return max(0.0, now - to_timestamp(sidecar.first_seen))
         return None
+
+
+def _make(folder: Path, mode: int) -> None:
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir()
+        os.chmod(folder, mode)  # mkdir's mode is cut by the umask, and drops the sticky bit
 
 
 def entries(folder: Path) -> Iterator[os.DirEntry[str]]:

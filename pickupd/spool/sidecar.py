@@ -50,6 +50,10 @@ class Sidecar:
     split_from: str | None = None
     # When [notify] on_deferred_after's hook was run for it (it runs once per message).
     deferred_notice: str | None = None
+    # Who wrote the file (its owner at the first claim): the uid, and its name then (None:
+    # a uid with no name, shown as uid:NNN). The owners check trusts this, not the file.
+    owner_uid: int | None = None
+    owner: str | None = None
     history: tuple[Attempt, ...] = field(default=())
 
     def lifetime_start(self) -> str | None:
@@ -74,7 +78,8 @@ class Sidecar:
         data["history"] = [asdict(a) for a in self.history]
         # next_attempt belongs to deferred messages, reason to failed ones; split_from only
         # to copies: leave out what does not apply rather than write nulls.
-        for key in ("next_attempt", "reason", "split_from", "message_id", "deferred_notice"):
+        optional = ("next_attempt", "reason", "split_from", "message_id", "deferred_notice")
+        for key in (*optional, "owner_uid", "owner"):
             if data[key] is None:
                 del data[key]
         return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
@@ -97,7 +102,13 @@ class Sidecar:
                 message_id=data.get("message_id"),
                 split_from=data.get("split_from"),
                 deferred_notice=data.get("deferred_notice"),
+                owner_uid=_uid(data.get("owner_uid")),
+                owner=data.get("owner"),
                 history=tuple(Attempt(**entry) for entry in data.get("history", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise Invalid(f"not a pickupd sidecar: {exc}") from None
+
+
+def _uid(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -290,8 +290,9 @@ def test_init_writes_a_valid_config_and_a_safe_spool(tmp_path: Path) -> None:
 
     assert mode(spool) == 0o710
     for sub in ("pickup", "pickup/tmp", "pickup/new", "pickup/cur"):
-        assert mode(spool / sub) == 0o2770, sub
+        assert mode(spool / sub) == 0o1730, sub  # drop, never list (as Postfix's maildrop)
         assert (spool / sub).stat().st_gid == os.getgid()
+    assert "warning:" not in checked.stdout  # the spool init made is not loose
     for sub in ("active", "deferred", "hold", "failed", "sent"):
         assert mode(spool / sub) == 0o700, sub
 

@@ -38,7 +38,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "RestartPreventExitStatus=78",
         "User=pickupd",
         "ProtectSystem=strict",
-        "CapabilityBoundingSet=\n",
+        "CapabilityBoundingSet=CAP_DAC_READ_SEARCH\n",  # the one: reading drops
+        "AmbientCapabilities=CAP_DAC_READ_SEARCH\n",
         "SystemCallFilter=@system-service",
     ):
         assert directive in text, directive

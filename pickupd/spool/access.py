@@ -8,11 +8,12 @@ it) or as root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
 
-__all__ = ["DROP_FILE_MODE", "DROP_FOLDERS", "DROP_MODE", "loose", "not_allowed"]
+__all__ = ["DROP_FILE_MODE", "DROP_FOLDERS", "DROP_MODE", "loose", "make_folder", "not_allowed"]
 
 # The mode of pickup/ and its Maildir folders: owner rwx, group wx (drop, no listing), sticky.
 DROP_MODE = 0o1730
@@ -20,6 +21,14 @@ DROP_MODE = 0o1730
 DROP_FILE_MODE = 0o600
 # The folders under pickup/ that writers use (cur/ only so Maildir clients find a Maildir).
 DROP_FOLDERS = ("", "tmp", "new", "cur")
+
+
+def make_folder(folder: Path, mode: int) -> None:
+    """Create `folder` with exactly `mode` (mkdir's is cut by the umask and drops the sticky
+    bit); one that exists is left as it is."""
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir()
+        os.chmod(folder, mode)
 
 
 def loose(pickup: Path) -> list[str]:

@@ -14,12 +14,16 @@ import socket
 import stat
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "BINARY",
     "PRIVATE",
     "SAFE",
+    "Read",
+    "TooLarge",
+    "Unsafe",
     "atomic_write",
     "file_kind",
     "fsync_dir",
@@ -38,6 +42,30 @@ __all__ = [
 SAFE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 PRIVATE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 BINARY = getattr(os, "O_BINARY", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A claimed message's bytes, and the uid that owns its file (the writer, for a drop)."""
+
+    data: bytes
+    uid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """The claimed file is larger than the limit it was read with."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unsafe:
+    """The claimed file is not something we will read (symlink, fifo, hard link, ...)."""
+
+    detail: str
+    # A hard link may be the Maildir writer between its link() and unlink(): worth a re-read.
+    linked: bool = False
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -25,12 +25,15 @@ from typing import Literal
 
 from pickupd import ids
 from pickupd.errors import SpoolLocked
-from pickupd.spool.access import DROP_FILE_MODE, DROP_FOLDERS, DROP_MODE
+from pickupd.spool.access import DROP_FILE_MODE, DROP_FOLDERS, DROP_MODE, make_folder
 from pickupd.spool.disk import slow_read
 from pickupd.spool.files import (
     BINARY,
     PRIVATE,
     SAFE,
+    Read,
+    TooLarge,
+    Unsafe,
     atomic_write,
     file_kind,
     fsync_dir,
@@ -98,26 +101,11 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
-class Read:
-    """A claimed message's bytes, and the uid that owns its file (the writer, for a drop)."""
-
-    data: bytes
-    uid: int
-
-
-@dataclass(frozen=True, slots=True)
 class Later:
     """Nothing to take yet: come back at `at` (a direct .eml still settling, a deferred
     message not yet due)."""
 
     at: float
-
-
-@dataclass(frozen=True, slots=True)
-class TooLarge:
-    """The claimed file is larger than the limit it was read with."""
-
-    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,15 +115,6 @@ class FolderCount:
 
     count: int
     oldest_age: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Unsafe:
-    """The claimed file is not something we will read (symlink, fifo, hard link, ...)."""
-
-    detail: str
-    # A hard link may be the Maildir writer between its link() and unlink(): worth a re-read.
-    linked: bool = False
 
 
 def _owner_token() -> str:
@@ -168,13 +147,13 @@ class Spool:
     # -- layout -------------------------------------------------------------------------------
 
     def ensure(self) -> None:
-        """Create missing folders (pickup/ is a Maildir root: tmp, new, cur): the drop
-        folders with access.DROP_MODE, the others private. Existing ones are left as they are."""
+        """Create missing folders (pickup/ is a Maildir root: tmp, new, cur), the drop folders
+        with DROP_MODE, the others private; existing ones are left as they are."""
         self.root.mkdir(parents=True, exist_ok=True)
         for name in DROP_FOLDERS:
-            _make(self.pickup / name if name else self.pickup, DROP_MODE)
+            make_folder(self.pickup / name if name else self.pickup, DROP_MODE)
         for folder in (self.active, self.deferred, self.failed, self.sent, self.hold):
-            _make(folder, 0o700)
+            make_folder(folder, 0o700)
 
     def lock(self) -> None:
         """Hold a lock file for our owner token: while it is locked our claims are not stale."""
@@ -395,12 +374,6 @@ class Spool:
                 with contextlib.suppress(ValueError):
                     return max(0.0, now - to_timestamp(sidecar.first_seen))
         return None
-
-
-def _make(folder: Path, mode: int) -> None:
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir()
-        os.chmod(folder, mode)  # mkdir's mode is cut by the umask, and drops the sticky bit
 
 
 def entries(folder: Path) -> Iterator[os.DirEntry[str]]:

@@ -202,7 +202,7 @@ class Intake:
                 return
             if len(self._new) >= self._capacity():
                 self._pickup_wake.set()  # the feeder rescans once it has room
-            elif candidate_path not in self._queued:
+            elif candidate_path not in self._queued and candidate_path not in self._unmovable:
                 self._enqueue(
                     self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
                 )

@@ -225,14 +225,20 @@ class Daemon:
                 check=False,
             )
 
-    def start(self, env: dict[str, str] | None = None, host: str | None = None) -> Daemon:
+    def start(
+        self,
+        env: dict[str, str] | None = None,
+        host: str | None = None,
+        wrap: list[str] | None = None,
+    ) -> Daemon:
         """Start `pickupd run` (with `env` added to the environment) and wait until it logs
         that it is watching. With `host`, in a UTS namespace of its own under that host name
-        (`unshare -u`): to each other, daemons with different hosts are different hosts."""
+        (`unshare -u`): to each other, daemons with different hosts are different hosts.
+        `wrap`: a command that runs it (`setpriv ...`)."""
         ready_before = len(self.events("ready"))
         out = self.log_path.open("ab")
         err = self.stderr_path.open("ab")
-        argv = [PICKUPD, "run", "-c", str(self.config_path)]
+        argv = [*(wrap or []), PICKUPD, "run", "-c", str(self.config_path)]
         if host is not None:
             argv = ["unshare", "-u", "sh", "-c", f'hostname {host} && exec "$0" "$@"', *argv]
         self.proc = subprocess.Popen(

@@ -106,7 +106,12 @@ def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (POSIX; Windows cannot open a directory, nor needs to)."""
     if not hasattr(os, "O_DIRECTORY"):
         return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | PRIVATE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | PRIVATE)
+    except PermissionError:
+        # A writer in a drop folder it may not list (1730, spool/access.py) cannot open it;
+        # pickupd makes the message durable when it claims it (fsyncs of its own folders).
+        return
     try:
         os.fsync(fd)
     finally:

@@ -122,6 +122,12 @@ def _owner_token() -> str:
     return f"{host}-{os.getpid()}"
 
 
+NOT_OWNER = (
+    "cannot set the mtime of a file its writer owns (a claim's lease): run pickupd with"
+    " CAP_FOWNER and CAP_DAC_READ_SEARCH (the unit gives them), as root, or as the writer"
+)
+
+
 def _every(name: str) -> bool:
     """Every file is this process's (one dispatcher; workers.owns where there are several)."""
     return True
@@ -237,8 +243,14 @@ class Spool:
             return None
         now = time.time()
         # The claim's lease starts now (recovery.py): a rename keeps the file's old mtime.
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.utime(target, (now, now), follow_symlinks=False)
+        except PermissionError:
+            # A writer's file, and no CAP_FOWNER: unleased it would look stale to others.
+            os.rename(target, candidate.path)
+            raise PermissionError(errno.EPERM, NOT_OWNER) from None
+        except FileNotFoundError:
+            pass
         sidecar = None
         if candidate.origin in ("deferred", "recovered"):
             sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")

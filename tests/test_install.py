@@ -100,6 +100,8 @@ def test_the_readme_install_steps_work_in_a_fresh_root(
         assert (root / link).resolve().parent == pickupd.parent, link
     spool = root / "var/spool/pickupd"
     assert (spool / "pickup/new").is_dir() and _gid(root, "pickupd") == spool.stat().st_gid
+    for folder in ("pickup", "pickup/tmp", "pickup/new"):  # drop, never list
+        assert (spool / folder).stat().st_mode & 0o7777 == 0o1730, folder
     assert config.stat().st_gid == _gid(root, "pickupd") and config.stat().st_mode & 0o777 == 0o640
 
     # The installed unit: what it names exists once the steps are done, and it verifies with

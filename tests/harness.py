@@ -206,6 +206,8 @@ class Daemon:
         self.spool.mkdir(exist_ok=True)
         for sub in ("tmp", "new", "cur"):
             (self.spool / "pickup" / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("", "tmp", "new", "cur"):  # as the tmpfiles make them: drop, never list
+            (self.spool / "pickup" / sub).chmod(0o1730)
 
     def write_config(self, doc: dict[str, Any]) -> None:
         self.doc = doc

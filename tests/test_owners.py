@@ -237,12 +237,12 @@ def test_senders_go_only_from_their_owners_files(
         b"X-Sender: <app@example.com>\nX-Receiver: <bob@example.net>\n" + forged_from,
     )
     # Root is a user like any other: not listed for billing@, listed for root@.
-    (spool / "pickup" / "new" / "root-billing").write_bytes(
-        message(sender="billing@example.com", subject="root bills")
-    )
-    (spool / "pickup" / "new" / "root-cron").write_bytes(
-        message(sender="root@example.com", subject="cron")
-    )
+    for name, sender, subject in (
+        ("root-billing", "billing@example.com", "root bills"),
+        ("root-cron", "root@example.com", "cron"),
+    ):
+        (spool / "pickup" / "tmp" / name).write_bytes(message(sender=sender, subject=subject))
+        (spool / "pickup" / "tmp" / name).rename(spool / "pickup" / "new" / name)
     # A file whose owner has no name here (a container's uid).
     ghost = spool / "pickup" / "tmp" / "ghost"
     ghost.write_bytes(message(sender="ghost@example.com", subject="from a container"))

@@ -330,7 +330,7 @@ async def examine(
     return _checked(data.data, owner, claimed, config)
 
 
-def _checked(data: bytes, owner: int, claimed: Claimed, config: Config) -> Examined:
+def _checked(data: bytes, owner: int | None, claimed: Claimed, config: Config) -> Examined:
     parsed = envelope.parse(
         data,
         max_header_size=config.policy.max_header_size,

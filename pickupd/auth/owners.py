@@ -11,6 +11,7 @@ user like any other: list it (`"root"`) for cron's mail to go. Postfix has the s
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,8 @@ class Owner:
 
 def parse_owner(value: object) -> Owner:
     """An `owners` entry; Invalid (the caller adds the key path) if it names nobody."""
+    if os.name != "posix":
+        raise Invalid("owners are local users and groups: POSIX only (Windows files have none)")
     import grp
     import pwd
 

@@ -34,7 +34,9 @@ def make_folder(folder: Path, mode: int) -> None:
 def loose(pickup: Path) -> list[str]:
     """One line per drop folder that lets writers read or remove each other's files (a
     folder others may list, or write without the sticky bit); missing folders say nothing."""
-    found = []
+    found: list[str] = []
+    if os.name != "posix":  # Windows folders have ACLs, not these bits
+        return found
     for name in DROP_FOLDERS[:3]:
         folder = pickup / name if name else pickup
         try:

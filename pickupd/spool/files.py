@@ -49,7 +49,7 @@ class Read:
     """A claimed message's bytes, and the uid that owns its file (the writer, for a drop)."""
 
     data: bytes
-    uid: int
+    uid: int | None  # None where files have no uid (Windows)
 
 
 @dataclass(frozen=True, slots=True)

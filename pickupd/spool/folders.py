@@ -122,6 +122,8 @@ def _owner_token() -> str:
     return f"{host}-{os.getpid()}"
 
 
+# Windows has no uids (st_uid is always 0): no owner there, and no owners check.
+POSIX = os.name == "posix"
 NOT_OWNER = (
     "cannot set the mtime of a file its writer owns (a claim's lease): run pickupd with"
     " CAP_FOWNER and CAP_DAC_READ_SEARCH (the unit gives them), as root, or as the writer"
@@ -289,7 +291,9 @@ class Spool:
         finally:
             os.close(fd)
         slow_read(data)
-        return TooLarge(len(data)) if len(data) > limit else Read(data, st.st_uid)
+        return (
+            TooLarge(len(data)) if len(data) > limit else Read(data, st.st_uid if POSIX else None)
+        )
 
     # -- outcomes -------------------------------------------------------------------------------
 

@@ -233,7 +233,7 @@ class Dispatcher:
         until = from_timestamp(pause.until)
         if self.metrics is not None:
             kind = {Kind.SPENT: "spent", Kind.TENANT: "limited"}.get(rule.kind, "throttled")
-            self.metrics.spent(pause.scope, pause.until, kind)
+            self.metrics.paused(pause.scope, pause.until, kind)
         if rule.kind in (Kind.THROTTLED, Kind.CONNECTIONS):
             self.log.warning("relay_throttled", **fields, detail=reply.text, paused_until=until)
             return delivery, None

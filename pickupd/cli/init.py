@@ -15,14 +15,13 @@ from pickupd.config import keys as s
 from pickupd.config.keys import keys
 from pickupd.config.loading import DEFAULT_CONFIG_PATH, SECTIONS, SpoolConfig, config_path
 from pickupd.errors import CommandError
-from pickupd.spool.access import DROP_FOLDERS, DROP_MODE
+from pickupd.spool.access import DROP_MODE, drop_folders
 from pickupd.spool.folders import Spool
 
 __all__ = ["register", "starter_config"]
 
-# Apps in the group write into pickup/ (setgid: files keep the group); the rest of the spool
-# belongs to the service user alone. The root is traversable by the group, not listable.
-PICKUP_MODE = DROP_MODE  # drop, never list (spool/access.py)
+# Apps in the group drop into pickup/ but never list it (DROP_MODE, spool/access.py); the rest
+# of the spool belongs to the service user alone. The root is traversable by the group.
 PRIVATE_MODE = 0o700
 ROOT_MODE = 0o710
 CONFIG_MODE = 0o640
@@ -176,9 +175,8 @@ def _make_spool(spool: Spool, gid: int | None) -> None:
         return
     os.chmod(spool.root, ROOT_MODE)
     os.chown(spool.root, -1, gid)
-    for name in DROP_FOLDERS:
-        folder = spool.pickup / name if name else spool.pickup
+    for folder in drop_folders(spool.pickup):
         os.chown(folder, -1, gid)
-        os.chmod(folder, PICKUP_MODE)
+        os.chmod(folder, DROP_MODE)
     for folder in (spool.active, spool.deferred, spool.failed, spool.sent, spool.hold):
         os.chmod(folder, PRIVATE_MODE)

@@ -223,8 +223,8 @@ class Metrics:
                 self.suspended(relay, on)
             case protocol.Room(limit, room, size):
                 self.room(limit, room, size)
-            case protocol.Spent(scope, until, kind):
-                self.spent(scope, until, kind)
+            case protocol.Paused(scope, until, kind):
+                self.paused(scope, until, kind)
             case protocol.StoreUp(up):
                 self.store_up(up, worker=-1)
 
@@ -241,8 +241,8 @@ class Metrics:
             self._down.add(worker)
         self._store_up.set(0 if self._down else 1)
 
-    def spent(self, scope: str, until: float, kind: str = "spent") -> None:
-        """A provider's reply paused `scope` until `until` (kind: see protocol.Spent)."""
+    def paused(self, scope: str, until: float, kind: str) -> None:
+        """A provider's reply paused `scope` until `until` (kind: see protocol.Paused)."""
         if kind == "spent":
             self._spent.labels(scope).set(until)
         self._paused.labels(scope, kind).set(until)

@@ -13,7 +13,15 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["DROP_FILE_MODE", "DROP_FOLDERS", "DROP_MODE", "loose", "make_folder", "not_allowed"]
+__all__ = [
+    "DROP_FILE_MODE",
+    "DROP_FOLDERS",
+    "DROP_MODE",
+    "drop_folders",
+    "loose",
+    "make_folder",
+    "not_allowed",
+]
 
 # The mode of pickup/ and its Maildir folders: owner rwx, group wx (drop, no listing), sticky.
 DROP_MODE = 0o1730
@@ -21,6 +29,11 @@ DROP_MODE = 0o1730
 DROP_FILE_MODE = 0o600
 # The folders under pickup/ that writers use (cur/ only so Maildir clients find a Maildir).
 DROP_FOLDERS = ("", "tmp", "new", "cur")
+
+
+def drop_folders(pickup: Path) -> list[Path]:
+    """pickup/ and its Maildir folders, as paths."""
+    return [pickup / name if name else pickup for name in DROP_FOLDERS]
 
 
 def make_folder(folder: Path, mode: int) -> None:
@@ -37,8 +50,7 @@ def loose(pickup: Path) -> list[str]:
     found: list[str] = []
     if os.name != "posix":  # Windows folders have ACLs, not these bits
         return found
-    for name in DROP_FOLDERS[:3]:
-        folder = pickup / name if name else pickup
+    for folder in drop_folders(pickup)[:3]:  # cur/ is never used
         try:
             mode = os.stat(folder).st_mode
         except OSError:

@@ -75,11 +75,18 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_then_rename(
-    tmp: Path, target: Path, data: bytes, flags: int = os.O_TRUNC, mode: int = 0o600
+    tmp: Path,
+    target: Path,
+    data: bytes,
+    flags: int = os.O_TRUNC,
+    mode: int = 0o600,
+    *,
+    unlistable: bool = False,
 ) -> None:
     """Write `data` to `tmp` (created with `flags` and `mode`), fsync it, rename it to
     `target` and fsync the target's folder. On any failure `tmp` is removed: a full disk
-    never leaves half a file behind."""
+    never leaves half a file behind. `unlistable`: the folder may be one the caller may
+    write but not open (a drop folder, 1730), so its fsync is left to pickupd's claim."""
     try:
         write_synced(tmp, data, flags, mode)
         os.replace(tmp, target)
@@ -87,7 +94,11 @@ def write_then_rename(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent)
+    if unlistable:
+        with contextlib.suppress(PermissionError):
+            fsync_dir(target.parent)
+    else:
+        fsync_dir(target.parent)
 
 
 def write_synced(path: Path, data: bytes, flags: int, mode: int) -> None:
@@ -106,12 +117,7 @@ def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (POSIX; Windows cannot open a directory, nor needs to)."""
     if not hasattr(os, "O_DIRECTORY"):
         return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | PRIVATE)
-    except PermissionError:
-        # A writer in a drop folder it may not list (1730, spool/access.py) cannot open it;
-        # pickupd makes the message durable when it claims it (fsyncs of its own folders).
-        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | PRIVATE)
     try:
         os.fsync(fd)
     finally:

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pickupd import ids
 from pickupd.errors import SpoolLocked
-from pickupd.spool.access import DROP_FILE_MODE, DROP_FOLDERS, DROP_MODE, make_folder
+from pickupd.spool.access import DROP_FILE_MODE, DROP_MODE, drop_folders, make_folder
 from pickupd.spool.disk import slow_read
 from pickupd.spool.files import (
     BINARY,
@@ -158,8 +158,8 @@ class Spool:
         """Create missing folders (pickup/ is a Maildir root: tmp, new, cur), the drop folders
         with DROP_MODE, the others private; existing ones are left as they are."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for name in DROP_FOLDERS:
-            make_folder(self.pickup / name if name else self.pickup, DROP_MODE)
+        for folder in drop_folders(self.pickup):
+            make_folder(folder, DROP_MODE)
         for folder in (self.active, self.deferred, self.failed, self.sent, self.hold):
             make_folder(folder, 0o700)
 
@@ -194,7 +194,7 @@ class Spool:
         for entry in entries(self.pickup):
             name = entry.name
             if not _is_drop(name, maildir=False):
-                if is_stray(name) and not entry.is_dir(follow_symlinks=False):
+                if _stray_file(entry):
                     stray(name)
                 continue
             if mine(name):
@@ -210,11 +210,7 @@ class Spool:
 
     def strays(self) -> list[str]:
         """The files in pickup/ that will never be taken (an app's `mail.txt`)."""
-        return sorted(
-            e.name
-            for e in entries(self.pickup)
-            if is_stray(e.name) and not e.is_dir(follow_symlinks=False)
-        )
+        return sorted(e.name for e in entries(self.pickup) if _stray_file(e))
 
     def deferred_times(
         self, now: float, horizon: float = float("inf"), mine: Callable[[str], bool] = _every
@@ -339,7 +335,7 @@ class Spool:
         name = maildir_name()
         target = self.new / name
         # The writer's alone: the daemon reads it by its capability (spool/access.py).
-        write_then_rename(self.tmp / name, target, data, os.O_EXCL, DROP_FILE_MODE)
+        write_then_rename(self.tmp / name, target, data, os.O_EXCL, DROP_FILE_MODE, unlistable=True)
         return target
 
     def ids_in(self, folder: Path) -> list[str]:
@@ -409,12 +405,17 @@ def _is_drop(name: str, *, maildir: bool) -> bool:
 
 
 def is_stray(name: str) -> bool:
-    """A name in pickup/ that pickupd ignores (not a drop, not its own tmp/ and new/)."""
+    """A name in pickup/ that pickupd ignores: not a drop (a dot file never is one), not its
+    own tmp/ and new/."""
     return (
         name not in ("tmp", "new")
         and not name.startswith(".")
         and not _is_drop(name, maildir=False)
     )
+
+
+def _stray_file(entry: os.DirEntry[str]) -> bool:
+    return is_stray(entry.name) and not entry.is_dir(follow_symlinks=False)
 
 
 def message_id(name: str) -> str | None:

@@ -21,11 +21,11 @@ __all__ = [
     "Feedback",
     "Flush",
     "Outcome",
+    "Paused",
     "Ready",
     "Room",
     "SendTime",
     "SessionFailed",
-    "Spent",
     "StoreUp",
     "Stranded",
     "Suspended",
@@ -99,13 +99,13 @@ class StoreUp:
 
 
 @dataclass(frozen=True, slots=True)
-class Spent:
+class Paused:
     """Up: a provider's reply paused `scope` until `until`: `kind` "spent" (a quota is used
     up), "throttled" (slow down) or "limited" (the tenant's rate)."""
 
     scope: str
     until: float
-    kind: str = "spent"
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ class Flush:
 
 
 Up = (
-    Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Room | StoreUp | Spent
+    Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Room | StoreUp | Paused
     | Feedback
 )  # fmt: skip
 Down = Flush
@@ -140,7 +140,7 @@ class Batch:
 _UP: dict[str, type[Up]] = {
     cls.__name__.lower(): cls
     for cls in (
-        Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Room, StoreUp, Spent,
+        Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Room, StoreUp, Paused,
         Feedback,
     )
 }  # fmt: skip

@@ -73,8 +73,8 @@ class Forwarder:
     def store_up(self, up: bool) -> None:
         self._add(protocol.StoreUp(up) if self._metrics else None)
 
-    def spent(self, scope: str, until: float, kind: str = "spent") -> None:
-        self._add(protocol.Spent(scope, until, kind) if self._metrics else None)
+    def paused(self, scope: str, until: float, kind: str) -> None:
+        self._add(protocol.Paused(scope, until, kind) if self._metrics else None)
 
     def ready(self) -> None:
         """Tell the main process this worker is watching and takes signals."""

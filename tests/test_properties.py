@@ -5,6 +5,7 @@ standing in for a mail client) reads the bytes pickupd would relay."""
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import email.utils
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pickupd import policy
+from pickupd.config.loading import SenderRule
 from pickupd.message import addresses, envelope
 from pickupd.outcome import Refusal
 
@@ -144,3 +146,74 @@ def test_the_fast_path_reads_simple_addresses_as_the_full_parser_does(
     assert addresses.is_null(null)
     assert [t.kind for t in addresses._tokenize(null)] == ["<", ">", "end"]
     assert not addresses.is_null(value)
+
+
+# ---- One canonical form: no spelling of an address reaches another entry's rule.
+
+ALICE_AND_DOMAIN = dataclasses.replace(
+    CONFIG,
+    senders=(
+        SenderRule(pattern="alice@example.com", relay="m"),
+        SenderRule(pattern="*@example.com", relay="m"),
+    ),
+)
+LOCAL_CHARS = st.sampled_from(list('aliceALICE.+-_ "\\@(),é'))
+LOCALS = st.text(LOCAL_CHARS, min_size=1, max_size=8)
+
+
+def _quoted(local: str, escape: list[bool]) -> str:
+    """`local` as a quoted-string, each character escaped where `escape` says (and where it
+    must be: `"` and `\\`)."""
+    out = []
+    for char, wanted in zip(local, escape + [False] * len(local), strict=False):
+        out.append(f"\\{char}" if wanted or char in '"\\' else char)
+    return '"' + "".join(out) + '"'
+
+
+def _mixed_case(text: str, flips: list[bool]) -> str:
+    return "".join(
+        c.upper() if flip else c.lower()
+        for c, flip in zip(text, flips + [False] * len(text), strict=False)
+    )
+
+
+@SETTINGS
+@given(
+    LOCALS,
+    st.lists(st.booleans(), max_size=8),
+    st.lists(st.booleans(), max_size=11),
+    st.sampled_from(["{a}", "<{a}>", "Alice <{a}>", '"A, B" <{a}>', "{a} (c)", "x\r\n <{a}>"]),
+    st.sampled_from(["From", "X-Sender"]),
+)
+def test_every_spelling_of_an_address_reaches_only_the_entry_its_canonical_form_names(
+    local: str, escape: list[bool], flips: list[bool], shape: str, field: str
+) -> None:
+    """A local part written quoted, with quoted-pairs or as a dot-atom, a domain in any case,
+    inside any display form: the envelope sender is the one canonical address, and the rule
+    that applies is the one that address names: `"alice"@`, `"al\\ice"@` and
+    `alice@EXAMPLE.com` reach alice's entry, never the domain's; anything else never reaches
+    alice's."""
+    domain = _mixed_case("example.com", flips)
+    spelled = f"{_quoted(local, escape)}@{domain}"
+    value = shape.format(a=spelled)
+    if field == "X-Sender":
+        if shape != "<{a}>":
+            return
+        raw = f"X-Sender: {value}\r\nX-Receiver: <b@example.net>\r\n\r\nbody\r\n".encode()
+    else:
+        raw = f"From: {value}\r\nTo: b@example.net\r\n\r\nbody\r\n".encode()
+    parsed = envelope.parse(raw)
+    content_ok = "\\" not in local and '"' not in local  # (both fine, but tested below)
+    if isinstance(parsed, Refusal):
+        return
+    assert parsed.sender is not None
+    sender_local, _, sender_domain = parsed.sender.rpartition("@")
+    assert sender_domain == "example.com"
+    # The canonical form reads back as itself: parsing it again changes nothing.
+    assert envelope.parse_address_list(parsed.sender) == [parsed.sender]
+    rule = ALICE_AND_DOMAIN.sender_rule(parsed.sender)
+    assert rule is not None
+    is_alice = local.lower() == "alice"
+    assert (rule.pattern == "alice@example.com") == is_alice, (value, parsed.sender)
+    if is_alice or (content_ok and addresses._DOT_ATOM.fullmatch(local)):
+        assert sender_local == local  # a dot-atom in its content is written without quotes

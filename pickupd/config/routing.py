@@ -14,6 +14,8 @@ from pickupd.auth.owners import Owner
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
 from pickupd.config.logins import CREDENTIAL_KEYS, read_credentials
+from pickupd.errors import AddressError
+from pickupd.message.addresses import parse_address_list
 from pickupd.units import Limit, Rate, from_rate, merged, parse_limits
 
 __all__ = [
@@ -237,6 +239,10 @@ def read_sender(
             f'senders."{pattern}"', 'expected an address ("app@example.com") or "*@example.com"'
         )
         return None
+    canonical = pattern if local == "*" else _canonical(pattern)
+    if canonical is None:
+        reader.problem(f'senders."{pattern}"', "not an RFC 5321 address")
+        return None
     if "relay" not in table:
         reader.problem(prefix + "relay", "required: the name of a [relays.<name>] section")
         return None
@@ -253,7 +259,18 @@ def read_sender(
     values["limits"] = merged(
         () if values["rate"] is None else (from_rate(values["rate"]),), values["limits"] or ()
     )
-    return SenderRule(pattern=pattern.lower(), relay=relay, credentials=credentials, **values)
+    return SenderRule(pattern=canonical.lower(), relay=relay, credentials=credentials, **values)
+
+
+def _canonical(address: str) -> str | None:
+    """The entry's address in the one form envelopes are read in (`"alice"@x` is `alice@x`),
+    so an entry written with quotes is the entry of the address it names; None if it is not
+    one address."""
+    try:
+        found = parse_address_list(address)
+    except AddressError:
+        return None
+    return found[0] if len(found) == 1 else None
 
 
 def named_tables(reader: Reader, doc: Mapping[str, Any], section: str) -> Mapping[str, Any]:

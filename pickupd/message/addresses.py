@@ -195,12 +195,7 @@ class _Parser:
         """local-part "@" domain, as canonical text: no comments, no whitespace."""
         token = self.take()
         if token.kind == "quoted":
-            local = token.text
-            if local == '""':
-                raise AddressError("empty local part")
-            # SMTP cannot carry a control character in an address, even a quoted one.
-            if any(_is_control(char) or char == "\t" for char in local):
-                raise AddressError("control character in local part")
+            local = canonical_local(token.text)
         elif token.kind == "atom":
             local = self.dot_atom(token.text, "bad local part")
         else:
@@ -220,7 +215,7 @@ class _Parser:
                 raise AddressError("empty domain literal")
             return f"{local}@[{inner}]"
         if token.kind == "atom":
-            return f"{local}@{self.dot_atom(token.text, 'bad domain')}"
+            return f"{local}@{self.dot_atom(token.text, 'bad domain').lower()}"
         if token.kind == ".":
             raise AddressError("bad domain")
         raise _unexpected(token, "empty domain", also=">")
@@ -237,6 +232,28 @@ class _Parser:
         if self.peek().kind == ".":
             raise AddressError(problem)
         return ".".join(parts)
+
+
+# A dot-atom local part (RFC 6532 atext: any non-ASCII character but C1 controls).
+_ATOM_TEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u00a0-\U0010ffff]+"
+_DOT_ATOM = re.compile(rf"{_ATOM_TEXT}(?:\.{_ATOM_TEXT})*")
+
+
+def canonical_local(quoted: str) -> str:
+    """A quoted local part (quotes included) in its one canonical form (RFC 5321 4.1.2): the
+    dot-atom when its content is one (`"alice"` and `"al\\ice"` are `alice`), else the
+    quoted string with only `"` and `\\` escaped. Every rule is looked up by this form, so a
+    quoted spelling can never reach an entry other than the one its address names."""
+    content = re.sub(r"\\(.)", r"\1", quoted[1:-1])
+    if not content:
+        raise AddressError("empty local part")
+    # SMTP cannot carry a control character in an address, even a quoted one.
+    if any(_is_control(char) or char == "\t" for char in content):
+        raise AddressError("control character in local part")
+    if _DOT_ATOM.fullmatch(content):
+        return content
+    escaped = content.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 # The shapes most apps write, `app@example.com` and `App Name <app@example.com>` (ASCII atoms
@@ -261,7 +278,8 @@ def qualify(value: str, local_domain: str | None) -> tuple[list[str], str | None
     had none)."""
     simple = _BARE_ADDR_SPEC.fullmatch(value) or _NAME_ADDR.fullmatch(value)
     if simple is not None:
-        return [simple.group(1)], None
+        local, _, domain = simple.group(1).partition("@")
+        return [f"{local}@{domain.lower()}"], None
     parser = _Parser(value, local_domain)
     found = parser.addresses("end")
     if not parser.qualified:

@@ -50,7 +50,8 @@ def test_plain_from_to_cc_bcc() -> None:
 
 
 def test_repeated_recipient_headers_and_case_insensitive_duplicates() -> None:
-    """Every To/Cc occurrence counts, and A@X after a@x is a duplicate: the first spelling wins (its domain in lower case, the canonical form)."""
+    """Every To/Cc occurrence counts, and A@X after a@x is a duplicate: the first spelling wins
+    (its domain in lower case: the canonical form)."""
     raw = b"From: a@x\r\nTo: Bob@Example.com\r\nTo: c@x\r\nCc: bob@example.COM, C@X, d@x\r\n\r\n"
     assert envelope(raw).recipients == ("Bob@example.com", "c@x", "d@x")
 

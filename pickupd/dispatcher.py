@@ -33,8 +33,8 @@ from pickupd.smtp.pool import Pool
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import printable
-from pickupd.spool.folders import Candidate, Claimed, Spool, TooLarge, Unsafe
-from pickupd.spool.sidecar import from_timestamp
+from pickupd.spool.folders import Candidate, Claimed, NotAFile, Spool, TooLarge, Unsafe
+from pickupd.spool.sidecar import Sidecar, from_timestamp
 from pickupd.spool.stranded import Stranded
 from pickupd.suspension import Suspensions
 
@@ -83,6 +83,7 @@ class Dispatcher:
         self._large = asyncio.Semaphore(large_at_once)
         self.suspensions = Suspensions()
         self._background: set[asyncio.Task[None]] = set()
+        self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
 
     @property
     def log(self) -> Logger:
@@ -92,6 +93,9 @@ class Dispatcher:
         """Claim `candidate` and make one attempt under `config` (the config in force now)."""
         try:
             claimed = await self.disk.run(self.spool.claim, candidate)
+        except NotAFile:
+            self.intake.not_a_file(candidate.path, candidate.source)  # said once, left there
+            return
         except OSError as exc:
             # Not ours to move (a directory we may not rename, a file on a read-only mount):
             # say so once, leave it where it is, and keep going.
@@ -116,18 +120,32 @@ class Dispatcher:
             # Shutdown ran out of time: put it back, due now, so it is sent next time (if the
             # spool cannot take it, the next start recovers it from active/).
             with contextlib.suppress(SpoolWriteError):
-                self.recorder.put_back(claimed, time.time())
+                self.recorder.put_back(claimed, time.time(), self._sidecar(claimed))
             raise
         except SpoolWriteError as error:
             self.stranded.add(error)  # the same process tries again: see spool/stranded.py
-        except Exception:
-            # A bug must not strand the message in active/: log it and put it back to be
-            # tried again in a minute.
+        except Exception as exc:
+            # A bug must not strand the message in active/, nor be tried again and again: it
+            # counts as an attempt (the retry schedule spaces them, max_age ends them).
             self.log.exception("internal_error", id=claimed.id, source=claimed.source)
+            detail = f"{type(exc).__name__}: {exc}"
             try:
-                self.recorder.put_back(claimed, time.time() + 60)
+                due = await self.recorder.crashed(
+                    claimed, self._parsed.get(claimed.id), detail, config
+                )
             except SpoolWriteError as error:
                 self.stranded.add(error)
+            else:
+                if due is not None:
+                    self.intake.due_at(claimed.id, due)
+        finally:
+            self._parsed.pop(claimed.id, None)
+
+    def _sidecar(self, claimed: Claimed) -> Sidecar | None:
+        """What a put-back records: the sidecar of the message as read this attempt (its
+        writer, its sender), so a later attempt never takes them from elsewhere."""
+        parsed = self._parsed.get(claimed.id)
+        return None if parsed is None else self.recorder.base(claimed, parsed)
 
     async def _deliver(self, claimed: Claimed, config: Config) -> None:
         try:
@@ -145,7 +163,8 @@ class Dispatcher:
     async def _attempt(self, claimed: Claimed, config: Config) -> None:
         examined = await examine(self.spool, claimed, config, self.disk)
         parsed, decision = examined.envelope, examined.decision
-        claimed = dataclasses.replace(claimed, owner=examined.owner)
+        if parsed is not None:
+            self._parsed[claimed.id] = parsed  # for a put-back or an internal error
         self.log.info(
             "claimed",
             id=claimed.id,
@@ -323,10 +342,8 @@ async def examine(
         limit = config.policy.max_message_size
         detail = f"{data.size} bytes, larger than max_message_size = {limit}"
         return Examined(b"", None, Refusal(Reason.TOO_LARGE, detail))
-    # The writer: the file's owner at the first claim; later ones trust what the sidecar
-    # recorded (pickupd's own folders, and a released copy in failed/ is pickupd's file).
-    recorded = claimed.sidecar.owner_uid if claimed.sidecar is not None else None
-    owner = recorded if recorded is not None else data.uid
+    # The writer: what the claim recorded (the sidecar's, else the file's owner then).
+    owner = claimed.owner if claimed.owner is not None else data.uid
     return _checked(data.data, owner, claimed, config)
 
 

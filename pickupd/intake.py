@@ -38,6 +38,11 @@ RESCAN_MAX = 300.0
 _RESCAN_PER = 10_000
 # Names of ignored files in pickup/ logged (once each) at most per process.
 _STRAYS_LOGGED = 1000
+# Scans of pickup/ start at least this far apart (and ten times as far as the last one took);
+# Maildir drops do not wait for them (their events queue them at once).
+_SCAN_GAP = 0.05
+# Entries of pickup/ that cannot be claimed, kept (and logged once each) at most.
+_UNMOVABLE_KEPT = 10_000
 
 
 def rescan_every(interval: float, waiting: int) -> float:
@@ -53,15 +58,18 @@ class _Strays:
         self._said: set[str] = set()
 
     def note(self, name: str) -> None:
+        """`name` (relative to pickup/; a directory's ends in /) is never taken: say so once."""
         if name in self._said or len(self._said) >= _STRAYS_LOGGED:
             return
         self._said.add(name)
-        logs.get().warning(
-            "ignored_file",
-            file=f"pickup/{printable(name)}",
-            detail="not a message: pickupd takes pickup/*.eml and pickup/new/*;"
-            " rename it to end in .eml (write it elsewhere first, then move it in)",
-        )
+        if name.endswith("/"):
+            detail = "a directory: pickupd takes files only, and leaves it where it is"
+        else:
+            detail = (
+                "not a message: pickupd takes pickup/*.eml and pickup/new/*;"
+                " rename it to end in .eml (write it elsewhere first, then move it in)"
+            )
+        logs.get().warning("ignored_file", file=f"pickup/{printable(name)}", detail=detail)
 
 
 def _ignore(name: str) -> None:
@@ -82,6 +90,7 @@ class Intake:
         self.once = once
         self._busy = 0  # candidates being worked on
         self._unmovable: set[Path] = set()  # logged once, skipped since
+        self._unmovable_full = False
         # The main process says which files in pickup/ are not messages; its workers, which
         # see the same folder, do not.
         self._stray = _Strays().note if part.index == 0 else _ignore
@@ -90,6 +99,7 @@ class Intake:
         self._due: deque[Candidate] = deque()
         self._queued: set[Path] = set()
         self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
         self._due_times = DueTimes()  # what waits in deferred/ (of our share), by due time
         self._scanned_since: DueTimes | None = None  # added while a full scan runs
@@ -168,13 +178,28 @@ class Intake:
 
     def unmovable(self, path: Path) -> bool:
         """`path` cannot be claimed (not ours to rename): skip it from now on. True the first
-        time, so it is logged once."""
+        time, so it is logged once. Past _UNMOVABLE_KEPT of them, the rest are not kept (nor
+        logged one by one): they cost a failed rename at each rescan, and never a log line
+        again (a folder of hostile entries must not flood the log)."""
         if path in self._unmovable:
             return False
-        if len(self._unmovable) > 10_000:
-            self._unmovable.clear()
+        if len(self._unmovable) >= _UNMOVABLE_KEPT:
+            if not self._unmovable_full:
+                self._unmovable_full = True
+                logs.get().error(
+                    "unmovable_many",
+                    count=len(self._unmovable),
+                    detail="more entries of pickup/ cannot be moved: the rest are not logged",
+                )
+            return False
         self._unmovable.add(path)
         return True
+
+    def not_a_file(self, path: Path, source: str) -> None:
+        """`path` turned out to be a directory when claimed (swapped in after the scan): it was
+        put back; skip it from now on and say so once."""
+        if self.unmovable(path):
+            self._stray(f"{source.removeprefix('pickup/')}/")
 
     def close(self) -> None:
         """Stop feeding: `next()` returns None from now on, and waiting feeders end."""
@@ -220,9 +245,14 @@ class Intake:
                 count, since = self._writers.pop(candidate_path, (1, 0.0))
                 if count > 1:
                     self._writers[candidate_path] = (count - 1, since)
-            asyncio.get_running_loop().call_later(
-                self.dispatch.settle + 0.01, self._pickup_wake.set
-            )
+            if self._settle_timer is None:  # one at a time: a writer's events are many
+                self._settle_timer = asyncio.get_running_loop().call_later(
+                    self.dispatch.settle + 0.01, self._settled
+                )
+
+    def _settled(self) -> None:
+        self._settle_timer = None
+        self._pickup_wake.set()
 
     def _deferred_hint(self, event_type: str, name: str) -> None:
         """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
@@ -237,10 +267,9 @@ class Intake:
                 self._own_deferrals.discard(msg_id)
             return
         # An operator's retry, release or flush (another process): its due time is the
-        # .eml's mtime, one stat away. A burst too large for the watch overflows into a rescan.
-        with contextlib.suppress(OSError):
-            due = os.stat(self.spool.deferred / f"{msg_id}.eml", follow_symlinks=False).st_mtime
-            self.due_at(msg_id, due)
+        # sidecar's mtime, one stat away. A burst too large for the watch overflows into a
+        # rescan.
+        self.due_at(msg_id, self.spool.due_time(msg_id, time.time()))
 
     def _still_open(self, path: Path) -> bool:
         """True while a writer holds a direct .eml open (bounded: a missed close event must not
@@ -297,6 +326,7 @@ class Intake:
             while not self._closed:
                 self._pickup_wake.clear()
                 now = time.time()
+                started = time.monotonic()
                 wake_at = now + self.dispatch.rescan_interval
                 for item in self.spool.scan_pickup(
                     now, self.dispatch.settle, self._mine, self._stray
@@ -307,19 +337,29 @@ class Intake:
                         continue  # its close event wakes us
                     elif item.path in self._unmovable:
                         continue
-                    elif item.path not in self._queued and not await self._put(self._new, item):
-                        return
+                    elif item.path not in self._queued:
+                        waited = time.monotonic()
+                        if not await self._put(self._new, item):
+                            return
+                        started += time.monotonic() - waited  # waiting for room is not scanning
+                scanning = time.monotonic() - started
                 if self.once:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         self._pickup_wake.wait(), max(0.0, wake_at - time.time())
                     )
+                # Scans of pickup/ take at most a tenth of the time (and come at most every
+                # _SCAN_GAP): a file kept just short of settled, or a writer's stream of
+                # events beside a folder of entries, cannot make them back to back.
+                rest = max(_SCAN_GAP, 10 * scanning) - (time.monotonic() - started)
+                if rest > 0 and not self._closed:
+                    await asyncio.sleep(rest)
         finally:
             self._feeder_done()
 
     async def feed_deferred(self) -> None:
-        """Take deferred messages as they come due (their file's mtime is the due time): from
+        """Take deferred messages as they come due (their sidecar's mtime is the due time): from
         the due times kept, which a full scan of deferred/ (in a thread) renews at start,
         after a flush or a reload, and every `rescan_every`."""
         try:
@@ -368,15 +408,14 @@ class Intake:
         self._scans += 1
 
     def _still_due(self, msg_id: str, now: float) -> Candidate | None:
-        """The candidate for `msg_id` if its file is still in deferred/ and due (its mtime
-        says so; a later one is kept for then). One further ahead than `horizon` cannot
+        """The candidate for `msg_id` if its file is still in deferred/ and due (its sidecar's
+        mtime says so; a later one is kept for then). One further ahead than `horizon` cannot
         come from pickupd (a clock jump, an edit): it is taken now, with `clamped_from`."""
         name = f"{msg_id}.eml"
         path = self.spool.deferred / name
-        try:
-            due = os.stat(path, follow_symlinks=False).st_mtime
-        except OSError:
+        if not os.path.lexists(path):
             return None  # taken by another process, or moved by an operator
+        due = self.spool.due_time(msg_id, now)
         if due > now + self.horizon:
             return Candidate(path, name, "deferred", msg_id, due)
         if due > now:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -78,7 +79,7 @@ class Recorder:
 
     async def fail(self, claimed: Claimed, parsed: Envelope | None, refusal: Refusal) -> None:
         """A message refused before any connection: to failed/ with the reason."""
-        base = self._base(claimed, parsed)
+        base = self.base(claimed, parsed)
         sidecar = base.with_attempt(
             Attempt(from_timestamp(time.time()), None, Outcome.FAILED.value, None, refusal.detail),
             attempts=base.attempts + 1,
@@ -117,9 +118,61 @@ class Recorder:
         (at shutdown, and after an internal error)."""
         self._run_now(claimed, self._back(claimed, due, sidecar, event))
 
+    async def crashed(
+        self, claimed: Claimed, parsed: Envelope | None, detail: str, config: Config
+    ) -> float | None:
+        """A bug ended the attempt: it counts as one, so the retry schedule spaces the next
+        and `[retry] max_age` ends it in failed/ as expired, the error named (a file that
+        always trips the bug is not tried for ever). Returns the due time (None: failed)."""
+        base = self.base(claimed, parsed)
+        now = time.time()
+        attempt = base.attempts + 1
+        first_attempt = base.lifetime_start()
+        since = _seconds(first_attempt) if first_attempt else now
+        text = f"internal error: {detail}"[:400]
+        due = retry.next_attempt(attempt, since, now, config.retry.schedule, config.retry.max_age)
+        outcome = Outcome.DEFERRED if due else Outcome.FAILED
+        sidecar = base.with_attempt(
+            Attempt(from_timestamp(now), None, outcome.value, None, text),
+            attempts=attempt,
+            detail=text
+            if due
+            else f"undelivered after {format_duration(now - since)}; last: {text}",
+            reason=None if due else Reason.EXPIRED.value,
+            next_attempt=from_timestamp(due) if due else None,
+        )
+        fields = {"id": claimed.id, "sender": base.sender, "relay": None, "attempt": attempt}
+
+        def done() -> None:
+            self._counted(outcome, None if due else Reason.EXPIRED, None)
+            if due is None:
+                self._notify("failed", sidecar)
+                self.log.warning(
+                    "failed",
+                    **fields,
+                    code=None,
+                    reason=Reason.EXPIRED.value,
+                    detail=sidecar.detail,
+                )
+            else:
+                self.log.warning(
+                    "deferred",
+                    **fields,
+                    code=None,
+                    detail=text,
+                    next_attempt=sidecar.next_attempt,
+                )
+
+        if due is None:
+            await self._run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
+        else:
+            at = due
+            await self._run(claimed, [(lambda: self._to_deferred(claimed, sidecar, at), done)])
+        return due
+
     async def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> None:
         """Over a provider limit: not an attempt, not an error; it waits for its turn."""
-        waiting = dataclasses.replace(self._base(claimed, parsed), detail=detail)
+        waiting = dataclasses.replace(self.base(claimed, parsed), detail=detail)
         await self._run(claimed, self._back(claimed, due, waiting, "waiting"))
 
     def _back(
@@ -149,7 +202,7 @@ class Recorder:
         """Turn one SMTP attempt into folders and log lines; return the time the message (or
         what is left of it) is due again, if it was deferred (not before `not_before`: a
         provider paused its scope)."""
-        base = self._base(claimed, parsed)
+        base = self.base(claimed, parsed)
         attempt = base.attempts + 1
         fields: dict[str, Any] = {
             "id": claimed.id,
@@ -343,6 +396,8 @@ class Recorder:
             try:
                 await self.disk.run(move) if self.disk else move()
             except OSError as exc:
+                if self._lost(claimed, exc):
+                    return
                 resume = functools.partial(self._run_now, claimed, steps[index:])
                 raise SpoolWriteError(claimed.id, resume, exc) from exc
             after()
@@ -353,9 +408,23 @@ class Recorder:
             try:
                 move()
             except OSError as exc:
+                if self._lost(claimed, exc):
+                    return
                 resume = functools.partial(self._run_now, claimed, steps[index:])
                 raise SpoolWriteError(claimed.id, resume, exc) from exc
             after()
+
+    def _lost(self, claimed: Claimed, exc: OSError) -> bool:
+        """Our claim is no longer in active/: another process took it over (its lease had
+        expired while we held it), and records it. Said once; nothing to retry."""
+        if not isinstance(exc, FileNotFoundError) or os.path.lexists(claimed.path):
+            return False
+        self.log.error(
+            "claim_lost",
+            id=claimed.id,
+            detail="its claim was taken over by another process (lease expired): it records it",
+        )
+        return True
 
     def _to_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
         self._deferring(claimed.id)
@@ -372,7 +441,7 @@ class Recorder:
             self.metrics.outcome(outcome.value, reason.value if reason else None, relay)
 
     @staticmethod
-    def _base(claimed: Claimed, parsed: Envelope | None) -> Sidecar:
+    def base(claimed: Claimed, parsed: Envelope | None) -> Sidecar:
         if claimed.sidecar is None:
             return _new_sidecar(claimed, parsed, parsed.recipients if parsed else ())
         return claimed.sidecar

@@ -711,19 +711,22 @@ def test_exchange_replay_envelope_lines_with_esmtp_parameters(
 def test_a_dead_hosts_claim_is_taken_over_after_its_lease(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    """A claim in active/ of another host that nobody has renewed for claim_lease (that host
-    died, on a shared spool) is taken over and sent, with its sidecar's history; a fresh
-    one of another host is left alone."""
+    """A claim in active/ of another host whose lease nobody has renewed for claim_lease (that
+    host died, on a shared spool: its lock file's mtime is old) is taken over and sent, with
+    its sidecar's history; one of a host that renews its lease is left alone, whatever the
+    claimed file's own mtime (its writer's to set)."""
     daemon = make_daemon(smtp_server, start=False, spool={"claim_lease": "5s"})
     active, deferred = daemon.spool / "active", daemon.spool / "deferred"
     active.mkdir()
     deferred.mkdir()
     dead, alive = ids.new(), ids.new()
-    for msg_id, age in ((dead, 60), (alive, 0)):
-        claim = active / f"{msg_id}.other-host-4242"
+    for msg_id, age, owner in ((dead, 60, "other-host-4242"), (alive, 0, "other-host-4243")):
+        claim = active / f"{msg_id}.{owner}"
         claim.write_bytes(message(subject=msg_id))
         then = time.time() - age
-        os.utime(claim, (then, then))
+        (active / f".owner.{owner}").write_bytes(b"")
+        os.utime(active / f".owner.{owner}", (then, then))
+        os.utime(claim, (0, 0))
         car = Sidecar(
             msg_id, "new/x", "app@example.com", ("alice@example.net",), 1, from_timestamp(then)
         )
@@ -733,7 +736,7 @@ def test_a_dead_hosts_claim_is_taken_over_after_its_lease(
     assert f"Subject: {dead}".encode() in got.data
     (sent,) = daemon.wait_event("sent")
     assert sent["id"] == dead and sent["attempt"] == 2
-    assert (active / f"{alive}.other-host-4242").exists()
+    assert (active / f"{alive}.other-host-4243").exists()
 
 
 def test_lines_starting_with_a_dot_arrive_intact(

@@ -133,21 +133,23 @@ def test_retry_id_makes_one_deferred_message_due(
 def test_the_due_time_is_the_files_and_one_beyond_max_age_is_taken_now(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    """The .eml's mtime is the due time: `pickupd queue` shows it even when the sidecar's
+    """The sidecar's mtime is the due time: `pickupd queue` shows it even when the sidecar's
     next_attempt was edited; an mtime beyond max_age (years ahead) is clamped to now with a
     warning, and the message is sent."""
     daemon = deferred_for_an_hour(smtp_server, make_daemon)
     (car,) = daemon.sidecars("deferred")
     path = daemon.spool / "deferred" / f"{car['id']}.json"
+    due = os.stat(path).st_mtime
+    assert due > time.time() + 600
     edited = {**car, "next_attempt": "2030-01-01T00:00:00.000+00:00"}
     path.write_text(json.dumps(edited))
+    os.utime(path, (due, due))  # edited with its mtime kept
     listed = json.loads(cli(daemon, "queue", "--json").stdout)
     (row,) = listed["messages"]
-    due = os.stat(daemon.spool / "deferred" / f"{car['id']}.eml").st_mtime
     assert abs(to_timestamp(row["next_attempt"]) - due) < 0.01
 
     years = time.time() + 3 * 365 * 86400
-    os.utime(daemon.spool / "deferred" / f"{car['id']}.eml", (years, years))
+    os.utime(path, (years, years))
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)  # a reload rescans deferred/
     (clamped,) = daemon.wait_event("due_clamped", timeout=10)

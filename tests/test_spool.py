@@ -109,9 +109,11 @@ def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
 def test_deferred_times_clamp_a_due_time_beyond_the_horizon(tmp_path: Path) -> None:
     """A due time further ahead than the horizon (a clock jump, an edit) is given as now."""
     spool = make(tmp_path)
-    (spool.deferred / f"{ids.new()}.eml").write_bytes(b"x")
+    msg_id = ids.new()
+    (spool.deferred / f"{msg_id}.eml").write_bytes(b"x")
+    path = spool.deferred / f"{msg_id}.json"  # its mtime is the due time
+    path.write_bytes(b"{}")
     far = time.time() + 10 * 86400
-    (path,) = spool.deferred.iterdir()
     os.utime(path, (far, far))
     now = time.time()
     assert [due for _, due in spool.deferred_times(now, horizon=86400)] == [now]
@@ -243,17 +245,20 @@ def test_atomic_write_leaves_nothing_when_it_fails(tmp_path: Path) -> None:
 
 
 def test_a_claim_is_taken_over_only_once_its_lease_expired(tmp_path: Path) -> None:
-    """Two hosts share a spool: a claim that its owner renews is never taken; one not renewed
-    for claim_lease (its host is gone) is taken over by the other host, with one rename."""
+    """Two hosts share a spool: a claim that its owner renews (its lock file's mtime) is never
+    taken, whatever the claimed file's mtime says (its writer may set it); claims not renewed
+    for claim_lease (the host is gone) are taken over by the other host, with one rename."""
     host_a, host_b = make(tmp_path), Spool(tmp_path / "spool")
     host_a.owner, host_b.owner = "host-a-1", "host-b-2"
+    host_a.lock()
     (host_a.new / "m").write_bytes(b"x")
     claimed = host_a.claim(Candidate(host_a.new / "m", "new/m", "new"))
     assert claimed is not None
+    os.utime(claimed.path, (0, 0))  # what a writer holding the file open can do
     now = time.time()
-    assert recovery.expired(host_b, now + 500, lease=600) == []  # claimed just now
+    assert recovery.expired(host_b, now + 500, lease=600) == []  # locked just now
     later = now + 3000
-    assert recovery.renew(host_a, later) == 1  # host a is alive and renews
+    recovery.renew(host_a, later)  # host a is alive and renews
     assert recovery.expired(host_b, later + 10, lease=600) == []
     (taken,) = recovery.expired(host_b, later + 700, lease=600)  # host a stopped renewing
     assert taken.id == claimed.id and taken.origin == "recovered"

@@ -97,10 +97,8 @@ def _rows(spool: Spool, now: float) -> list[dict[str, Any]]:
                 rows.append({"id": msg_id, "folder": folder.name, "sidecar": False})
                 continue
             next_attempt = sidecar.next_attempt
-            if folder == spool.deferred:  # the .eml's mtime is the due time; show that one
-                with contextlib.suppress(OSError):
-                    due = os.stat(folder / f"{msg_id}.eml", follow_symlinks=False).st_mtime
-                    next_attempt = from_timestamp(due)
+            if folder == spool.deferred:  # the sidecar's mtime is the due time; show that one
+                next_attempt = from_timestamp(spool.due_time(msg_id, now))
             # The last attempt on a relay, not the operator's own retry/hold/release entries.
             relayed = [h for h in sidecar.history if h.outcome not in OPERATOR_OUTCOMES]
             last = relayed[-1] if relayed else None

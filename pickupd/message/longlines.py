@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import quopri
+import re
 from typing import TYPE_CHECKING
 
 from pickupd.errors import TooLong
@@ -25,9 +26,12 @@ from pickupd.errors import TooLong
 if TYPE_CHECKING:
     from email.message import Message
 
-__all__ = ["LIMIT", "TooLong", "fit"]
+__all__ = ["LIMIT", "MIME_NESTING_LIMIT", "TooLong", "fit"]
 
 LIMIT = 998  # octets, without the CRLF
+# The most multipart containers a message to re-encode may hold (which bounds its depth).
+MIME_NESTING_LIMIT = 100
+_MULTIPART = re.compile(rb"^content-type:\s*multipart/", re.IGNORECASE | re.MULTILINE)
 
 
 def fit(head: bytes, body: bytes) -> bytes:
@@ -66,6 +70,15 @@ def _fold(head: bytes) -> bytes:
 
 
 def _encode(head: bytes, body: bytes) -> bytes:
+    # The email package parses and writes MIME by recursion: a part nested thousands deep
+    # would raise RecursionError, every attempt. Refused up front, as Postfix refuses mail
+    # nested deeper than its mime_nesting_limit (100).
+    containers = len(_MULTIPART.findall(head)) + len(_MULTIPART.findall(body))
+    if containers > MIME_NESTING_LIMIT:
+        raise TooLong(
+            f"{containers} multipart parts, more than {MIME_NESTING_LIMIT}: a line longer than"
+            f" {LIMIT} octets cannot be re-encoded in a structure that deep"
+        )
     # The email package is imported only here: most mail never needs it (memory, start-up).
     import email.generator
     import email.parser

@@ -68,10 +68,10 @@ class Unsafe:
     linked: bool = False
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, mtime: float | None = None) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
-    rename, fsync the directory."""
-    write_then_rename(path.with_name(f".{path.name}.{os.getpid()}.tmp"), path, data)
+    rename, fsync the directory. `mtime`: the new file's (a due time), set before the rename."""
+    write_then_rename(path.with_name(f".{path.name}.{os.getpid()}.tmp"), path, data, mtime=mtime)
 
 
 def write_then_rename(
@@ -82,6 +82,7 @@ def write_then_rename(
     mode: int = 0o600,
     *,
     unlistable: bool = False,
+    mtime: float | None = None,
 ) -> None:
     """Write `data` to `tmp` (created with `flags` and `mode`), fsync it, rename it to
     `target` and fsync the target's folder. On any failure `tmp` is removed: a full disk
@@ -89,6 +90,8 @@ def write_then_rename(
     write but not open (a drop folder, 1730), so its fsync is left to pickupd's claim."""
     try:
         write_synced(tmp, data, flags, mode)
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime), follow_symlinks=False)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -5,7 +5,13 @@ operator's, recovery.py and stranded.py for what a crash or a full disk leaves.
 The folders are the state machine (pickup -> active -> deferred | failed | sent). A message is
 wherever its `.eml` is; the `.json` sidecar follows it and is written first, so a crash at any
 point leaves each message in exactly one folder. A deferred message's due time is the mtime of
-its `.eml` (as in Postfix), so scanning deferred/ needs no JSON parsing.
+its sidecar, so scanning deferred/ needs no JSON parsing.
+
+Nothing pickupd relies on is kept in a file a writer owns: a dropped file stays its writer's
+inode (rename keeps it), and a writer who kept a descriptor open may still set its mtime. So a
+claim's lease is the mtime of its process's lock file, a due time the mtime of the sidecar, and
+the writer's uid is read at the claim and recorded in the sidecar: all pickupd's own files in
+folders only pickupd can open.
 """
 
 from __future__ import annotations
@@ -54,12 +60,14 @@ __all__ = [
     "Claimed",
     "FolderCount",
     "Later",
+    "NotAFile",
     "Read",
     "Spool",
     "TooLarge",
     "Unsafe",
     "claim_id",
     "entries",
+    "lock_path",
     "message_id",
     "older",
     "unlink",
@@ -97,7 +105,7 @@ class Claimed:
     origin: Origin
     claimed_at: float
     sidecar: Sidecar | None  # None for a message seen for the first time
-    owner: int | None = None  # the writer's uid, once read (auth/owners.py)
+    owner: int | None = None  # the writer's uid (auth/owners.py); None: no uids (Windows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +132,11 @@ def _owner_token() -> str:
 
 # Windows has no uids (st_uid is always 0): no owner there, and no owners check.
 POSIX = os.name == "posix"
-NOT_OWNER = (
-    "cannot set the mtime of a file its writer owns (a claim's lease): run pickupd with"
-    " CAP_FOWNER and CAP_DAC_READ_SEARCH (the unit gives them), as root, or as the writer"
-)
+
+
+class NotAFile(Exception):
+    """A candidate that is a directory: never moved into pickupd's folders (its writer could
+    then write inside them). It was put back where it was found."""
 
 
 def _every(name: str) -> bool:
@@ -163,19 +172,26 @@ class Spool:
         for folder in (self.active, self.deferred, self.failed, self.sent, self.hold):
             make_folder(folder, 0o700)
 
+    @property
+    def lock_path(self) -> Path:
+        """Our lock file: locked while we run, and its mtime is the lease of all our claims."""
+        return lock_path(self, self.owner)
+
     def lock(self) -> None:
-        """Hold a lock file for our owner token: while it is locked our claims are not stale."""
-        path = self.active / f".owner.{self.owner}"
+        """Hold a lock file for our owner token: while it is locked our claims are not stale.
+        Its mtime starts our claims' lease (a reused pid may find an old file)."""
+        path = self.lock_path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | PRIVATE, 0o600)
         if not try_lock(fd):
             os.close(fd)
             raise SpoolLocked(f"{path} is locked by another process")
+        os.utime(fd)
         self._lock_fd = fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
-                (self.active / f".owner.{self.owner}").unlink()
+                self.lock_path.unlink()
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -190,7 +206,10 @@ class Spool:
         will be. Each other file in pickup/ (never to be taken) is told to `stray`."""
         for entry in entries(self.new):
             if _is_drop(entry.name, maildir=True) and mine(entry.name):
-                yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
+                if _is_folder(entry):
+                    stray(f"new/{entry.name}/")
+                else:
+                    yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
         for entry in entries(self.pickup):
             name = entry.name
             if not _is_drop(name, maildir=False):
@@ -203,7 +222,9 @@ class Spool:
                 except FileNotFoundError:
                     continue
                 ready = st.st_mtime + settle
-                if stat.S_ISREG(st.st_mode) and ready > now:
+                if stat.S_ISDIR(st.st_mode):
+                    stray(f"{name}/")
+                elif stat.S_ISREG(st.st_mode) and ready > now:
                     yield Later(ready)
                 else:
                     yield Candidate(Path(entry.path), name, "eml")
@@ -216,23 +237,38 @@ class Spool:
         self, now: float, horizon: float = float("inf"), mine: Callable[[str], bool] = _every
     ) -> Iterator[tuple[str, float]]:
         """(id, due time) of each message in deferred/ (of `mine`), in folder order. The due
-        time is the .eml's mtime (the one truth; the sidecar's next_attempt says the same for
-        people). One further ahead than `horizon` seconds cannot come from pickupd (a clock
-        jump, an edit): it is given as due `now` (the taker logs it as clamped)."""
+        time is the sidecar's mtime (the one truth; its next_attempt says the same for people).
+        One further ahead than `horizon` seconds cannot come from pickupd (a clock jump, an
+        edit): it is given as due `now` (the taker logs it as clamped)."""
         for entry in entries(self.deferred):
             msg_id = message_id(entry.name)
             if msg_id is None or not mine(entry.name):
                 continue
-            try:
-                due = entry.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue
+            due = self.due_time(msg_id, now)
             yield msg_id, now if due > now + horizon else due
+
+    def due_time(self, msg_id: str, now: float) -> float:
+        """When the deferred message `msg_id` is due: its sidecar's mtime (pickupd's own file;
+        the .eml is its writer's, who may still hold it open). Without a sidecar: `now`."""
+        try:
+            return os.stat(self.deferred / f"{msg_id}.json", follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return now
+
+    def set_due(self, msg_id: str, due: float) -> bool:
+        """Make the deferred message `msg_id` due at `due`; False if its sidecar is gone."""
+        try:
+            os.utime(self.deferred / f"{msg_id}.json", (due, due), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- claiming and reading -----------------------------------------------------------------
 
     def claim(self, candidate: Candidate) -> Claimed | None:
-        """Atomically rename the candidate into active/; None if another process was first."""
+        """Atomically rename the candidate into active/; None if another process was first.
+        NotAFile if it is a directory (put back). The writer is the file's owner now, unless
+        the sidecar recorded one at an earlier claim (the one that counts, for ever)."""
         msg_id = candidate.id or ids.new()
         target = self.active / f"{msg_id}.{self.owner}"
         try:
@@ -240,19 +276,22 @@ class Spool:
         except FileNotFoundError:
             return None
         now = time.time()
-        # The claim's lease starts now (recovery.py): a rename keeps the file's old mtime.
         try:
-            os.utime(target, (now, now), follow_symlinks=False)
-        except PermissionError:
-            # A writer's file, and no CAP_FOWNER: unleased it would look stale to others.
-            os.rename(target, candidate.path)
-            raise PermissionError(errno.EPERM, NOT_OWNER) from None
+            st = os.lstat(target)
         except FileNotFoundError:
-            pass
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            # Swapped in after the scan: it goes back (our folders stay ours alone).
+            os.rename(target, candidate.path)
+            raise NotAFile(candidate.path)
         sidecar = None
         if candidate.origin in ("deferred", "recovered"):
             sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")
-        return Claimed(msg_id, target, printable(candidate.source), candidate.origin, now, sidecar)
+        recorded = sidecar.owner_uid if sidecar is not None else None
+        owner = recorded if recorded is not None else (st.st_uid if POSIX else None)
+        return Claimed(
+            msg_id, target, printable(candidate.source), candidate.origin, now, sidecar, owner
+        )
 
     @staticmethod
     def read_sidecar(path: Path) -> Sidecar | None:
@@ -302,9 +341,8 @@ class Spool:
         self._drop_old_sidecar(claimed)
 
     def finish_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
-        """Move to deferred/ with its sidecar; it becomes due at `due` (the file's mtime)."""
-        os.utime(claimed.path, (due, due), follow_symlinks=False)
-        self._move_with_sidecar(claimed, self.deferred, sidecar)
+        """Move to deferred/ with its sidecar; it becomes due at `due` (the sidecar's mtime)."""
+        self._move_with_sidecar(claimed, self.deferred, sidecar, due)
 
     def finish_failed(self, claimed: Claimed, sidecar: Sidecar) -> None:
         """Move to failed/ with its sidecar (which holds the reason)."""
@@ -317,8 +355,10 @@ class Spool:
         atomic_write(self.failed / f"{sidecar.id}.json", sidecar.to_json())
         atomic_write(self.failed / f"{sidecar.id}.eml", data)
 
-    def _move_with_sidecar(self, claimed: Claimed, folder: Path, sidecar: Sidecar) -> None:
-        atomic_write(folder / f"{claimed.id}.json", sidecar.to_json())
+    def _move_with_sidecar(
+        self, claimed: Claimed, folder: Path, sidecar: Sidecar, due: float | None = None
+    ) -> None:
+        atomic_write(folder / f"{claimed.id}.json", sidecar.to_json(), mtime=due)
         os.rename(claimed.path, folder / f"{claimed.id}.eml")
         fsync_dir(folder)
 
@@ -359,8 +399,16 @@ class Spool:
             if name in ("pickup", "active"):
                 found: Iterator[os.DirEntry[str]]
                 if name == "pickup":
-                    new = (e for e in entries(self.new) if _is_drop(e.name, maildir=True))
-                    direct = (e for e in entries(self.pickup) if _is_drop(e.name, maildir=False))
+                    new = (
+                        e
+                        for e in entries(self.new)
+                        if _is_drop(e.name, maildir=True) and not _is_folder(e)
+                    )
+                    direct = (
+                        e
+                        for e in entries(self.pickup)
+                        if _is_drop(e.name, maildir=False) and not _is_folder(e)
+                    )
                     found = itertools.chain(new, direct)
                 else:
                     found = (e for e in entries(self.active) if claim_id(e.name))
@@ -415,7 +463,20 @@ def is_stray(name: str) -> bool:
 
 
 def _stray_file(entry: os.DirEntry[str]) -> bool:
-    return is_stray(entry.name) and not entry.is_dir(follow_symlinks=False)
+    return is_stray(entry.name) and not _is_folder(entry)
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """A directory (from the listing's d_type: no stat on most file systems)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def lock_path(spool: Spool, owner: str) -> Path:
+    """The lock file of the process whose owner token is `owner`."""
+    return spool.active / f".owner.{owner}"
 
 
 def message_id(name: str) -> str | None:

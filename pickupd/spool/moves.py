@@ -38,9 +38,8 @@ def requeue(spool: Spool, msg_id: str, source: Path, sidecar: Sidecar, due: floa
     eml = source / f"{msg_id}.eml"
     if not os.path.lexists(eml):
         return False
-    atomic_write(spool.deferred / f"{msg_id}.json", sidecar.to_json())
+    atomic_write(spool.deferred / f"{msg_id}.json", sidecar.to_json(), mtime=due)
     try:
-        os.utime(eml, (due, due), follow_symlinks=False)
         os.rename(eml, spool.deferred / f"{msg_id}.eml")
     except FileNotFoundError:
         if not os.path.lexists(spool.deferred / f"{msg_id}.eml"):
@@ -71,8 +70,8 @@ def hold(spool: Spool, msg_id: str, note: Callable[[Sidecar | None], Sidecar]) -
 
 def make_due(spool: Spool, now: float) -> int:
     """Make every deferred message due at `now` (pickupd flush, SIGUSR1); return how many.
-    The .eml's mtime is the due time; the sidecar's next_attempt is rewritten after it
-    (its rename is also what wakes a running dispatcher's watch on deferred/)."""
+    The sidecar's mtime is the due time: it is rewritten with next_attempt = now (its
+    rename is also what wakes a running dispatcher's watch on deferred/)."""
     return sum(make_one_due(spool, msg_id, now) for msg_id in spool.ids_in(spool.deferred))
 
 
@@ -80,35 +79,35 @@ def make_one_due(spool: Spool, msg_id: str, now: float) -> bool:
     """Make one deferred message due at `now` (`pickupd retry ID` of a deferred message);
     False if it was due already or is no longer in deferred/."""
     eml = spool.deferred / f"{msg_id}.eml"
-    try:
-        if os.stat(eml, follow_symlinks=False).st_mtime <= now:
-            return False  # already due
-        os.utime(eml, (now, now), follow_symlinks=False)
-    except FileNotFoundError:
-        return False  # claimed meanwhile
+    if not os.path.lexists(eml) or spool.due_time(msg_id, now) <= now:
+        return False  # claimed meanwhile, or already due
     sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
-    if sidecar is not None and os.path.lexists(eml):
-        atomic_write(
-            spool.deferred / f"{msg_id}.json",
-            dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
-        )
+    if sidecar is None:
+        return spool.set_due(msg_id, now)
+    if not os.path.lexists(eml):
+        return False
+    atomic_write(
+        spool.deferred / f"{msg_id}.json",
+        dataclasses.replace(sidecar, next_attempt=from_timestamp(now)).to_json(),
+        mtime=now,
+    )
     return True
 
 
 def make_waiting_due(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
     """Make these deferred messages due at `now` if they are due later (a suspended relay
     answers again, or one of them is to be its next probe); return those so moved. Only the
-    .eml's mtime changes (the one truth): each sidecar keeps the next_attempt it was given.
+    sidecar's mtime changes (the one truth): each keeps the next_attempt it was given.
     """
     made = []
     for msg_id in msg_ids:
         eml = spool.deferred / f"{msg_id}.eml"
-        try:
-            if os.stat(eml, follow_symlinks=False).st_mtime > now:
-                os.utime(eml, (now, now), follow_symlinks=False)
-                made.append(msg_id)
-        except FileNotFoundError:
-            continue  # taken meanwhile
+        if (
+            os.path.lexists(eml)  # else taken meanwhile
+            and spool.due_time(msg_id, now) > now
+            and spool.set_due(msg_id, now)
+        ):
+            made.append(msg_id)
     return made
 
 

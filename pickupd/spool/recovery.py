@@ -2,14 +2,16 @@
 own host's dead processes (their lock file is free), claims of any host whose lease expired,
 and what crashes and full disks leave behind.
 
-Claim leases are for a spool shared by several hosts (NFS): a claim in active/ is held by its
-owner only while the owner renews it (touches the file) every `claim_lease / 4`; a claim whose
-file has not been touched for `claim_lease` belongs to a process that is gone, on whatever
-host, and any dispatcher may take it over, with one rename, as claims are always taken. On one
-host the owner's lock file says at once whether it is alive; a lock held on another host may
-not show through NFS, hence the lease. What the shared file system must provide: atomic
-rename within a folder, and mtimes that follow the hosts' clocks, which must agree within a
-small part of claim_lease (NTP).
+Claim leases are for a spool shared by several hosts (NFS): the claims in active/ of one
+process are held while it renews its lease, the mtime of its lock file (`active/.owner.<token>`,
+its own), every `claim_lease / 4`; the claims of a process whose lock file has not been touched
+for `claim_lease` (or is gone) belong to a process that is gone, on whatever host, and any
+dispatcher may take them over, with one rename, as claims are always taken. The claimed files
+themselves decide nothing: they are their writers' inodes, and a writer who kept one open could
+set its mtime. On one host the owner's lock says at once whether it is alive; a lock held on
+another host may not show through NFS, hence the lease. What the shared file system must
+provide: atomic rename within a folder, and mtimes that follow the hosts' clocks, which must
+agree within a small part of claim_lease (NTP).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pickupd.spool.folders import (
     Spool,
     claim_id,
     entries,
+    lock_path,
     older,
     unlink,
 )
@@ -66,7 +69,7 @@ def stale_claims(spool: Spool) -> list[Candidate]:
 
 
 def owner_alive(spool: Spool, owner: str) -> bool:
-    path = spool.active / f".owner.{owner}"
+    path = lock_path(spool, owner)
     try:
         fd = os.open(path, os.O_RDWR | PRIVATE)
     except FileNotFoundError:
@@ -134,30 +137,28 @@ def clean_tmp(spool: Spool, now: float) -> int:
     return removed
 
 
-def renew(spool: Spool, now: float) -> int:
-    """Touch every claim of ours (and our lock file): we are alive and working on them."""
-    renewed = 0
-    suffix = f".{spool.owner}"
-    for entry in entries(spool.active):
-        if entry.name.endswith(suffix):
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(entry.path, (now, now), follow_symlinks=False)
-                renewed += 1
-    return renewed
+def renew(spool: Spool, now: float) -> None:
+    """Touch our lock file: we are alive, and working on every claim of ours (one utime a
+    process, whatever it holds)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(spool.lock_path, (now, now), follow_symlinks=False)
 
 
 def expired(spool: Spool, now: float, lease: float) -> list[Candidate]:
-    """Claims of other owners not renewed for `lease` seconds: theirs no longer."""
+    """Claims of other owners whose lock file was not renewed for `lease` seconds, or is
+    gone: theirs no longer."""
     found = []
+    renewed: dict[str, float] = {}  # owner token -> its lock file's mtime (0: none)
     for entry in entries(spool.active):
         msg_id, dot, owner = entry.name.partition(".")
         if not dot or owner == spool.owner or not ids.is_valid(msg_id):
             continue
-        try:
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:
-            continue
-        if age > lease:
+        if owner not in renewed:
+            try:
+                renewed[owner] = os.stat(lock_path(spool, owner), follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                renewed[owner] = 0.0
+        if now - renewed[owner] > lease:
             found.append(Candidate(Path(entry.path), entry.name, "recovered", msg_id))
     return found
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -34,12 +35,14 @@ from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import printable
 from pickupd.spool.folders import Candidate, Claimed, NotAFile, Spool, TooLarge, Unsafe
-from pickupd.spool.sidecar import Sidecar, from_timestamp
+from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
 from pickupd.spool.stranded import Stranded
 from pickupd.suspension import Suspensions
 
 __all__ = ["LARGE_AT_ONCE", "LARGE_MESSAGE", "Dispatcher", "Examined", "examine"]
 
+# The domain of a Message-ID pickupd adds for a sender without one (a domain literal).
+_HOST = socket.gethostname() or "localhost"
 # Messages larger than this are relayed LARGE_AT_ONCE at a time, to bound memory.
 LARGE_MESSAGE = 1024 * 1024
 LARGE_AT_ONCE = 2
@@ -348,10 +351,15 @@ async def examine(
 
 
 def _checked(data: bytes, owner: int | None, claimed: Claimed, config: Config) -> Examined:
+    first_seen = claimed.claimed_at
+    if claimed.sidecar is not None:
+        with contextlib.suppress(ValueError):
+            first_seen = to_timestamp(claimed.sidecar.first_seen)
     parsed = envelope.parse(
         data,
         max_header_size=config.policy.max_header_size,
         local_domain=config.policy.local_domain,
+        complete=envelope.Completion(first_seen, claimed.id, _HOST),
     )
     if isinstance(parsed, Refusal):
         return Examined(data, None, parsed, owner)

@@ -456,6 +456,7 @@ def _new_sidecar(claimed: Claimed, parsed: Envelope | None, recipients: tuple[st
         attempts=0,
         first_seen=from_timestamp(claimed.claimed_at),
         message_id=parsed.message_id if parsed else None,
+        added=parsed.added if parsed else (),
         owner_uid=claimed.owner,
         owner=None if claimed.owner is None else user_name(claimed.owner),
     )

@@ -62,11 +62,14 @@ def message(
     body: str = "Hello there.\n",
     extra: str = "",
     message_id: str | None = None,
+    date: str = "Sun, 06 Dec 2026 10:00:00 +0000",
 ) -> bytes:
-    """A small message with LF line endings, as an app would write it."""
+    """A small message with LF line endings, as an app would write it (with Date: and
+    Message-ID:, so pickupd adds neither and relays it byte for byte)."""
     mid = message_id or f"<{time.time_ns()}.{os.getpid()}@example.com>"
     return (
-        f"From: {sender}\nTo: {to}\nSubject: {subject}\nMessage-ID: {mid}\n{extra}\n{body}"
+        f"From: {sender}\nTo: {to}\nSubject: {subject}\nDate: {date}\nMessage-ID: {mid}\n"
+        f"{extra}\n{body}"
     ).encode()
 
 

@@ -49,7 +49,9 @@ def test_direct_eml_and_x_sender_format(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
     """An IIS/System.Net.Mail style .eml written straight into pickup/ is taken once settled;
-    its X-Sender/X-Receiver lines give the envelope and are not relayed."""
+    its X-Sender/X-Receiver lines give the envelope and are not relayed. It has no Date: and
+    no Message-ID:, so pickupd adds both in front (the id its own, on the sender's domain),
+    every other byte as dropped."""
     daemon = make_daemon(smtp_server)
     raw = (
         b"X-Sender: app@example.com\r\n"
@@ -61,9 +63,14 @@ def test_direct_eml_and_x_sender_format(
     (got,) = smtp_server.wait_for(1)
     assert got.mail_from == "app@example.com"
     assert got.rcpt_tos == ["one@example.net", "two@example.net"]
-    assert got.data == raw.split(b"X-Receiver: two@example.net\r\n", 1)[1]
     daemon.wait_event("sent")
-    assert daemon.events("claimed")[0]["source"] == "iis-style.eml"
+    (claimed,) = daemon.events("claimed")
+    assert claimed["source"] == "iis-style.eml"
+    added, dropped = got.data.split(b"From: App", 1)
+    assert b"From: App" + dropped == raw.split(b"X-Receiver: two@example.net\r\n", 1)[1]
+    date, message_id = added.decode().splitlines()
+    assert date.startswith("Date: ") and date.endswith(" GMT")
+    assert message_id == f"Message-ID: <{claimed['id']}@example.com>"
     assert daemon.census()["pickup/new"] == 0
 
 

@@ -84,14 +84,14 @@ def test_cron_like_call_with_local_domain(
 def test_bare_names_without_local_domain_fail_with_a_hint(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
-    """Without local_domain, cron's bare "root" fails as malformed with a hint."""
+    """Without local_domain, cron's bare "root" is refused by the shim itself (65), with the
+    daemon's own reason and hint: nothing is dropped that the daemon would refuse."""
     daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE)
     message = b"From: root (Cron Daemon)\nTo: root\nSubject: cron\n\nx\n"
-    assert sendmail(daemon, "-i", "root", stdin=message).returncode == 0
-    (failed,) = daemon.wait_sidecars("failed")
-    assert failed["reason"] == "malformed"
-    assert "[policy] local_domain" in failed["detail"]
-    assert smtp_server.received == []
+    refused = sendmail(daemon, "-i", "root", stdin=message)
+    assert refused.returncode == 65
+    assert b"malformed message" in refused.stderr and b"[policy] local_domain" in refused.stderr
+    assert list((daemon.spool / "pickup" / "new").iterdir()) == []
 
 
 def test_dash_t_takes_to_cc_bcc_and_f_sets_the_sender(

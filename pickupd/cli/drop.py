@@ -10,6 +10,7 @@ from typing import Any
 
 from pickupd.cli.common import (
     EX_CONFIG,
+    EX_DATAERR,
     EX_NOINPUT,
     EX_OK,
     EX_TEMPFAIL,
@@ -19,6 +20,8 @@ from pickupd.cli.common import (
     warn,
 )
 from pickupd.errors import CommandError
+from pickupd.message import envelope
+from pickupd.outcome import Refusal
 from pickupd.spool.access import not_allowed
 
 __all__ = ["register"]
@@ -32,7 +35,9 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         _drop,
         help="enqueue .eml files (or - for stdin) with the Maildir protocol",
         description="Copies each message into pickup/tmp/, fsyncs it and renames it into "
-        "pickup/new/, where the daemon takes it. The daemon checks the sender as usual.",
+        "pickup/new/, where the daemon takes it. A message the daemon would refuse as "
+        "malformed is not enqueued (exit 65, the reason said); the daemon checks the sender "
+        "as usual.",
     )
     drop.add_argument("files", metavar="FILE", nargs="+", help="a message file, or - for stdin")
 
@@ -61,12 +66,21 @@ def _drop(args: argparse.Namespace) -> int:
     if args.files.count("-") > 1:
         raise CommandError(EX_USAGE, "pickupd: stdin (-) can be given once")
     code = EX_OK
+    policy = config.policy
     for name in args.files:
-        data = _read_input(name, config.policy.max_message_size)
+        data = _read_input(name, policy.max_message_size)
         shown = "stdin" if name == "-" else name
         if isinstance(data, str):
             warn(f"{shown}: {data}: not enqueued")
             code = EX_NOINPUT
+            continue
+        # What the daemon would refuse as malformed is refused now, by the same parser.
+        parsed = envelope.parse(
+            data, max_header_size=policy.max_header_size, local_domain=policy.local_domain
+        )
+        if isinstance(parsed, Refusal):
+            warn(f"{shown}: malformed: {parsed.detail}: not enqueued")
+            code = EX_DATAERR
             continue
         try:
             path = spool.drop(data)

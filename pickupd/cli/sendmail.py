@@ -88,6 +88,9 @@ def _parse_args(argv: Sequence[str]) -> _Options:
                 options.sender = value(flag, rest)
             elif flag == "F":
                 options.full_name = value(flag, rest)
+                if any(ord(char) < 32 or ord(char) == 127 for char in options.full_name):
+                    # A newline would start a header field of the caller's choosing.
+                    raise _Usage("-F: control characters (a newline) are not allowed")
             elif flag == "C":
                 options.config = value(flag, rest)
             elif arg == "-t":
@@ -121,8 +124,11 @@ def _read_message(dots_are_text: bool, limit: int) -> bytes | None:
         return None if len(data) > limit else data
     lines: list[bytes] = []
     size = 0
-    for line in stdin:
-        if line.rstrip(b"\r\n") == b".":
+    while True:
+        # Never more than the limit in memory, however long a line (a gigabyte without one
+        # newline is refused after limit + 2 bytes).
+        line = stdin.readline(limit - size + 2)
+        if not line or line.rstrip(b"\r\n") == b".":
             break
         size += len(line)
         if size > limit:
@@ -154,18 +160,24 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
 
 
 def _head_and_body(data: bytes) -> tuple[bytes, bytes]:
+    """The header section and the body (starting with its empty line), LF line ends. As
+    Postfix's sendmail does, the header section ends at the first line that is not a header
+    field (or its continuation): `echo body | sendmail you@example.net` is all body."""
     if data.startswith(b"From "):
         # An mbox "From sender date" line, as some tools write first: not a header field
         # (sendmail and Postfix drop it too).
         data = data.partition(b"\n")[2]
     head, body = envelope.split(data)
+    end = envelope.header_end(head)
+    if end < len(head):
+        head, body = head[:end], b"\r\n" + head[end:] + body
     # Written with LF line ends, as the sendmail of Postfix writes its maildrop files.
     return head.replace(b"\r\n", b"\n"), body.replace(b"\r\n", b"\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Read a message on stdin into the pickup folder; exit 0, 64 (usage), 65 (too large)
-    or 75 (the spool cannot be written: try again later)."""
+    """Read a message on stdin into the pickup folder; exit 0, 64 (usage), 65 (too large, or
+    malformed: the daemon would refuse it) or 75 (the spool cannot be written: try again)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args in (["--help"], ["-help"]):
         print(__doc__)
@@ -236,9 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if recipient.lower() not in seen:
             seen.add(recipient.lower())
             envelope_lines += f"X-Receiver: <{recipient}>\n"
+    data = (envelope_lines + added).encode() + head + body
+    # What the daemon would refuse as malformed is refused here, by the same parser: the
+    # caller learns it now (65), not from failed/ later.
+    checked = envelope.parse(data, local_domain=local_domain)
+    if isinstance(checked, Refusal):
+        print(f"{PROG}: malformed message: {checked.detail}", file=sys.stderr)
+        return EX_DATAERR
     spool = Spool(settings.spool_path)
     try:
-        spool.drop((envelope_lines + added).encode() + head + body)
+        spool.drop(data)
     except PermissionError:
         print(f"{PROG}: {not_allowed(spool.root, f'write into {spool.pickup}')}", file=sys.stderr)
         return EX_TEMPFAIL

@@ -20,9 +20,11 @@ from pickupd.outcome import Reason, Refusal
 __all__ = [
     "NO_DSN",
     "AddressError",
+    "Completion",
     "Dsn",
     "Envelope",
     "field_names",
+    "header_end",
     "parse",
     "parse_address_list",
     "split",
@@ -58,6 +60,7 @@ class Envelope:
     # Resent-Sender:, as (field name, address); policy.py checks each against the allow-list.
     authors: tuple[tuple[str, str], ...] = ()
     dsn: Dsn = NO_DSN
+    added: tuple[str, ...] = ()  # fields pickupd added (Completion): "Date", "Message-ID"
 
 
 # ---- The message: header fields as bytes, the envelope taken from them.
@@ -235,6 +238,17 @@ def split(raw: bytes) -> tuple[bytes, bytes]:
     return text[: end + 2], text[end + 2 :]
 
 
+def header_end(head: bytes) -> int:
+    """Where the header fields of `head` (CRLF line ends) end: the offset of the first line
+    that is neither a field nor a continuation of one (len(head) if every line is)."""
+    offset = 0
+    for number, line in enumerate(head.splitlines(keepends=True)):
+        if not (_FIELD_NAME.match(line) or (number and line[:1] in (b" ", b"\t"))):
+            return offset
+        offset += len(line)
+    return offset
+
+
 def field_names(head: bytes) -> set[str]:
     """The names (lower case) of the fields of a header section, as the parser reads them;
     lines that are not fields are skipped (parse() refuses them)."""
@@ -246,19 +260,55 @@ def field_names(head: bytes) -> set[str]:
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What a message that lacks `Date:` or `Message-ID:` is given, as Postfix completes
+    locally submitted mail (Gmail and others refuse or penalise mail without them). Both are
+    the same at every attempt: the date is when the message was first claimed, the id is
+    pickupd's own, on the sender's domain (or the host's, for a sender without one)."""
+
+    first_seen: float
+    id: str
+    host: str
+
+    def fields(self, sender: str | None, present: set[str]) -> tuple[bytes, tuple[str, ...]]:
+        """The header lines to add (CRLF) and their names."""
+        import email.utils  # only for mail that needs it
+
+        lines, added = b"", []
+        if "date" not in present:
+            date = email.utils.formatdate(self.first_seen, usegmt=True)
+            lines += f"Date: {date}\r\n".encode("ascii")
+            added.append("Date")
+        if "message-id" not in present:
+            domain = (sender or "").rpartition("@")[2]
+            if not domain or domain.startswith("["):
+                domain = self.host
+            lines += f"Message-ID: <{self.id}@{domain}>\r\n".encode()
+            added.append("Message-ID")
+        return lines, tuple(added)
+
+
 def parse(
-    raw: bytes, *, max_header_size: int = 65536, local_domain: str | None = None
+    raw: bytes,
+    *,
+    max_header_size: int = 65536,
+    local_domain: str | None = None,
+    complete: Completion | None = None,
 ) -> Envelope | Refusal:
     """Envelope, or Refusal(Reason.MALFORMED, detail) — the only header parser of the project.
     With `local_domain`, bare local parts ("root") in the envelope and in From/Sender/To/Cc
-    are qualified as root@local_domain, in the envelope and in the relayed header fields."""
+    are qualified as root@local_domain, in the envelope and in the relayed header fields.
+    With `complete`, a missing Date: or Message-ID: is added in front of the header."""
     try:
-        return _parse(raw, max_header_size, local_domain)
+        return _parse(raw, max_header_size, local_domain, complete)
     except _Malformed as error:
         return Refusal(Reason.MALFORMED, str(error))
 
 
-def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelope:
+def _parse(
+    raw: bytes, max_header_size: int, local_domain: str | None, complete: Completion | None
+) -> Envelope:
     """parse(), raising _Malformed."""
     if not raw or raw.isspace():  # (not strip(): no copy of a large file)
         raise _Malformed("empty file")
@@ -318,8 +368,16 @@ def _parse(raw: bytes, max_header_size: int, local_domain: str | None) -> Envelo
             seen.add(address.lower())
             unique.append(address)
     head = b"".join(line for f in kept for line in f.lines)
+    added: tuple[str, ...] = ()
+    if complete is not None:
+        lines, added = complete.fields(sender, {f.name for f in fields})
+        head = lines + head
+        if "Message-ID" in added:
+            message_id = lines.rpartition(b"Message-ID: ")[2].strip().decode()
     try:
         data = longlines.fit(head, body)
     except TooLong as error:
         raise _Malformed(str(error)) from None
-    return Envelope(sender, tuple(unique), header_from, data, message_id, tuple(authors), dsn)
+    return Envelope(
+        sender, tuple(unique), header_from, data, message_id, tuple(authors), dsn, added
+    )

@@ -54,6 +54,8 @@ class Sidecar:
     # a uid with no name, shown as uid:NNN). The owners check trusts this, not the file.
     owner_uid: int | None = None
     owner: str | None = None
+    # Header fields pickupd added because the file had none (Date, Message-ID).
+    added: tuple[str, ...] = ()
     history: tuple[Attempt, ...] = field(default=())
 
     def lifetime_start(self) -> str | None:
@@ -75,6 +77,9 @@ class Sidecar:
     def to_json(self) -> bytes:
         data = asdict(self)
         data["recipients"] = list(self.recipients)
+        data["added"] = list(self.added)
+        if not self.added:
+            del data["added"]
         data["history"] = [asdict(a) for a in self.history]
         # next_attempt belongs to deferred messages, reason to failed ones; split_from only
         # to copies: leave out what does not apply rather than write nulls.
@@ -104,6 +109,7 @@ class Sidecar:
                 deferred_notice=data.get("deferred_notice"),
                 owner_uid=_uid(data.get("owner_uid")),
                 owner=data.get("owner"),
+                added=tuple(str(name) for name in data.get("added", ())),
                 history=tuple(Attempt(**entry) for entry in data.get("history", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

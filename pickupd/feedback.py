@@ -156,7 +156,12 @@ class Feedback:
 
 
 def _is_report(sidecar: Sidecar) -> bool:
-    return (sidecar.message_id or "").startswith(f"<{_REPORT_ID}")
+    """One of our own reports: its Message-ID says so, and (where files have owners) the
+    file was written by this service's user, which no writer can forge (any writer can write
+    the Message-ID, to keep a failure out of the report)."""
+    if not (sidecar.message_id or "").startswith(f"<{_REPORT_ID}"):
+        return False
+    return os.name != "posix" or sidecar.owner_uid == os.geteuid()
 
 
 def _report(failures: list[Sidecar], sender: str, recipient: str) -> bytes:

@@ -38,7 +38,7 @@ RESCAN_MAX = 300.0
 _RESCAN_PER = 10_000
 # Names of ignored files in pickup/ logged (once each) at most per process.
 _STRAYS_LOGGED = 1000
-# Scans of pickup/ start at least this far apart (and ten times as far as the last one took);
+# Scans of pickup/ start at least this far apart (and 20 times as far as the last one took);
 # Maildir drops do not wait for them (their events queue them at once).
 _SCAN_GAP = 0.05
 # Entries of pickup/ that cannot be claimed, kept (and logged once each) at most.
@@ -349,10 +349,10 @@ class Intake:
                     await asyncio.wait_for(
                         self._pickup_wake.wait(), max(0.0, wake_at - time.time())
                     )
-                # Scans of pickup/ take at most a tenth of the time (and come at most every
-                # _SCAN_GAP): a file kept just short of settled, or a writer's stream of
-                # events beside a folder of entries, cannot make them back to back.
-                rest = max(_SCAN_GAP, 10 * scanning) - (time.monotonic() - started)
+                # Scans of pickup/ take at most a twentieth of the time (and come at most
+                # every _SCAN_GAP): a file kept just short of settled, or a writer's stream
+                # of events beside a folder of entries, cannot make them back to back.
+                rest = max(_SCAN_GAP, 20 * scanning) - (time.monotonic() - started)
                 if rest > 0 and not self._closed:
                     await asyncio.sleep(rest)
         finally:

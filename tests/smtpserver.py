@@ -26,6 +26,8 @@ Fault semantics:
   is aborted (counted by ``fail_next`` too).
 * ``reply_421_at``: ``"RSET"``, ``"MAIL"``, ``"RCPT"`` or ``"DATA"`` is answered with 421 and the
   connection is closed.
+* ``slow_dot``: seconds the final dot waits for its (normal) reply; the message is recorded
+  when the reply goes (never counted by ``fail_next``).
 """
 
 from __future__ import annotations
@@ -300,6 +302,8 @@ class _Handler:
         reply = owner._fire("fail_data")
         if reply is not None and not reply.startswith("2"):
             return str(reply)
+        if owner.slow_dot:
+            await asyncio.sleep(owner.slow_dot)  # a slow relay: accepted, later
         number = owner._record(
             Received(
                 mail_from=str(envelope.mail_from),
@@ -390,6 +394,7 @@ class SmtpServer:
         self.stall: str | None = None
         self.reply_421_at: str | None = None
         self.drop_at: str | None = None
+        self.slow_dot: float = 0.0
 
     # -- test-thread API -------------------------------------------------------------------
 

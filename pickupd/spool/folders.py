@@ -205,26 +205,26 @@ class Spool:
         For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
         will be. Each other file in pickup/ (never to be taken) is told to `stray`."""
         for entry in entries(self.new):
-            if _is_drop(entry.name, maildir=True) and mine(entry.name):
-                if _is_folder(entry):
-                    stray(f"new/{entry.name}/")
-                else:
-                    yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
+            if not _is_drop(entry.name, maildir=True):
+                continue
+            if _is_folder(entry):  # never taken, whoever's share it is
+                stray(f"new/{entry.name}/")
+            elif mine(entry.name):
+                yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
         for entry in entries(self.pickup):
             name = entry.name
             if not _is_drop(name, maildir=False):
                 if _stray_file(entry):
                     stray(name)
-                continue
-            if mine(name):
+            elif _is_folder(entry):
+                stray(f"{name}/")
+            elif mine(name):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 ready = st.st_mtime + settle
-                if stat.S_ISDIR(st.st_mode):
-                    stray(f"{name}/")
-                elif stat.S_ISREG(st.st_mode) and ready > now:
+                if stat.S_ISREG(st.st_mode) and ready > now:
                     yield Later(ready)
                 else:
                     yield Candidate(Path(entry.path), name, "eml")

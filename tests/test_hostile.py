@@ -53,7 +53,7 @@ def test_a_quoted_local_part_never_sends_as_another_sender(
     """alice@ is alice's alone, *@example.com mallory's: mallory's `"alice"@`, `"al\\ice"@`,
     `<"alice"@...>` in X-Sender and `ALICE@EXAMPLE.COM` all reach alice's entry and fail as
     sender_not_allowed; nothing goes out as alice but alice's own, and mallory's own goes."""
-    senders = {
+    senders: dict[str, object] = {
         "alice@example.com": {"relay": "main", "owners": [users.alice]},
         "*@example.com": {"relay": "main", "owners": [users.mallory]},
     }

@@ -259,6 +259,13 @@ def test_drop_files_and_stdin(
     missing = cli(daemon, "drop", str(tmp_path / "nope.eml"))
     assert missing.returncode == 66 and "nope.eml" in missing.stderr
 
+    # What the daemon would refuse as malformed is not enqueued: 65 and the reason.
+    (tmp_path / "bad.eml").write_bytes(b"just a body line\n\nbody\n")
+    bad = cli(daemon, "drop", str(tmp_path / "bad.eml"))
+    assert bad.returncode == 65, bad.stderr
+    assert "bad.eml: malformed: line 1 is not a header field: not enqueued" in bad.stderr
+    assert list((daemon.spool / "pickup" / "new").iterdir()) == []
+
 
 def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
     """A missing spool or a bad config is one line on stderr and exit 78, no traceback."""

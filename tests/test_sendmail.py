@@ -191,3 +191,65 @@ def test_a_leading_mbox_from_line_is_dropped(tmp_path: Path) -> None:
     (path,) = daemon.files("pickup/new")
     assert b"From app@example.com Tue" not in path.read_bytes()
     assert b"\nFrom: app@example.com\n" in path.read_bytes()
+
+
+def test_a_message_that_is_all_body_gets_the_shims_header(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """`echo body | pickupd-sendmail -f app@example.com you@example.net`: the first line is
+    not a header field, so it starts the body (Postfix's rule); the shim's From:, Date: and
+    Message-ID: head the message, which arrives as dropped, body intact."""
+    daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE)
+    done = sendmail(daemon, "-f", "app@example.com", "you@example.net", stdin=b"body\nmore: x\n")
+    assert done.returncode == 0, done.stderr
+    (got,) = smtp_server.wait_for(1)
+    head, _, body = got.data.partition(b"\r\n\r\n")
+    assert body == b"body\r\nmore: x\r\n"
+    assert head.startswith(b"From: app@example.com\r\nDate: ") and b"\r\nMessage-ID: <" in head
+    assert daemon.events("failed") == []
+
+
+def test_the_shim_refuses_what_the_daemon_would_and_control_characters_in_f(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A header line with a NUL is refused by the shim with the daemon's reason (65); -F with
+    a newline (a Reply-To: smuggled in) is a usage error (64); nothing reaches pickup/."""
+    daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE)
+    raw = b"From: app@example.com\nTo: a@example.net\nX: a\0b\n\nx\n"
+    bad = sendmail(daemon, "a@example.net", stdin=raw)
+    assert bad.returncode == 65 and b"control character" in bad.stderr, bad.stderr
+    injected = sendmail(
+        daemon, "-F", "App\nReply-To: evil@example.net", "a@example.net", stdin=b"x\n"
+    )
+    assert injected.returncode == 64 and b"-F: control characters" in injected.stderr
+    assert list((daemon.spool / "pickup" / "new").iterdir()) == []
+
+
+def test_a_line_without_end_is_bounded_by_max_message_size(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Without -i the shim reads by lines: 300 MB with no newline is refused (65) once past
+    max_message_size (1 MB here), and the shim never holds more than about that."""
+    daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE, policy={"max_message_size": "1MB"})
+    script = (
+        "import resource, subprocess, sys\n"
+        "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
+        "chunk = b'x' * (1 << 20)\n"
+        "try:\n"
+        "    for _ in range(300):\n"
+        "        p.stdin.write(chunk)\n"
+        "except BrokenPipeError:\n"
+        "    pass\n"
+        "code = p.wait()\n"
+        "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, SENDMAIL, "-C", str(daemon.config_path), "a@example.net"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    code, peak_kib = map(int, done.stdout.split())
+    print(f"pickupd-sendmail peak RSS on 300 MB without a newline: {peak_kib / 1024:.1f} MiB")
+    assert code == 65 and peak_kib < 100 * 1024

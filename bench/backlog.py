@@ -178,16 +178,18 @@ def storm(work: Path, pickupd: Path, smtp_sink: Path, count: int) -> dict[str, A
 
 
 def fill_deferred(daemon: Daemon, count: int) -> None:
-    """`count` messages in deferred/, each due in an hour (only the .eml: its mtime is its
-    due time; the sidecar is read only when a message is taken)."""
+    """`count` messages in deferred/, each due in an hour (its sidecar's mtime is its due
+    time: an empty sidecar will do, it is read only when a message is taken)."""
     from pickupd import ids
 
     due = time.time() + 3600
     data = tp.message(0, 2048, "waiting")
     for index in range(count):
-        path = daemon.spool / "deferred" / f"{ids.new()}.eml"
-        path.write_bytes(data)
-        os.utime(path, (due, due))
+        msg_id = ids.new()
+        (daemon.spool / "deferred" / f"{msg_id}.eml").write_bytes(data)
+        sidecar = daemon.spool / "deferred" / f"{msg_id}.json"
+        sidecar.write_bytes(b"{}")
+        os.utime(sidecar, (due, due))
         if index and index % 100_000 == 0:
             log(f"  {index} written")
 

@@ -21,6 +21,7 @@ import socket
 import time
 
 from pickupd import ids
+from pickupd.auth.childenv import child_env
 from pickupd.config.loading import NotifyConfig
 from pickupd.log import Logger
 from pickupd.spool.folders import Spool
@@ -77,12 +78,11 @@ class Feedback:
         if command is None:
             return
         async with self._slots:
-            env = {
-                **os.environ,
-                "PICKUPD_ID": sidecar.id,
-                "PICKUPD_REASON": sidecar.reason or "",
-                "PICKUPD_EVENT": event,
-            }
+            # None of the service's secrets: the hook is a command of the operator's, but
+            # it needs no sender's password (auth/childenv.py).
+            env = child_env(
+                PICKUPD_ID=sidecar.id, PICKUPD_REASON=sidecar.reason or "", PICKUPD_EVENT=event
+            )
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *command,

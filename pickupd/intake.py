@@ -17,6 +17,7 @@ import dataclasses
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from pickupd import log as logs
@@ -41,8 +42,7 @@ _STRAYS_LOGGED = 1000
 # Scans of pickup/ start at least this far apart (and 20 times as far as the last one took);
 # Maildir drops do not wait for them (their events queue them at once).
 _SCAN_GAP = 0.05
-# Entries of pickup/ that cannot be claimed, kept (and logged once each) at most.
-_UNMOVABLE_KEPT = 10_000
+_UNMOVABLE_KEPT = 10_000  # entries of pickup/ that cannot be claimed, kept (and logged) at most
 
 
 def rescan_every(interval: float, waiting: int) -> float:
@@ -72,6 +72,70 @@ class _Strays:
         logs.get().warning("ignored_file", file=f"pickup/{printable(name)}", detail=detail)
 
 
+class _Writers:
+    """Direct .eml files their writers hold open: such a file is taken once its writer has
+    closed it (inotify tells us on Linux) and it has been unchanged for `settle`. One timer
+    at a time looks again after that: a writer's events are many."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._open: dict[Path, tuple[int, float]] = {}  # path -> (opens, since)
+        self._wake = wake
+        self._timer: asyncio.TimerHandle | None = None
+
+    def event(self, kind: str, path: Path, settle: float) -> None:
+        if kind == "opened":
+            count, since = self._open.get(path, (0, time.monotonic()))
+            self._open[path] = (count + 1, since)
+            return
+        if kind in ("closed", "closed_no_write"):
+            count, since = self._open.pop(path, (1, 0.0))
+            if count > 1:
+                self._open[path] = (count - 1, since)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(settle + 0.01, self._settled)
+
+    def _settled(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def still_open(self, path: Path) -> bool:
+        """True while a writer holds `path` open (bounded: a missed close event must not hold
+        a message back for more than WRITER_PATIENCE)."""
+        count, since = self._open.get(path, (0, 0.0))
+        if count and time.monotonic() - since > WRITER_PATIENCE:
+            del self._open[path]
+            return False
+        return count > 0
+
+
+class _Unmovable:
+    """Entries of pickup/ that cannot be claimed, said once and skipped since; past
+    _UNMOVABLE_KEPT, the rest cost a failed rename at each rescan but never a log line."""
+
+    def __init__(self) -> None:
+        self._kept: set[Path] = set()
+        self._full = False
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self._kept
+
+    def add(self, path: Path) -> bool:
+        """Keep `path`; True the first time (to be logged)."""
+        if path in self._kept:
+            return False
+        if len(self._kept) < _UNMOVABLE_KEPT:
+            self._kept.add(path)
+            return True
+        if not self._full:
+            self._full = True
+            logs.get().error(
+                "unmovable_many",
+                count=len(self._kept),
+                detail="more entries of pickup/ cannot be moved: the rest are not logged",
+            )
+        return False
+
+
 def _ignore(name: str) -> None:
     del name
 
@@ -89,8 +153,7 @@ class Intake:
         self.horizon = float("inf")
         self.once = once
         self._busy = 0  # candidates being worked on
-        self._unmovable: set[Path] = set()  # logged once, skipped since
-        self._unmovable_full = False
+        self._unmovable = _Unmovable()  # logged once, skipped since
         # The main process says which files in pickup/ are not messages; its workers, which
         # see the same folder, do not.
         self._stray = _Strays().note if part.index == 0 else _ignore
@@ -98,8 +161,6 @@ class Intake:
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
         self._queued: set[Path] = set()
-        self._writers: dict[Path, tuple[int, float]] = {}  # open .eml -> (opens, since)
-        self._settle_timer: asyncio.TimerHandle | None = None
         self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
         self._due_times = DueTimes()  # what waits in deferred/ (of our share), by due time
         self._scanned_since: DueTimes | None = None  # added while a full scan runs
@@ -109,6 +170,7 @@ class Intake:
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._pickup_wake = asyncio.Event()
+        self._writers = _Writers(self._pickup_wake.set)
         self._deferred_wake = asyncio.Event()
         self._closed = False
         self._feeders_done = 0
@@ -178,27 +240,13 @@ class Intake:
 
     def unmovable(self, path: Path) -> bool:
         """`path` cannot be claimed (not ours to rename): skip it from now on. True the first
-        time, so it is logged once. Past _UNMOVABLE_KEPT of them, the rest are not kept (nor
-        logged one by one): they cost a failed rename at each rescan, and never a log line
-        again (a folder of hostile entries must not flood the log)."""
-        if path in self._unmovable:
-            return False
-        if len(self._unmovable) >= _UNMOVABLE_KEPT:
-            if not self._unmovable_full:
-                self._unmovable_full = True
-                logs.get().error(
-                    "unmovable_many",
-                    count=len(self._unmovable),
-                    detail="more entries of pickup/ cannot be moved: the rest are not logged",
-                )
-            return False
-        self._unmovable.add(path)
-        return True
+        time, so it is logged once."""
+        return self._unmovable.add(path)
 
     def not_a_file(self, path: Path, source: str) -> None:
         """`path` turned out to be a directory when claimed (swapped in after the scan): it was
         put back; skip it from now on and say so once."""
-        if self.unmovable(path):
+        if self._unmovable.add(path):
             self._stray(f"{source.removeprefix('pickup/')}/")
 
     def close(self) -> None:
@@ -235,24 +283,7 @@ class Intake:
             if event_type in ("created", "moved"):
                 self._stray(candidate_path.name)
         elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == spool.pickup:
-            # A direct .eml is taken once its writer has closed it (inotify tells us on Linux)
-            # and it has been unchanged for `settle`: look again after that.
-            if event_type == "opened":
-                count, since = self._writers.get(candidate_path, (0, time.monotonic()))
-                self._writers[candidate_path] = (count + 1, since)
-                return
-            if event_type in ("closed", "closed_no_write"):
-                count, since = self._writers.pop(candidate_path, (1, 0.0))
-                if count > 1:
-                    self._writers[candidate_path] = (count - 1, since)
-            if self._settle_timer is None:  # one at a time: a writer's events are many
-                self._settle_timer = asyncio.get_running_loop().call_later(
-                    self.dispatch.settle + 0.01, self._settled
-                )
-
-    def _settled(self) -> None:
-        self._settle_timer = None
-        self._pickup_wake.set()
+            self._writers.event(event_type, candidate_path, self.dispatch.settle)
 
     def _deferred_hint(self, event_type: str, name: str) -> None:
         """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
@@ -270,15 +301,6 @@ class Intake:
         # sidecar's mtime, one stat away. A burst too large for the watch overflows into a
         # rescan.
         self.due_at(msg_id, self.spool.due_time(msg_id, time.time()))
-
-    def _still_open(self, path: Path) -> bool:
-        """True while a writer holds a direct .eml open (bounded: a missed close event must not
-        hold a message back for more than WRITER_PATIENCE)."""
-        count, since = self._writers.get(path, (0, 0.0))
-        if count and time.monotonic() - since > WRITER_PATIENCE:
-            del self._writers[path]
-            return False
-        return count > 0
 
     # -- the queues ----------------------------------------------------------------------------
 
@@ -333,7 +355,7 @@ class Intake:
                 ):
                     if isinstance(item, Later):
                         wake_at = min(wake_at, item.at + 0.01)
-                    elif item.origin == "eml" and self._still_open(item.path):
+                    elif item.origin == "eml" and self._writers.still_open(item.path):
                         continue  # its close event wakes us
                     elif item.path in self._unmovable:
                         continue

@@ -28,8 +28,7 @@ from pickupd.message.envelope import Envelope
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
 from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Claimed, Spool
-from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
-from pickupd.units import format_duration
+from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp
 
 __all__ = ["Meter", "Recorder"]
 
@@ -125,49 +124,12 @@ class Recorder:
         and `[retry] max_age` ends it in failed/ as expired, the error named (a file that
         always trips the bug is not tried for ever). Returns the due time (None: failed)."""
         base = self.base(claimed, parsed)
-        now = time.time()
         attempt = base.attempts + 1
-        first_attempt = base.lifetime_start()
-        since = _seconds(first_attempt) if first_attempt else now
-        text = f"internal error: {detail}"[:400]
-        due = retry.next_attempt(attempt, since, now, config.retry.schedule, config.retry.max_age)
-        outcome = Outcome.DEFERRED if due else Outcome.FAILED
-        sidecar = base.with_attempt(
-            Attempt(from_timestamp(now), None, outcome.value, None, text),
-            attempts=attempt,
-            detail=text
-            if due
-            else f"undelivered after {format_duration(now - since)}; last: {text}",
-            reason=None if due else Reason.EXPIRED.value,
-            next_attempt=from_timestamp(due) if due else None,
-        )
         fields = {"id": claimed.id, "sender": base.sender, "relay": None, "attempt": attempt}
-
-        def done() -> None:
-            self._counted(outcome, None if due else Reason.EXPIRED, None)
-            if due is None:
-                self._notify("failed", sidecar)
-                self.log.warning(
-                    "failed",
-                    **fields,
-                    code=None,
-                    reason=Reason.EXPIRED.value,
-                    detail=sidecar.detail,
-                )
-            else:
-                self.log.warning(
-                    "deferred",
-                    **fields,
-                    code=None,
-                    detail=text,
-                    next_attempt=sidecar.next_attempt,
-                )
-
-        if due is None:
-            await self._run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
-        else:
-            at = due
-            await self._run(claimed, [(lambda: self._to_deferred(claimed, sidecar, at), done)])
+        text = f"internal error: {detail}"[:400]
+        retried = retry.Retried(attempt, base.recipients, None, None, text)
+        due, step = self._defer(claimed, base, retried, fields, config, None)
+        await self._run(claimed, [step])
         return due
 
     async def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> None:
@@ -244,7 +206,14 @@ class Recorder:
             steps.append(self._reject(claimed, base, delivery, data, attempt, fields))
         due = None
         if delivery.deferred:
-            due, step = self._defer(claimed, base, delivery, attempt, fields, config, not_before)
+            retried = retry.Retried(
+                attempt,
+                tuple(r.recipient for r in delivery.deferred),
+                delivery.relay,
+                delivery.deferred[0].code or None,
+                _detail(delivery.deferred, delivery.sent),
+            )
+            due, step = self._defer(claimed, base, retried, fields, config, not_before)
             steps.append(step)
         await self._run(claimed, steps)
         return due
@@ -309,83 +278,35 @@ class Recorder:
         self,
         claimed: Claimed,
         base: Sidecar,
-        delivery: Delivery,
-        attempt: int,
+        retried: retry.Retried,
         fields: dict[str, Any],
         config: Config,
         not_before: float | None,
     ) -> tuple[float | None, _Step]:
         """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
         as expired once max_age is reached; returns the due time (None: expired)."""
-        now = time.time()
-        first_attempt = base.lifetime_start()
-        since = _seconds(first_attempt) if first_attempt else now
-        recipients = tuple(r.recipient for r in delivery.deferred)
-        code = delivery.deferred[0].code or None
-        detail = _detail(delivery.deferred, delivery.sent)
-        schedule, max_age = config.retry.schedule, config.retry.max_age
-        due = retry.next_attempt(attempt, since, now, schedule, max_age)
-        if due is not None and not_before is not None:
-            due = max(due, min(not_before, since + max_age))
-        outcome = Outcome.DEFERRED if due else Outcome.FAILED
-        history = Attempt(from_timestamp(now), delivery.relay, outcome.value, code, detail)
+        due, sidecar, long_deferred = retry.after(base, retried, config, not_before, time.time())
+        fields = {**fields, "recipients": list(retried.recipients), "code": retried.code}
         if due is None:
-            sidecar = base.with_attempt(
-                history,
-                recipients=recipients,
-                attempts=attempt,
-                reason=Reason.EXPIRED.value,
-                detail=f"undelivered after {format_duration(now - since)}; last: {detail}",
-                next_attempt=None,
-            )
-            expired = sidecar
 
             def failed() -> None:
-                self._counted(Outcome.FAILED, Reason.EXPIRED, delivery.relay)
-                self._notify("failed", expired)
-                self.log.warning(
-                    "failed",
-                    **fields,
-                    recipients=list(recipients),
-                    code=code,
-                    reason=Reason.EXPIRED.value,
-                    detail=expired.detail,
-                )
+                self._counted(Outcome.FAILED, Reason.EXPIRED, retried.relay)
+                self._notify("failed", sidecar)
+                reason = Reason.EXPIRED.value
+                self.log.warning("failed", **fields, reason=reason, detail=sidecar.detail)
 
-            return None, (lambda: self.spool.finish_failed(claimed, expired), failed)
-        sidecar = base.with_attempt(
-            history,
-            recipients=recipients,
-            attempts=attempt,
-            detail=detail,
-            next_attempt=from_timestamp(due),
-            reason=None,
-        )
-        notice_after = config.notify.on_deferred_after
-        first_seen = _seconds(base.first_seen)
-        long_deferred = (
-            notice_after is not None
-            and sidecar.deferred_notice is None
-            and now - first_seen >= notice_after
-        )
-        if long_deferred:  # recorded in the sidecar, so the hook runs once per message
-            sidecar = dataclasses.replace(sidecar, deferred_notice=from_timestamp(now))
-        waiting, at = sidecar, due
+            return None, (lambda: self.spool.finish_failed(claimed, sidecar), failed)
 
         def deferred() -> None:
             if long_deferred:
-                self._notify("deferred", waiting)
-            self._counted(Outcome.DEFERRED, None, delivery.relay)
+                self._notify("deferred", sidecar)
+            self._counted(Outcome.DEFERRED, None, retried.relay)
             self.log.warning(
-                "deferred",
-                **fields,
-                recipients=list(recipients),
-                code=code,
-                detail=detail,
-                next_attempt=waiting.next_attempt,
+                "deferred", **fields, detail=retried.detail, next_attempt=sidecar.next_attempt
             )
 
-        return due, (lambda: self._to_deferred(claimed, waiting, at), deferred)
+        at = due
+        return due, (lambda: self._to_deferred(claimed, sidecar, at), deferred)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -468,10 +389,3 @@ def _detail(results: tuple[RecipientResult, ...], sent: tuple[str, ...]) -> str:
     if sent:
         detail += f" (sent to {len(sent)} other recipient{'s' if len(sent) > 1 else ''})"
     return detail
-
-
-def _seconds(iso: str) -> float:
-    try:
-        return to_timestamp(iso)
-    except ValueError:
-        return time.time()

@@ -32,9 +32,9 @@ from pickupd.outcome import Stats
 from pickupd.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves, recovery
-from pickupd.spool.census import CensusCache
+from pickupd.spool.census import CensusCache, FolderCount
 from pickupd.spool.disk import Disk
-from pickupd.spool.folders import Candidate, FolderCount, Spool
+from pickupd.spool.folders import Candidate, Spool
 from pickupd.spool.sidecar import Sidecar
 from pickupd.spool.stranded import Stranded
 from pickupd.watcher import Watcher

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pickupd.auth import health
+from pickupd.auth.childenv import child_env
 from pickupd.auth.logins import (
     GOOGLE_SCOPE,
     MICROSOFT_SCOPE,
@@ -289,7 +290,7 @@ def _command(source: CommandSource, user: str) -> Token:
     """Run the command (no shell; the mailbox in $PICKUPD_MAILBOX). Its stdout is the token,
     or a JSON object with access_token and expires_in."""
     started = time.time()
-    env = {**os.environ, "PICKUPD_MAILBOX": user}
+    env = child_env(PICKUPD_MAILBOX=user)  # no other login's secret (auth/childenv.py)
     try:
         done = subprocess.run(
             list(source.command),

@@ -21,8 +21,9 @@ from pickupd.auth.owners import describe_uid
 from pickupd.cli.common import EX_DATAERR, EX_NOINPUT, EX_OK, add_command, for_terminal, open_spool
 from pickupd.errors import CommandError
 from pickupd.spool import moves
+from pickupd.spool.census import FOLDERS, take
 from pickupd.spool.files import file_kind, read_limited
-from pickupd.spool.folders import FOLDERS, Spool
+from pickupd.spool.folders import Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
 from pickupd.units import format_duration
 
@@ -135,7 +136,7 @@ def _queue(args: argparse.Namespace) -> int:
     now = time.time()
     census = {
         name: {"count": counted.count, "oldest_age_seconds": counted.oldest_age}
-        for name, counted in spool.census(now, ages=FOLDERS).items()
+        for name, counted in take(spool, now, ages=FOLDERS).items()
     }
     rows = _rows(spool, now)
     strays = spool.strays()

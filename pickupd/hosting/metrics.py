@@ -42,7 +42,8 @@ from prometheus_client.registry import Collector
 from pickupd.auth.health import read_health
 from pickupd.auth.logins import RefreshTokenSource
 from pickupd.errors import PickupdError
-from pickupd.spool.folders import FolderCount, Spool
+from pickupd.spool import census
+from pickupd.spool.folders import Spool
 from pickupd.workers import protocol
 
 __all__ = ["Metrics"]
@@ -55,7 +56,7 @@ class _SpoolCollector(Collector):
     """Queue depth per folder and the age of the oldest deferred message, at scrape (from
     the service's census, spool/census.py)."""
 
-    def __init__(self, count: Callable[[], dict[str, FolderCount]]) -> None:
+    def __init__(self, count: Callable[[], dict[str, census.FolderCount]]) -> None:
         self._count = count
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -114,7 +115,7 @@ class Metrics:
     def __init__(
         self,
         spool: Spool,
-        count: Callable[[], dict[str, FolderCount]] | None = None,
+        count: Callable[[], dict[str, census.FolderCount]] | None = None,
         store: bool = False,
         tokens: Callable[[], list[RefreshTokenSource]] = list,
     ) -> None:
@@ -186,7 +187,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(
-            _SpoolCollector(count or (lambda: spool.census(time.time(), ages=("deferred",))))
+            _SpoolCollector(count or (lambda: census.take(spool, time.time(), ages=("deferred",))))
         )
         self.registry.register(_TokenCollector(tokens))
         self._server: WSGIServer | None = None

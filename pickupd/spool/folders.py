@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import os
 import re
 import socket
 import stat
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,15 +49,13 @@ from pickupd.spool.files import (
     try_lock,
     write_then_rename,
 )
-from pickupd.spool.sidecar import Sidecar, to_timestamp
+from pickupd.spool.sidecar import Sidecar
 
 __all__ = [
-    "FOLDERS",
     "LEFTOVER_AGE",
     "TMP_MAX_AGE",
     "Candidate",
     "Claimed",
-    "FolderCount",
     "Later",
     "NotAFile",
     "Read",
@@ -67,14 +64,13 @@ __all__ = [
     "Unsafe",
     "claim_id",
     "entries",
+    "is_drop",
+    "is_folder",
     "lock_path",
     "message_id",
     "older",
     "unlink",
 ]
-
-# The folders a census counts, in the order people read them.
-FOLDERS = ("pickup", "active", "deferred", "hold", "failed", "sent")
 
 Origin = Literal["new", "eml", "deferred", "recovered"]
 # Maildir: files in tmp/ older than this were abandoned by their writer and may be removed.
@@ -114,15 +110,6 @@ class Later:
     message not yet due)."""
 
     at: float
-
-
-@dataclass(frozen=True, slots=True)
-class FolderCount:
-    """What a spool folder holds: how many messages, and the age of the oldest (None when
-    the census was taken without ages, or the folder is empty)."""
-
-    count: int
-    oldest_age: float | None = None
 
 
 def _owner_token() -> str:
@@ -205,18 +192,18 @@ class Spool:
         For a direct .eml not yet unchanged for `settle`, yields `Later` with the time it
         will be. Each other file in pickup/ (never to be taken) is told to `stray`."""
         for entry in entries(self.new):
-            if not _is_drop(entry.name, maildir=True):
+            if not is_drop(entry.name, maildir=True):
                 continue
-            if _is_folder(entry):  # never taken, whoever's share it is
+            if is_folder(entry):  # never taken, whoever's share it is
                 stray(f"new/{entry.name}/")
             elif mine(entry.name):
                 yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
         for entry in entries(self.pickup):
             name = entry.name
-            if not _is_drop(name, maildir=False):
+            if not is_drop(name, maildir=False):
                 if _stray_file(entry):
                     stray(name)
-            elif _is_folder(entry):
+            elif is_folder(entry):
                 stray(f"{name}/")
             elif mine(name):
                 try:
@@ -383,58 +370,6 @@ class Spool:
         found = (message_id(e.name) for e in entries(folder))
         return sorted((msg_id for msg_id in found if msg_id), key=ids.sort_key)
 
-    # -- census -----------------------------------------------------------------------------
-
-    def census(self, now: float, ages: Collection[str] = ()) -> dict[str, FolderCount]:
-        """How many messages each folder holds, by one rule for everyone (`pickupd queue`, the
-        metrics gauge, the systemd status line): in pickup/, the files of new/ and the .eml
-        files (any case) of pickup/ itself; in active/, the claims; elsewhere, `<id>.eml`.
-        Names starting with a dot are never messages, and pickup/tmp/ holds none yet.
-
-        For the folders named in `ages`, also the oldest message's age: from its file's mtime
-        in pickup/ and active/ (a stat per file), from the first_seen of the oldest id's
-        sidecar elsewhere (ids sort by time: one sidecar read)."""
-        census: dict[str, FolderCount] = {}
-        for name in FOLDERS:
-            if name in ("pickup", "active"):
-                found: Iterator[os.DirEntry[str]]
-                if name == "pickup":
-                    new = (
-                        e
-                        for e in entries(self.new)
-                        if _is_drop(e.name, maildir=True) and not _is_folder(e)
-                    )
-                    direct = (
-                        e
-                        for e in entries(self.pickup)
-                        if _is_drop(e.name, maildir=False) and not _is_folder(e)
-                    )
-                    found = itertools.chain(new, direct)
-                else:
-                    found = (e for e in entries(self.active) if claim_id(e.name))
-                if name not in ages:
-                    census[name] = FolderCount(sum(1 for _ in found))
-                    continue
-                times = [t for t in map(mtime, found) if t is not None]
-                oldest = now - min(times) if times else None
-                census[name] = FolderCount(len(times), oldest)
-                continue
-            folder = self.root / name
-            msg_ids = [i for i in (message_id(e.name) for e in entries(folder)) if i]
-            oldest = None
-            if name in ages and msg_ids:
-                oldest = self._oldest_seen(folder, sorted(msg_ids, key=ids.sort_key), now)
-            census[name] = FolderCount(len(msg_ids), oldest)
-        return census
-
-    def _oldest_seen(self, folder: Path, msg_ids: list[str], now: float) -> float | None:
-        for msg_id in msg_ids[:10]:  # the first with a readable sidecar
-            sidecar = self.read_sidecar(folder / f"{msg_id}.json")
-            if sidecar is not None:
-                with contextlib.suppress(ValueError):
-                    return max(0.0, now - to_timestamp(sidecar.first_seen))
-        return None
-
 
 def entries(folder: Path) -> Iterator[os.DirEntry[str]]:
     """The entries of `folder`, streamed (a backlog of 100,000 files stays on disk)."""
@@ -445,7 +380,7 @@ def entries(folder: Path) -> Iterator[os.DirEntry[str]]:
         return
 
 
-def _is_drop(name: str, *, maildir: bool) -> bool:
+def is_drop(name: str, *, maildir: bool) -> bool:
     """A name in pickup/new/ (`maildir`) or pickup/ that is a message waiting to be taken."""
     if name.startswith("."):
         return False
@@ -456,17 +391,15 @@ def is_stray(name: str) -> bool:
     """A name in pickup/ that pickupd ignores: not a drop (a dot file never is one), not its
     own tmp/ and new/."""
     return (
-        name not in ("tmp", "new")
-        and not name.startswith(".")
-        and not _is_drop(name, maildir=False)
+        name not in ("tmp", "new") and not name.startswith(".") and not is_drop(name, maildir=False)
     )
 
 
 def _stray_file(entry: os.DirEntry[str]) -> bool:
-    return is_stray(entry.name) and not _is_folder(entry)
+    return is_stray(entry.name) and not is_folder(entry)
 
 
-def _is_folder(entry: os.DirEntry[str]) -> bool:
+def is_folder(entry: os.DirEntry[str]) -> bool:
     """A directory (from the listing's d_type: no stat on most file systems)."""
     try:
         return entry.is_dir(follow_symlinks=False)

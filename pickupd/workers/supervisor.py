@@ -174,7 +174,10 @@ class Supervisor:
             env[RESTARTED] = "1"
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
             env.pop(name, None)  # systemd talks to the main process only
-        args = [sys.executable, "-m", "pickupd", "run", "-c", self._config_path]
+        # -I (isolated): neither the working directory nor the user's site-packages nor
+        # PYTHON* variables come first on sys.path: a pickupd/ folder where the service was
+        # started must not replace the package in its workers.
+        args = [sys.executable, "-I", "-m", "pickupd", "run", "-c", self._config_path]
         if self._once:
             args.append("--once")
         try:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import Daemon, drop_maildir, message, wait_until
+from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
 # A hook that records what it was given: one JSON file per run, named by a counter.
@@ -130,3 +130,36 @@ def test_report_batches_failures_into_one_mail_to_report_to(
     assert daemon.census()["pickup/new"] == 0
     assert len(smtp_server.received) == 1
     assert daemon.events("report_queued")[0]["messages"] == 50
+
+
+def test_a_hook_sees_no_secret_of_the_service(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The service's environment holds a sender's password (password_env): the on_failed
+    hook gets PATH, the locale and its PICKUPD_* variables, never that password (or anything
+    else of the service's environment)."""
+    dump = tmp_path / "hook-env.json"
+    hook = [
+        sys.executable,
+        "-c",
+        "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps(dict(os.environ)))",
+        str(dump),
+    ]
+    relays = {
+        "main": relay_for(smtp_server),
+        "billing": relay_for(smtp_server, username="billing", password_env="PK_BILLING_PASSWORD"),
+    }
+    senders = {
+        "app@example.com": {"relay": "main"},
+        "billing@example.com": {"relay": "billing"},
+    }
+    daemon = make_daemon(relays=relays, senders=senders, notify={"on_failed": hook}, start=False)
+    daemon.start(env={"PK_BILLING_PASSWORD": "hunter2-billing", "PK_UNRELATED": "x"})
+    drop_maildir(daemon.spool, message(sender="intruder@example.org"))
+    daemon.wait_sidecars("failed")
+    wait_until(dump.exists, 10, "the hook's run")
+    wait_until(lambda: dump.read_text().endswith("}"), 10, "the hook's dump written")
+    env = json.loads(dump.read_text())
+    assert "hunter2-billing" not in dump.read_text()
+    assert "PK_BILLING_PASSWORD" not in env and "PK_UNRELATED" not in env
+    assert env["PICKUPD_REASON"] == "sender_not_allowed" and "PATH" in env

@@ -303,29 +303,37 @@ def test_google_service_account_gets_a_token_per_mailbox(rig: Rig) -> None:
 
 
 def test_token_command_prints_the_token_and_its_failure_is_named(
-    smtp_factory: Factory, test_ca: TestCA, make_daemon: Callable[..., Daemon]
+    smtp_factory: Factory, test_ca: TestCA, make_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    """token_command runs without a shell with the mailbox in $PICKUPD_MAILBOX; its token
+    """token_command runs without a shell with the mailbox in $PICKUPD_MAILBOX, and none of
+    the service's secrets in its environment (another login's password_env); its token
     logs in; a command that fails defers the mail with its exit status and stderr."""
     server = smtp_factory(
         security="starttls", oauth=lambda token, user: token == f"cmd-token-for-{user}"
     )
+    seen = tmp_path / "command-env.txt"
     good = [
         sys.executable,
         "-c",
-        "import os; print('cmd-token-for-' + os.environ['PICKUPD_MAILBOX'])",
+        "import os, sys; open(sys.argv[1], 'w').write(' '.join(sorted(os.environ)));"
+        " print('cmd-token-for-' + os.environ['PICKUPD_MAILBOX'])",
+        str(seen),
     ]
     bad = [sys.executable, "-c", "import sys; sys.exit('vault is sealed')"]
     relays = {
         "good": {**tls_relay(server, test_ca), "auth": "oauth2", "token_command": good},
         "bad": {**tls_relay(server, test_ca), "auth": "oauth2", "token_command": bad},
     }
+    relays["secret"] = {**tls_relay(server, test_ca), "username": "u", "password_env": "PK_PW"}
     senders = {"app@example.com": {"relay": "good"}, "other@example.com": {"relay": "bad"}}
-    daemon = make_daemon(relays=relays, senders=senders)
+    daemon = make_daemon(relays=relays, senders=senders, start=False)
+    daemon.start(env={"PK_PW": "hunter2"})
     drop_maildir(daemon.spool, message())
     drop_maildir(daemon.spool, message(sender="other@example.com"))
     (got,) = server.wait_for(1)
     assert got.username == "app@example.com"
+    names = seen.read_text().split()
+    assert "PICKUPD_MAILBOX" in names and "PATH" in names and "PK_PW" not in names, names
     (deferred, *_) = daemon.wait_event("deferred")
     assert "exited with status 1: vault is sealed" in deferred["detail"], deferred
 

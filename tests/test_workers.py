@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import Daemon, drop_maildir, message, relay_for, wait_until
+from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
 from pickupd.config.loading import load
@@ -224,3 +225,33 @@ def test_the_main_process_covers_a_worker_that_cannot_come_back(
     smtp_server.wait_for(24)
     (back,) = worker_pids(daemon)
     assert back != worker and len(daemon.events("worker_ready")) == 2  # at start, and back
+
+
+def test_a_pickupd_folder_in_the_working_directory_changes_nothing(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """`pickupd run` started from a folder holding a `pickupd/` package of someone else's
+    (code that would run as the service) or an empty `pickupd/` (as /etc holds /etc/pickupd):
+    the workers import the installed package, run nothing from there, and the mail goes."""
+    daemon = make_daemon(smtp_server, start=False, dispatch={"workers": 2})
+    for n in range(6):
+        drop_maildir(daemon.spool, message(subject=f"m{n}"))
+    planted = tmp_path / "planted"
+    marker = tmp_path / "ran-planted-code"
+    (planted / "pickupd").mkdir(parents=True)
+    (planted / "pickupd" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (planted / "pickupd" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    empty = tmp_path / "etc-like"
+    (empty / "pickupd").mkdir(parents=True)
+    for cwd in (planted, empty):
+        done = subprocess.run(
+            [PICKUPD, "run", "--once", "-c", str(daemon.config_path)],
+            cwd=cwd,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert not marker.exists(), "a worker ran code from the working directory"
+        drop_maildir(daemon.spool, message(subject="again"))
+    assert len(smtp_server.wait_for(7)) == 7

@@ -238,9 +238,13 @@ def message(index: int, size: int, tag: str) -> bytes:
 
 
 def make_maildir(root: Path) -> Path:
+    """pickup/ and its Maildir folders as pickupd makes them (1730: writers drop, never
+    list), so the run's log has no config_warning about them."""
     pickup = root / "pickup"
     for sub in ("tmp", "new", "cur"):
         (pickup / sub).mkdir(parents=True, exist_ok=True)
+    for folder in (pickup, pickup / "tmp", pickup / "new", pickup / "cur"):
+        folder.chmod(0o1730)
     return pickup
 
 

@@ -300,3 +300,34 @@ def test_a_put_back_keeps_the_writer_and_the_sender(
     daemon.start(wrap=READER)
     wait_until(lambda: daemon.events("sent"), 15, "the put-back message sent")
     daemon.stop()
+
+
+@ROOT_ONLY
+def test_the_readmes_shell_recipe_is_safe_for_a_writer(
+    smtp_server: SmtpServer, users: Users, public: Path
+) -> None:
+    """The README's shell recipe, run as alice word for word (the spool's path aside), drops a
+    file only she can read, under a name nobody could have guessed: mallory's symlinks
+    planted under the names of the old recipe (`$(date +%s).$$.$(hostname)`) catch nothing."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("spool=/var/spool/pickupd\nfile=")
+    recipe = readme[start : readme.index("```", start)]
+    daemon = shared_spool(public, smtp_server, users, {"app@example.com": {"relay": "main"}})
+    recipe = recipe.replace("/var/spool/pickupd", str(daemon.spool))
+    trap = public / "captured"
+    now = int(time.time())
+    tmp = daemon.spool / "pickup" / "tmp"
+    plant = "; ".join(
+        f'ln -s "{trap}" "{tmp}/{now + s}.{pid}.$(hostname)"' for s in range(3) for pid in (2, 3)
+    )
+    assert as_user(users.mallory, plant).returncode == 0
+    done = as_user(users.alice, recipe)
+    assert done.returncode == 0, done.stderr
+    (dropped,) = (daemon.spool / "pickup" / "new").iterdir()
+    assert dropped.stat().st_uid == users.uid(users.alice)
+    assert dropped.stat().st_mode & 0o777 == 0o600 and dropped.name.startswith("msg.")
+    assert not trap.exists()
+    daemon.start(wrap=READER)
+    (got,) = smtp_server.wait_for(1)
+    assert b"Nothing to report." in got.data
+    daemon.stop()

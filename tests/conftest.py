@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,26 @@ from harness import Daemon, NotifySocket, relay_for
 from redisserver import RedisServer
 from smtpserver import SmtpServer, TestCA
 from tokenserver import CLIENT_SECRET, TokenServer
+
+PACKAGES = Path(__file__).with_name("debian-packages.sh")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The Debian packages the tests drive (redis-server, prometheus, postfix's smtp-sink,
+    bsd-mailx, systemd-analyze), installed when missing, so `python -m pytest` passes on a
+    fresh machine; where they cannot be installed, one line says what to run."""
+    del session
+    missing = subprocess.run(
+        [str(PACKAGES), "--list"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    if not missing:
+        return
+    if not shutil.which("apt-get") or (os.geteuid() != 0 and not shutil.which("sudo")):
+        pytest.exit(f"the tests need {', '.join(missing)}: install them ({PACKAGES})", 4)
+    done = subprocess.run([str(PACKAGES)], timeout=1800, check=False)
+    if done.returncode != 0:
+        pytest.exit(f"installing {', '.join(missing)} failed ({PACKAGES})", 4)
+
 
 # -- SMTP test server (tests/smtpserver.py) ----------------------------------------------
 

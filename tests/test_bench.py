@@ -16,7 +16,7 @@ BENCH = Path(__file__).parent.parent / "bench"
 
 @pytest.mark.skipif(
     shutil.which("smtp-sink") is None and not Path("/usr/sbin/smtp-sink").exists(),
-    reason="needs Postfix's smtp-sink (.ci/run installs Debian's postfix package)",
+    reason="needs Postfix's smtp-sink (tests/debian-packages.sh installs it)",
 )
 def test_compare_runs_end_to_end_on_a_tiny_workload() -> None:
     """bench/compare.py relays through pickupd (and, as root, a private Postfix instance)
@@ -45,7 +45,7 @@ def test_compare_runs_end_to_end_on_a_tiny_workload() -> None:
 
 @pytest.mark.skipif(
     shutil.which("smtp-sink") is None and not Path("/usr/sbin/smtp-sink").exists(),
-    reason="needs Postfix's smtp-sink (.ci/run installs Debian's postfix package)",
+    reason="needs Postfix's smtp-sink (tests/debian-packages.sh installs it)",
 )
 def test_backlog_runs_end_to_end_on_a_tiny_workload() -> None:
     """bench/backlog.py defers a storm, idles over a waiting backlog and rides out a dead

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -416,17 +417,22 @@ def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite(tmp_path: Pa
     """A rotated refresh token is written back as a new file renamed over the old: `check`,
     run by root, fails when the service's user (`pickupd`, created here if missing) cannot
     write its folder, and passes once it can."""
+    import grp
     import pwd
     import shutil
 
     created = False
+    group = None  # a pickupd group already there (a partial install): kept as it was
+    with contextlib.suppress(KeyError):
+        group = grp.getgrnam("pickupd").gr_gid
     try:
         pwd.getpwnam("pickupd")
     except KeyError:
         useradd = shutil.which("useradd")
         assert useradd, "useradd is needed (Debian's passwd package)"
         subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "pickupd"],
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             *(["-g", "pickupd"] if group is not None else []), "pickupd"],
             check=True, timeout=30,
         )  # fmt: skip
         created = True
@@ -452,3 +458,5 @@ def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite(tmp_path: Pa
     finally:
         if created:
             subprocess.run(["userdel", "pickupd"], check=False, timeout=30)
+            if group is not None and subprocess.run(["getent", "group", "pickupd"]).returncode:
+                subprocess.run(["groupadd", "-g", str(group), "pickupd"], check=False, timeout=30)

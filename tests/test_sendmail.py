@@ -38,7 +38,9 @@ def test_bsd_mailx_through_the_shim(
     """Debian's mailx calls `sendmail -i -t` with no From: the login name becomes the sender,
     qualified with local_domain, in the envelope and in the From: the relay sees."""
     mailx = shutil.which("bsd-mailx")
-    assert mailx, "bsd-mailx is needed (apt-get install bsd-mailx; .ci/run installs it)"
+    assert mailx, (
+        "bsd-mailx is needed (apt-get install bsd-mailx; tests/debian-packages.sh installs it)"
+    )
     daemon = make_daemon(smtp_server, senders=ANY_EXAMPLE, **LOCAL)
     wrapper = tmp_path / "sendmail-wrapper"
     wrapper.write_text(f'#!/bin/sh\nexec "{SENDMAIL}" -C "{daemon.config_path}" "$@"\n')

@@ -22,7 +22,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     /opt/pickupd/bin/pickupd, absent here), verifies without a word on stderr; it names
     the virtualenv the README's install steps make."""
     analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze is needed (Debian's systemd; .ci/run installs it)"
+    assert analyze, (
+        "systemd-analyze is needed (Debian's systemd; tests/debian-packages.sh installs it)"
+    )
     unit = tmp_path / "pickupd.service"
     unit.write_text(UNIT.read_text().replace("/opt/pickupd/bin/pickupd", PICKUPD))
     done = subprocess.run(
@@ -55,7 +57,9 @@ def test_unit_exposure_score_is_ok(tmp_path: Path) -> None:
     """`systemd-analyze security` rates the shipped unit's exposure at most 2.0 ("OK"); the
     score is printed."""
     analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze is needed (Debian's systemd; .ci/run installs it)"
+    assert analyze, (
+        "systemd-analyze is needed (Debian's systemd; tests/debian-packages.sh installs it)"
+    )
     unit = tmp_path / "pickupd.service"
     unit.write_text(UNIT.read_text().replace("/opt/pickupd/bin/pickupd", PICKUPD))
     done = subprocess.run(

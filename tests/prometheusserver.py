@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's `prometheus` package; tests/debian-packages.sh installs it) on a free loopback
+"""A real Prometheus (tests/debian-packages.sh installs Debian's) on a free loopback
 port, scraping given targets every second, with its data in a temporary folder, and its
 HTTP API asked as Grafana asks it."""
 

@@ -1,4 +1,4 @@
-"""A real redis-server (Debian's package; tests/debian-packages.sh installs it) on a free loopback port, with
+"""A real redis-server (tests/debian-packages.sh installs Debian's) on a free loopback port, with
 no persistence, for the tests of the fleet's ledger. It can be killed, restarted on the same
 port, frozen (SIGSTOP: it accepts connections and never answers) and thawed."""
 

@@ -17,6 +17,7 @@ __all__ = [
     "PickupdError",
     "ProtocolError",
     "SessionError",
+    "SetupError",
     "SpoolLocked",
     "SpoolWriteError",
     "StartTLSNotOffered",
@@ -123,6 +124,10 @@ class AddressError(MessageError):
 
 class TooLong(MessageError):
     """A header line cannot be folded under 998 octets."""
+
+
+class SetupError(PickupdError):
+    """A step of `pickupd init`'s setup of the host failed (hosting/setup.py): one line."""
 
 
 class SpoolLocked(PickupdError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import PICKUPD, Daemon, drop_maildir, message, pickupd, wait_until
+from harness import PICKUPD, Daemon, drop_maildir, message, pickupd
 from smtpserver import SmtpServer
 
 from pickupd.spool.sidecar import to_timestamp
@@ -283,33 +284,50 @@ def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
 
 
 def test_init_writes_a_valid_config_and_a_safe_spool(tmp_path: Path) -> None:
-    """`init` writes a config that `check` accepts and a spool with safe modes; no overwrite."""
+    """`init` writes a config that `check` accepts and a spool with safe modes; run again it
+    keeps the config (--force writes a new one). As root it also makes the service's user
+    and the drop group (named here, and removed after: tests/test_secrets.py says more)."""
+    import grp
+
     config = tmp_path / "etc" / "pickupd.toml"
     spool = tmp_path / "spool"
     args = ["init", "-c", str(config), "--spool", str(spool)]
-    done = pickupd(*args)
-    assert done.returncode == 0, done.stderr
-    assert "next:" in done.stdout
-    checked = pickupd("check", "-c", str(config))
-    assert checked.returncode == 0, checked.stderr
-    assert stat.S_IMODE(config.stat().st_mode) == 0o640
+    suffix = secrets.token_hex(3)
+    service, drop = f"pkisvc{suffix}", f"pkidrop{suffix}"
+    if os.geteuid() == 0:
+        args += ["--user", service, "--group", drop]
+    try:
+        done = pickupd(*args)
+        assert done.returncode == 0, done.stderr
+        assert "next:" in done.stdout
+        checked = pickupd("check", "-c", str(config), "--user", service)
+        assert checked.returncode == 0, checked.stderr
+        assert stat.S_IMODE(config.stat().st_mode) == 0o640
+        group = grp.getgrnam(drop).gr_gid if os.geteuid() == 0 else os.getgid()
+        assert config.stat().st_gid == group  # the apps' sendmail reads the spool's path
 
-    def mode(path: Path) -> int:
-        return stat.S_IMODE(path.stat().st_mode)
+        def mode(path: Path) -> int:
+            return stat.S_IMODE(path.stat().st_mode)
 
-    assert mode(spool) == 0o710
-    for sub in ("pickup", "pickup/tmp", "pickup/new", "pickup/cur"):
-        assert mode(spool / sub) == 0o1730, sub  # drop, never list (as Postfix's maildrop)
-        assert (spool / sub).stat().st_gid == os.getgid()
-    assert "warning:" not in checked.stdout  # the spool init made is not loose
-    for sub in ("active", "deferred", "hold", "failed", "sent"):
-        assert mode(spool / sub) == 0o700, sub
+        assert mode(spool) == 0o710
+        for sub in ("pickup", "pickup/tmp", "pickup/new", "pickup/cur"):
+            assert mode(spool / sub) == 0o1730, sub  # drop, never list (Postfix's maildrop)
+            assert (spool / sub).stat().st_gid == group
+        assert "warning:" not in checked.stdout  # the spool init made is not loose
+        for sub in ("active", "deferred", "hold", "failed", "sent"):
+            assert mode(spool / sub) == 0o700, sub
 
-    again = pickupd(*args)
-    assert again.returncode == 64 and "--force" in again.stderr
-    forced = pickupd(*args, "--force")
-    assert forced.returncode == 0
-    assert wait_until(lambda: config.exists(), 1)
+        config.write_text(config.read_text() + "\n# mine\n")
+        again = pickupd(*args)
+        assert again.returncode == 0 and f"kept {config}" in again.stdout
+        assert config.read_text().endswith("# mine\n")
+        forced = pickupd(*args, "--force")
+        assert forced.returncode == 0 and "# mine" not in config.read_text()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["userdel", service], check=False, capture_output=True)
+            for name in (drop, service):
+                subprocess.run(["groupdel", name], check=False, capture_output=True)
 
 
 def test_queue_into_head_ends_quietly(

@@ -33,10 +33,12 @@ from pickupd.config.advice import advice
 from pickupd.config.limits import shown_url
 from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
 from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
+from pickupd.config.secrets import exposure
 from pickupd.errors import CommandError, SessionError
 from pickupd.limits.ledger import FILE as LEDGER_FILE
 from pickupd.smtp.pool import Pool
 from pickupd.smtp.transaction import describe_error
+from pickupd.spool.access import SERVICE_USER
 from pickupd.units import Limit, format_duration
 
 __all__ = ["Probe", "ProbeResult", "probe_all", "probes", "register"]
@@ -64,13 +66,34 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         metavar="ADDR",
         help="with --connect: the mailbox an OAuth2 login of a *@domain entry logs in as",
     )
+    check.add_argument(
+        "--user",
+        metavar="NAME",
+        default=SERVICE_USER,
+        help="run as root: the service's user, who alone (with root) may read the secrets"
+        f" and must be able to (default: {SERVICE_USER})",
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
     if args.mailbox and not args.connect:
         raise CommandError(EX_USAGE, "pickupd check: --mailbox is for --connect: give both")
     config = load_config(args.config)
-    problems = unwritable_tokens(config)
+    problems = unwritable_tokens(config, args.user)
+    warnings = advice(config)
+    if os.name == "posix" and os.geteuid() == 0:
+        # Judged as the service's user would meet them, and every other user of the host.
+        try:
+            drop_gid: int | None = (config.spool.path / "pickup").stat().st_gid
+        except OSError:
+            drop_gid = None
+        exposed = exposure(config.path, args.user, drop_gid)
+        if exposed is None:
+            warnings.append(
+                f"no user {args.user} here: who can read the secrets was not judged"
+                " (pickupd init makes the service's user; --user names another)"
+            )
+        problems += exposed or []
     if problems:
         raise CommandError(EX_CONFIG, "\n".join(problems))
     entries = "entry" if len(config.senders) == 1 else "entries"
@@ -80,7 +103,7 @@ def _check(args: argparse.Namespace) -> int:
     )
     for line in limit_lines(config):
         print(line)
-    for line in advice(config):
+    for line in warnings:
         print(f"warning: {line}")
     if not args.connect:
         return EX_OK
@@ -90,11 +113,7 @@ def _check(args: argparse.Namespace) -> int:
     return EX_OK if all(result.ok for result in results) else EX_PROBE_FAILED
 
 
-# The user the shipped unit runs pickupd as: `check` run by root checks for it.
-SERVICE_USER = "pickupd"
-
-
-def unwritable_tokens(config: Config) -> list[str]:
+def unwritable_tokens(config: Config, service: str = SERVICE_USER) -> list[str]:
     """A refresh_token_file whose folder the service's user cannot write: a rotated token
     could not be saved (the write-back is a new file renamed over the old), and the next
     start would use a spent one."""
@@ -105,7 +124,7 @@ def unwritable_tokens(config: Config) -> list[str]:
     user: str | None = None
     if os.geteuid() == 0:
         with contextlib.suppress(KeyError):
-            user = pwd.getpwnam(SERVICE_USER).pw_name
+            user = pwd.getpwnam(service).pw_name
     found = []
     for where, login in config.logins():
         source = login.source if isinstance(login, OAuth2Login) else None

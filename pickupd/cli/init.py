@@ -13,18 +13,14 @@ import tomli_w
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command
 from pickupd.config import keys as s
 from pickupd.config.keys import keys
+from pickupd.config.limits import LimitsConfig
 from pickupd.config.loading import DEFAULT_CONFIG_PATH, SECTIONS, SpoolConfig, config_path
-from pickupd.errors import CommandError
-from pickupd.spool.access import DROP_MODE, drop_folders
+from pickupd.errors import CommandError, SetupError
+from pickupd.hosting.setup import CONFIG_MODE, PRIVATE_MODE, ROOT_MODE, prepare
+from pickupd.spool.access import DROP_GROUP, DROP_MODE, SERVICE_USER, drop_folders
 from pickupd.spool.folders import Spool
 
 __all__ = ["register", "starter_config"]
-
-# Apps in the group drop into pickup/ but never list it (DROP_MODE, spool/access.py); the rest
-# of the spool belongs to the service user alone. The root is traversable by the group.
-PRIVATE_MODE = 0o700
-ROOT_MODE = 0o710
-CONFIG_MODE = 0o640
 
 _HEADER = """\
 # pickupd configuration, written by `pickupd init`.
@@ -39,7 +35,7 @@ _HEADER = """\
 #     host = "smtp.example.com"
 #     port = 587                      # STARTTLS, required and verified
 #     username = "relay@example.com"
-#     password_file = "/etc/pickupd/main.password"   # chmod 600
+#     password_file = "/etc/pickupd/secrets/main.password"   # root:pickupd 640
 #
 # Microsoft 365 with OAuth2 (app-only; each sender logs in as its own mailbox; see the
 # README, "Microsoft 365, step by step"):
@@ -48,14 +44,16 @@ _HEADER = """\
 #     auth = "oauth2"
 #     tenant = "contoso.onmicrosoft.com"
 #     client_id = "00000000-0000-0000-0000-000000000000"
-#     client_secret_file = "/etc/pickupd/m365.secret"   # chmod 640, group pickupd
-#     rate = "30/min"
+#     client_secret_file = "/etc/pickupd/secrets/m365.secret"   # root:pickupd 640
 # Google Workspace with OAuth2 (a service account with domain-wide delegation):
 #     [relays.google]
 #     provider = "google"
 #     auth = "oauth2"
-#     service_account_file = "/etc/pickupd/google-sa.json"
+#     service_account_file = "/etc/pickupd/secrets/google-sa.json"   # root:pickupd 640
 # Then test the login, no mail sent: pickupd check --connect --mailbox you@your.domain
+#
+# Secrets go in files of their own under secrets/ beside this file, never in it: the apps
+# that drop mail (group pickupdrop) read this file; only root and pickupd read secrets/.
 #
 # Senders: only these envelope senders are relayed (pickupd is never an open relay).
 # Add one [senders."address"] or [senders."*@domain"] entry per sender.
@@ -71,10 +69,14 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         commands,
         "init",
         _init,
-        help="write a starter config and create the spool with safe modes",
-        description="Writes a commented starter config (refusing to overwrite one unless "
-        "--force) and creates the spool: pickup/ writable by the apps' group (setgid), "
-        "everything else private to the user running pickupd. Then prints the next steps.",
+        help="write a starter config and set up the spool (as root: the whole host)",
+        description="Writes a commented starter config (an existing one is kept unless "
+        "--force) and creates the spool: the pickup folders 1730, where the apps' group may "
+        "drop mail but never list it, everything else private. Run as root, it sets up the "
+        "host: the service's user (pickupd, with a group of its own: it alone reads the "
+        "secrets), the drop group of the apps (pickupdrop: it may drop mail and read the "
+        "config, never a secret), a secrets/ folder beside the config, and every mode. It "
+        "says what it did; run again, it changes nothing. Then prints the next steps.",
     )
     default_spool = SpoolConfig().path
     init.add_argument(
@@ -87,7 +89,14 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     init.add_argument(
         "--group",
         metavar="GROUP",
-        help="the group the apps that drop mail run in (default: your primary group)",
+        help=f"the drop group: the apps that send mail (default: as root {DROP_GROUP}, made"
+        " if missing; else your primary group)",
+    )
+    init.add_argument(
+        "--user",
+        metavar="NAME",
+        default=SERVICE_USER,
+        help=f"as root: the service's user, made if missing (default: {SERVICE_USER})",
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
 
@@ -118,6 +127,14 @@ def starter_config(path: Path, spool_root: Path) -> str:
             line = f"# {key.name} = {shown}"
             lines.append(f"{line.ljust(43)} # {key.help}")  # at least one space before "#"
         lines.append("")
+    # [limits] is read apart from SECTIONS (its password is a secret), but belongs here too.
+    lines.append("[limits]")
+    for key in keys(LimitsConfig):
+        shown = key.shown or _EXAMPLES.get(key.convert, '"redis://127.0.0.1:6379/0"')
+        lines.append(f"{f'# {key.name} = {shown}'.ljust(43)} # {key.help}")
+    password = '# password_file = "/etc/pickupd/secrets/redis.password"'
+    lines.append(f"{password.ljust(43)} # the store's password (root:pickupd 640)")
+    lines.append("")
     doc = {
         "relays": {"main": {"host": "localhost", "port": 25, "security": "none"}},
         "senders": {"app@example.com": {"relay": "main"}},
@@ -128,37 +145,50 @@ def starter_config(path: Path, spool_root: Path) -> str:
 def _init(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     spool_root = args.spool.absolute()
+    root = sys.platform != "win32" and os.geteuid() == 0
     gid: int | None = None  # Windows: no POSIX groups; folder ACLs are the operator's
-    if sys.platform != "win32":
+    if sys.platform != "win32" and not root:
         import grp
 
         try:
             gid = grp.getgrnam(args.group).gr_gid if args.group else os.getgid()
         except KeyError:
             raise CommandError(EX_USAGE, f"pickupd init: no group named {args.group!r}") from None
-    if path.exists() and not args.force:
-        raise CommandError(EX_USAGE, f"pickupd init: {path} exists; --force overwrites it")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CONFIG_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(starter_config(path, spool_root))
-        os.chmod(path, CONFIG_MODE)
-        _make_spool(Spool(spool_root), gid)
+        if path.exists() and not args.force:
+            print(f"kept {path} (it exists; --force writes a new one)")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CONFIG_MODE)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(starter_config(path, spool_root))
+            print(f"wrote {path}")
+        if root:
+            group = args.group or DROP_GROUP
+            prepare(path, spool_root, args.user, group, lambda line: print(f"  {line}"))
+        else:
+            os.chmod(path, CONFIG_MODE)
+            if gid is not None:
+                os.chown(path, -1, gid)  # the apps' sendmail reads the spool's path there
+            _make_spool(Spool(spool_root), gid)
+            group = "of the apps" if gid is None else _group_name(gid)
+            print(f"made {spool_root}: group {group} may drop into pickup/ (1730), never list")
+    except SetupError as error:
+        raise CommandError(EX_CONFIG, f"pickupd init: {error}") from None
     except OSError as exc:
         where = exc.filename or path
         raise CommandError(EX_CONFIG, f"pickupd init: {where}: {exc.strerror or exc}") from None
-    group = "of the apps" if gid is None else _group_name(gid)
     default = "" if str(path) == DEFAULT_CONFIG_PATH else f" -c {path}"
+    secrets = path.parent / "secrets"
     print(
-        f"wrote {path}\n"
-        f"created {spool_root}: pickup/ writable by group {group} (setgid), the rest private\n"
         "next:\n"
-        f"  1. edit {path}: your relay and the senders your apps use\n"
+        f"  1. edit {path}: your relay and the senders your apps use; a password goes in a"
+        f" file of {secrets}/ ({'root:' + args.user + ' ' if root else ''}640), never in"
+        " the config\n"
         f"  2. pickupd check{default} --connect     (validates it, tests the relay login)\n"
         f"  3. pickupd run{default}                 (or: systemctl enable --now pickupd)\n"
         f"  4. apps (in group {group}) drop mail into {spool_root / 'pickup'}/ or use"
-        " pickupd-sendmail"
+        " pickupd-sendmail" + (f": usermod -aG {group} www-data (each app user)" if root else "")
     )
     return EX_OK
 

@@ -16,13 +16,20 @@ from pathlib import Path
 __all__ = [
     "DROP_FILE_MODE",
     "DROP_FOLDERS",
+    "DROP_GROUP",
     "DROP_MODE",
+    "SERVICE_USER",
     "drop_folders",
     "loose",
     "make_folder",
     "not_allowed",
 ]
 
+# The service's user, and the group of the apps that drop mail (Postfix's postfix and
+# postdrop): two groups with two jobs. The drop group may write into pickup/ and read the
+# config; the secrets are for the service's user (and its own group) alone.
+SERVICE_USER = "pickupd"
+DROP_GROUP = "pickupdrop"
 # The mode of pickup/ and its Maildir folders: owner rwx, group wx (drop, no listing), sticky.
 DROP_MODE = 0o1730
 # A dropped file: its writer's alone (pickupd reads it by its capability).

@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,7 @@ def test_shipped_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.Mon
         (tmp_path / name).write_text("pw\n")
         (tmp_path / name).chmod(0o600)
     monkeypatch.setenv("PICKUPD_SES_PASSWORD", "pw")
-    config = load(write(tmp_path, example.replace("/etc/pickupd/", f"{tmp_path}/")))
+    config = load(write(tmp_path, example.replace("/etc/pickupd/secrets/", f"{tmp_path}/")))
     assert sorted(config.relays) == ["google", "m365", "main", "ses"]
     assert config.relays["m365"].host == "smtp.office365.com"
     assert [rule.pattern for rule in config.senders] == [
@@ -436,8 +437,11 @@ def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite(tmp_path: Pa
             check=True, timeout=30,
         )  # fmt: skip
         created = True
+    # A folder the service's user can reach (pytest's own are root's alone).
+    public = Path(tempfile.mkdtemp(prefix="pickupd-state-", dir="/tmp"))
+    public.chmod(0o711)
     try:
-        state = tmp_path / "state"
+        state = public / "state"
         state.mkdir(mode=0o700)
         token = state / "other.refresh-token"
         token.write_text("rt\n")
@@ -453,9 +457,11 @@ def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite(tmp_path: Pa
         assert f"relays.m.refresh_token_file: pickupd cannot write {state}" in done.stderr
         entry = pwd.getpwnam("pickupd")
         os.chown(state, entry.pw_uid, entry.pw_gid)
+        os.chown(token, entry.pw_uid, entry.pw_gid)  # the service reads it too
         done = pickupd("check", "-c", str(path))
         assert done.returncode == 0, done.stderr
     finally:
+        shutil.rmtree(public, ignore_errors=True)
         if created:
             subprocess.run(["userdel", "pickupd"], check=False, timeout=30)
             if group is not None and subprocess.run(["getent", "group", "pickupd"]).returncode:

@@ -29,7 +29,7 @@ NOT_RUN = {
     "apt-get install": "the package mirror; python3 -m venv is here already",
     "systemctl": "a running systemd (the unit is verified instead)",
     "journalctl": "a running systemd",
-    "usermod -aG pickupd www-data": "a user of the machine's own (the owners tests make theirs)",
+    "usermod -aG pickupdrop www-data": "a user of the machine's own (test_owners makes theirs)",
 }
 # The top folders a step may write under: moved into the root.
 _TOPS = ("opt", "usr", "etc", "var")
@@ -72,9 +72,11 @@ def test_the_readme_install_steps_work_in_a_fresh_root(
             command = command.replace("systemd-sysusers", f"systemd-sysusers --root={root}")
         if step.startswith("systemd-tmpfiles"):
             command = command.replace("systemd-tmpfiles", f"systemd-tmpfiles --root={root}")
-        # The group is the root's (sysusers made it there), not the machine's.
-        group = command.startswith("install") and " -g pickupd " in command
-        command = command.replace(" -g pickupd ", " ")
+        # The group is the root's (sysusers made it there), not the machine's: the install
+        # runs without it, and the target gets the root's gid of that name afterwards.
+        named = re.search(r" -g (\S+) ", command) if command.startswith("install") else None
+        group = (named.group(1), Path(command.split()[-1])) if named else None
+        command = re.sub(r" -g \S+ ", " ", command)
         if step.startswith("pickupd check"):
             _edit_config(config, root, smtp_server)  # "then edit it"
             command = command.replace("pickupd check", f"{root}/usr/local/bin/pickupd check", 1)
@@ -88,7 +90,7 @@ def test_the_readme_install_steps_work_in_a_fresh_root(
         )
         assert done.returncode == 0, f"{step}\n-> {command}\n{done.stdout}{done.stderr}"
         if group:
-            os.chown(config, -1, _gid(root, "pickupd"))
+            os.chown(group[1], -1, _gid(root, group[0]))
         ran.append((step, done.stdout))
     assert {s.split()[0] for s in skipped} <= {p.split()[0] for p in NOT_RUN}
     assert any("--connect" in step and ": ok:" in out for step, out in ran), ran
@@ -98,11 +100,20 @@ def test_the_readme_install_steps_work_in_a_fresh_root(
     assert pickupd.is_file() and os.access(pickupd, os.X_OK)
     for link in ("usr/local/bin/pickupd", "usr/local/bin/pickupd-sendmail", "usr/sbin/sendmail"):
         assert (root / link).resolve().parent == pickupd.parent, link
+    # Two groups with two jobs: the apps' (drop mail, read the config), the service's
+    # (the secrets).
     spool = root / "var/spool/pickupd"
-    assert (spool / "pickup/new").is_dir() and _gid(root, "pickupd") == spool.stat().st_gid
+    drop = _gid(root, "pickupdrop")
+    assert (spool / "pickup/new").is_dir() and spool.stat().st_gid == drop
     for folder in ("pickup", "pickup/tmp", "pickup/new"):  # drop, never list
         assert (spool / folder).stat().st_mode & 0o7777 == 0o1730, folder
-    assert config.stat().st_gid == _gid(root, "pickupd") and config.stat().st_mode & 0o777 == 0o640
+        assert (spool / folder).stat().st_gid == drop
+    assert config.stat().st_gid == drop and config.stat().st_mode & 0o777 == 0o640
+    secrets = root / "etc/pickupd/secrets"
+    assert (
+        secrets.stat().st_gid == _gid(root, "pickupd") and secrets.stat().st_mode & 0o777 == 0o750
+    )
+    assert "pickupd" in _members(root, "pickupdrop")  # to read the config
 
     # The installed unit: what it names exists once the steps are done, and it verifies with
     # the root's paths (systemd-analyze checks that ExecStart's program is there).
@@ -160,4 +171,12 @@ def _gid(root: Path, name: str) -> int:
         fields = line.split(":")
         if fields[0] == name:
             return int(fields[2])
+    raise AssertionError(f"no group {name} in {root}/etc/group")
+
+
+def _members(root: Path, name: str) -> list[str]:
+    for line in (root / "etc/group").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return [member for member in fields[3].split(",") if member]
     raise AssertionError(f"no group {name} in {root}/etc/group")

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import tomli_w
 from harness import pickupd
-from test_owners import ROOT_ONLY, as_user
+from test_owners import ROOT_ONLY, as_user, public_pickupd
 
 from pickupd.auth.exposure import Account, accounts, can_read
+
+__all__ = ["public_pickupd"]  # the fixture, shared with test_owners
 
 
 @dataclass
@@ -212,3 +214,31 @@ def _uid(name: str) -> int:
     import pwd
 
     return pwd.getpwnam(name).pw_uid
+
+
+@ROOT_ONLY
+def test_an_app_drops_mail_without_reading_a_secret_and_is_told_what_is_not_its_own(
+    host: Host, public_pickupd: Path
+) -> None:
+    """With a password file only the service may read: an app user's `pickupd drop` and
+    `pickupd-sendmail` work (they read the spool's path and the policy, never a secret);
+    `pickupd queue` and `pickupd check` say in one line that they need the service's rights."""
+    password = host.config.parent / "secrets" / "main.password"
+    password.write_text("s3cret\n")
+    os.chown(password, 0, _gid(host.service))
+    password.chmod(0o640)
+    host.relay_with(username="relay", password_file=str(password))
+    pickupd_bin = public_pickupd / "pickupd"
+    message = "From: app@example.com\nTo: a@example.net\nSubject: x\n\nbody\n"
+    dropped = as_user(host.app, f'"{pickupd_bin}" drop -c "{host.config}" -', message.encode())
+    assert dropped.returncode == 0, dropped.stderr
+    sent = as_user(
+        host.app, f'"{public_pickupd}/pickupd-sendmail" -C "{host.config}" -t', message.encode()
+    )
+    assert sent.returncode == 0, sent.stderr
+    for command in ("queue", "check"):
+        told = as_user(host.app, f'"{pickupd_bin}" {command} -c "{host.config}"')
+        assert told.returncode == 75, told.stderr
+        (line,) = told.stderr.strip().splitlines()
+        assert "run this as root" in line or "needs the service's rights" in line, line
+        assert "Traceback" not in told.stderr

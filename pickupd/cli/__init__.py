@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from pickupd import __version__
-from pickupd.cli import check, demo, drop, init, moves, queue, run, sendmail, service
-from pickupd.cli.common import EX_USAGE, Handler
+from pickupd.cli.common import EX_TEMPFAIL, EX_USAGE, Handler
 from pickupd.errors import CommandError
+from pickupd.spool.access import SERVICE_USER
 
 __all__ = ["main"]
 
@@ -26,7 +26,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    """The whole command line: every subcommand registered by its module."""
+    """The whole command line: every subcommand registered by its module (imported here:
+    `pickupd-sendmail`, which a web app may run for every mail, needs none of them)."""
+    from pickupd.cli import check, demo, drop, init, moves, queue, run, sendmail, service
+
     top = _Parser(
         prog="pickupd",
         description=(
@@ -50,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sendmail"]:
         # sendmail's own flags (-t, -f ADDR, -oi, -odi...) are not argparse-shaped.
+        from pickupd.cli import sendmail
+
         return sendmail.main(argv[1:])
     top = parser()
     args = top.parse_args(argv)
@@ -62,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(exc.message, file=sys.stderr)
         return exc.exit_code
+    except PermissionError as exc:
+        # An app's user running an operator's command: one line that says whose it is.
+        print(
+            f"pickupd {args.command}: {exc.filename or ''}: {exc.strerror}: this command needs"
+            f" the service's rights: run it as root (or as {SERVICE_USER})",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
     except BrokenPipeError:
         # The reader went away (`pickupd queue | head`): end quietly, as coreutils do (they
         # die of SIGPIPE: 128 + 13), and let nothing more be flushed into the closed pipe.

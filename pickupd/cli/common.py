@@ -4,12 +4,14 @@ config and opening its spool. Problems are raised as `CommandError`; `cli.main` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from pickupd.config.loading import DEFAULT_CONFIG_PATH, Config, config_path, load
 from pickupd.errors import CommandError, ConfigError
+from pickupd.spool.access import SERVICE_USER
 from pickupd.spool.folders import Spool
 
 __all__ = [
@@ -65,6 +67,18 @@ def load_config(path_arg: str | None) -> Config:
     try:
         return load(config_path(path_arg))
     except ConfigError as exc:
+        if (
+            os.name == "posix"
+            and os.geteuid() != 0
+            and any("Permission denied" in problem for problem in exc.problems)
+        ):
+            # A secret of the service's, read by someone else (an app's user): say whose.
+            raise CommandError(
+                EX_TEMPFAIL,
+                f"pickupd: {config_path(path_arg)} names secrets only the service may read:"
+                f" run this as root (or as {SERVICE_USER}); apps drop mail with pickupd drop"
+                " or pickupd-sendmail",
+            ) from None
         raise CommandError(EX_CONFIG, "\n".join(exc.problems)) from None
 
 

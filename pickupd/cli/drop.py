@@ -16,13 +16,14 @@ from pickupd.cli.common import (
     EX_TEMPFAIL,
     EX_USAGE,
     add_command,
-    open_spool,
     warn,
 )
-from pickupd.errors import CommandError
+from pickupd.config.loading import config_path, load_submission
+from pickupd.errors import CommandError, ConfigError
 from pickupd.message import envelope
 from pickupd.outcome import Refusal
 from pickupd.spool.access import not_allowed
+from pickupd.spool.folders import Spool
 
 __all__ = ["register"]
 
@@ -62,11 +63,15 @@ def _read_input(name: str, limit: int) -> bytes | str:
 
 
 def _drop(args: argparse.Namespace) -> int:
-    config, spool = open_spool(args.config)
+    # What an app's user may read: the spool's path and the policy, never a secret.
+    try:
+        policy = load_submission(config_path(args.config))
+    except ConfigError as exc:
+        raise CommandError(EX_CONFIG, "\n".join(exc.problems)) from None
+    spool = Spool(policy.spool_path)
     if args.files.count("-") > 1:
         raise CommandError(EX_USAGE, "pickupd: stdin (-) can be given once")
     code = EX_OK
-    policy = config.policy
     for name in args.files:
         data = _read_input(name, policy.max_message_size)
         shown = "stdin" if name == "-" else name

@@ -388,12 +388,14 @@ class Submission:
     spool_path: Path
     local_domain: str | None
     max_message_size: int
+    max_header_size: int = 65536
 
 
 def load_submission(path: Path) -> Submission:
-    """Read only `[spool] path` and `[policy] local_domain` / `max_message_size`: an app user
-    running pickupd-sendmail may read the config but not the password files it names (and
-    need not: the daemon checks everything else). Raise ConfigError."""
+    """Read only `[spool] path` and `[policy] local_domain`, `max_message_size` and
+    `max_header_size`: an app user running pickupd-sendmail or pickupd drop may read the
+    config but not the secrets it names (and need not: the daemon checks everything else).
+    Raise ConfigError."""
     reader = Reader(path)
     doc = _parse(path)
     spool, policy = reader.table(doc, "spool"), reader.table(doc, "policy")
@@ -401,6 +403,7 @@ def load_submission(path: Path) -> Submission:
         spool_path=reader.file(str(reader.value(spool, "spool.", SpoolConfig, "path"))),
         local_domain=reader.value(policy, "policy.", PolicyConfig, "local_domain"),
         max_message_size=reader.value(policy, "policy.", PolicyConfig, "max_message_size"),
+        max_header_size=reader.value(policy, "policy.", PolicyConfig, "max_header_size"),
     )
     if reader.problems:
         raise ConfigError(reader.problems)

@@ -13,12 +13,10 @@ that much longer: a fault for the tests (a slow file on a slow server), never se
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -70,6 +68,10 @@ class Disk:
             kind is not None and (kind in NETWORK or kind.startswith("fuse"))
         )
         self.kind = kind
+        # Imported here: the sendmail shim reads the spool's names from this package, and a
+        # web app may run it for every mail (asyncio alone is a fifth of its start).
+        from concurrent.futures import ThreadPoolExecutor
+
         self._pool = (
             ThreadPoolExecutor(THREADS, thread_name_prefix="pickupd-disk") if self.threads else None
         )
@@ -78,6 +80,8 @@ class Disk:
         """`call(*args)`, in a thread when the spool is slow to answer."""
         if self._pool is None:
             return call(*args)
+        import asyncio
+
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(call, *args))
 

@@ -219,7 +219,7 @@ class Service:
             supervising = asyncio.get_running_loop().create_task(self.supervisor.run())
         try:
             if self._served is not None and self.config.metrics.listen:
-                self._served.start(self.config.metrics.listen)
+                self._served.start(self.config.metrics)
             if self._forwarder is None:
                 recovered = recovery.at_start(self.spool, self.config.spool.claim_lease, self.log)
             else:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
 import socket
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from harness import (
     PICKUPD,
     Daemon,
@@ -22,8 +26,9 @@ from harness import (
     scrape,
     wait_until,
 )
-from smtpserver import SmtpServer
+from smtpserver import SmtpServer, TestCA
 
+from pickupd.config.metrics import MetricsConfig
 from pickupd.hosting.metrics import Metrics
 from pickupd.spool.folders import Spool
 
@@ -100,7 +105,7 @@ def test_oldest_deferred_age_comes_from_the_oldest_sidecar(tmp_path: Path) -> No
         )
     metrics = Metrics(spool)
     port = free_port()
-    metrics.start(("127.0.0.1", port))
+    metrics.start(MetricsConfig(listen=("127.0.0.1", port)))
     try:
         samples = scrape(port)
     finally:
@@ -180,3 +185,74 @@ def test_queue_metrics_and_status_line_count_alike(
     assert from_status == expected, status
     assert {k: from_queue[k] for k in expected} == expected, from_queue
     assert from_metrics == from_queue
+
+
+def test_metrics_over_tls_with_basic_auth_and_no_store_gauge_without_a_store(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], test_ca: TestCA, tmp_path: Path
+) -> None:
+    """With tls_cert_file and basic_auth_user, /metrics answers HTTPS only, with a
+    certificate the CA verifies, 401 without the user's password (or with a wrong one), and
+    the metrics with it; without a store there is no pickupd_limit_store_up to alert on."""
+    port = free_port()
+    cert, key = test_ca.server_files(tmp_path)
+    key.chmod(0o600)
+    secret = tmp_path / "metrics.password"
+    secret.write_text("scrape-s3cret\n")
+    secret.chmod(0o600)
+    make_daemon(
+        smtp_server,
+        metrics={
+            "listen": f"127.0.0.1:{port}",
+            "tls_cert_file": str(cert),
+            "tls_key_file": str(key),
+            "basic_auth_user": "prometheus",
+            "basic_auth_password_file": str(secret),
+        },
+    )
+    url = f"https://127.0.0.1:{port}/metrics"
+    context = test_ca.client_context()
+
+    def get(user: str | None, password: str = "") -> tuple[int, str]:
+        request = urllib.request.Request(url)
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, ""
+
+    assert get(None)[0] == 401
+    assert get("prometheus", "wrong")[0] == 401
+    status, text = get("prometheus", "scrape-s3cret")
+    assert status == 200 and "pickupd_queue_messages" in text
+    assert "pickupd_limit_store_up" not in text
+    with pytest.raises(OSError):  # plain HTTP is not served (a reset, or an error)
+        scrape(port)
+
+
+def test_metrics_that_would_send_a_password_in_clear_are_refused(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """basic_auth_user on a non-loopback listen without TLS is a config error naming the key;
+    an endpoint open beyond loopback with no auth is a warning of check, saying what it shows."""
+    secret = tmp_path / "metrics.password"
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    daemon = make_daemon(
+        smtp_server,
+        start=False,
+        metrics={
+            "listen": "0.0.0.0:9464",
+            "basic_auth_user": "prometheus",
+            "basic_auth_password_file": str(secret),
+        },
+    )
+    refused = pickupd("check", "-c", str(daemon.config_path))
+    assert refused.returncode == 78
+    assert "metrics.basic_auth_user: the password would go in clear" in refused.stderr
+    daemon.write_config({**daemon.doc, "metrics": {"listen": "0.0.0.0:9464"}})
+    warned = pickupd("check", "-c", str(daemon.config_path))
+    assert warned.returncode == 0, warned.stderr
+    assert "metrics.listen: 0.0.0.0:9464 shows the sender logins" in warned.stdout

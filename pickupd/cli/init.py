@@ -101,6 +101,15 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
 
 
+# Keys unset by default whose kind (a string) says too little: an example of their own.
+_BY_NAME: dict[str, str] = {
+    "store": '"redis://127.0.0.1:6379/0"',
+    "ca_file": '"/etc/pickupd/redis-ca.pem"',
+    "tls_cert_file": '"/etc/pickupd/metrics.crt"',
+    "tls_key_file": '"/etc/pickupd/secrets/metrics.key"',
+    "basic_auth_user": '"prometheus"',
+    "basic_auth_password_file": '"/etc/pickupd/secrets/metrics.password"',
+}
 # How a key unset by default is shown, commented out: a value of its own kind.
 _EXAMPLES: dict[object, str] = {
     s.command: '["/usr/local/bin/on-failed", "--json"]',
@@ -123,14 +132,14 @@ def starter_config(path: Path, spool_root: Path) -> str:
         for key in keys(section):
             if name == "spool" and key.name == "path":
                 continue
-            shown = key.shown or _EXAMPLES.get(key.convert, '"..."')
+            shown = key.shown or _BY_NAME.get(key.name) or _EXAMPLES.get(key.convert, '"..."')
             line = f"# {key.name} = {shown}"
             lines.append(f"{line.ljust(43)} # {key.help}")  # at least one space before "#"
         lines.append("")
     # [limits] is read apart from SECTIONS (its password is a secret), but belongs here too.
     lines.append("[limits]")
     for key in keys(LimitsConfig):
-        shown = key.shown or _EXAMPLES.get(key.convert, '"redis://127.0.0.1:6379/0"')
+        shown = key.shown or _BY_NAME.get(key.name) or _EXAMPLES.get(key.convert, '"..."')
         lines.append(f"{f'# {key.name} = {shown}'.ljust(43)} # {key.help}")
     password = '# password_file = "/etc/pickupd/secrets/redis.password"'
     lines.append(f"{password.ljust(43)} # the store's password (root:pickupd 640)")

@@ -39,6 +39,13 @@ def advice(config: Config) -> list[str]:
             " policy.require_owners = true to make this an error)"
         )
     lines += [f"{config.path}: spool.path: {line}" for line in loose(config.spool.path / "pickup")]
+    if config.metrics.open_to_others and config.metrics.listen is not None:
+        host, port = config.metrics.listen
+        lines.append(
+            f"{config.path}: metrics.listen: {host}:{port} shows the sender logins and their"
+            " usage to anyone who reaches it: listen on 127.0.0.1, or set basic_auth_user"
+            " (with tls_cert_file)"
+        )
     return list(dict.fromkeys(lines))
 
 

@@ -20,6 +20,7 @@ from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
 from pickupd.config.limits import LimitsConfig, read_limits
 from pickupd.config.logins import others_can_access
+from pickupd.config.metrics import MetricsConfig, read_metrics
 from pickupd.config.routing import (
     RelayConfig,
     SenderRule,
@@ -191,15 +192,6 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MetricsConfig:
-    """`[metrics]`: a Prometheus endpoint, off unless `listen` is set."""
-
-    listen: tuple[str, int] | None = setting(
-        None, s.listen, "", 'serve /metrics on "host:port" (not set: off)'
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class NotifyConfig:
     """`[notify]`: failure feedback to the apps, by a command and by a report mail."""
 
@@ -293,7 +285,7 @@ def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
         "spool.path": (old.spool.path, new.spool.path),
         "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
         "dispatch.workers": (old.dispatch.workers, new.dispatch.workers),
-        "metrics.listen": (old.metrics.listen, new.metrics.listen),
+        "metrics": (old.metrics, new.metrics),
         "limits.store": (old.limits.store, new.limits.store),
     }
     changed = [key for key, (before, after) in fixed.items() if before != after]
@@ -338,8 +330,9 @@ def load(path: Path) -> Config:
     reader.unknown(doc, "", set(SECTIONS) | {"limits", "relays", "senders"})
     sections: dict[str, Any] = {"spool": _spool(reader, doc)}
     for name, section in SECTIONS.items():
-        if name != "spool":
+        if name not in ("spool", "metrics"):
             sections[name] = section(**reader.values(reader.table(doc, name), f"{name}.", section))
+    sections["metrics"] = read_metrics(reader, doc)
     sections["limits"] = read_limits(reader, doc)
 
     relays: dict[str, RelayConfig] = {}

@@ -23,8 +23,10 @@ SECRET_FILE_KEYS = (
     "client_key_file",
     "service_account_file",
     "refresh_token_file",
+    "basic_auth_password_file",
+    "tls_key_file",
 )
-INLINE_KEYS = ("password", "client_secret")
+INLINE_KEYS = ("password", "client_secret", "basic_auth_password")
 
 
 def _tables(doc: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -36,9 +38,10 @@ def _tables(doc: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
                 if isinstance(table, dict):
                     shown = f'"{name}"' if quote else name
                     yield f"{section}.{shown}.", table
-    limits = doc.get("limits")
-    if isinstance(limits, dict):
-        yield "limits.", limits
+    for section in ("limits", "metrics"):
+        table = doc.get(section)
+        if isinstance(table, dict):
+            yield f"{section}.", table
 
 
 def secret_files(doc: Mapping[str, Any], base: Path) -> list[tuple[str, Path]]:

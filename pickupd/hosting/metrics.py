@@ -31,17 +31,19 @@ Metrics:
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pickupd.auth.health import read_health
 from pickupd.auth.logins import RefreshTokenSource
+from pickupd.config.metrics import MetricsConfig
 from pickupd.errors import PickupdError
+from pickupd.hosting.endpoint import Endpoint, serve
 from pickupd.spool import census
 from pickupd.spool.folders import Spool
 from pickupd.workers import protocol
@@ -160,13 +162,18 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
-        self._store_up = Gauge(
-            "pickupd_limit_store_up",
-            "1 while the ledger store answers every process (0: hosts are on their share)",
-            registry=self.registry,
+        # Only with a store: a gauge at 0 on every host without one would be an alert.
+        self._store_up = (
+            Gauge(
+                "pickupd_limit_store_up",
+                "1 while the ledger store answers every process (0: hosts are on their share)",
+                registry=self.registry,
+            )
+            if store
+            else None
         )
         self._down: set[int] = set()  # processes (0: main) whose store is down
-        if store:
+        if self._store_up is not None:
             self._store_up.set(1)
         self._spent = Gauge(
             "pickupd_quota_spent_until_seconds",
@@ -190,13 +197,19 @@ class Metrics:
             _SpoolCollector(count or (lambda: census.take(spool, time.time(), ages=("deferred",))))
         )
         self.registry.register(_TokenCollector(tokens))
-        self._server: WSGIServer | None = None
+        self._server: Endpoint | None = None
 
-    def start(self, listen: tuple[str, int]) -> None:
-        """Serve /metrics on host:port; PickupdError (one line) if it cannot listen."""
-        host, port = listen
+    def start(self, config: MetricsConfig) -> None:
+        """Serve /metrics as `config` says (its listen, TLS, basic auth); PickupdError (one
+        line) if it cannot."""
+        assert config.listen is not None
+        host, port = config.listen
+        user, password = config.basic_auth_user, config.basic_auth_password
+        auth = (user, password) if user is not None and password is not None else None
         try:
-            self._server, _ = start_http_server(port, host, registry=self.registry)
+            self._server = serve(make_wsgi_app(self.registry), config.listen, config.tls, auth)
+        except ssl.SSLError as exc:
+            raise PickupdError(f"metrics.tls_cert_file: cannot use it: {exc}") from None
         except OSError as exc:
             raise PickupdError(
                 f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
@@ -204,8 +217,7 @@ class Metrics:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     def outcome(self, outcome: str, reason: str | None, relay: str | None) -> None:
@@ -240,7 +252,8 @@ class Metrics:
             self._down.discard(worker)
         else:
             self._down.add(worker)
-        self._store_up.set(0 if self._down else 1)
+        if self._store_up is not None:
+            self._store_up.set(0 if self._down else 1)
 
     def paused(self, scope: str, until: float, kind: str) -> None:
         """A provider's reply paused `scope` until `until` (kind: see protocol.Paused)."""

@@ -43,6 +43,11 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "CapabilityBoundingSet=CAP_DAC_READ_SEARCH\n",  # to read the drops, nothing more
         "AmbientCapabilities=CAP_DAC_READ_SEARCH\n",
         "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+        "ProcSubset=pid",
+        "InaccessiblePaths=-/etc/shadow ",  # what CAP_DAC_READ_SEARCH must not reach
+        " -/etc/ssh ",
+        " -/etc/ssl/private ",
     ):
         assert directive in text, directive
     readme = (UNIT.parent.parent / "README.md").read_text()

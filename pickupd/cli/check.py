@@ -88,11 +88,12 @@ def _check(args: argparse.Namespace) -> int:
         except OSError:
             drop_gid = None
         exposed = exposure(config.path, args.user, drop_gid)
-        if exposed is None:
-            warnings.append(
-                f"no user {args.user} here: who can read the secrets was not judged"
-                " (pickupd init makes the service's user; --user names another)"
-            )
+        if exposed is None and args.user != SERVICE_USER:
+            problems.append(f"pickupd check: --user {args.user}: no such user")
+        elif exposed is None:
+            # No service user here (pickupd runs as root, or is not installed yet): then
+            # only root may read a secret.
+            exposed = exposure(config.path, "root", drop_gid)
         problems += exposed or []
     if problems:
         raise CommandError(EX_CONFIG, "\n".join(problems))

@@ -277,7 +277,7 @@ class Dispatcher:
         )
         if change.rearm is not None:
             msg_id, at = change.rearm
-            self._make_due([msg_id], at)
+            self.make_due([msg_id], at)
         if change.kind is None:
             return
         if self.metrics is not None:
@@ -292,11 +292,12 @@ class Dispatcher:
             )
             return
         self.log.info("relay_resumed", relay=relay.name, waiting=len(change.waited))
-        self._make_due(list(change.waited), None)
+        self.make_due(list(change.waited), None)
 
-    def _make_due(self, msg_ids: list[str], at: float | None) -> None:
-        """Mail that waited for a suspended relay goes at `at` (None: now): the relay is back,
-        or one of them is to be the next probe. The utimes run in a thread."""
+    def make_due(self, msg_ids: list[str], at: float | None) -> None:
+        """Mail that waited goes at `at` (None: now): a suspended relay is back (or one of
+        them is to be its next probe), or a pause it waited for is gone. The utimes run in a
+        thread."""
 
         async def due_now() -> None:
             when = time.time() if at is None else at

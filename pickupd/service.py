@@ -49,6 +49,9 @@ __all__ = ["GRACE", "WORKERS_START", "Service"]
 
 # On SIGTERM, in-flight sends get this long to finish before they are put back.
 GRACE = 30.0
+# How often the quota asks the ledger whether the pauses its held turns wait for are still
+# there (one question per paused scope).
+PAUSE_RECHECK = 10.0
 # The main process says it is ready when its workers are, or after this long.
 WORKERS_START = 30.0
 
@@ -337,11 +340,19 @@ class Service:
         self.intake.recover(claims)
 
     async def _reap_sessions(self) -> None:
+        recheck = time.monotonic() + PAUSE_RECHECK
         while True:
             await asyncio.sleep(1.0)
             timeouts = {name: r.idle_timeout for name, r in self.config.relays.items()}
             await self.pool.close_idle(timeouts)
             self.quota.prune(time.time())
+            if time.monotonic() >= recheck:
+                # A pause removed from the store (or shortened) holds no mail any more.
+                recheck = time.monotonic() + PAUSE_RECHECK
+                freed = await self.quota.recheck()
+                if freed:
+                    self.log.info("pause_lifted", waiting=len(freed))
+                    self.dispatcher.make_due(freed, None)
 
     async def _supervise(
         self, lanes: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]

@@ -4,10 +4,14 @@ workers of one host, without Redis."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
 from harness import (
     Daemon,
     drop_maildir,
@@ -236,3 +240,72 @@ def test_the_metrics_show_room_the_store_and_a_spent_quota(
     key = 'pickupd_quota_spent_until_seconds{scope="mailbox:127.0.0.1:sender app@example.com"}'
     until = wait_until(lambda: scrape(port).get(key), 5, "the spent gauge")
     assert until > time.time() + 86000
+
+
+def test_a_forged_pause_is_bounded_and_a_removed_one_holds_no_mail(
+    smtp_server: SmtpServer, redis_server: RedisServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Someone who can write to the store pauses a mailbox for ten days: the mail waits a day
+    at most (the longest pause pickupd sets); once the pause is deleted from the store, the
+    waiting mail goes within the recheck (10 s), not at the turn booked after the pause; a
+    pause value that does not parse holds nothing."""
+    from pickupd.limits.store import _key, _shard
+
+    (daemon,) = _fleet(make_daemon, smtp_server, redis_server, ["100 messages/s"], count=1)
+    scope = "mailbox:127.0.0.1:sender app@example.com"
+    key = _key(_shard([scope]), f"pause:{scope}")
+    client = redis_server.client()
+    ten_days = int((time.time() + 10 * 86400) * 1000)
+    client.set(key, f"{ten_days}|forged", pxat=ten_days)
+    drop_maildir(daemon.spool, message(subject="held"))
+    (waiting,) = daemon.wait_event("waiting")
+    assert "is paused (forged)" in waiting["detail"]
+    assert to_timestamp(waiting["next_attempt"]) - time.time() < 86400 + 60
+    assert smtp_server.received == []
+    client.delete(key)
+    (got,) = smtp_server.wait_for(1, timeout=25)
+    assert b"Subject: held" in got.data
+    daemon.wait_event("pause_lifted")
+
+    client.set(key, "not a pause")
+    drop_maildir(daemon.spool, message(subject="not held"))
+    smtp_server.wait_for(2, timeout=10)
+
+
+def test_the_readmes_acl_user_is_all_pickupd_needs(
+    smtp_server: SmtpServer,
+    redis_factory: Callable[..., RedisServer],
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """The ACL user the README gives pickupd (its keys only, the commands it and its scripts
+    use) books, pauses, refunds and leases: mail under a limit goes, a 4xx refunds, the store
+    is never refused; and that user cannot read a key that is not pickupd's."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rule = re.search(r"`user pickupd on >PASSWORD ([^`]+)`", readme.replace("\n  ", " "))
+    assert rule, "the README's ACL rule"
+    server = redis_factory(password="admin")
+    admin = server.client()
+    admin.set("other-app:secret", "theirs")
+    admin.execute_command(  # type: ignore[no-untyped-call]  # the README's rule as written
+        "ACL", "SETUSER", "pickupd", "on", ">pickupd-pw", *rule.group(1).split()
+    )
+    secret = tmp_path / "redis.password"
+    secret.write_text("pickupd-pw\n")
+    secret.chmod(0o600)
+    store = server.url.replace("redis://", "redis://pickupd@")
+    daemon = make_daemon(
+        relays={"main": relay_for(smtp_server, max_connections=2)},
+        senders={"app@example.com": {"relay": "main", "limits": ["100 messages/s"]}},
+        limits={"store": store, "password_file": str(secret)},
+    )
+    smtp_server.fail_rcpt["later@example.net"] = "451 4.2.0 later"
+    drop_maildir(daemon.spool, message(to="later@example.net"))
+    for n in range(3):
+        drop_maildir(daemon.spool, message(subject=f"acl {n}"))
+    smtp_server.wait_for(3)
+    daemon.wait_event("deferred")
+    assert daemon.events("limit_store_down") == []
+    as_pickupd = redis.Redis.from_url(store, password="pickupd-pw", socket_timeout=2)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        as_pickupd.get("other-app:secret")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pickupd.config.limits import LimitsConfig
+from pickupd.limits.replies import PAUSE_MAX, SPENT, TENANT
 from pickupd.limits.windows import Key, Window, earliest
 from pickupd.log import Logger
 from pickupd.units import Limit
@@ -29,9 +30,12 @@ try:
 except ImportError:  # Windows: one process per spool there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["FILE", "Ledger", "Need", "SpoolLedger", "Turn", "open_ledger"]
+__all__ = ["FILE", "LONGEST_PAUSE", "Ledger", "Need", "SpoolLedger", "Turn", "open_ledger"]
 
 FILE = "ledger.json"
+# The longest pause pickupd sets (a spent daily quota): one read from a store that is longer
+# was not written by pickupd, and holds mail no longer than this.
+LONGEST_PAUSE = max(SPENT, TENANT, PAUSE_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,11 @@ class Ledger:
         """Pause `scope` (an account, a mailbox) for `seconds` from now (or longer, if it is
         paused longer already), because `why`; return how long it is paused from now (in
         seconds: the same on every clock)."""
+        raise NotImplementedError
+
+    async def paused_for(self, scope: str) -> float:
+        """How long `scope` stays paused from now (0: not paused): a held turn booked after a
+        pause that has gone (an operator removed it) need not wait for it."""
         raise NotImplementedError
 
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
@@ -256,6 +265,10 @@ class SpoolLedger(Ledger):
             if held is None or held[0] < now + seconds:
                 books.pauses[scope] = held = (now + seconds, why)
             return held[0] - now
+
+    async def paused_for(self, scope: str) -> float:
+        held = self._read().pauses.get(scope)
+        return 0.0 if held is None else min(max(0.0, held[0] - time.time()), LONGEST_PAUSE)
 
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
         now = time.time()

@@ -58,6 +58,8 @@ class Quota:
         self.ledger = ledger
         self._held: dict[str, tuple[Turn, float]] = {}  # message id -> its turn, due (local)
         self._lengths: dict[str, float] = {}  # scope -> its last throttling pause
+        # scope -> the messages holding a turn booked after its pause (see recheck)
+        self._after_pause: dict[str, set[str]] = {}
 
     async def turn(self, msg_id: str, applies: Applies, recipients: int) -> Go | Wait | Refusal:
         """May the message go now? A Refusal when it never can under its limits."""
@@ -78,6 +80,8 @@ class Quota:
         if not applies.needs and not applies.scopes:
             return Go(None)
         turn = await self.ledger.reserve(applies.needs, applies.scopes)
+        if turn.paused is not None:
+            self._after_pause.setdefault(turn.paused, set()).add(msg_id)
         if turn.never is not None:
             need = turn.never
             return Refusal(
@@ -90,6 +94,30 @@ class Quota:
         due = time.time() + (turn.at - turn.now)
         self._held[msg_id] = (turn, due)
         return Wait(due, self._detail(turn, applies))
+
+    async def recheck(self) -> list[str]:
+        """The messages whose turn was booked after a pause that is gone (removed from the
+        store) or shorter now: their turns are given back and they may go, booking anew.
+        One question to the ledger per paused scope (the service asks every PAUSE_RECHECK)."""
+        freed: list[str] = []
+        for scope, waiting in list(self._after_pause.items()):
+            waiting &= self._held.keys()
+            if not waiting:
+                del self._after_pause[scope]
+                continue
+            ends = time.time() + await self.ledger.paused_for(scope)
+            for msg_id in list(waiting):
+                turn, due = self._held[msg_id]
+                if due > ends + 1.0:
+                    del self._held[msg_id]
+                    waiting.discard(msg_id)
+                    recipients = max(
+                        (n.amount for n, _ in turn.booked if n.limit.unit == "recipients"),
+                        default=0,
+                    )
+                    await self.give_back(turn, recipients)
+                    freed.append(msg_id)
+        return freed
 
     def forget(self, msg_id: str) -> None:
         """A message that will not come back for its turn."""

@@ -2,24 +2,28 @@
 server's clock, one script a call, so each is atomic and one round trip.
 
 KEYS are the limits' hashes (bucket -> count, `t` the tail, `s` the sum of the buckets kept)
-and the pauses' strings ("<until ms>|<why>"); ARGV the windows' numbers.
+and the pauses' strings ("<until ms>|<why>"); ARGV the windows' numbers, then the longest
+pause pickupd sets (ms): a pause read from the store never holds mail longer than that.
 """
 
 from __future__ import annotations
 
-__all__ = ["ADD", "LEASE", "PAUSE", "REFUND", "RESERVE"]
+__all__ = ["ADD", "LEASE", "PAUSE", "PAUSED", "REFUND", "RESERVE"]
 
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nk, np = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- No pause is longer than the longest pickupd sets: one in the store that is (or that does
+-- not parse) was not written by pickupd, and holds mail no longer than that.
+local cap = now + tonumber(ARGV[3 + 4 * nk])
 local start, paused, why = now, 0, ''
 for i = 1, np do
   local p = redis.call('GET', KEYS[nk + i])
-  if p then
-    local sep = string.find(p, '|', 1, true)
-    local untilms = tonumber(string.sub(p, 1, sep - 1))
-    if untilms > start then start, paused, why = untilms, i, string.sub(p, sep + 1) end
+  local sep = p and string.find(p, '|', 1, true)
+  local untilms = sep and tonumber(string.sub(p, 1, sep - 1))
+  if untilms and math.min(untilms, cap) > start then
+    start, paused, why = math.min(untilms, cap), i, string.sub(p, sep + 1)
   end
 end
 local books, at = {}, start
@@ -92,9 +96,22 @@ for i = 1, #KEYS do
   local had = tonumber(redis.call('HGET', KEYS[i], ARGV[2 * i - 1]) or '0')
   local back = math.min(had, tonumber(ARGV[2 * i]))
   if back > 0 then
-    if had - back <= 0 then redis.call('HDEL', KEYS[i], ARGV[2 * i - 1])
-    else redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 1], -back) end
     redis.call('HINCRBY', KEYS[i], 's', -back)
+    if had - back > 0 then
+      redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 1], -back)
+    else
+      redis.call('HDEL', KEYS[i], ARGV[2 * i - 1])
+      -- The last turn given back: the tail goes back to the last bucket still booked.
+      if tonumber(redis.call('HGET', KEYS[i], 't') or '-1') == tonumber(ARGV[2 * i - 1]) then
+        local tail = -1
+        for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
+          if field ~= 't' and field ~= 's' and tonumber(field) > tail then
+            tail = tonumber(field)
+          end
+        end
+        redis.call('HSET', KEYS[i], 't', tail)
+      end
+    end
   end
 end
 return 1
@@ -121,6 +138,15 @@ if p then
 end
 redis.call('SET', KEYS[1], untilms .. '|' .. ARGV[2], 'PXAT', untilms)
 return {untilms, now}
+"""
+PAUSED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local p = redis.call('GET', KEYS[1])
+local sep = p and string.find(p, '|', 1, true)
+local untilms = sep and tonumber(string.sub(p, 1, sep - 1))
+if not untilms or untilms <= now then return 0 end
+return math.min(untilms - now, tonumber(ARGV[1]))
 """
 LEASE = """
 local t = redis.call('TIME')

@@ -40,8 +40,8 @@ import redis.asyncio
 import redis.exceptions
 
 from pickupd.config.limits import LimitsConfig, shown_url
-from pickupd.limits.ledger import Ledger, Need, SpoolLedger, Turn, refunds
-from pickupd.limits.scripts import ADD, LEASE, PAUSE, REFUND, RESERVE
+from pickupd.limits.ledger import LONGEST_PAUSE, Ledger, Need, SpoolLedger, Turn, refunds
+from pickupd.limits.scripts import ADD, LEASE, PAUSE, PAUSED, REFUND, RESERVE
 from pickupd.log import Logger
 
 __all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger"]
@@ -110,6 +110,7 @@ class RedisLedger(Ledger):
         self._refund = self.redis.register_script(REFUND)
         self._add = self.redis.register_script(ADD)
         self._pause = self.redis.register_script(PAUSE)
+        self._paused_for = self.redis.register_script(PAUSED)
         self._lease = self.redis.register_script(LEASE)
         self.fallback = SpoolLedger(spool / FALLBACK, scale=config.hosts)
         self._log = log
@@ -226,6 +227,7 @@ class RedisLedger(Ledger):
         for need in needs:
             window = need.window
             args += [window.amount, window.size_ms, window.span, need.amount]
+        args.append(int(LONGEST_PAUSE * 1000))
         got = await self._batched(keys, args)
         if got is None:
             turn = self.fallback.book(needs, scopes, time.time())
@@ -311,6 +313,15 @@ class RedisLedger(Ledger):
             return await self.fallback.pause(scope, seconds, why)
         held, server_now = int(got[0]), int(got[1])
         return (held - server_now) / 1000
+
+    async def paused_for(self, scope: str) -> float:
+        key = _key(_shard([scope]), f"pause:{scope}")
+        got = await self._call(
+            lambda: self._paused_for(keys=[key], args=[int(LONGEST_PAUSE * 1000)])
+        )
+        if got is None:
+            return await self.fallback.paused_for(scope)
+        return int(got) / 1000
 
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
         name = _key(_shard([key]), key)

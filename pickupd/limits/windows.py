@@ -73,8 +73,12 @@ class Key:
         left = self.counts.get(bucket, 0) - amount
         if left > 0:
             self.counts[bucket] = left
-        else:
-            self.counts.pop(bucket, None)
+            return
+        self.counts.pop(bucket, None)
+        if bucket == self.tail:
+            # The last turn given back (a pause it waited for is gone): the next in order
+            # may go where the one before it went, not after a turn nobody holds.
+            self.tail = max(self.counts, default=-1)
 
     def room(self, window: Window, now_ms: int) -> int:
         """What could still go now (for the metrics)."""

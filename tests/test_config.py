@@ -226,6 +226,22 @@ def test_config_with_inline_password_must_be_private(tmp_path: Path) -> None:
     assert "others can read it" in line and "hunter2" not in line
 
 
+def test_config_with_any_inline_secret_must_be_private(tmp_path: Path) -> None:
+    """The same for an inline client_secret and the store's password: a config that holds
+    one is not readable by others (it used to pass with anything but a relay's password)."""
+    for inline in (
+        '[relays.m]\nhost = "h"\nauth = "oauth2"\ntenant = "t"\nclient_id = "c"\n'
+        'client_secret = "hunter2"\n[senders."a@b.c"]\nrelay = "m"\n',
+        '[limits]\nstore = "redis://127.0.0.1/0"\npassword = "hunter2"\n[relays.m]\nhost = "h"\n'
+        '[senders."a@b.c"]\nrelay = "m"\n',
+    ):
+        path = write(tmp_path, inline)
+        path.chmod(0o644)
+        found = problems(path)
+        assert any("holds a secret but others can read it" in line for line in found), found
+        assert all("hunter2" not in line for line in found)
+
+
 def test_password_file_single_trailing_newline_is_ignored(tmp_path: Path) -> None:
     """`echo secret > file` works: one trailing newline is not part of the password."""
     path = with_password_file(tmp_path, "pa ss\n\n", 0o600)

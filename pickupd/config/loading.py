@@ -21,6 +21,7 @@ from pickupd.config.keys import Reader, setting
 from pickupd.config.limits import LimitsConfig, read_limits
 from pickupd.config.logins import others_can_access
 from pickupd.config.metrics import MetricsConfig, read_metrics
+from pickupd.config.secrets import inline_secrets
 from pickupd.config.routing import (
     RelayConfig,
     SenderRule,
@@ -364,7 +365,7 @@ def load(path: Path) -> Config:
     if _holds_inline_secret(doc):
         try:
             if others_can_access(path):
-                reader.problem("", f"holds a password but others can read it; chmod o-rw {path}")
+                reader.problem("", f"holds a secret but others can read it; chmod o-rw {path}")
         except OSError:
             pass
 
@@ -404,10 +405,6 @@ def load_submission(path: Path) -> Submission:
 
 
 def _holds_inline_secret(doc: Mapping[str, Any]) -> bool:
-    for section in ("relays", "senders"):
-        tables = doc.get(section)
-        if isinstance(tables, dict) and any(
-            isinstance(t, dict) and "password" in t for t in tables.values()
-        ):
-            return True
-    return False
+    """A password, a client secret (relays, senders), the store's or the metrics' password,
+    written in the config itself."""
+    return bool(inline_secrets(doc))

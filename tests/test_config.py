@@ -482,3 +482,16 @@ def test_check_fails_for_a_refresh_token_the_service_cannot_rewrite(tmp_path: Pa
             subprocess.run(["userdel", "pickupd"], check=False, timeout=30)
             if group is not None and subprocess.run(["getent", "group", "pickupd"]).returncode:
                 subprocess.run(["groupadd", "-g", str(group), "pickupd"], check=False, timeout=30)
+
+
+def test_a_store_url_never_carries_a_password(tmp_path: Path) -> None:
+    """`redis://:pw@host` and `redis://host/0?password=pw` (which redis-py would take, past
+    the rule that a password goes only over TLS or to loopback) are refused, the key named."""
+    for url in ("redis://:hunter2@redis.example.net/0", "redis://redis.example.net/0?password=x"):
+        path = write(
+            tmp_path,
+            f'[limits]\nstore = "{url}"\n[relays.m]\nhost = "h"\n[senders."a@b.c"]\nrelay = "m"\n',
+        )
+        (line,) = problems(path)
+        assert "limits.store: a password does not go in the URL" in line, line
+        assert "hunter2" not in line

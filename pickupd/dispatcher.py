@@ -294,6 +294,13 @@ class Dispatcher:
         self.log.info("relay_resumed", relay=relay.name, waiting=len(change.waited))
         self.make_due(list(change.waited), None)
 
+    async def lift_pauses(self) -> None:
+        """Mail whose turn waits for a pause removed from the ledger (or shortened) goes."""
+        freed = await self.quota.recheck()
+        if freed:
+            self.log.info("pause_lifted", waiting=len(freed))
+            self.make_due(freed, None)
+
     def make_due(self, msg_ids: list[str], at: float | None) -> None:
         """Mail that waited goes at `at` (None: now): a suspended relay is back (or one of
         them is to be its next probe), or a pause it waited for is gone. The utimes run in a

@@ -347,12 +347,8 @@ class Service:
             await self.pool.close_idle(timeouts)
             self.quota.prune(time.time())
             if time.monotonic() >= recheck:
-                # A pause removed from the store (or shortened) holds no mail any more.
                 recheck = time.monotonic() + PAUSE_RECHECK
-                freed = await self.quota.recheck()
-                if freed:
-                    self.log.info("pause_lifted", waiting=len(freed))
-                    self.dispatcher.make_due(freed, None)
+                await self.dispatcher.lift_pauses()
 
     async def _supervise(
         self, lanes: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]

@@ -21,7 +21,6 @@ from pickupd.config.keys import Reader, setting
 from pickupd.config.limits import LimitsConfig, read_limits
 from pickupd.config.logins import others_can_access
 from pickupd.config.metrics import MetricsConfig, read_metrics
-from pickupd.config.secrets import inline_secrets
 from pickupd.config.routing import (
     RelayConfig,
     SenderRule,
@@ -30,6 +29,7 @@ from pickupd.config.routing import (
     read_relay,
     read_sender,
 )
+from pickupd.config.secrets import inline_secrets
 from pickupd.errors import ConfigError
 from pickupd.spool.disk import IoMode
 

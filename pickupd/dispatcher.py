@@ -186,13 +186,14 @@ class Dispatcher:
         relay_config = config.relays[decision.relay]
         login = logins.bind(decision.credentials or relay_config.credentials, parsed.sender)
         applies = needs.applies(relay_config, decision, login, len(parsed.recipients))
-        verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients))
+        kept = claimed.sidecar.turn if claimed.sidecar is not None else None
+        verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients), kept)
         if isinstance(verdict, Refusal):
             await self.recorder.fail(claimed, parsed, verdict)
             return
         if isinstance(verdict, Wait):
             # Over a provider limit, or its scope is paused: not an attempt, not an error.
-            await self.recorder.waiting(claimed, parsed, verdict.at, verdict.detail)
+            await self.recorder.waiting(claimed, parsed, verdict.at, verdict.detail, verdict.kept)
             self.intake.due_at(claimed.id, verdict.at)
             return
         if verdict.turn is not None and self.metrics is not None:

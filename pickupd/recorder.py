@@ -28,7 +28,7 @@ from pickupd.message.envelope import Envelope
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
 from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Claimed, Spool
-from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp
+from pickupd.spool.sidecar import Attempt, KeptTurn, Sidecar, from_timestamp
 
 __all__ = ["Meter", "Recorder"]
 
@@ -132,9 +132,17 @@ class Recorder:
         await self._run(claimed, [step])
         return due
 
-    async def waiting(self, claimed: Claimed, parsed: Envelope, due: float, detail: str) -> None:
-        """Over a provider limit: not an attempt, not an error; it waits for its turn."""
-        waiting = dataclasses.replace(self.base(claimed, parsed), detail=detail)
+    async def waiting(
+        self,
+        claimed: Claimed,
+        parsed: Envelope,
+        due: float,
+        detail: str,
+        kept: KeptTurn | None = None,
+    ) -> None:
+        """Over a provider limit: not an attempt, not an error; it waits for its turn (`kept`,
+        in the sidecar for whichever process takes it then)."""
+        waiting = dataclasses.replace(self.base(claimed, parsed), detail=detail, turn=kept)
         await self._run(claimed, self._back(claimed, due, waiting, "waiting"))
 
     def _back(
@@ -363,9 +371,11 @@ class Recorder:
 
     @staticmethod
     def base(claimed: Claimed, parsed: Envelope | None) -> Sidecar:
+        """The sidecar this attempt starts from: a kept turn is this attempt's (it is used,
+        or given again by waiting())."""
         if claimed.sidecar is None:
             return _new_sidecar(claimed, parsed, parsed.recipients if parsed else ())
-        return claimed.sidecar
+        return dataclasses.replace(claimed.sidecar, turn=None)
 
 
 def _new_sidecar(claimed: Claimed, parsed: Envelope | None, recipients: tuple[str, ...]) -> Sidecar:

@@ -309,3 +309,27 @@ def test_the_readmes_acl_user_is_all_pickupd_needs(
     as_pickupd = redis.Redis.from_url(store, password="pickupd-pw", socket_timeout=2)
     with pytest.raises(redis.exceptions.NoPermissionError):
         as_pickupd.get("other-app:secret")
+
+
+def test_turns_booked_by_one_worker_are_kept_by_the_other(
+    smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
+) -> None:
+    """3 messages per 15 s with two workers, 9 dropped at once: they go at about 0, 15 and
+    30 s, three each time. A deferred message may be another worker's to take than the one
+    that booked its turn (the share follows the file's name): its sidecar keeps the turn, so
+    it goes on it instead of booking one a window later (before: 0, 15.8 and 47.3 s)."""
+    daemon = make_daemon(
+        smtp_server,
+        senders={"app@example.com": {"relay": "main", "limits": ["3 messages/15s"]}},
+        dispatch={"workers": 2},
+        retry={"schedule": ["1h"]},
+    )
+    start = time.time()
+    for n in range(9):
+        drop_maildir(daemon.spool, message(subject=f"t{n}"))
+    got = smtp_server.wait_for(9, timeout=45)
+    offsets = sorted(r.at - start for r in got)
+    print("arrivals (s):", [round(o, 1) for o in offsets])
+    assert _most_in_a_window(got, 15.0, lambda r: 1) <= 3
+    assert offsets[2] < 5 and 15 <= offsets[3] < 20 and 30 <= offsets[6] < 35, offsets
+    assert offsets[-1] < 35, offsets

@@ -17,7 +17,7 @@ from pickupd.limits.ledger import Ledger, Turn
 from pickupd.limits.needs import Applies
 from pickupd.limits.replies import PAUSE_FIRST, PAUSE_MAX, SPENT, TENANT, Kind, Rule, classify
 from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal
-from pickupd.spool.sidecar import from_timestamp
+from pickupd.spool.sidecar import KeptTurn, from_timestamp
 
 __all__ = ["EARLY", "Go", "Pause", "Quota", "Wait"]
 
@@ -34,10 +34,12 @@ class Go:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Not now: wait in deferred/ until `at` (this host's clock), for the reason `detail`."""
+    """Not now: wait in deferred/ until `at` (this host's clock), for the reason `detail`,
+    with the turn booked for then (`kept`, for the sidecar; None: no turn is held)."""
 
     at: float
     detail: str
+    kept: KeptTurn | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +63,11 @@ class Quota:
         # scope -> the messages holding a turn booked after its pause (see recheck)
         self._after_pause: dict[str, set[str]] = {}
 
-    async def turn(self, msg_id: str, applies: Applies, recipients: int) -> Go | Wait | Refusal:
-        """May the message go now? A Refusal when it never can under its limits."""
+    async def turn(
+        self, msg_id: str, applies: Applies, recipients: int, kept: KeptTurn | None = None
+    ) -> Go | Wait | Refusal:
+        """May the message go now? A Refusal when it never can under its limits. `kept`: the
+        turn its sidecar holds (booked by whichever process deferred it)."""
         if applies.per_message is not None and recipients > applies.per_message[0].amount:
             limit, where = applies.per_message
             return Refusal(
@@ -71,12 +76,16 @@ class Quota:
                 f" message; send it in parts of at most {limit.amount} recipients",
             )
         held = self._held.pop(msg_id, None)
+        if held is None and kept is not None:
+            held = _adopt(kept, applies)
+            if held is not None and held[0].paused is not None:
+                self._after_pause.setdefault(held[0].paused, set()).add(msg_id)
         if held is not None:
             turn, due = held
             if time.time() >= due - EARLY:
                 return Go(turn)
             self._held[msg_id] = held
-            return Wait(due, self._detail(turn, applies))
+            return Wait(due, self._detail(turn, applies), _kept_as(turn, due))
         if not applies.needs and not applies.scopes:
             return Go(None)
         turn = await self.ledger.reserve(applies.needs, applies.scopes)
@@ -93,7 +102,7 @@ class Quota:
             return Go(turn if turn.booked else None)
         due = time.time() + (turn.at - turn.now)
         self._held[msg_id] = (turn, due)
-        return Wait(due, self._detail(turn, applies))
+        return Wait(due, self._detail(turn, applies), _kept_as(turn, due))
 
     async def recheck(self) -> list[str]:
         """The messages whose turn was booked after a pause that is gone (removed from the
@@ -166,3 +175,21 @@ class Quota:
         if turn.paused is not None:
             return f"waiting: {turn.paused} is paused ({turn.why}) until {from_timestamp(turn.at)}"
         return f"waiting its turn: {applies.describe()}"
+
+
+def _kept_as(turn: Turn, due: float) -> KeptTurn:
+    booked = tuple((need.key, bucket, need.amount) for need, bucket in turn.booked)
+    return KeptTurn(due, booked, turn.paused)
+
+
+def _adopt(kept: KeptTurn, applies: Applies) -> tuple[Turn, float] | None:
+    """The turn a sidecar keeps, if it is for the limits that apply now (a reload may have
+    changed them: then it is booked anew, and the old one stays counted, on the limit's side)."""
+    needs = {need.key: need for need in applies.needs}
+    if {key for key, _, _ in kept.booked} != set(needs) or any(
+        needs[key].amount != amount for key, _, amount in kept.booked
+    ):
+        return None
+    now = time.time()
+    booked = tuple((needs[key], bucket) for key, bucket, _ in kept.booked)
+    return Turn(kept.due, now, booked, paused=kept.paused), kept.due

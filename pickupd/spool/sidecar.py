@@ -9,7 +9,7 @@ from typing import Any
 
 from pickupd.errors import Invalid
 
-__all__ = ["Attempt", "Sidecar", "from_timestamp", "to_timestamp"]
+__all__ = ["Attempt", "KeptTurn", "Sidecar", "from_timestamp", "to_timestamp"]
 
 
 def from_timestamp(seconds: float) -> str:
@@ -31,6 +31,18 @@ class Attempt:
     outcome: str
     code: int | None
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeptTurn:
+    """A turn booked under a provider limit for a message that waits for it in deferred/:
+    kept here, not only in the memory of the process that booked it, so whichever process
+    takes the message when it is due (another worker, after a restart) sends it on this turn
+    instead of booking another a window later."""
+
+    due: float  # when it may go (this host's clock)
+    booked: tuple[tuple[str, int, int], ...]  # (the limit's ledger key, bucket, amount)
+    paused: str | None = None  # the scope whose pause it waits for
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +68,7 @@ class Sidecar:
     owner: str | None = None
     # Header fields pickupd added because the file had none (Date, Message-ID).
     added: tuple[str, ...] = ()
+    turn: KeptTurn | None = None  # waiting for its turn under a limit
     history: tuple[Attempt, ...] = field(default=())
 
     def lifetime_start(self) -> str | None:
@@ -80,6 +93,10 @@ class Sidecar:
         data["added"] = list(self.added)
         if not self.added:
             del data["added"]
+        if self.turn is None:
+            del data["turn"]
+        else:
+            data["turn"]["booked"] = [list(entry) for entry in self.turn.booked]
         data["history"] = [asdict(a) for a in self.history]
         # next_attempt belongs to deferred messages, reason to failed ones; split_from only
         # to copies: leave out what does not apply rather than write nulls.
@@ -110,10 +127,23 @@ class Sidecar:
                 owner_uid=_uid(data.get("owner_uid")),
                 owner=data.get("owner"),
                 added=tuple(str(name) for name in data.get("added", ())),
+                turn=_kept(data.get("turn")),
                 history=tuple(Attempt(**entry) for entry in data.get("history", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise Invalid(f"not a pickupd sidecar: {exc}") from None
+
+
+def _kept(value: object) -> KeptTurn | None:
+    """A kept turn as written; one that does not read as one is no turn (booked anew)."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        booked = tuple((str(k), int(b), int(a)) for k, b, a in value["booked"])
+        paused = value.get("paused")
+        return KeptTurn(float(value["due"]), booked, str(paused) if paused else None)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _uid(value: object) -> int | None:

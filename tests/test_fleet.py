@@ -5,6 +5,7 @@ workers of one host, without Redis."""
 from __future__ import annotations
 
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -333,3 +334,35 @@ def test_turns_booked_by_one_worker_are_kept_by_the_other(
     assert _most_in_a_window(got, 15.0, lambda r: 1) <= 3
     assert offsets[2] < 5 and 15 <= offsets[3] < 20 and 30 <= offsets[6] < 35, offsets
     assert offsets[-1] < 35, offsets
+
+
+def test_check_connect_tries_the_store_and_a_reload_says_limits_need_a_restart(
+    smtp_server: SmtpServer,
+    redis_factory: Callable[..., RedisServer],
+    make_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """`check --connect` logs in to the store and loads the ledger's scripts: ok with the
+    right password, FAILED (exit 1) naming the password with a wrong one. A running daemon
+    told of a corrected [limits] password by SIGHUP says the section needs a restart."""
+    server = redis_factory(password="right")
+    secret = tmp_path / "redis.password"
+    secret.write_text("wrong\n")
+    secret.chmod(0o600)
+    daemon = make_daemon(
+        smtp_server,
+        start=False,
+        limits={"store": server.url, "password_file": str(secret)},
+    )
+    failed = pickupd("check", "-c", str(daemon.config_path), "--connect")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert f"limits.store {server.url}: FAILED: the store refused our password" in failed.stdout
+    daemon.start()
+    secret.write_text("right\n")
+    passed = pickupd("check", "-c", str(daemon.config_path), "--connect")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert re.search(r"limits\.store .*: ok: Redis [0-9.]+, logged in", passed.stdout)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    (restart,) = daemon.wait_event("reload_needs_restart")
+    assert "limits" in restart["keys"]

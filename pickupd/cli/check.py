@@ -111,7 +111,24 @@ def _check(args: argparse.Namespace) -> int:
     results = asyncio.run(probe_all(probes(config, args.mailbox)))
     for result in results:
         print(result.line())
-    return EX_OK if all(result.ok for result in results) else EX_PROBE_FAILED
+    stored = _probe_store(config)
+    return EX_OK if all(result.ok for result in results) and stored else EX_PROBE_FAILED
+
+
+def _probe_store(config: Config) -> bool:
+    """With a `[limits] store`: one line saying whether pickupd can use it (True if so)."""
+    store = config.limits.store
+    if store is None:
+        return True
+    from pickupd.limits.store import probe  # imports redis-py
+
+    try:
+        said = asyncio.run(probe(config.limits))
+    except SessionError as error:
+        print(f"limits.store {shown_url(store)}: FAILED: {error}")
+        return False
+    print(f"limits.store {shown_url(store)}: {said}")
+    return True
 
 
 def unwritable_tokens(config: Config, service: str = SERVICE_USER) -> list[str]:

@@ -287,7 +287,8 @@ def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
         "dispatch.concurrency": (old.dispatch.concurrency, new.dispatch.concurrency),
         "dispatch.workers": (old.dispatch.workers, new.dispatch.workers),
         "metrics": (old.metrics, new.metrics),
-        "limits.store": (old.limits.store, new.limits.store),
+        # The ledger (the spool's, or a store's connection and password) is opened once.
+        "limits": (old.limits, new.limits),
     }
     changed = [key for key, (before, after) in fixed.items() if before != after]
     kept = dataclasses.replace(
@@ -297,7 +298,7 @@ def keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
             new.dispatch, concurrency=old.dispatch.concurrency, workers=old.dispatch.workers
         ),
         metrics=old.metrics,
-        limits=dataclasses.replace(new.limits, store=old.limits.store),
+        limits=old.limits,
     )
     return kept, changed
 

@@ -40,11 +40,12 @@ import redis.asyncio
 import redis.exceptions
 
 from pickupd.config.limits import LimitsConfig, shown_url
+from pickupd.errors import SessionError
 from pickupd.limits.ledger import LONGEST_PAUSE, Ledger, Need, SpoolLedger, Turn, refunds
 from pickupd.limits.scripts import ADD, LEASE, PAUSE, PAUSED, REFUND, RESERVE
 from pickupd.log import Logger
 
-__all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger"]
+__all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger", "probe"]
 
 T = TypeVar("T")
 FALLBACK = "ledger.fallback.json"
@@ -91,22 +92,7 @@ class RedisLedger(Ledger):
         assert config.store is not None
         self.config = config
         self.url = shown_url(config.store)
-        kwargs: dict[str, Any] = {
-            "socket_connect_timeout": max(config.wait, 1.0),
-            "socket_timeout": max(config.wait * 10, 1.0),
-            "retry_on_timeout": False,
-            "health_check_interval": 0,
-            "client_name": f"pickupd-{socket.gethostname()}-{os.getpid()}",
-        }
-        if config.password is not None:
-            kwargs["password"] = config.password.reveal()
-        if config.store.startswith("rediss://"):
-            kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-            if config.ca_file is not None:
-                kwargs["ssl_ca_certs"] = str(config.ca_file)
-        secure = config.store.startswith("rediss://")
-        kwargs["connection_class"] = _PackedSSL if secure else _Packed
-        self.redis = redis.asyncio.Redis.from_url(config.store, **kwargs)
+        self.redis = _client(config)
         self._refund = self.redis.register_script(REFUND)
         self._add = self.redis.register_script(ADD)
         self._pause = self.redis.register_script(PAUSE)
@@ -352,6 +338,45 @@ class RedisLedger(Ledger):
 
 
 _SHARD = re.compile(r"^(?:account|mailbox):(\[[^\]]*\]|[^:/]+)")
+
+
+def _client(config: LimitsConfig) -> redis.asyncio.Redis:
+    """The store's client as `[limits]` describes it (TLS verified, the password apart)."""
+    assert config.store is not None
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": max(config.wait, 1.0),
+        "socket_timeout": max(config.wait * 10, 1.0),
+        "retry_on_timeout": False,
+        "health_check_interval": 0,
+        "client_name": f"pickupd-{socket.gethostname()}-{os.getpid()}",
+    }
+    if config.password is not None:
+        kwargs["password"] = config.password.reveal()
+    if config.store.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        if config.ca_file is not None:
+            kwargs["ssl_ca_certs"] = str(config.ca_file)
+    secure = config.store.startswith("rediss://")
+    kwargs["connection_class"] = _PackedSSL if secure else _Packed
+    return redis.asyncio.Redis.from_url(config.store, **kwargs)
+
+
+async def probe(config: LimitsConfig) -> str:
+    """`pickupd check --connect` on the store: log in, and load the scripts the ledger runs
+    (an ACL that forbids one shows here, not at the first turn). What it proved, or
+    SessionError saying what failed."""
+    client = _client(config)
+    try:
+        await client.ping()
+        version = (await client.info("server")).get("redis_version", "?")
+        for script in (RESERVE, REFUND, ADD, PAUSE, PAUSED, LEASE):
+            await client.script_load(script)
+    except (redis.RedisError, OSError) as exc:
+        raise SessionError(_why(exc)) from None
+    finally:
+        await client.aclose()
+    tls = ", TLS verified" if (config.store or "").startswith("rediss://") else ""
+    return f"ok: Redis {version}{tls}, logged in, the ledger's scripts loaded"
 
 
 def _shard(names: Sequence[str]) -> str:

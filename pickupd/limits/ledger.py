@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,20 @@ class SpoolLedger(Ledger):
         finally:
             if fcntl is not None:
                 fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def seed(self, booked: Mapping[str, tuple[Window, Mapping[int, int]]]) -> None:
+        """Count what was booked elsewhere (key -> its window, bucket -> amount) in these
+        books too, each bucket at least that much (so seeding twice counts once)."""
+        if not booked:
+            return
+        with self._books() as books:
+            for name, (window, buckets) in booked.items():
+                key = books.keys.setdefault(name, Key())
+                for bucket, amount in buckets.items():
+                    key.counts[bucket] = max(key.counts.get(bucket, 0), amount)
+                    key.tail = max(key.tail, bucket)
+                expires = (key.tail + window.span + 1) * window.size_ms / 1000
+                books.expires[name] = max(books.expires.get(name, 0.0), expires)
 
     def book(self, needs: Sequence[Need], scopes: Sequence[str], now: float) -> Turn:
         if not needs:

@@ -43,6 +43,7 @@ from pickupd.config.limits import LimitsConfig, shown_url
 from pickupd.errors import SessionError
 from pickupd.limits.ledger import LONGEST_PAUSE, Ledger, Need, SpoolLedger, Turn, refunds
 from pickupd.limits.scripts import ADD, LEASE, PAUSE, PAUSED, REFUND, RESERVE
+from pickupd.limits.windows import Window
 from pickupd.log import Logger
 
 __all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger", "probe"]
@@ -103,6 +104,10 @@ class RedisLedger(Ledger):
         self._up = up
         self._down: str | None = None  # why the store is away, while it is
         self._spent: list[tuple[Need, int, int]] = []  # booked on the fallback meanwhile
+        # What this host booked in the store lately (key -> bucket -> amount, the buckets a
+        # window can still reach): its share while the store is away starts from it.
+        self._mine: dict[str, tuple[Window, dict[int, int]]] = {}
+        self._seeded = False
         self._paused: list[tuple[str, float, str]] = []  # pauses set meanwhile (local clock)
         self._retry: asyncio.Task[None] | None = None
         self._late = 0  # late answers in a row
@@ -216,19 +221,39 @@ class RedisLedger(Ledger):
         args.append(int(LONGEST_PAUSE * 1000))
         got = await self._batched(keys, args)
         if got is None:
+            if not self._seeded:
+                # The share counts what this host booked in the store in the windows that are
+                # still open: a host that spent its share before the outage does not spend
+                # it again during it (for a daily limit, that would block the mailbox a day).
+                self.fallback.seed(self._mine)
+                self._seeded = True
             turn = self.fallback.book(needs, scopes, time.time())
             if turn.never is None:
                 self._spent += [(need, bucket, need.amount) for need, bucket in turn.booked]
             return turn
+        self._seeded = False
         at, now, never, paused = (int(x) for x in got[:4])
         why = got[4].decode() if isinstance(got[4], bytes) else str(got[4])
         if never:
             return Turn(now / 1000, now / 1000, never=needs[never - 1])
         rest = [int(x) for x in got[5:]]
         booked = tuple((need, rest[2 * i]) for i, need in enumerate(needs))
+        self._remember([(need, bucket, need.amount) for need, bucket in booked])
         room = tuple(rest[2 * i + 1] for i in range(len(needs)))
         scope = scopes[paused - 1] if paused else None
         return Turn(at / 1000, now / 1000, booked, paused=scope, why=why, room=room)
+
+    def _remember(self, booked: Sequence[tuple[Need, int, int]], sign: int = 1) -> None:
+        """Keep what this host booked in the store (or, `sign` -1, gave back): (need,
+        bucket, amount); only the buckets a window can still reach."""
+        for need, bucket, amount in booked:
+            window = need.window
+            mine = self._mine.setdefault(need.key, (window, {}))[1]
+            mine[bucket] = mine.get(bucket, 0) + sign * amount
+            if mine[bucket] <= 0:
+                del mine[bucket]
+            for old in [b for b in mine if b <= bucket - window.span]:
+                del mine[old]
 
     async def _batched(self, keys: list[str], args: list[Any]) -> Any:
         """One turn's script, sent with the others asked for meanwhile: while one pipeline is
@@ -290,6 +315,8 @@ class RedisLedger(Ledger):
         args = [x for _, bucket, amount in back for x in (bucket, amount)]
         if await self._call(lambda: self._refund(keys=keys, args=args)) is None:
             await self.fallback.refund(turn, recipients, message)
+        else:
+            self._remember(back, -1)
 
     async def pause(self, scope: str, seconds: float, why: str) -> float:
         key = _key(_shard([scope]), f"pause:{scope}")

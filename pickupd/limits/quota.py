@@ -4,8 +4,11 @@ it, and the provider's reply turned into a pause for its scope (replies.py).
 A message over a limit is not an attempt and not an error: its turn is booked (in order, so a
 burst of a thousand at 30 a minute is spread over 33 minutes in one pass) and it waits in
 deferred/ until then. When it comes back it goes on the turn it holds, without asking again.
-A turn lives in this process's memory: a message taken by another process (or after a
-restart) books a new one, and the old stays counted, which errs on the side of the limit.
+The turn is kept in the process's memory and in the message's sidecar, so whichever process
+takes the message when it is due (another worker: a worker's share follows the file's name,
+which changes when it is deferred; or after a restart) sends it on that turn. One kept for
+limits that a reload changed is not used: a new one is booked, and the old stays counted,
+which errs on the side of the limit.
 """
 
 from __future__ import annotations

@@ -286,3 +286,31 @@ def test_a_host_that_spent_its_share_does_not_spend_it_again_while_the_store_is_
 
     delays = asyncio.run(run())
     assert all(d > 3600 for d in delays), delays
+
+
+def test_while_the_store_is_away_the_fleet_takes_only_the_room_that_was_left(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """10 messages an hour for 2 hosts: host A booked 8 in the store, host B 1 (the store
+    told B 1 was left). Redis dies: B's share would give it 4 more, but it takes 1/hosts of
+    the room it was told of (1), A none: the fleet stays within the 10 in that window."""
+    events: list[tuple[str, dict[str, object]]] = []
+    limit = parse_limit("10 messages/hour")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    async def run() -> tuple[int, int]:
+        a, _ = _ledger(_store(redis_server, tmp_path), tmp_path / "a", events)
+        b, _ = _ledger(_store(redis_server, tmp_path), tmp_path / "b", events)
+        for _ in range(8):
+            assert (await a.reserve([_need(limit)], [])).room
+        await b.reserve([_need(limit)], [])
+        redis_server.kill()
+        now = []
+        for ledger in (a, b):
+            turns = [await ledger.reserve([_need(limit)], []) for _ in range(5)]
+            now.append(sum(1 for t in turns if t.at - t.now < 1))
+            await ledger.close()
+        return now[0], now[1]
+
+    assert asyncio.run(run()) == (0, 1)

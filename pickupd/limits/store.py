@@ -107,6 +107,8 @@ class RedisLedger(Ledger):
         # What this host booked in the store lately (key -> bucket -> amount, the buckets a
         # window can still reach): its share while the store is away starts from it.
         self._mine: dict[str, tuple[Window, dict[int, int]]] = {}
+        # key -> (the bucket of this host's last turn, the fleet's room the store left then)
+        self._room: dict[str, tuple[int, int]] = {}
         self._seeded = False
         self._paused: list[tuple[str, float, str]] = []  # pauses set meanwhile (local clock)
         self._retry: asyncio.Task[None] | None = None
@@ -225,7 +227,7 @@ class RedisLedger(Ledger):
                 # The share counts what this host booked in the store in the windows that are
                 # still open: a host that spent its share before the outage does not spend
                 # it again during it (for a daily limit, that would block the mailbox a day).
-                self.fallback.seed(self._mine)
+                self.fallback.seed(self._seed())
                 self._seeded = True
             turn = self.fallback.book(needs, scopes, time.time())
             if turn.never is None:
@@ -240,8 +242,30 @@ class RedisLedger(Ledger):
         booked = tuple((need, rest[2 * i]) for i, need in enumerate(needs))
         self._remember([(need, bucket, need.amount) for need, bucket in booked])
         room = tuple(rest[2 * i + 1] for i in range(len(needs)))
+        for (need, bucket), left in zip(booked, room, strict=True):
+            self._room[need.key] = (bucket, left)
         scope = scopes[paused - 1] if paused else None
         return Turn(at / 1000, now / 1000, booked, paused=scope, why=why, room=room)
+
+    def _seed(self) -> dict[str, tuple[Window, dict[int, int]]]:
+        """What the share starts from when the store goes away: what this host booked in it,
+        and, where the fleet's room (the store's answer to this host's last turn) was less
+        than its part of it, as much again as the share exceeds that part: in the window that
+        holds the outage each host takes at most 1/hosts of the room that was left."""
+        hosts = self.config.hosts
+        seeded = {}
+        for key, (window, buckets) in self._mine.items():
+            counts = dict(buckets)
+            if key in self._room:
+                bucket, left = self._room[key]
+                share = max(1, window.amount // hosts)
+                mine = sum(n for b, n in buckets.items() if b > bucket - window.span)
+                part = -(-max(0, left) // hosts)  # ceil
+                extra = (share - mine) - max(0, min(share - mine, part))
+                if extra > 0:
+                    counts[bucket] = counts.get(bucket, 0) + extra
+            seeded[key] = (window, counts)
+        return seeded
 
     def _remember(self, booked: Sequence[tuple[Need, int, int]], sign: int = 1) -> None:
         """Keep what this host booked in the store (or, `sign` -1, gave back): (need,

@@ -296,11 +296,18 @@ class Dispatcher:
         self.make_due(list(change.waited), None)
 
     async def lift_pauses(self) -> None:
-        """Mail whose turn waits for a pause removed from the ledger (or shortened) goes."""
-        freed = await self.quota.recheck()
-        if freed:
-            self.log.info("pause_lifted", waiting=len(freed))
-            self.make_due(freed, None)
+        """Mail whose turn waits for a pause removed from the ledger (or shortened) goes: its
+        sidecar loses the kept turn and is due now (in a thread), then the turn is given back
+        (in that order: a turn a sidecar keeps was never given back)."""
+        freed = dict(await self.quota.recheck())
+        if not freed:
+            return
+        now = time.time()
+        moved = await asyncio.to_thread(moves.release_turns, self.spool, list(freed), now)
+        for msg_id in moved:
+            await self.quota.release(freed[msg_id])
+            self.intake.due_at(msg_id, now)
+        self.log.info("pause_lifted", waiting=len(moved))
 
     def make_due(self, msg_ids: list[str], at: float | None) -> None:
         """Mail that waited goes at `at` (None: now): a suspended relay is back (or one of

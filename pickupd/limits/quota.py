@@ -81,8 +81,15 @@ class Quota:
         held = self._held.pop(msg_id, None)
         if held is None and kept is not None:
             held = _adopt(kept, applies)
-            if held is not None and held[0].paused is not None:
-                self._after_pause.setdefault(held[0].paused, set()).add(msg_id)
+            paused = held[0].paused if held is not None else None
+            if held is not None and paused is not None:
+                if held[1] > time.time() + await self.ledger.paused_for(paused) + 1.0:
+                    # The pause it waited for is gone, and the process that held it could
+                    # not give it back (it stopped): given back here, booked anew below.
+                    await self.release(held[0])
+                    held = None
+                else:
+                    self._after_pause.setdefault(paused, set()).add(msg_id)
         if held is not None:
             turn, due = held
             if time.time() >= due - EARLY:
@@ -107,11 +114,12 @@ class Quota:
         self._held[msg_id] = (turn, due)
         return Wait(due, self._detail(turn, applies), _kept_as(turn, due))
 
-    async def recheck(self) -> list[str]:
+    async def recheck(self) -> list[tuple[str, Turn]]:
         """The messages whose turn was booked after a pause that is gone (removed from the
-        store) or shorter now: their turns are given back and they may go, booking anew.
-        One question to the ledger per paused scope (the service asks every PAUSE_RECHECK)."""
-        freed: list[str] = []
+        store) or shorter now, with those turns: no longer held here; the caller clears them
+        from the sidecars, then gives them back (release). One question to the ledger per
+        paused scope (the service asks every PAUSE_RECHECK)."""
+        freed: list[tuple[str, Turn]] = []
         for scope, waiting in list(self._after_pause.items()):
             waiting &= self._held.keys()
             if not waiting:
@@ -123,13 +131,16 @@ class Quota:
                 if due > ends + 1.0:
                     del self._held[msg_id]
                     waiting.discard(msg_id)
-                    recipients = max(
-                        (n.amount for n, _ in turn.booked if n.limit.unit == "recipients"),
-                        default=0,
-                    )
-                    await self.give_back(turn, recipients)
-                    freed.append(msg_id)
+                    freed.append((msg_id, turn))
         return freed
+
+    async def release(self, turn: Turn) -> None:
+        """Give back all of a turn that will not be used (its message books anew)."""
+        recipients = max(
+            (need.amount for need, _ in turn.booked if need.limit.unit == "recipients"),
+            default=0,
+        )
+        await self.give_back(turn, recipients)
 
     def forget(self, msg_id: str) -> None:
         """A message that will not come back for its turn."""

@@ -94,6 +94,21 @@ def make_one_due(spool: Spool, msg_id: str, now: float) -> bool:
     return True
 
 
+def release_turns(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
+    """The deferred messages `msg_ids` no longer hold the turn their sidecar keeps (the pause
+    it waited for is gone): each sidecar is rewritten without it, due `now`. Returns those
+    still in deferred/ (the others were taken meanwhile)."""
+    done = []
+    for msg_id in msg_ids:
+        sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
+        if sidecar is None or not os.path.lexists(spool.deferred / f"{msg_id}.eml"):
+            continue
+        changed = dataclasses.replace(sidecar, turn=None, next_attempt=from_timestamp(now))
+        atomic_write(spool.deferred / f"{msg_id}.json", changed.to_json(), mtime=now)
+        done.append(msg_id)
+    return done
+
+
 def make_waiting_due(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
     """Make these deferred messages due at `now` if they are due later (a suspended relay
     answers again, or one of them is to be its next probe); return those so moved. Only the

@@ -166,6 +166,14 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def secret_file(path: Path, secret: str) -> Path:
+    """A file holding `secret` (and a newline) that only its owner may read, as pickupd
+    wants a password file; its path."""
+    path.write_text(f"{secret}\n")
+    path.chmod(0o600)
+    return path
+
+
 def relay_for(server: Any, **extra: Any) -> dict[str, Any]:
     """A `[relays.<name>]` table for a tests/smtpserver.py server (plain, no credentials)."""
     return {"host": server.host, "port": server.port, "security": "none", **extra}

@@ -21,6 +21,7 @@ from harness import (
     pickupd,
     relay_for,
     scrape,
+    secret_file,
     wait_until,
 )
 from redisserver import RedisServer
@@ -291,9 +292,7 @@ def test_the_readmes_acl_user_is_all_pickupd_needs(
     admin.execute_command(  # type: ignore[no-untyped-call]  # the README's rule as written
         "ACL", "SETUSER", "pickupd", "on", ">pickupd-pw", *rule.group(1).split()
     )
-    secret = tmp_path / "redis.password"
-    secret.write_text("pickupd-pw\n")
-    secret.chmod(0o600)
+    secret = secret_file(tmp_path / "redis.password", "pickupd-pw")
     store = server.url.replace("redis://", "redis://pickupd@")
     daemon = make_daemon(
         relays={"main": relay_for(smtp_server, max_connections=2)},
@@ -346,9 +345,7 @@ def test_check_connect_tries_the_store_and_a_reload_says_limits_need_a_restart(
     right password, FAILED (exit 1) naming the password with a wrong one. A running daemon
     told of a corrected [limits] password by SIGHUP says the section needs a restart."""
     server = redis_factory(password="right")
-    secret = tmp_path / "redis.password"
-    secret.write_text("wrong\n")
-    secret.chmod(0o600)
+    secret = secret_file(tmp_path / "redis.password", "wrong")
     daemon = make_daemon(
         smtp_server,
         start=False,

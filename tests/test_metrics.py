@@ -24,6 +24,7 @@ from harness import (
     message,
     pickupd,
     scrape,
+    secret_file,
     wait_until,
 )
 from smtpserver import SmtpServer, TestCA
@@ -196,9 +197,7 @@ def test_metrics_over_tls_with_basic_auth_and_no_store_gauge_without_a_store(
     port = free_port()
     cert, key = test_ca.server_files(tmp_path)
     key.chmod(0o600)
-    secret = tmp_path / "metrics.password"
-    secret.write_text("scrape-s3cret\n")
-    secret.chmod(0o600)
+    secret = secret_file(tmp_path / "metrics.password", "scrape-s3cret")
     make_daemon(
         smtp_server,
         metrics={
@@ -237,9 +236,7 @@ def test_metrics_that_would_send_a_password_in_clear_are_refused(
 ) -> None:
     """basic_auth_user on a non-loopback listen without TLS is a config error naming the key;
     an endpoint open beyond loopback with no auth is a warning of check, saying what it shows."""
-    secret = tmp_path / "metrics.password"
-    secret.write_text("pw\n")
-    secret.chmod(0o600)
+    secret = secret_file(tmp_path / "metrics.password", "pw")
     daemon = make_daemon(
         smtp_server,
         start=False,

@@ -33,13 +33,13 @@ from pickupd.smtp import transaction
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
-from pickupd.spool.files import printable
-from pickupd.spool.folders import Candidate, Claimed, NotAFile, Spool, TooLarge, Unsafe
+from pickupd.spool.files import TooLarge, Unsafe, printable
+from pickupd.spool.folders import Candidate, Claimed, NotAFile, Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
 from pickupd.spool.stranded import Stranded
 from pickupd.suspension import Suspensions
 
-__all__ = ["LARGE_AT_ONCE", "LARGE_MESSAGE", "Dispatcher", "Examined", "examine"]
+__all__ = ["LARGE_AT_ONCE", "LARGE_MESSAGE", "Dispatcher"]
 
 # The domain of a Message-ID pickupd adds for a sender without one (a domain literal).
 _HOST = socket.gethostname() or "localhost"

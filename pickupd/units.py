@@ -84,8 +84,22 @@ def parse_size(value: int | str) -> int:
     raise Invalid(f'expected a size like 26214400 or "25MiB", got {value!r}')
 
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
-_PER = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# The one table of window names (a rate's "30/min", a limit's "/hour"), and how a window of
+# that many seconds is shown.
+_WINDOWS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+_NAMES = {1.0: "s", 60.0: "min", 3600.0: "hour", 86400.0: "day"}
+_RATE = re.compile(rf"^\s*(\d+)\s*/\s*({'|'.join(_WINDOWS)})\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +110,7 @@ class Rate:
     per: float
 
     def __str__(self) -> str:
-        unit = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "day"}.get(self.per)
+        unit = _NAMES.get(self.per)
         return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per}s"
 
 
@@ -107,7 +121,7 @@ def parse_rate(text: str) -> Rate:
         raise Invalid(
             f'expected a rate like "30/min", "5/s", "1000/h" or "10000/day", got "{text}"'
         )
-    return Rate(int(match.group(1)), _PER[match.group(2)[0].lower()])
+    return Rate(int(match.group(1)), _WINDOWS[match.group(2).lower()])
 
 
 Unit = Literal["messages", "recipients", "connections", "per_message"]
@@ -115,17 +129,6 @@ Unit = Literal["messages", "recipients", "connections", "per_message"]
 _LIMIT = re.compile(
     r"^\s*(\d[\d_,]*)\s+(messages?|recipients?|connections?)\s*(?:/\s*(\S+))?\s*$", re.IGNORECASE
 )
-_WINDOWS = {
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "h": 3600.0,
-    "hour": 3600.0,
-    "day": 86400.0,
-}
-_NAMES = {1.0: "s", 60.0: "min", 3600.0: "hour", 86400.0: "day"}
 _FORM = (
     'expected a limit like "30 messages/min", "10000 recipients/day", "3 connections" or'
     ' "500 recipients/message"'

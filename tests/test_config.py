@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from harness import pickupd
 
-from pickupd.config.loading import Credentials, Secret, load
+from pickupd.auth.logins import Credentials, Secret
+from pickupd.config.loading import load
 from pickupd.errors import ConfigError
 
 GOOD = """

@@ -13,8 +13,8 @@ import pytest
 from pickupd import ids
 from pickupd.duetimes import DueTimes
 from pickupd.spool import recovery
-from pickupd.spool.files import atomic_write
-from pickupd.spool.folders import Candidate, Later, Spool, TooLarge, Unsafe
+from pickupd.spool.files import TooLarge, Unsafe, atomic_write
+from pickupd.spool.folders import Candidate, Later, Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp
 
 

@@ -26,12 +26,20 @@ from typing import Any
 import aiosmtplib
 
 from pickupd.auth.health import read_health
-from pickupd.auth.logins import RefreshTokenSource, TokenSource, XOAuth2, bind
+from pickupd.auth.logins import (
+    Credentials,
+    Login,
+    OAuth2Login,
+    RefreshTokenSource,
+    TokenSource,
+    XOAuth2,
+    bind,
+)
 from pickupd.auth.tokencache import per_mailbox
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
 from pickupd.config.advice import advice
 from pickupd.config.limits import shown_url
-from pickupd.config.loading import Config, Credentials, Login, OAuth2Login, RelayConfig
+from pickupd.config.loading import Config, RelayConfig
 from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
 from pickupd.config.secrets import exposure
 from pickupd.errors import CommandError, SessionError

@@ -12,13 +12,11 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 from pickupd.auth.logins import Secret
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
-from pickupd.config.logins import read_secret
+from pickupd.config.logins import PASSWORD_KEYS, read_secret
 from pickupd.config.routing import is_loopback
 from pickupd.errors import Invalid
 
 __all__ = ["LimitsConfig", "read_limits", "shown_url"]
-
-_PASSWORD_KEYS = ("password", "password_file", "password_env")
 
 
 def _store_url(value: Any) -> str:
@@ -65,13 +63,13 @@ class LimitsConfig:
 
 def read_limits(reader: Reader, doc: Mapping[str, Any]) -> LimitsConfig:
     table = reader.table(doc, "limits")
-    values = reader.values(table, "limits.", LimitsConfig, set(_PASSWORD_KEYS))
+    values = reader.values(table, "limits.", LimitsConfig, set(PASSWORD_KEYS))
     if values["ca_file"] is not None:
         values["ca_file"] = reader.file(values["ca_file"])
         if not values["ca_file"].is_file():
             reader.problem("limits.ca_file", f"{values['ca_file']} does not exist")
     password = None
-    if any(key in table for key in _PASSWORD_KEYS):
+    if any(key in table for key in PASSWORD_KEYS):
         password = read_secret(reader, table, "limits.", "password")
         if values["store"] is None:
             reader.problem("limits.password", "a password needs a store")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,34 @@ from pickupd.config.keys import Reader, positive_duration, setting, string, type
 from pickupd.config.keys import command as settings_command
 from pickupd.errors import Invalid
 
-__all__ = ["CREDENTIAL_KEYS", "OAuth2Keys", "others_can_access", "read_credentials", "read_secret"]
+__all__ = [
+    "CREDENTIAL_KEYS",
+    "PASSWORD_KEYS",
+    "OAuth2Keys",
+    "given",
+    "others_can_access",
+    "read_credentials",
+    "read_secret",
+    "secret_keys",
+]
 
-_PASSWORD_KEYS = frozenset({"password", "password_file", "password_env"})
-_SECRET_KEYS = frozenset({"client_secret", "client_secret_file", "client_secret_env"})
+
+def secret_keys(base: str) -> tuple[str, str, str]:
+    """The three ways a secret is given: inline, in a file, or in the environment."""
+    return base, f"{base}_file", f"{base}_env"
+
+
+def given(reader: Reader, table: Mapping[str, Any], prefix: str, keys: Sequence[str]) -> list[str]:
+    """Which of `keys` (alternatives: at most one may be there) `table` holds; a problem
+    naming them if more than one."""
+    found = [key for key in keys if key in table]
+    if len(found) > 1:
+        reader.problem(prefix + found[1], f"give only one of {', '.join(found)}")
+    return found
+
+
+PASSWORD_KEYS = secret_keys("password")
+_SECRET_KEYS = frozenset(secret_keys("client_secret"))
 _OAUTH2_KEYS = frozenset(
     {
         "tenant",
@@ -52,7 +76,7 @@ _OAUTH2_KEYS = frozenset(
     }
 )
 # Every key a relay or sender table may hold for its login.
-CREDENTIAL_KEYS = frozenset({"username", "auth"}) | _PASSWORD_KEYS | _SECRET_KEYS | _OAUTH2_KEYS
+CREDENTIAL_KEYS = frozenset({"username", "auth", *PASSWORD_KEYS}) | _SECRET_KEYS | _OAUTH2_KEYS
 # The key that says which token source an OAuth2 login uses.
 _SOURCE_KEYS = ("tenant", "service_account_file", "refresh_token_file", "token_command")
 
@@ -65,9 +89,8 @@ def others_can_access(path: Path) -> bool:
 def read_secret(reader: Reader, table: Mapping[str, Any], prefix: str, base: str) -> Secret | None:
     """One secret from `<base>`, `<base>_file` or `<base>_env` of `table` (exactly one of them
     must be there; the caller checked that one is). Problems go to `reader`."""
-    sources = [key for key in (base, f"{base}_file", f"{base}_env") if key in table]
+    sources = given(reader, table, prefix, secret_keys(base))
     if len(sources) > 1:
-        reader.problem(prefix + sources[1], f"give only one of {', '.join(sources)}")
         return None
     source = sources[0]
     value = table[source]
@@ -163,15 +186,13 @@ class OAuth2Keys:
 
 def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth2Login | None:
     """`auth = "oauth2"` and one token source (see the module docstring)."""
-    for key in _PASSWORD_KEYS:
+    for key in PASSWORD_KEYS:
         if key in table:
             reader.problem(prefix + key, 'not used with auth = "oauth2" (tokens replace it)')
     username = reader.get(table, prefix, "username", None, string, "a mailbox address")
-    sources = [key for key in _SOURCE_KEYS if key in table]
+    sources = given(reader, table, prefix, _SOURCE_KEYS)
     if len(sources) != 1:
-        if sources:
-            reader.problem(prefix + sources[1], f"give only one of {', '.join(sources)}")
-        else:
+        if not sources:
             reader.problem(
                 prefix + "auth",
                 "oauth2 needs a token source: tenant (Microsoft 365), service_account_file"
@@ -251,9 +272,8 @@ def read_credentials(reader: Reader, table: Mapping[str, Any], prefix: str) -> L
     for key in sorted((_SECRET_KEYS | _OAUTH2_KEYS) & set(table)):
         reader.problem(prefix + key, 'goes with auth = "oauth2"')
     username = reader.get(table, prefix, "username", None, string, "a non-empty string")
-    sources = [key for key in ("password", "password_file", "password_env") if key in table]
+    sources = given(reader, table, prefix, PASSWORD_KEYS)
     if len(sources) > 1:
-        reader.problem(prefix + sources[1], f"give only one of {', '.join(sources)}")
         return None
     if username is None:
         if sources:

@@ -15,7 +15,7 @@ from typing import Any
 from pickupd.auth.logins import Secret
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
-from pickupd.config.logins import read_secret
+from pickupd.config.logins import read_secret, secret_keys
 from pickupd.config.routing import is_loopback
 
 __all__ = ["MetricsConfig", "read_metrics"]
@@ -63,7 +63,7 @@ class MetricsConfig:
 
 
 _PAIRS = (("tls_cert_file", "tls_key_file"), ("basic_auth_user", "basic_auth_password_file"))
-_PASSWORD = ("basic_auth_password", "basic_auth_password_file", "basic_auth_password_env")
+_PASSWORD = secret_keys("basic_auth_password")
 
 
 def read_metrics(reader: Reader, doc: Mapping[str, Any]) -> MetricsConfig:

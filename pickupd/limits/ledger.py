@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pickupd.config.limits import LimitsConfig
 from pickupd.limits.replies import PAUSE_MAX, SPENT, TENANT
@@ -302,12 +301,6 @@ class SpoolLedger(Ledger):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def snapshot(self) -> dict[str, Any]:
-        """The books as they are (for `pickupd check` and the tests)."""
-        with self._books() as books:
-            doc: dict[str, Any] = json.loads(books.dump())
-            return doc
 
 
 def open_ledger(

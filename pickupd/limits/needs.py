@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pickupd.auth.logins import XOAuth2
-from pickupd.config.loading import Credentials, RelayConfig, SenderRule
+from pickupd.auth.logins import Credentials, XOAuth2
+from pickupd.config.loading import RelayConfig, SenderRule
 from pickupd.limits.ledger import Need
 from pickupd.units import Limit, merged
 

@@ -142,10 +142,6 @@ class Quota:
         )
         await self.give_back(turn, recipients)
 
-    def forget(self, msg_id: str) -> None:
-        """A message that will not come back for its turn."""
-        self._held.pop(msg_id, None)
-
     def prune(self, now: float) -> None:
         """Forget turns an hour past due (their message was removed or taken elsewhere)."""
         for msg_id, (_, due) in list(self._held.items()):

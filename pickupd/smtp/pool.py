@@ -22,9 +22,9 @@ from typing import Any
 
 import aiosmtplib
 
-from pickupd.auth.logins import XOAuth2
+from pickupd.auth.logins import Credentials, XOAuth2
 from pickupd.auth.tokencache import Tokens
-from pickupd.config.loading import Credentials, RelayConfig
+from pickupd.config.loading import RelayConfig
 from pickupd.config.routing import MAX_SESSION_AGE
 from pickupd.errors import AuthNotOffered, ConnectionsBusy, StartTLSNotOffered, TLSHandshakeFailed
 from pickupd.limits.ledger import Ledger

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiosmtplib
 
-from pickupd.auth.logins import XOAuth2
-from pickupd.config.loading import Credentials, RelayConfig
+from pickupd.auth.logins import Credentials, XOAuth2
+from pickupd.config.loading import RelayConfig
 from pickupd.errors import AddressError, PickupdError, SessionError
 from pickupd.message.envelope import NO_DSN, Dsn
 from pickupd.outcome import Delivery, RecipientResult, SessionFault

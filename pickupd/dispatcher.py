@@ -20,7 +20,7 @@ from pickupd import policy
 from pickupd.auth import logins
 from pickupd.auth.owners import describe_uid
 from pickupd.config.loading import Config, RelayConfig, SenderRule
-from pickupd.errors import SpoolWriteError
+from pickupd.errors import NotAFile, SpoolWriteError
 from pickupd.intake import Intake
 from pickupd.limits import needs
 from pickupd.limits.quota import Pause, Quota, Wait
@@ -34,7 +34,7 @@ from pickupd.smtp.pool import Pool
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import TooLarge, Unsafe, printable
-from pickupd.spool.folders import Candidate, Claimed, NotAFile, Spool
+from pickupd.spool.folders import Candidate, Claimed, Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
 from pickupd.spool.stranded import Stranded
 from pickupd.suspension import Suspensions

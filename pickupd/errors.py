@@ -12,8 +12,11 @@ __all__ = [
     "CommandError",
     "ConfigError",
     "ConnectionsBusy",
+    "DaemonError",
+    "EndpointError",
     "Invalid",
     "MessageError",
+    "NotAFile",
     "PickupdError",
     "ProtocolError",
     "SessionError",
@@ -124,6 +127,35 @@ class AddressError(MessageError):
 
 class TooLong(MessageError):
     """A header line cannot be folded under 998 octets."""
+
+
+class DaemonError(PickupdError):
+    """`run --daemon` cannot detach as asked: the pidfile is held, or a file cannot be
+    opened (`path`). A temporary failure (75): another pickupd runs, or a folder is missing."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class EndpointError(PickupdError):
+    """The metrics endpoint cannot serve as `[metrics]` says (`key`): a configuration error
+    (78)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"metrics.{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class NotAFile(PickupdError):
+    """A candidate for a claim turned out to be a directory (`path`): never moved into
+    pickupd's folders (its writer could then write inside them); it was put back."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} is a directory")
+        self.path = path
 
 
 class SetupError(PickupdError):

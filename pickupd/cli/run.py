@@ -16,7 +16,14 @@ from pickupd import log as logs
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command, load_config
 from pickupd.config.advice import advice
 from pickupd.config.loading import Config
-from pickupd.errors import CommandError, PickupdError, SpoolLocked
+from pickupd.errors import (
+    CommandError,
+    ConfigError,
+    DaemonError,
+    EndpointError,
+    PickupdError,
+    SpoolLocked,
+)
 from pickupd.hosting import daemon
 from pickupd.service import GRACE, Service
 from pickupd.workers import shares, uplink
@@ -82,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.daemon:
         try:
             detached = daemon.detached(args.pidfile, args.log_file)
-        except PickupdError as exc:
+        except DaemonError as exc:
             raise CommandError(EX_TEMPFAIL, f"pickupd run: {exc}") from None
     with detached:
         return _serve(config, once=args.once)
@@ -150,6 +157,8 @@ def _serve(config: Config, *, once: bool) -> int:
             f"{config.spool.path}: another pickupd with the same host name and process id"
             " (a container?) holds the spool lock",
         ) from None
-    except PickupdError as exc:
+    except (EndpointError, ConfigError) as exc:
+        raise CommandError(EX_CONFIG, f"{config.path}: {exc}") from None
+    except PickupdError as exc:  # anything else the start could not get past, in one line
         raise CommandError(EX_CONFIG, f"{config.path}: {exc}") from None
     return EX_OK

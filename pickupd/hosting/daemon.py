@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from pickupd.errors import PickupdError
+from pickupd.errors import DaemonError
 
 __all__ = ["detached"]
 
@@ -32,7 +32,9 @@ class _PidFile:
         except OSError:
             holder = os.read(self.fd, 32).decode("ascii", "replace").strip() or "?"
             os.close(self.fd)
-            raise PickupdError(f"{self.path}: pickupd is already running as pid {holder}") from None
+            raise DaemonError(
+                str(self.path), f"pickupd is already running as pid {holder}"
+            ) from None
 
     def __enter__(self) -> _PidFile:
         # Called by DaemonContext after the fork: this is the daemon's pid.
@@ -55,21 +57,21 @@ class _PidFile:
 
 def detached(pidfile: Path, log_file: Path | None) -> contextlib.AbstractContextManager[object]:
     """A context that, entered, detaches this process (double fork, setsid, chdir /, umask
-    027, stdio to `log_file` or /dev/null) holding `pidfile`. Raise PickupdError (one line)
+    027, stdio to `log_file` or /dev/null) holding `pidfile`. Raise DaemonError (one line)
     if another process holds it, or if the pidfile or log file cannot be opened."""
     import daemon  # python-daemon: POSIX only
 
     try:
         lock = _PidFile(pidfile)
     except OSError as exc:
-        raise PickupdError(f"{pidfile}: {exc.strerror or exc}") from None
+        raise DaemonError(str(pidfile), str(exc.strerror or exc)) from None
     log: IO[bytes] | None = None
     if log_file is not None:
         try:
             fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             lock.__exit__(None, None, None)
-            raise PickupdError(f"{log_file}: {exc.strerror or exc}") from None
+            raise DaemonError(str(log_file), str(exc.strerror or exc)) from None
         log = os.fdopen(fd, "ab", buffering=0)
     # SIGTERM is not in the map: the dispatcher handles it (a graceful drain), not a
     # SystemExit raised by python-daemon in the middle of a send.

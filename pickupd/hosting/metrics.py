@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from pickupd.auth.health import read_health
 from pickupd.auth.logins import RefreshTokenSource
 from pickupd.config.metrics import MetricsConfig
-from pickupd.errors import PickupdError
+from pickupd.errors import EndpointError
 from pickupd.hosting.endpoint import Endpoint, serve
 from pickupd.spool import census
 from pickupd.spool.folders import Spool
@@ -200,7 +200,7 @@ class Metrics:
         self._server: Endpoint | None = None
 
     def start(self, config: MetricsConfig) -> None:
-        """Serve /metrics as `config` says (its listen, TLS, basic auth); PickupdError (one
+        """Serve /metrics as `config` says (its listen, TLS, basic auth); EndpointError (one
         line) if it cannot."""
         assert config.listen is not None
         host, port = config.listen
@@ -209,10 +209,10 @@ class Metrics:
         try:
             self._server = serve(make_wsgi_app(self.registry), config.listen, config.tls, auth)
         except ssl.SSLError as exc:
-            raise PickupdError(f"metrics.tls_cert_file: cannot use it: {exc}") from None
+            raise EndpointError("tls_cert_file", f"cannot use it: {exc}") from None
         except OSError as exc:
-            raise PickupdError(
-                f"metrics.listen: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            raise EndpointError(
+                "listen", f"cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from None
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ process that uses the same ledger, and across a restart.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -69,38 +70,40 @@ class Turn:
     room: tuple[int, ...] = ()
 
 
-class Ledger:
+class Ledger(abc.ABC):
     """What the dispatcher asks of a ledger. Times are the ledger's clock, in seconds."""
 
     name = "ledger"
 
+    @abc.abstractmethod
     async def reserve(self, needs: Sequence[Need], scopes: Sequence[str]) -> Turn:
-        raise NotImplementedError
+        """A turn for a message under `needs`, held by the pauses of `scopes`."""
 
+    @abc.abstractmethod
     async def refund(self, turn: Turn, recipients: int, message: bool) -> None:
         """Give back `recipients` unused recipients of `turn`, and its message if `message`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def pause(self, scope: str, seconds: float, why: str) -> float:
         """Pause `scope` (an account, a mailbox) for `seconds` from now (or longer, if it is
         paused longer already), because `why`; return how long it is paused from now (in
         seconds: the same on every clock)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def paused_for(self, scope: str) -> float:
         """How long `scope` stays paused from now (0: not paused): a held turn booked after a
         pause that has gone (an operator removed it) need not wait for it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def lease(self, key: str, most: int, holder: str, ttl: float) -> bool:
         """One of `most` connections under `key` for `holder`, for `ttl` seconds, renewed by
         asking again; False while all are held."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def release(self, key: str, holder: str) -> None:
-        raise NotImplementedError
+        """Give back the connection `holder` holds under `key`."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (most ledgers hold nothing open)
         """Let go of what the ledger holds open."""
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from pickupd import ids
-from pickupd.errors import SpoolLocked
+from pickupd.errors import NotAFile, SpoolLocked
 from pickupd.spool.access import DROP_FILE_MODE, DROP_MODE, drop_folders, make_folder
 from pickupd.spool.disk import slow_read
 from pickupd.spool.files import (
@@ -57,7 +57,6 @@ __all__ = [
     "Candidate",
     "Claimed",
     "Later",
-    "NotAFile",
     "Spool",
     "claim_id",
     "entries",
@@ -116,11 +115,6 @@ def _owner_token() -> str:
 
 # Windows has no uids (st_uid is always 0): no owner there, and no owners check.
 POSIX = os.name == "posix"
-
-
-class NotAFile(Exception):
-    """A candidate that is a directory: never moved into pickupd's folders (its writer could
-    then write inside them). It was put back where it was found."""
 
 
 def _every(name: str) -> bool:
@@ -267,7 +261,7 @@ class Spool:
         if stat.S_ISDIR(st.st_mode):
             # Swapped in after the scan: it goes back (our folders stay ours alone).
             os.rename(target, candidate.path)
-            raise NotAFile(candidate.path)
+            raise NotAFile(str(candidate.path))
         sidecar = None
         if candidate.origin in ("deferred", "recovered"):
             sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")

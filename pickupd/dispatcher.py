@@ -14,6 +14,7 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pickupd import policy
@@ -87,6 +88,9 @@ class Dispatcher:
         self.suspensions = Suspensions()
         self._background: set[asyncio.Task[None]] = set()
         self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
+        # Told a relay's change of state (suspended, resumed) seen here: the service passes
+        # it to its other processes (workers/protocol.RelayState).
+        self.announce: Callable[[str, bool], None] = lambda relay, suspended: None
 
     @property
     def log(self) -> Logger:
@@ -283,6 +287,7 @@ class Dispatcher:
             return
         if self.metrics is not None:
             self.metrics.suspended(relay.name, change.kind == "suspended")
+        self.announce(relay.name, change.kind == "suspended")
         if change.kind == "suspended":
             self.log.error(
                 "relay_suspended",
@@ -294,6 +299,24 @@ class Dispatcher:
             return
         self.log.info("relay_resumed", relay=relay.name, waiting=len(change.waited))
         self.make_due(list(change.waited), None)
+
+    def relay_state(self, relay: str, suspended: bool, config: Config, tell: bool = False) -> None:
+        """Another process of the service found `relay` dead, or answering again: so it is
+        here too (its waiting mail goes now); `tell`: and pass it on to the others."""
+        if tell:
+            self.announce(relay, suspended)
+        if relay not in config.relays:
+            return
+        if suspended:
+            self.suspensions.suspend(relay, time.time(), config.relays[relay].probe_interval)
+        elif waited := self.suspensions.resume(relay):
+            self.make_due(list(waited), None)
+
+    def take_over(self, claims: list[Candidate]) -> None:
+        """Claims whose lease expired (their process is gone): ours to send now."""
+        for candidate in claims:
+            self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
+        self.intake.recover(claims)
 
     async def lift_pauses(self) -> None:
         """Mail whose turn waits for a pause removed from the ledger (or shortened) goes: its

@@ -34,7 +34,7 @@ from pickupd.smtp.pool import Pool
 from pickupd.spool import moves, recovery
 from pickupd.spool.census import CensusCache, FolderCount
 from pickupd.spool.disk import Disk
-from pickupd.spool.folders import Candidate, Spool
+from pickupd.spool.folders import Spool
 from pickupd.spool.sidecar import Sidecar
 from pickupd.spool.stranded import Stranded
 from pickupd.watcher import Watcher
@@ -127,6 +127,8 @@ class Service:
             large_at_once=part.share(LARGE_AT_ONCE),
             disk=self.disk,
         )
+        if self.supervisor is not None:  # what the main process sees, every worker knows
+            self.dispatcher.announce = self.supervisor.relay_state
         self._background: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
@@ -238,6 +240,7 @@ class Service:
                 folders = [self.spool.pickup, self.spool.new, self.spool.deferred]
                 watcher = Watcher(folders, self.intake.hint)
                 watcher.start(asyncio.get_running_loop())
+            lease = lambda: self.config.spool.claim_lease  # noqa: E731 (a reload may change it)
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(self._lane()) for _ in range(self.config.dispatch.concurrency)
@@ -248,9 +251,7 @@ class Service:
                     group.create_task(self._reap_sessions()),
                     group.create_task(self.stranded.run(self.intake.wake)),
                     group.create_task(
-                        recovery.keep_leases(
-                            self.spool, lambda: self.config.spool.claim_lease, self._take_over
-                        )
+                        recovery.keep_leases(self.spool, lease, self.dispatcher.take_over)
                     ),
                 ]
                 if self.supervisor is not None and supervising is not None:
@@ -315,6 +316,8 @@ class Service:
 
     def _reported(self, event: protocol.Up) -> None:
         """An event a worker process sent up (workers/uplink.py)."""
+        if isinstance(event, protocol.Suspended):  # one process's relay state is every one's
+            self.dispatcher.relay_state(event.relay, event.on, self.config, tell=True)
         match event:
             case protocol.Feedback(kind, sidecar):
                 with contextlib.suppress(ValueError):
@@ -325,19 +328,16 @@ class Service:
                 self._served.apply(event)
 
     def _told(self, message: protocol.Down) -> None:
-        """What the main process passes on to every worker: a flush."""
+        """What the main process passes on to every worker: a flush, a relay's state."""
         match message:
             case protocol.Flush():
                 self._wake_all()
+            case protocol.RelayState(relay, suspended):
+                self.dispatcher.relay_state(relay, suspended, self.config)
 
     def _wake_all(self) -> None:
         self.intake.wake()
         self.stranded.wake()
-
-    def _take_over(self, claims: list[Candidate]) -> None:
-        for candidate in claims:
-            self.log.warning("lease_expired", id=candidate.id, claim=candidate.source)
-        self.intake.recover(claims)
 
     async def _reap_sessions(self) -> None:
         recheck = time.monotonic() + PAUSE_RECHECK

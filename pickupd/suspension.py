@@ -94,6 +94,28 @@ class Suspensions:
         detail = f"relay_suspended: {relay} is not answering; last error: {state.last_error}"
         return Admission(go=False, until=until, detail=detail)
 
+    def suspend(self, relay: str, now: float, probe_interval: float) -> None:
+        """Another process of the service found `relay` dead: hold it suspended here too."""
+        state = self._relays.setdefault(relay, _Relay())
+        if not state.suspended:
+            state.suspended, state.next_probe = True, now + probe_interval
+            state.waiting.extend(state.failed)
+            state.failed.clear()
+
+    def resume(self, relay: str) -> tuple[str, ...]:
+        """Another process's probe got through to `relay`: it is back here too; the ids
+        that waited here (make them due now)."""
+        state = self._relays.get(relay)
+        if state is None:
+            return ()
+        state.failures = 0
+        state.failed.clear()
+        if not state.suspended:
+            return ()
+        state.suspended = state.armed = False
+        waited, state.waiting = state.waiting, []
+        return tuple(waited)
+
     def waiting(self, relay: str, msg_id: str) -> None:
         """`msg_id` was deferred for the suspended `relay`: make it due when it returns."""
         state = self._relays.get(relay)

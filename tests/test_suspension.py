@@ -141,3 +141,29 @@ def test_mail_made_due_by_another_process_is_taken_at_once(
     assert time.monotonic() - started < 2.0
     (sent,) = daemon.wait_event("sent")
     assert sent["id"] == deferred["id"]
+
+
+def test_one_process_finding_a_relay_dead_holds_it_so_for_the_whole_service(
+    smtp_factory: Callable[..., SmtpServer], make_daemon: Callable[..., Daemon]
+) -> None:
+    """Two workers and a relay that greets with 421: once one process has seen its three
+    failures, every process holds the relay suspended (the main process tells them), so the
+    service opens about three connections, not three per process; when a probe gets
+    through, all the waiting mail goes, whichever process holds it."""
+    dead = smtp_factory(greeting="421")
+    daemon = make_daemon(
+        relays={"main": relay_for(dead, probe_interval="3s")},
+        dispatch={"workers": 2, "concurrency": 2},
+        retry={"schedule": ["1h"]},
+    )
+    for n in range(12):
+        drop_maildir(daemon.spool, message(subject=f"d{n}"))
+    daemon.wait_event("relay_suspended")
+    wait_until(lambda: len(daemon.events("waiting")) >= 8, 10, "the mail to wait")
+    opened = dead.sessions
+    print(f"connections before the whole service waited: {opened}")
+    assert opened <= 4, opened  # three failures, and at most one already on its way
+    dead.greeting = None  # it answers again
+    got = dead.wait_for(12, timeout=15)
+    spread = max(r.at for r in got) - min(r.at for r in got)
+    assert spread < 2.5, spread  # one probe got through: all of it went, not at each probe

@@ -23,6 +23,7 @@ __all__ = [
     "Outcome",
     "Paused",
     "Ready",
+    "RelayState",
     "Room",
     "SendTime",
     "SessionFailed",
@@ -122,11 +123,21 @@ class Flush:
     """Down: every deferred message was made due: look again now."""
 
 
+@dataclass(frozen=True, slots=True)
+class RelayState:
+    """Down: a process of the service found `relay` dead (`suspended`) or answering again:
+    every process holds it so, so none keeps connecting to a dead relay, and the mail of all
+    goes as soon as one probe gets through."""
+
+    relay: str
+    suspended: bool
+
+
 Up = (
     Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Room | StoreUp | Paused
     | Feedback
 )  # fmt: skip
-Down = Flush
+Down = Flush | RelayState
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +155,7 @@ _UP: dict[str, type[Up]] = {
         Feedback,
     )
 }  # fmt: skip
-_DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Flush,)}
+_DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Flush, RelayState)}
 # Field types the wire may carry as another JSON type (an int where a float is meant).
 _FLOATS = {"seconds", "until"}
 

@@ -110,6 +110,10 @@ class Supervisor:
         self._covered = covered
         self._cover(covered)
 
+    def relay_state(self, relay: str, suspended: bool) -> None:
+        """Tell every worker that `relay` is dead (or answering again)."""
+        self.tell(protocol.RelayState(relay, suspended))
+
     def tell(self, message: protocol.Down) -> None:
         """Send `message` to every running worker (a relay's pause, a flush)."""
         line = protocol.encode_down(message)

@@ -62,8 +62,8 @@ class Forwarder:
             self._add(protocol.SessionFailed(relay, kind))
 
     def suspended(self, relay: str, on: bool) -> None:
-        if self._metrics:
-            self._add(protocol.Suspended(relay, on))
+        # Always: the main process tells every process (metrics or not).
+        self._add(protocol.Suspended(relay, on))
 
     def room(self, limit: str, room: int, size: int = 0) -> None:
         if self._metrics and self._rooms.get(limit) != room:

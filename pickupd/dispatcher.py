@@ -384,9 +384,8 @@ async def examine(
         limit = config.policy.max_message_size
         detail = f"{data.size} bytes, larger than max_message_size = {limit}"
         return Examined(b"", None, Refusal(Reason.TOO_LARGE, detail))
-    # The writer: what the claim recorded (the sidecar's, else the file's owner then).
-    owner = claimed.owner if claimed.owner is not None else data.uid
-    return _checked(data.data, owner, claimed, config)
+    # The writer is what the claim recorded (the sidecar's, else the file's owner then).
+    return _checked(data.data, claimed.owner, claimed, config)
 
 
 def _checked(data: bytes, owner: int | None, claimed: Claimed, config: Config) -> Examined:

@@ -106,20 +106,29 @@ def _allows(rules: _Acl, account: Account, want: int) -> bool:
     return False if matched else bool(rules.other_perm & want)
 
 
-def can_read(account: Account, path: Path) -> bool:
+def can_read(account: Account, path: Path, seen: dict[Path, _Acl] | None = None) -> bool:
     """Whether `account` may read `path`: its permissions, and each folder above letting it
-    through. Root may read anything."""
+    through. Root may read anything. `seen`: the rules already read (judging many accounts,
+    each file and folder is read once)."""
     if account.uid == 0:
         return True
+    seen = {} if seen is None else seen
+
+    def rules(of: Path) -> _Acl:
+        if of not in seen:
+            seen[of] = _rules(of)
+        return seen[of]
+
     try:
         for folder in reversed(path.absolute().parents):
-            if not _allows(_rules(folder), account, SEARCH):
+            if not _allows(rules(folder), account, SEARCH):
                 return False
-        return _allows(_rules(path), account, READ)
+        return _allows(rules(path), account, READ)
     except OSError:
         return False
 
 
-def readers(path: Path, among: Iterable[Account]) -> list[str]:
-    """The names of the accounts in `among` that may read `path`."""
-    return [account.name for account in among if can_read(account, path)]
+def readers(path: Path, among: Iterable[Account]) -> list[Account]:
+    """The accounts in `among` that may read `path` (its rules read once)."""
+    seen: dict[Path, _Acl] = {}
+    return [account for account in among if can_read(account, path, seen)]

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pickupd.auth.exposure import Account, accounts, can_read
+from pickupd.auth.exposure import Account, accounts, can_read, readers
 
 __all__ = ["INLINE_KEYS", "SECRET_FILE_KEYS", "exposure", "inline_secrets", "secret_files"]
 
@@ -79,30 +79,27 @@ def exposure(config: Path, service: str, drop_gid: int | None) -> list[str] | No
         return None
     others = [a for a in everyone if a.uid not in (0, user.uid)]
     drop = grp.getgrgid(drop_gid).gr_name if drop_gid is not None else ""
-    group = grp.getgrgid(pwd.getpwnam(service).pw_gid).gr_name
+    service_gid = pwd.getpwnam(service).pw_gid
+    group = grp.getgrgid(service_gid).gr_name
     problems = []
     for key, path in places:
         if not path.exists():
             continue  # loading the config says so
         if not can_read(user, path):
             problems.append(f"{config}: {key}: {service} cannot read {path}")
-        readers = [a for a in others if can_read(a, path)]
-        if not readers:
+        found = readers(path, others)
+        if not found:
             continue
         if path == config:
-            what = f"the config holds a secret and {_who(readers, drop_gid, drop)} can read it"
+            what = f"the config holds a secret and {_who(found, drop_gid, drop)} can read it"
             fix = f"keep it in a file of its own ({key}_file) that only {service} may read"
         else:
-            what = f"{_who(readers, drop_gid, drop)} can read {path}"
+            what = f"{_who(found, drop_gid, drop)} can read {path}"
             fix = f"chown root:{group} {path} && chmod 640 {path}, no ACL entries"
-            if any(_in_group(a, pwd.getpwnam(service).pw_gid, user) for a in readers):
+            if any(service_gid in a.gids for a in found):  # a member of the service's group
                 fix += f", and group {group} for {service} alone"
         problems.append(f"{config}: {key}: {what}: only root and {service} may; {fix}")
     return problems
-
-
-def _in_group(account: Account, gid: int, service: Account) -> bool:
-    return account.uid != service.uid and gid in account.gids
 
 
 def _who(readers: list[Account], drop_gid: int | None, drop: str) -> str:

@@ -46,10 +46,9 @@ BINARY = getattr(os, "O_BINARY", 0)
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """A claimed message's bytes, and the uid that owns its file (the writer, for a drop)."""
+    """A claimed message's bytes (its writer was read at the claim: Claimed.owner)."""
 
     data: bytes
-    uid: int | None  # None where files have no uid (Windows)
 
 
 @dataclass(frozen=True, slots=True)

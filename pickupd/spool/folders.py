@@ -280,9 +280,8 @@ class Spool:
 
     @staticmethod
     def read(claimed: Claimed, limit: int) -> Read | Unsafe | TooLarge:
-        """The message bytes and the file's owner (fstat of the descriptor they are read
-        from); `Unsafe` if the file is not a plain file of its own; `TooLarge` if it is
-        larger than `limit`."""
+        """The message bytes; `Unsafe` if the file is not a plain file of its own (fstat of
+        the descriptor they are read from); `TooLarge` if it is larger than `limit`."""
         try:
             fd = os.open(claimed.path, os.O_RDONLY | SAFE | BINARY)
         except OSError as exc:
@@ -304,9 +303,7 @@ class Spool:
         finally:
             os.close(fd)
         slow_read(data)
-        return (
-            TooLarge(len(data)) if len(data) > limit else Read(data, st.st_uid if POSIX else None)
-        )
+        return TooLarge(len(data)) if len(data) > limit else Read(data)
 
     # -- outcomes -------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import TooLarge, Unsafe, printable
 from pickupd.spool.folders import Candidate, Claimed, Spool
-from pickupd.spool.sidecar import Sidecar, from_timestamp, to_timestamp
+from pickupd.spool.sidecar import KeptTurn, Sidecar, from_timestamp, to_timestamp
 from pickupd.spool.stranded import Stranded
 from pickupd.suspension import Suspensions
 
@@ -88,6 +88,7 @@ class Dispatcher:
         self.suspensions = Suspensions()
         self._background: set[asyncio.Task[None]] = set()
         self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
+        quota.on_turn = self._turn_came
         # Told a relay's change of state (suspended, resumed) seen here: the service passes
         # it to its other processes (workers/protocol.RelayState).
         self.announce: Callable[[str, bool], None] = lambda relay, suspended: None
@@ -191,13 +192,18 @@ class Dispatcher:
         login = logins.bind(decision.credentials or relay_config.credentials, parsed.sender)
         applies = needs.applies(relay_config, decision, login, len(parsed.recipients))
         kept = claimed.sidecar.turn if claimed.sidecar is not None else None
-        verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients), kept)
+        klass = policy.mail_class(parsed, decision, config, claimed.owner)
+        verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients), kept, klass)
         if isinstance(verdict, Refusal):
             await self.recorder.fail(claimed, parsed, verdict)
             return
         if isinstance(verdict, Wait):
             # Over a provider limit, or its scope is paused: not an attempt, not an error.
-            await self.recorder.waiting(claimed, parsed, verdict.at, verdict.detail, verdict.kept)
+            await self.recorder.waiting(
+                claimed, parsed, verdict.at, verdict.detail, verdict.kept, klass
+            )
+            if verdict.parked:
+                self.quota.parked(claimed.id)
             self.intake.due_at(claimed.id, verdict.at)
             return
         if verdict.turn is not None and self.metrics is not None:
@@ -331,6 +337,13 @@ class Dispatcher:
             await self.quota.release(freed[msg_id])
             self.intake.due_at(msg_id, now)
         self.log.info("pause_lifted", waiting=len(moved))
+
+    async def _turn_came(self, msg_id: str, due: float, kept: KeptTurn) -> bool:
+        """A message that waited in line has its turn: its sidecar keeps it, due then."""
+        if not await asyncio.to_thread(moves.keep_turn, self.spool, msg_id, kept):
+            return False
+        self.intake.due_at(msg_id, due)
+        return True
 
     def make_due(self, msg_ids: list[str], at: float | None) -> None:
         """Mail that waited goes at `at` (None: now): a suspended relay is back (or one of

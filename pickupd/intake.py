@@ -191,7 +191,7 @@ class Intake:
         self.part = dataclasses.replace(self.part, covering=workers)
         self.wake()
 
-    def _mine(self, name: str) -> bool:
+    def mine(self, name: str) -> bool:
         """Whether this worker process takes the file `name`, by its share as it is now."""
         return owns(self.part, name)
 
@@ -271,7 +271,7 @@ class Intake:
         elif candidate_path.parent == spool.new:
             if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
                 return
-            if not self._mine(candidate_path.name):
+            if not self.mine(candidate_path.name):
                 return
             if len(self._new) >= self._capacity():
                 self._pickup_wake.set()  # the feeder rescans once it has room
@@ -291,7 +291,7 @@ class Intake:
         if event_type not in ("created", "moved") or name.startswith("."):
             return
         msg_id, _, suffix = name.partition(".")
-        if message_id(f"{msg_id}.eml") is None or not self._mine(f"{msg_id}.eml"):
+        if message_id(f"{msg_id}.eml") is None or not self.mine(f"{msg_id}.eml"):
             return
         if msg_id in self._own_deferrals:
             if suffix == "eml":  # our sidecar came first; the .eml is the last of our two
@@ -351,7 +351,7 @@ class Intake:
                 started = time.monotonic()
                 wake_at = now + self.dispatch.rescan_interval
                 for item in self.spool.scan_pickup(
-                    now, self.dispatch.settle, self._mine, self._stray
+                    now, self.dispatch.settle, self.mine, self._stray
                 ):
                     if isinstance(item, Later):
                         wake_at = min(wake_at, item.at + 0.01)
@@ -418,7 +418,7 @@ class Intake:
         started = time.monotonic()
         try:
             scanned = await asyncio.to_thread(
-                DueTimes, self.spool.deferred_times(time.time(), self.horizon, self._mine)
+                DueTimes, self.spool.deferred_times(time.time(), self.horizon, self.mine)
             )
             scanned.merge(self._scanned_since)
             self._due_times = scanned

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pickupd.auth.owners import allows, describe_owners, describe_uid
 from pickupd.config.loading import Config, SenderRule
 from pickupd.message.envelope import Envelope
+from pickupd.message.priority import MailClass
 from pickupd.outcome import Reason, Refusal
 
-__all__ = ["check"]
+__all__ = ["check", "mail_class"]
 
 
 def _not_owner(
@@ -69,3 +70,18 @@ def check(
             f"{size} bytes, larger than max_message_size = {policy.max_message_size}",
         )
     return rule
+
+
+def mail_class(
+    envelope: Envelope, rule: SenderRule, config: Config, owner: int | None
+) -> MailClass:
+    """The message's class under a limit: the sender entry's `mail_class`, else what its
+    fields mark, no higher than the entry's `highest_class` nor than `[policy]
+    highest_class` allows its writer (the lowest of the writer's entries)."""
+    found = (rule.mail_class or envelope.marked).capped(rule.highest_class)
+    caps = config.policy.highest_class
+    if caps and owner is not None and found is not MailClass.BULK:
+        for who, highest in caps:
+            if allows((who,), owner):
+                found = found.capped(highest)
+    return found

@@ -78,7 +78,7 @@ class Service:
             lambda up: self.metrics.store_up(up) if self.metrics else None,
         )
         self.pool = Pool(ledger=self.ledger)
-        self.quota = Quota(self.ledger)
+        self.quota = Quota(self.ledger, part.total)
         self.notifier = None if once or not main else Notifier.from_env()
         self.census = CensusCache(self.spool)  # for the status line and the metrics
         self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
@@ -289,6 +289,7 @@ class Service:
                 watcher.stop()
             await self.feedback.close(timeout=5.0)
             await self.pool.close_all()
+            await self.quota.close()
             await self.ledger.close()
             self.disk.close()
             self.spool.unlock()

@@ -317,12 +317,14 @@ def test_while_the_store_is_away_the_fleet_takes_only_the_room_that_was_left(
 
 
 def test_a_kept_turn_whose_pause_is_gone_is_given_back_and_booked_anew(tmp_path: Path) -> None:
-    """A process booked a turn after a day's pause and stopped (its sidecar keeps the turn);
+    """A process booked a turn after a day's pause for an urgent message (only urgent mail
+    books that far ahead) and stopped (its sidecar keeps the turn);
     the pause was then removed. The process that takes the message sees the pause gone: it
     gives that turn back (the window's tail moves back) and books one for now, instead of
     waiting a day on a turn nobody holds."""
     from pickupd.limits.needs import Applies
     from pickupd.limits.quota import Go, Quota, Wait
+    from pickupd.message.priority import MailClass
 
     ledger = SpoolLedger(tmp_path / "ledger.json")
     need = _need(MINUTE_30)
@@ -330,12 +332,14 @@ def test_a_kept_turn_whose_pause_is_gone_is_given_back_and_booked_anew(tmp_path:
 
     async def run() -> tuple[object, object]:
         await ledger.pause("mailbox:h:a", 86400, "quota spent")
-        first = await Quota(ledger).turn("M1", applies, 1)
+        first = await Quota(ledger).turn("M1", applies, 1, klass=MailClass.URGENT)
         assert isinstance(first, Wait) and first.kept is not None
         assert first.kept.paused == "mailbox:h:a" and first.at - time.time() > 80000
         with ledger._books() as books:  # an operator removes the pause
             books.pauses.clear()
-        second = await Quota(ledger).turn("M1", applies, 1, first.kept)  # another process
+        second = await Quota(ledger).turn(
+            "M1", applies, 1, first.kept, MailClass.URGENT
+        )  # another process
         return first, second
 
     _, second = asyncio.run(run())

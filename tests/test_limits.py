@@ -25,8 +25,11 @@ def test_over_the_limit_waits_its_turn_without_an_attempt(
     smtp_server: SmtpServer, make_daemon: Callable[..., Daemon]
 ) -> None:
     """At 1/min, of three messages one goes now; the others wait in deferred/ with no attempt
-    counted, each with its own reserved turn a minute apart, and the reason in the sidecar."""
-    daemon = make_daemon(relays={"main": relay_for(smtp_server, rate="1/min")})
+    counted, each expected a minute after the other, and the reason in the sidecar (one
+    process: with several, each has its own line and its estimates)."""
+    daemon = make_daemon(
+        relays={"main": relay_for(smtp_server, rate="1/min")}, dispatch={"workers": 1}
+    )
     for n in range(3):
         drop_maildir(daemon.spool, message(subject=f"n{n}"))
     smtp_server.wait_for(1)

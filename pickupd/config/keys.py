@@ -25,6 +25,7 @@ import tomli_w
 
 from pickupd.auth.owners import Owner, parse_owner
 from pickupd.errors import Invalid
+from pickupd.message.priority import MailClass
 from pickupd.units import (
     Limit,
     Rate,
@@ -49,6 +50,8 @@ __all__ = [
     "keys",
     "limits",
     "listen",
+    "mail_class",
+    "owner_classes",
     "positive_duration",
     "rate",
     "schedule",
@@ -281,6 +284,30 @@ def owners(value: Any) -> tuple[Owner, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def mail_class(value: Any) -> MailClass:
+    """ "urgent", "normal" or "bulk" (message/priority.py)."""
+    if not isinstance(value, str):
+        raise Invalid('expected "urgent", "normal" or "bulk"')
+    try:
+        return MailClass.named(value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def owner_classes(value: Any) -> tuple[tuple[Owner, MailClass], ...]:
+    """A table of writers and the highest class their files may have:
+    {"newsletter" = "bulk", "@webapps" = "normal"}."""
+    if not isinstance(value, dict) or not value:
+        raise Invalid('expected a table like {"newsletter" = "bulk", "@webapps" = "normal"}')
+    found = []
+    for item, named in value.items():
+        try:
+            found.append((parse_owner(item), mail_class(named)))
+        except Invalid as exc:
+            raise Invalid(f"{item!r}: {exc}") from None
+    return tuple(found)
+
+
 def domain(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(
         r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
@@ -345,4 +372,6 @@ _AS_TOML: dict[Convert, Callable[[Any], Any]] = {
     size: format_size,
     listen: _listen_as_toml,
     limits: lambda value: [str(item) for item in value],
+    mail_class: lambda value: value.value,
+    owner_classes: lambda value: {owner.shown: named.value for owner, named in value},
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pickupd.auth.logins import Credentials, Login, OAuth2Login, RefreshTokenSource, Secret
+from pickupd.auth.owners import Owner
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
 from pickupd.config.limits import LimitsConfig, read_limits
@@ -31,6 +32,7 @@ from pickupd.config.routing import (
 )
 from pickupd.config.secrets import inline_secrets
 from pickupd.errors import ConfigError
+from pickupd.message.priority import MailClass
 from pickupd.spool.disk import IoMode
 
 __all__ = [
@@ -153,6 +155,13 @@ class PolicyConfig:
     # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
     local_domain: str | None = setting(
         None, s.domain, "", "qualify bare names like root as root@local_domain (not set)"
+    )
+    highest_class: tuple[tuple[Owner, MailClass], ...] | None = setting(
+        None,
+        s.owner_classes,
+        "",
+        'by writer: {"newsletter" = "bulk", "@webapps" = "normal"}: the highest class under'
+        " a limit their files may have (not set: as marked)",
     )
 
 

@@ -16,6 +16,7 @@ from pickupd.config.keys import Reader, setting
 from pickupd.config.logins import CREDENTIAL_KEYS, read_credentials
 from pickupd.errors import AddressError
 from pickupd.message.addresses import parse_address_list
+from pickupd.message.priority import MailClass
 from pickupd.units import Limit, Rate, from_rate, merged, parse_limits
 
 __all__ = [
@@ -156,6 +157,19 @@ class SenderRule:
         "",
         "the local users, @groups and uid:NNN whose dropped files may send as this sender"
         " (not set: any writer)",
+    )
+    mail_class: MailClass | None = setting(
+        None,
+        s.mail_class,
+        "",
+        '"urgent", "normal" or "bulk": the class of all its mail under a limit, whatever'
+        " the message's fields mark (not set: as marked)",
+    )
+    highest_class: MailClass | None = setting(
+        None,
+        s.mail_class,
+        "",
+        "a message marked higher than this goes as this class (not set: no cap)",
     )
 
     def matches(self, address: str) -> bool:

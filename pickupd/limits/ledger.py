@@ -68,6 +68,9 @@ class Turn:
     paused: str | None = None  # the scope whose pause it waits for, and why
     why: str = ""
     room: tuple[int, ...] = ()
+    # Nothing booked: the first room is further ahead than the message's class may book
+    # (`at` is when that room is, as an estimate).
+    full: bool = False
 
 
 class Ledger(abc.ABC):
@@ -76,8 +79,11 @@ class Ledger(abc.ABC):
     name = "ledger"
 
     @abc.abstractmethod
-    async def reserve(self, needs: Sequence[Need], scopes: Sequence[str]) -> Turn:
-        """A turn for a message under `needs`, held by the pauses of `scopes`."""
+    async def reserve(
+        self, needs: Sequence[Need], scopes: Sequence[str], ahead: float | None = None
+    ) -> Turn:
+        """A turn for a message under `needs`, held by the pauses of `scopes`, at most
+        `ahead` seconds from now (None: however far; else a Turn that is `full`)."""
 
     @abc.abstractmethod
     async def refund(self, turn: Turn, recipients: int, message: bool) -> None:
@@ -162,10 +168,16 @@ class Books:
 
 
 def book(
-    books: Books, needs: Sequence[Need], scopes: Sequence[str], now: float, scale: int = 1
+    books: Books,
+    needs: Sequence[Need],
+    scopes: Sequence[str],
+    now: float,
+    scale: int = 1,
+    ahead: float | None = None,
 ) -> Turn:
-    """Book a turn in `books` at `now` or later (the arithmetic both ledgers share; `scale`
-    divides every amount: a host's share when the fleet's store is down)."""
+    """Book a turn in `books` at `now` or later, at most `ahead` seconds later (the
+    arithmetic both ledgers share; `scale` divides every amount: a host's share when the
+    fleet's store is down)."""
     at_ms, paused, why = int(now * 1000), None, ""
     for scope in scopes:
         until, says = books.pauses.get(scope, (0.0, ""))
@@ -182,6 +194,8 @@ def book(
     # Each key fits at its earliest bucket and at any later time (windows.py): so all fit at
     # the latest of them.
     at_ms = max([at_ms] + [bucket * window.size_ms for _, window, _, bucket in found])
+    if ahead is not None and at_ms > int((now + ahead) * 1000):
+        return Turn(at_ms / 1000, now, paused=paused, why=why, full=True)
     booked = []
     for need, window, key, _ in found:
         bucket = at_ms // window.size_ms
@@ -239,11 +253,13 @@ class SpoolLedger(Ledger):
                 expires = (key.tail + window.span + 1) * window.size_ms / 1000
                 books.expires[name] = max(books.expires.get(name, 0.0), expires)
 
-    def book(self, needs: Sequence[Need], scopes: Sequence[str], now: float) -> Turn:
+    def book(
+        self, needs: Sequence[Need], scopes: Sequence[str], now: float, ahead: float | None = None
+    ) -> Turn:
         if not needs:
-            return book(self._read(), needs, scopes, now, self.scale)
+            return book(self._read(), needs, scopes, now, self.scale, ahead)
         with self._books() as books:
-            return book(books, needs, scopes, now, self.scale)
+            return book(books, needs, scopes, now, self.scale, ahead)
 
     def _read(self) -> Books:
         """The books, for a look at the pauses only: read again only when the file changed
@@ -264,8 +280,10 @@ class SpoolLedger(Ledger):
                     fcntl.lockf(self._fd, fcntl.LOCK_UN)
         return self._seen[1]
 
-    async def reserve(self, needs: Sequence[Need], scopes: Sequence[str]) -> Turn:
-        return self.book(needs, scopes, time.time())
+    async def reserve(
+        self, needs: Sequence[Need], scopes: Sequence[str], ahead: float | None = None
+    ) -> Turn:
+        return self.book(needs, scopes, time.time(), ahead)
 
     async def refund(self, turn: Turn, recipients: int, message: bool) -> None:
         back = refunds(turn, recipients, message)

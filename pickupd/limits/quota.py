@@ -13,12 +13,18 @@ which errs on the side of the limit.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pickupd.limits.ledger import Ledger, Turn
+from pickupd.limits.lines import Line, ahead, line_key
 from pickupd.limits.needs import Applies
 from pickupd.limits.replies import PAUSE_FIRST, PAUSE_MAX, SPENT, TENANT, Kind, Rule, classify
+from pickupd.limits.windows import margin
+from pickupd.message.priority import MailClass
 from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal
 from pickupd.spool.sidecar import KeptTurn, from_timestamp
 
@@ -26,6 +32,10 @@ __all__ = ["EARLY", "Go", "Pause", "Quota", "Wait"]
 
 # Turns this close to now are taken at once (a due message must not bounce for a rounding).
 EARLY = 0.05
+# A line's head asks the ledger at least this often while it waits (a pause an operator
+# removed, room another host gave back), and waits this long at most for its message to
+# reach deferred/ before it is dropped from the line (its process could not move it there).
+ASK_AGAIN = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,7 @@ class Wait:
     at: float
     detail: str
     kept: KeptTurn | None = None
+    parked: bool = False  # in a waiting line here: say quota.parked() once it is deferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +70,34 @@ class Pause:
 class Quota:
     """Turns from the ledger for the messages of one process."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, processes: int = 1) -> None:
+        """`processes`: this host's dispatcher processes (workers), each with its lines."""
         self.ledger = ledger
+        self.processes = processes
         self._held: dict[str, tuple[Turn, float]] = {}  # message id -> its turn, due (local)
         self._lengths: dict[str, float] = {}  # scope -> its last throttling pause
         # scope -> the messages holding a turn booked after its pause (see recheck)
         self._after_pause: dict[str, set[str]] = {}
+        self._lines: dict[tuple[str, ...], Line] = {}  # the waiting lines (lines.py)
+        self._parked: dict[str, tuple[str, ...]] = {}  # message id -> its line
+        self._pumps: dict[tuple[str, ...], asyncio.Task[None]] = {}
+        self._wakes: dict[tuple[str, ...], asyncio.Event] = {}
+        # Told when a line's head got its turn: (id, due, the turn for its sidecar) -> whether
+        # the message was still waiting in deferred/ to take it (the dispatcher sets it).
+        self.on_turn: Callable[[str, float, KeptTurn], Awaitable[bool]] = _nobody
 
     async def turn(
-        self, msg_id: str, applies: Applies, recipients: int, kept: KeptTurn | None = None
+        self,
+        msg_id: str,
+        applies: Applies,
+        recipients: int,
+        kept: KeptTurn | None = None,
+        klass: MailClass = MailClass.NORMAL,
     ) -> Go | Wait | Refusal:
         """May the message go now? A Refusal when it never can under its limits. `kept`: the
-        turn its sidecar holds (booked by whichever process deferred it)."""
+        turn its sidecar holds (booked by whichever process deferred it). `klass`: how far
+        ahead it may book (lines.py); one that finds no room that near waits in a line here
+        (its turn, when it comes, goes into its sidecar, for whichever process takes it)."""
         if applies.per_message is not None and recipients > applies.per_message[0].amount:
             limit, where = applies.per_message
             return Refusal(
@@ -92,13 +119,34 @@ class Quota:
                     self._after_pause.setdefault(paused, set()).add(msg_id)
         if held is not None:
             turn, due = held
-            if time.time() >= due - EARLY:
+            now = time.time()
+            if now > due + _slack(turn):
+                # Taken too late for the window's margin to cover what follows the turn (a
+                # busy host): given back, and booked anew for now.
+                await self.release(turn)
+                held = None
+            elif now >= due - EARLY:
+                self._unpark(msg_id)  # (another process's line gave it this turn)
                 return Go(turn)
+        if held is not None:
+            turn, due = held
             self._held[msg_id] = held
             return Wait(due, self._detail(turn, applies), _kept_as(turn, due))
         if not applies.needs and not applies.scopes:
             return Go(None)
-        turn = await self.ledger.reserve(applies.needs, applies.scopes)
+        key = line_key(applies)
+        line = self._lines.get(key)
+        if msg_id in self._parked:
+            # Woke before its line's head reached it (an expected time is an estimate).
+            assert line is not None
+            member = line.members[msg_id]
+            member.ready = False
+            return self._park_wait(line, msg_id, klass)
+        if line is not None and line.waits_ahead_of(klass):
+            return self._park(key, msg_id, applies, klass, None)
+        turn = await self.ledger.reserve(applies.needs, applies.scopes, ahead(klass, applies))
+        if turn.full:
+            return self._park(key, msg_id, applies, klass, turn)
         if turn.paused is not None:
             self._after_pause.setdefault(turn.paused, set()).add(msg_id)
         if turn.never is not None:
@@ -113,6 +161,112 @@ class Quota:
         due = time.time() + (turn.at - turn.now)
         self._held[msg_id] = (turn, due)
         return Wait(due, self._detail(turn, applies), _kept_as(turn, due))
+
+    def _park(
+        self,
+        key: tuple[str, ...],
+        msg_id: str,
+        applies: Applies,
+        klass: MailClass,
+        turn: Turn | None,
+    ) -> Wait:
+        """No room near enough for its class (`turn`: as the ledger said; None: others of
+        its class wait already): into the line."""
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = Line(applies, self.processes)
+        if turn is not None:
+            _heard(line, turn)
+        line.add(msg_id, applies, klass)
+        self._parked[msg_id] = key
+        head = line.head()
+        if key not in self._pumps:
+            wake = self._wakes[key] = asyncio.Event()
+            self._pumps[key] = asyncio.get_running_loop().create_task(self._pump(key, line, wake))
+        elif head is not None and head[0] == msg_id:
+            self._wakes[key].set()  # a new head, of a higher class: it asks now
+        return self._park_wait(line, msg_id, klass)
+
+    def _park_wait(self, line: Line, msg_id: str, klass: MailClass) -> Wait:
+        member = line.members[msg_id]
+        # A day at most: one further ahead wakes then and is told its place again.
+        now = time.time()
+        at = min(line.expected(member, now), now + SPENT)
+        why = line.paused or member.applies.describe()
+        return Wait(at, f"waiting in line ({klass.value}): {why}", parked=True)
+
+    def _unpark(self, msg_id: str) -> None:
+        key = self._parked.pop(msg_id, None)
+        if key is not None and key in self._lines:
+            self._lines[key].remove(msg_id)
+
+    def parked(self, msg_id: str) -> None:
+        """`msg_id` is in deferred/ now, ready to be given its turn when it comes."""
+        key = self._parked.get(msg_id)
+        if key is not None:
+            self._lines[key].members[msg_id].ready = True
+            self._wakes[key].set()
+
+    def waiting_by_class(self) -> dict[MailClass, int]:
+        """Messages in this process's lines, by class (for the metrics)."""
+        total = dict.fromkeys(MailClass, 0)
+        for line in self._lines.values():
+            for klass, count in line.counts().items():
+                total[klass] += count
+        return total
+
+    async def _pump(self, key: tuple[str, ...], line: Line, wake: asyncio.Event) -> None:
+        """Ask the ledger for the head's turn when room comes; give it to the head."""
+        try:
+            while (head := line.head()) is not None:
+                msg_id, member = head
+                wake.clear()
+                if not member.ready:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), ASK_AGAIN)
+                    if not member.ready and line.head() == head:
+                        line.remove(msg_id)  # never reached deferred/: it is not waiting
+                        self._parked.pop(msg_id, None)
+                    continue
+                applies = member.applies
+                turn = await self.ledger.reserve(
+                    applies.needs, applies.scopes, ahead(member.klass, applies)
+                )
+                if line.head() != head:
+                    await self.release(turn)  # it left meanwhile (claimed again, a new head)
+                    continue
+                if turn.full:
+                    pause = min(max(turn.at - turn.now, 0.01), ASK_AGAIN)
+                    _heard(line, turn)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), pause)
+                    continue
+                line.remove(msg_id)
+                self._parked.pop(msg_id, None)
+                if turn.never is not None:
+                    await self.on_turn(msg_id, time.time(), KeptTurn(time.time(), ()))
+                    continue  # taken now, it is refused then
+                due = time.time() + max(0.0, turn.at - turn.now)
+                self._held[msg_id] = (turn, due)
+                if turn.paused is not None:
+                    self._after_pause.setdefault(turn.paused, set()).add(msg_id)
+                if not await self.on_turn(msg_id, due, _kept_as(turn, due)):
+                    self._held.pop(msg_id, None)
+                    await self.release(turn)
+        finally:
+            if self._pumps.get(key) is asyncio.current_task():
+                del self._pumps[key]
+                del self._wakes[key]
+                if not line.members:
+                    self._lines.pop(key, None)
+
+    async def close(self) -> None:
+        """Stop asking for the lines' turns (their messages wait in deferred/ until due)."""
+        for task in list(self._pumps.values()):
+            task.cancel()
+        for task in list(self._pumps.values()):
+            with contextlib.suppress(BaseException):
+                await task
 
     async def recheck(self) -> list[tuple[str, Turn]]:
         """The messages whose turn was booked after a pause that is gone (removed from the
@@ -183,8 +337,27 @@ class Quota:
 
     def _detail(self, turn: Turn, applies: Applies) -> str:
         if turn.paused is not None:
-            return f"waiting: {turn.paused} is paused ({turn.why}) until {from_timestamp(turn.at)}"
+            return f"waiting: {_paused_detail(turn)}"
         return f"waiting its turn: {applies.describe()}"
+
+
+def _heard(line: Line, turn: Turn) -> None:
+    """What the ledger said of the room for the line's head (a `full` turn)."""
+    line.room_at = time.time() + turn.at - turn.now
+    line.paused = "" if turn.paused is None else _paused_detail(turn)
+
+
+def _paused_detail(turn: Turn) -> str:
+    return f"{turn.paused} is paused ({turn.why}) until {from_timestamp(turn.at)}"
+
+
+def _slack(turn: Turn) -> float:
+    """How late a turn may be taken: half the margin of its shortest window (windows.py)."""
+    return min((margin(need.limit.window) / 2 for need, _ in turn.booked), default=float("inf"))
+
+
+async def _nobody(msg_id: str, due: float, kept: KeptTurn) -> bool:
+    return False
 
 
 def _kept_as(turn: Turn, due: float) -> KeptTurn:

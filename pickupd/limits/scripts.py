@@ -3,7 +3,8 @@ server's clock, one script a call, so each is atomic and one round trip.
 
 KEYS are the limits' hashes (bucket -> count, `t` the tail, `s` the sum of the buckets kept)
 and the pauses' strings ("<until ms>|<why>"); ARGV the windows' numbers, then the longest
-pause pickupd sets (ms): a pause read from the store never holds mail longer than that.
+pause pickupd sets (ms): a pause read from the store never holds mail longer than that, then
+how far ahead the message's class may book (ms, -1: any).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ for i = 1, nk do
   books[i] = {amount, size, span, need, tail, counts, sum}
   if bucket * size > at then at = bucket * size end
 end
+-- Further ahead than the message's class may book (ARGV after the pause cap; -1: any):
+-- nothing is booked, and `at` says when the room is.
+local ahead = tonumber(ARGV[4 + 4 * nk])
+if ahead >= 0 and at > now + ahead then return {at, now, -1, paused, why} end
 local out = {at, now, 0, paused, why}
 for i = 1, nk do
   local b = books[i]

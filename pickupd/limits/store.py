@@ -212,7 +212,9 @@ class RedisLedger(Ledger):
             self._spent = spent + self._spent
             raise
 
-    async def reserve(self, needs: Sequence[Need], scopes: Sequence[str]) -> Turn:
+    async def reserve(
+        self, needs: Sequence[Need], scopes: Sequence[str], ahead: float | None = None
+    ) -> Turn:
         shard = needs[0].shard if needs else _shard(scopes)
         keys = [_key(n.shard, n.key) for n in needs]
         keys += [_key(shard, f"pause:{scope}") for scope in scopes]
@@ -221,6 +223,7 @@ class RedisLedger(Ledger):
             window = need.window
             args += [window.amount, window.size_ms, window.span, need.amount]
         args.append(int(LONGEST_PAUSE * 1000))
+        args.append(-1 if ahead is None else int(ahead * 1000))
         got = await self._batched(keys, args)
         if got is None:
             if not self._seeded:
@@ -229,13 +232,16 @@ class RedisLedger(Ledger):
                 # it again during it (for a daily limit, that would block the mailbox a day).
                 self.fallback.seed(self._seed())
                 self._seeded = True
-            turn = self.fallback.book(needs, scopes, time.time())
+            turn = self.fallback.book(needs, scopes, time.time(), ahead)
             if turn.never is None:
                 self._spent += [(need, bucket, need.amount) for need, bucket in turn.booked]
             return turn
         self._seeded = False
         at, now, never, paused = (int(x) for x in got[:4])
         why = got[4].decode() if isinstance(got[4], bytes) else str(got[4])
+        scope = scopes[paused - 1] if paused else None
+        if never < 0:
+            return Turn(at / 1000, now / 1000, paused=scope, why=why, full=True)
         if never:
             return Turn(now / 1000, now / 1000, never=needs[never - 1])
         rest = [int(x) for x in got[5:]]
@@ -244,7 +250,6 @@ class RedisLedger(Ledger):
         room = tuple(rest[2 * i + 1] for i in range(len(needs)))
         for (need, bucket), left in zip(booked, room, strict=True):
             self._room[need.key] = (bucket, left)
-        scope = scopes[paused - 1] if paused else None
         return Turn(at / 1000, now / 1000, booked, paused=scope, why=why, room=room)
 
     def _seed(self) -> dict[str, tuple[Window, dict[int, int]]]:

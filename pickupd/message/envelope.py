@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pickupd.errors import AddressError, MessageError, TooLong
 from pickupd.message import longlines
 from pickupd.message.addresses import is_null, parse_address_list, qualify
+from pickupd.message.priority import MARK_FIELDS, MailClass, marked
 from pickupd.outcome import Reason, Refusal
 
 __all__ = [
@@ -61,6 +62,7 @@ class Envelope:
     authors: tuple[tuple[str, str], ...] = ()
     dsn: Dsn = NO_DSN
     added: tuple[str, ...] = ()  # fields pickupd added (Completion): "Date", "Message-ID"
+    marked: MailClass = MailClass.NORMAL  # the class its own fields mark (message/priority.py)
 
 
 # ---- The message: header fields as bytes, the envelope taken from them.
@@ -330,6 +332,7 @@ def _parse(
     single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
     message_id: str | None = None
     authors: list[tuple[str, str]] = []
+    marks: list[tuple[str, bytes]] = []
     for f in fields[run:]:
         if f.name != "bcc":  # Bcc: is for the envelope only, in both formats
             kept.append(f)
@@ -348,6 +351,8 @@ def _parse(
             # One per resent block, so they may repeat; each must parse and is an author.
             found = f.addresses(null_ok=True) or []
             authors.extend((_LABELS[f.name], address) for address in found)
+        elif f.name in MARK_FIELDS:
+            marks.append((f.name, f.value()))
 
     from_field, sender_field = single.get("from"), single.get("sender")
     header_from = tuple(from_field.addresses(null_ok=True) or []) if from_field else ()
@@ -379,5 +384,13 @@ def _parse(
     except TooLong as error:
         raise _Malformed(str(error)) from None
     return Envelope(
-        sender, tuple(unique), header_from, data, message_id, tuple(authors), dsn, added
+        sender,
+        tuple(unique),
+        header_from,
+        data,
+        message_id,
+        tuple(authors),
+        dsn,
+        added,
+        marked(marks) if marks else MailClass.NORMAL,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from pickupd import ids
 from pickupd.spool.files import atomic_write, fsync_dir
 from pickupd.spool.folders import Spool
-from pickupd.spool.sidecar import Sidecar, from_timestamp
+from pickupd.spool.sidecar import KeptTurn, Sidecar, from_timestamp
 
 __all__ = ["delete", "hold", "locate", "make_due", "make_one_due", "make_waiting_due", "requeue"]
 
@@ -107,6 +107,17 @@ def release_turns(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
         atomic_write(spool.deferred / f"{msg_id}.json", changed.to_json(), mtime=now)
         done.append(msg_id)
     return done
+
+
+def keep_turn(spool: Spool, msg_id: str, kept: KeptTurn) -> bool:
+    """The deferred message `msg_id`, which waited in line, has its turn: its sidecar keeps
+    it, due then. False if it is no longer in deferred/ (taken meanwhile)."""
+    sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
+    if sidecar is None or not os.path.lexists(spool.deferred / f"{msg_id}.eml"):
+        return False
+    changed = dataclasses.replace(sidecar, turn=kept, next_attempt=from_timestamp(kept.due))
+    atomic_write(spool.deferred / f"{msg_id}.json", changed.to_json(), mtime=kept.due)
+    return True
 
 
 def make_waiting_due(spool: Spool, msg_ids: list[str], now: float) -> list[str]:

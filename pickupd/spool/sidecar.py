@@ -69,6 +69,9 @@ class Sidecar:
     # Header fields pickupd added because the file had none (Date, Message-ID).
     added: tuple[str, ...] = ()
     turn: KeptTurn | None = None  # waiting for its turn under a limit
+    # Its class under a limit ("urgent", "normal", "bulk": message/priority.py), once it
+    # waited for one; next_attempt is then its expected send time.
+    mail_class: str | None = None
     history: tuple[Attempt, ...] = field(default=())
 
     def lifetime_start(self) -> str | None:
@@ -101,7 +104,7 @@ class Sidecar:
         # next_attempt belongs to deferred messages, reason to failed ones; split_from only
         # to copies: leave out what does not apply rather than write nulls.
         optional = ("next_attempt", "reason", "split_from", "message_id", "deferred_notice")
-        for key in (*optional, "owner_uid", "owner"):
+        for key in (*optional, "owner_uid", "owner", "mail_class"):
             if data[key] is None:
                 del data[key]
         return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
@@ -128,6 +131,7 @@ class Sidecar:
                 owner=data.get("owner"),
                 added=tuple(str(name) for name in data.get("added", ())),
                 turn=_kept(data.get("turn")),
+                mail_class=data.get("mail_class"),
                 history=tuple(Attempt(**entry) for entry in data.get("history", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

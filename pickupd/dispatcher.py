@@ -332,7 +332,11 @@ class Dispatcher:
         if not freed:
             return
         now = time.time()
-        moved = await asyncio.to_thread(moves.release_turns, self.spool, list(freed), now)
+        kept = {
+            msg_id: tuple((need.key, bucket, need.amount) for need, bucket in turn.booked)
+            for msg_id, turn in freed.items()
+        }
+        moved = await asyncio.to_thread(moves.release_turns, self.spool, kept, now)
         for msg_id in moved:
             await self.quota.release(freed[msg_id])
             self.intake.due_at(msg_id, now)

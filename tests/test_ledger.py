@@ -154,6 +154,40 @@ def test_the_script_books_as_windows_py_does(redis_server: RedisServer, tmp_path
     assert keys and all(0 < client.pttl(k) <= 3 * 3600 * 1000 for k in keys)
 
 
+def test_a_turn_given_back_at_the_tail_never_forgets_the_window_before_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """10 per 2 s, all booked now; one more is booked a window ahead (the tail moves there)
+    and given back (its message left the line): the ten booked now still count, in the spool
+    file's arithmetic and in the store's script. Before, booking ahead forgot the buckets a
+    span before the new tail, the give-back moved the tail back, and ten more went at once."""
+    limit = parse_limit("10 messages/2s")
+    need = _need(limit, 1, "mailbox:h:a/m")
+
+    books, now = Books(), time.time()
+    for _ in range(10):
+        assert book(books, [need], [], now).at == now
+    ahead = book(books, [need], [], now)
+    assert ahead.at - now > 2.0
+    key = books.keys[need.key]
+    for _, bucket in ahead.booked:
+        key.refund(bucket, 1)
+    assert book(books, [need], [], now + 0.1, ahead=0.5).full
+
+    async def run() -> bool:
+        ledger, _ = _ledger(_store(redis_server, tmp_path, wait=2.0), tmp_path, [])
+        for _ in range(10):
+            assert (await ledger.reserve([need], [])).booked
+        later = await ledger.reserve([need], [])
+        assert later.at - later.now > 2.0
+        await ledger.refund(later, 0, True)
+        again = await ledger.reserve([need], [], ahead=0.5)
+        await ledger.close()
+        return again.full
+
+    assert asyncio.run(run())
+
+
 def test_a_store_that_never_answers_costs_the_bounded_wait(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

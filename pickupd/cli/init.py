@@ -118,6 +118,7 @@ _EXAMPLES: dict[object, str] = {
     s.address: '"ops@example.com"',
     s.listen: '"127.0.0.1:9464"',
     s.domain: '"example.com"',
+    s.owner_classes: '{"newsletter" = "bulk"}',
 }
 
 

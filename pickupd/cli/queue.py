@@ -114,6 +114,7 @@ def _rows(spool: Spool, now: float) -> list[dict[str, Any]]:
                     "owner_uid": sidecar.owner_uid,
                     "attempts": sidecar.attempts,
                     "next_attempt": next_attempt,
+                    "mail_class": sidecar.mail_class,
                     "reason": sidecar.reason,
                     "detail": sidecar.detail,
                     "last_reply": (
@@ -170,6 +171,8 @@ def _print_row(row: dict[str, Any], now: float) -> None:
     if row["folder"] == "deferred" and row["next_attempt"]:
         due = -(_seconds_since(row["next_attempt"], now) or 0.0)
         state = "due now" if due <= 0 else f"next attempt in {_age(due)}"
+        if row.get("mail_class"):
+            state += f" ({row['mail_class']})"
     elif row["folder"] == "failed":
         state = f"reason {row['reason']}"
     else:

@@ -160,8 +160,8 @@ class PolicyConfig:
         None,
         s.owner_classes,
         "",
-        'by writer: {"newsletter" = "bulk", "@webapps" = "normal"}: the highest class under'
-        " a limit their files may have (not set: as marked)",
+        "by writer (users, @groups): the highest class under a limit their files may"
+        " have (not set: as marked)",
     )
 
 

@@ -199,7 +199,7 @@ def book(
     booked = []
     for need, window, key, _ in found:
         bucket = at_ms // window.size_ms
-        key.book(window, bucket, need.amount)
+        key.book(window, bucket, need.amount, int(now * 1000))
         books.expires[need.key] = (key.tail + window.span + 1) * window.size_ms / 1000
         booked.append((need, bucket))
     room = tuple(key.room(window, int(now * 1000)) for _, window, key, _ in found)

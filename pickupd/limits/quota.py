@@ -105,8 +105,11 @@ class Quota:
                 f"{recipients} recipients, over {where} = {limit}: pickupd does not split a"
                 f" message; send it in parts of at most {limit.amount} recipients",
             )
-        held = self._held.pop(msg_id, None)
-        if held is None and kept is not None:
+        # The turn its sidecar keeps is the one it may use: a turn held here may have been
+        # used or given back by another process since (the sidecar is rewritten then).
+        self._held.pop(msg_id, None)
+        held = None
+        if kept is not None:
             held = _adopt(kept, applies)
             paused = held[0].paused if held is not None else None
             if held is not None and paused is not None:
@@ -247,11 +250,9 @@ class Quota:
                     await self.on_turn(msg_id, time.time(), KeptTurn(time.time(), ()))
                     continue  # taken now, it is refused then
                 due = time.time() + max(0.0, turn.at - turn.now)
-                self._held[msg_id] = (turn, due)
-                if turn.paused is not None:
-                    self._after_pause.setdefault(turn.paused, set()).add(msg_id)
+                # Its sidecar keeps the turn (one truth for whichever process takes it); if
+                # the message left deferred/ meanwhile, nobody holds it: given back.
                 if not await self.on_turn(msg_id, due, _kept_as(turn, due)):
-                    self._held.pop(msg_id, None)
                     await self.release(turn)
         finally:
             if self._pumps.get(key) is asyncio.current_task():

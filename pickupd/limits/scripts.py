@@ -79,9 +79,11 @@ for i = 1, nk do
     redis.call('HSET', KEYS[i], 't', tail)
   end
   if counts ~= nil then
-    -- The buckets were read: drop those no window can reach, so `s` is exact again.
+    -- The buckets were read: drop those no window can reach, so `s` is exact again (a span
+    -- before now, not before the tail: a turn given back moves the tail back).
+    local low = math.min(tail, math.floor(now / size)) - span
     for _, c in ipairs(counts) do
-      if c[1] <= tail - span then
+      if c[1] <= low then
         redis.call('HDEL', KEYS[i], c[1])
         sum = sum - c[2]
       end

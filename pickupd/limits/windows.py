@@ -60,11 +60,13 @@ class Key:
         low = bucket - window.span
         return sum(n for b, n in self.counts.items() if low < b <= bucket)
 
-    def book(self, window: Window, bucket: int, need: int) -> None:
-        """Book `need` at `bucket` (>= tail) and forget buckets no window can reach again."""
+    def book(self, window: Window, bucket: int, need: int, now_ms: int) -> None:
+        """Book `need` at `bucket` (>= tail) and forget buckets no window can reach again:
+        those a span before now, not before the tail (a turn given back moves the tail back,
+        and a window that ends now must still see the buckets before it)."""
         self.counts[bucket] = self.counts.get(bucket, 0) + need
         self.tail = max(self.tail, bucket)
-        low = self.tail - window.span
+        low = min(self.tail, now_ms // window.size_ms) - window.span
         for b in [b for b in self.counts if b <= low]:
             del self.counts[b]
 

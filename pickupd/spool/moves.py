@@ -94,14 +94,20 @@ def make_one_due(spool: Spool, msg_id: str, now: float) -> bool:
     return True
 
 
-def release_turns(spool: Spool, msg_ids: list[str], now: float) -> list[str]:
-    """The deferred messages `msg_ids` no longer hold the turn their sidecar keeps (the pause
-    it waited for is gone): each sidecar is rewritten without it, due `now`. Returns those
-    still in deferred/ (the others were taken meanwhile)."""
+def release_turns(
+    spool: Spool, turns: dict[str, tuple[tuple[str, int, int], ...]], now: float
+) -> list[str]:
+    """The deferred messages of `turns` (id -> the turn's (key, bucket, amount)) no longer
+    hold the turn their sidecar keeps (the pause it waited for is gone): each sidecar is
+    rewritten without it, due `now`. Returns those still in deferred/ keeping that turn (the
+    others were taken meanwhile, or their turn was used or given back by another process:
+    not to be given back twice)."""
     done = []
-    for msg_id in msg_ids:
+    for msg_id, booked in turns.items():
         sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
         if sidecar is None or not os.path.lexists(spool.deferred / f"{msg_id}.eml"):
+            continue
+        if sidecar.turn is None or sidecar.turn.booked != booked:
             continue
         changed = dataclasses.replace(sidecar, turn=None, next_attempt=from_timestamp(now))
         atomic_write(spool.deferred / f"{msg_id}.json", changed.to_json(), mtime=now)

@@ -3,6 +3,9 @@ a Redis store, limits far above the load, and the store's round trips per messag
 
     python bench/ledger.py                  # 3 rounds of 5000 x 2 KB, each way, interleaved
     python bench/ledger.py --count 1000 --rounds 1 --json
+    python bench/ledger.py --classes        # the same, a third of the messages urgent, a
+                                            # third bulk (the cost of classes of mail)
+    python bench/ledger.py --backlog 100000 # an urgent message's wait behind a bulk backlog
 
 Each round runs pickupd (its workers as configured by default) against Postfix's smtp-sink,
 once with `[limits] store` naming a private redis-server (started here on a free loopback port,
@@ -15,6 +18,14 @@ SCRIPT LOAD, ZREM; not those a script runs inside). Both per message. The rate w
 store must be at least 80% of without.
 Needs redis-server (Debian's package), smtp-sink (Debian's postfix) and pickupd installed in
 the Python that runs it.
+
+`--backlog N` runs no process: it books turns with the ledger's own arithmetic
+(limits/ledger.py `book`, limits/lines.py) on a simulated clock, at Microsoft 365's preset
+limits for one mailbox (30 messages/min, 10,000 recipients/day), one recipient a message. N
+bulk messages wait in line from time 0, their line's head asking whenever the ledger says room
+comes; an urgent message is dropped at each of a few times and its wait is printed, beside
+the wait it had when every turn was booked in order at the drop (the way pickupd booked
+before classes of mail).
 """
 
 from __future__ import annotations
@@ -88,13 +99,95 @@ def with_limits(service: cmp.Pickupd, store: str | None) -> None:
     service.config.write_text(text)
 
 
+def urgent_waits(backlog: int, hours: Sequence[float]) -> list[dict[str, float]]:
+    """The wait of an urgent message dropped `hours` after `backlog` bulk messages, at
+    Microsoft 365's preset limits: with classes (bulk books only now, and leaves a tenth of
+    the day to the other classes) and as before (every turn booked in order)."""
+    from pickupd.config.routing import MAILBOX_PRESETS
+    from pickupd.limits.ledger import Books, Need, book
+    from pickupd.limits.lines import needs_for, reach
+    from pickupd.message.priority import MailClass
+
+    needs = tuple(
+        Need(f"mailbox:m365:app/{limit.unit}/{limit.window:g}", limit, 1, "preset", "m365")
+        for limit in MAILBOX_PRESETS["microsoft365"]
+        if limit.unit in ("messages", "recipients")
+    )
+    bulk, urgent = needs_for(MailClass.BULK, needs), needs_for(MailClass.URGENT, needs)
+    bulk_ahead = reach(MailClass.BULK, needs)
+    start = 1_800_000_000.0
+    out = []
+    for at in hours:
+        drop = start + at * 3600
+        # With classes: the line's head books whenever the ledger says room comes (and asks
+        # again every 10 s at least), until the urgent message is dropped.
+        books, now, sent = Books(), start, 0
+        while sent < backlog:
+            turn = book(books, bulk, [], now, ahead=bulk_ahead)
+            if turn.full:
+                if min(turn.at, now + 10.0) >= drop:
+                    break
+                now = min(turn.at, now + 10.0)
+            else:
+                sent += 1
+        waited = book(books, urgent, [], drop).at - drop
+        # Before: every bulk turn booked in order at time 0, far into the future.
+        books = Books()
+        for _ in range(backlog):
+            book(books, needs, [], start)
+        before = book(books, needs, [], drop).at - drop
+        out.append({"hours": at, "bulk_sent": sent, "wait_s": waited, "before_s": before})
+    return out
+
+
+def _show_waits(backlog: int, waits: list[dict[str, float]]) -> None:
+    print(
+        f"urgent message behind {backlog} bulk, Microsoft 365 preset (30 messages/min,"
+        " 10,000 recipients/day)"
+    )
+    for w in waits:
+        print(
+            f"  dropped at {w['hours']:5.1f} h ({w['bulk_sent']:6.0f} bulk sent): waits"
+            f" {w['wait_s']:8.1f} s (before: {w['before_s'] / 3600:7.1f} h)"
+        )
+
+
+def mark_classes(service: cmp.Pickupd) -> None:
+    """A third of the prepared messages marked urgent, a third bulk (the files are written
+    when the round starts: this wraps the service's prepare)."""
+    prepare = service.prepare
+
+    def marked(messages: list[bytes]) -> Any:
+        marks = (b"X-Priority: 1\n", b"", b"Precedence: bulk\n")
+        return prepare([marks[i % 3] + m for i, m in enumerate(messages)])
+
+    service.prepare = marked  # type: ignore[method-assign]
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pickupd", help="the pickupd command (default: beside this Python)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--classes",
+        action="store_true",
+        help="mark a third of the messages urgent and a third bulk (the cost of classes)",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        help="only compute an urgent message's wait behind this many bulk ones (no processes)",
+    )
     args = parser.parse_args(argv)
+    if args.backlog:
+        waits = urgent_waits(args.backlog, [0.0, 1.0, 5.0, 12.0, 30.0])
+        if args.json:
+            print(json.dumps({"backlog": args.backlog, "waits": waits}, indent=2))
+        else:
+            _show_waits(args.backlog, waits)
+        return 0
     pickupd = tp.find_pickupd(args.pickupd)
     sink_path = tp.find_smtp_sink()
     if sink_path is None:
@@ -114,6 +207,8 @@ def main(argv: Sequence[str]) -> int:
                 with_limits(
                     service, f"redis://127.0.0.1:{redis.port}/0" if way == "store" else None
                 )
+                if args.classes:
+                    mark_classes(service)
                 before = redis.commands()
                 try:
                     result = cmp.relay(

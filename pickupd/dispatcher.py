@@ -200,7 +200,7 @@ class Dispatcher:
         if isinstance(verdict, Wait):
             # Over a provider limit, or its scope is paused: not an attempt, not an error.
             await self.recorder.waiting(
-                claimed, parsed, verdict.at, verdict.detail, verdict.kept, klass
+                claimed, parsed, verdict.at, verdict.detail, verdict.kept, klass.value
             )
             if verdict.parked:
                 self.quota.parked(claimed.id)

@@ -25,7 +25,6 @@ from pickupd.config.loading import Config
 from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
 from pickupd.message.envelope import Envelope
-from pickupd.message.priority import MailClass
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
 from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Claimed, Spool
@@ -140,16 +139,12 @@ class Recorder:
         due: float,
         detail: str,
         kept: KeptTurn | None = None,
-        klass: MailClass | None = None,
+        mail_class: str | None = None,
     ) -> None:
         """Over a provider limit: not an attempt, not an error; it waits for its turn (`kept`,
-        in the sidecar for whichever process takes it then), as a message of `klass`."""
-        waiting = dataclasses.replace(
-            self.base(claimed, parsed),
-            detail=detail,
-            turn=kept,
-            mail_class=None if klass is None else klass.value,
-        )
+        in the sidecar for whichever process takes it then), as a message of `mail_class`."""
+        base = self.base(claimed, parsed)
+        waiting = dataclasses.replace(base, detail=detail, turn=kept, mail_class=mail_class)
         await self._run(claimed, self._back(claimed, due, waiting, "waiting"))
 
     def _back(
@@ -159,14 +154,10 @@ class Recorder:
         sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
 
         def done() -> None:
-            extra = {} if sidecar.mail_class is None else {"mail_class": sidecar.mail_class}
-            self.log.info(
-                event,
-                id=claimed.id,
-                next_attempt=sidecar.next_attempt,
-                detail=sidecar.detail,
-                **extra,
-            )
+            fields = {"next_attempt": sidecar.next_attempt, "detail": sidecar.detail}
+            if sidecar.mail_class is not None:
+                fields["mail_class"] = sidecar.mail_class
+            self.log.info(event, id=claimed.id, **fields)
 
         return [(lambda: self._to_deferred(claimed, sidecar, due), done)]
 

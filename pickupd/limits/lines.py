@@ -9,31 +9,58 @@ books as far ahead as it must; normal mail at most half of its shortest window a
 mail only for now; the rest waits here, and the head asks when the ledger says room comes.
 So an urgent message goes at the first room after at most half a window of normal mail, on
 every host that shares the ledger, and normal mail at the first room after bulk mail's.
+
+A long limit (an hour or more: a day's quota) is spent once, not every minute: bulk mail
+takes at most nine tenths of it, so a newsletter that could spend a mailbox's day leaves a
+tenth of it to the mail that matters.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pickupd.limits.ledger import Need
 from pickupd.limits.needs import Applies
 from pickupd.message.priority import MailClass
+from pickupd.units import Limit
 
-__all__ = ["NORMAL_AHEAD", "Line", "Member", "ahead", "line_key"]
+__all__ = ["BULK_SHARE", "LONG", "NORMAL_AHEAD", "Line", "Member", "line_key", "needs_for", "reach"]
 
 # How far ahead normal mail may book, as a part of the shortest window of its limits.
 NORMAL_AHEAD = 0.5
 # Bulk mail books only a turn that is (about) now.
 BULK_AHEAD = 0.05
+# Of a limit this long or longer (seconds), bulk mail takes at most this part.
+LONG = 3600.0
+BULK_SHARE = 0.9
 
 
-def ahead(klass: MailClass, applies: Applies) -> float | None:
-    """How far ahead (seconds) a message of `klass` may book under `applies` (None: any)."""
-    if klass is MailClass.URGENT or not applies.needs:
+def reach(klass: MailClass, needs: Sequence[Need]) -> float | None:
+    """How far ahead (seconds) a message of `klass` may book under `needs` (None: any)."""
+    if klass is MailClass.URGENT or not needs:
         return None
     if klass is MailClass.BULK:
         return BULK_AHEAD
-    return NORMAL_AHEAD * min(need.limit.window for need in applies.needs)
+    return NORMAL_AHEAD * min(need.limit.window for need in needs)
+
+
+def needs_for(klass: MailClass, needs: tuple[Need, ...]) -> tuple[Need, ...]:
+    """The needs a message of `klass` books: bulk mail's long limits are its share of them
+    (the same ledger keys, a smaller amount)."""
+    if klass is not MailClass.BULK:
+        return needs
+    return tuple(
+        Need(need.key, _bulk_share(need.limit), need.amount, need.scope, need.shard)
+        if need.limit.window >= LONG and need.limit.amount >= 2
+        else need
+        for need in needs
+    )
+
+
+def _bulk_share(limit: Limit) -> Limit:
+    return Limit(max(1, int(limit.amount * BULK_SHARE)), limit.unit, limit.window)
 
 
 def line_key(applies: Applies) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pickupd.limits.ledger import Ledger, Turn
-from pickupd.limits.lines import Line, ahead, line_key
+from pickupd.limits.lines import Line, line_key, needs_for, reach
 from pickupd.limits.needs import Applies
 from pickupd.limits.replies import PAUSE_FIRST, PAUSE_MAX, SPENT, TENANT, Kind, Rule, classify
 from pickupd.limits.windows import margin
@@ -147,7 +147,9 @@ class Quota:
             return self._park_wait(line, msg_id, klass)
         if line is not None and line.waits_ahead_of(klass):
             return self._park(key, msg_id, applies, klass, None)
-        turn = await self.ledger.reserve(applies.needs, applies.scopes, ahead(klass, applies))
+        turn = await self.ledger.reserve(
+            needs_for(klass, applies.needs), applies.scopes, reach(klass, applies.needs)
+        )
         if turn.full:
             return self._park(key, msg_id, applies, klass, turn)
         if turn.paused is not None:
@@ -231,9 +233,9 @@ class Quota:
                         line.remove(msg_id)  # never reached deferred/: it is not waiting
                         self._parked.pop(msg_id, None)
                     continue
-                applies = member.applies
+                needs, klass = member.applies.needs, member.klass
                 turn = await self.ledger.reserve(
-                    applies.needs, applies.scopes, ahead(member.klass, applies)
+                    needs_for(klass, needs), member.applies.scopes, reach(klass, needs)
                 )
                 if line.head() != head:
                     await self.release(turn)  # it left meanwhile (claimed again, a new head)

@@ -240,10 +240,9 @@ class RedisLedger(Ledger):
         at, now, never, paused = (int(x) for x in got[:4])
         why = got[4].decode() if isinstance(got[4], bytes) else str(got[4])
         scope = scopes[paused - 1] if paused else None
-        if never < 0:
-            return Turn(at / 1000, now / 1000, paused=scope, why=why, full=True)
-        if never:
-            return Turn(now / 1000, now / 1000, never=needs[never - 1])
+        if never:  # -1: nothing booked, the room is further than the class may book
+            full, over = never < 0, None if never < 0 else needs[never - 1]
+            return Turn(at / 1000, now / 1000, never=over, paused=scope, why=why, full=full)
         rest = [int(x) for x in got[5:]]
         booked = tuple((need, rest[2 * i]) for i, need in enumerate(needs))
         self._remember([(need, bucket, need.amount) for need, bucket in booked])

@@ -86,8 +86,10 @@ def test_an_urgent_message_goes_ahead_of_a_normal_backlog(
     later = [r for r in smtp_server.received if _subject(r).startswith("normal")]
     assert len(later) < 40, "the urgent message went ahead of most of the backlog"
     _all_once(smtp_server, {f"normal{n}" for n in range(60)} | {"reset"}, 40)
-    for event in daemon.events("waiting"):  # the urgent one never waited in line
-        assert ("in line" in event["detail"]) == (event["mail_class"] == "normal"), event
+    waiting = daemon.events("waiting")
+    assert any("in line" in e["detail"] and e["mail_class"] == "normal" for e in waiting)
+    for event in waiting:  # the urgent one may wait for a turn booked ahead, never in line
+        assert event["mail_class"] == "normal" or "in line" not in event["detail"], event
 
 
 def test_a_normal_message_goes_ahead_of_a_bulk_backlog(

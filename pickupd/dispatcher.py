@@ -28,6 +28,7 @@ from pickupd.limits.quota import Pause, Quota, Wait
 from pickupd.limits.replies import Kind
 from pickupd.log import Logger
 from pickupd.message import envelope
+from pickupd.message.priority import MailClass
 from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal
 from pickupd.recorder import Meter, Recorder
 from pickupd.smtp import transaction
@@ -317,6 +318,14 @@ class Dispatcher:
             self.suspensions.suspend(relay, time.time(), config.relays[relay].probe_interval)
         elif waited := self.suspensions.resume(relay):
             self.make_due(list(waited), None)
+
+    def tidy(self, worker: int) -> None:
+        """Every second: forget turns long past due; the lines' counts to the metrics."""
+        self.quota.prune(time.time())
+        if self.metrics is not None:
+            lines = self.quota.waiting_by_class()
+            urgent, normal, bulk = (lines[klass] for klass in MailClass)
+            self.metrics.waiting(worker, urgent, normal, bulk)
 
     def take_over(self, claims: list[Candidate]) -> None:
         """Claims whose lease expired (their process is gone): ours to send now."""

@@ -346,7 +346,7 @@ class Service:
             await asyncio.sleep(1.0)
             timeouts = {name: r.idle_timeout for name, r in self.config.relays.items()}
             await self.pool.close_idle(timeouts)
-            self.quota.prune(time.time())
+            self.dispatcher.tidy(self.part.index)
             if time.monotonic() >= recheck:
                 recheck = time.monotonic() + PAUSE_RECHECK
                 await self.dispatcher.lift_pauses()

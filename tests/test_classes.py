@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from harness import Daemon, drop_maildir, message, wait_until
+from harness import Daemon, drop_maildir, free_port, message, scrape, wait_until
 from redisserver import RedisServer
 from smtpserver import Received, SmtpServer
 
@@ -97,9 +97,14 @@ def test_a_normal_message_goes_ahead_of_a_bulk_backlog(
 ) -> None:
     """60 bulk messages (a newsletter: Precedence: bulk, List-Unsubscribe), then one unmarked:
     it arrives within about a window; the newsletter still goes at the full rate (not starved:
-    it takes every room the other classes leave) and every message once."""
-    daemon = _daemon(make_daemon, smtp_server)
+    it takes every room the other classes leave) and every message once. The metrics count
+    the newsletter waiting in line, by class, for the whole service (two workers)."""
+    port = free_port()
+    daemon = _daemon(make_daemon, smtp_server, metrics={"listen": f"127.0.0.1:{port}"})
     _backlog(smtp_server, daemon.spool, "bulk", BULK)
+    key = 'pickupd_limit_waiting_messages{class="bulk"}'
+    wait_until(lambda: scrape(port).get(key, 0) > 20, 5, "the bulk line in the metrics")
+    assert scrape(port).get('pickupd_limit_waiting_messages{class="urgent"}') == 0
     dropped = time.time()
     drop_maildir(daemon.spool, message(subject="receipt"))
     waited = _arrived(smtp_server, "receipt", 15) - dropped
@@ -111,6 +116,7 @@ def test_a_normal_message_goes_ahead_of_a_bulk_backlog(
     waiting = daemon.events("waiting")
     assert {e.get("mail_class") for e in waiting} <= {"bulk", "normal"}
     assert any(e.get("mail_class") == "bulk" for e in waiting)
+    wait_until(lambda: scrape(port).get(key) == 0, 5, "the bulk line empty in the metrics")
 
 
 def test_the_operator_caps_a_sender_and_a_writer(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ Metrics:
   quota is spent: paused until this time (alert on `> time()`)
 - `pickupd_paused_until_seconds{scope, kind}`: any pause a provider's reply set (throttled,
   spent, limited: the tenant's rate), until this time
+- `pickupd_limit_waiting_messages{class}`: messages waiting in line under a limit (urgent,
+  normal, bulk: the class decides who goes first), all processes
 - `pickupd_stranded_messages`: claims that could not be moved to their folder, retried
 - `pickupd_refresh_token_age_seconds{file}`, `pickupd_refresh_token_last_worked_seconds{file}`
   (Unix time, 0: never) and `pickupd_refresh_token_refused{file}` (1: invalid_grant, a person
@@ -188,6 +190,13 @@ class Metrics:
             ["scope", "kind"],
             registry=self.registry,
         )
+        self._waiting = Gauge(
+            "pickupd_limit_waiting_messages",
+            "Messages waiting in line under a limit, by class (urgent goes first, then normal)",
+            ["class"],
+            registry=self.registry,
+        )
+        self._lines: dict[int, tuple[int, int, int]] = {}  # worker -> its lines' counts
         self._stranded = Gauge(
             "pickupd_stranded_messages",
             "Claimed messages that could not be moved to their folder (disk full?), retried",
@@ -240,6 +249,14 @@ class Metrics:
                 self.paused(scope, until, kind)
             case protocol.StoreUp(up):
                 self.store_up(up, worker=-1)
+            case protocol.Waiting(worker, urgent, normal, bulk):
+                self.waiting(worker, urgent, normal, bulk)
+
+    def waiting(self, worker: int, urgent: int, normal: int, bulk: int) -> None:
+        """Worker `worker`'s lines hold so many messages of each class."""
+        self._lines[worker] = (urgent, normal, bulk)
+        for i, name in enumerate(("urgent", "normal", "bulk")):
+            self._waiting.labels(name).set(sum(counts[i] for counts in self._lines.values()))
 
     def room(self, limit: str, room: int, size: int = 0) -> None:
         self._room.labels(limit).set(room)

@@ -31,6 +31,7 @@ __all__ = [
     "Stranded",
     "Suspended",
     "Up",
+    "Waiting",
     "decode_batch",
     "decode_down",
     "encode_batch",
@@ -110,6 +111,16 @@ class Paused:
 
 
 @dataclass(frozen=True, slots=True)
+class Waiting:
+    """Up: the messages waiting in the lines of worker `worker` under a limit, by class."""
+
+    worker: int
+    urgent: int
+    normal: int
+    bulk: int
+
+
+@dataclass(frozen=True, slots=True)
 class Feedback:
     """Up: a [notify] event ("failed" or "deferred") with the message's sidecar (JSON);
     the main process runs the hooks and the reports."""
@@ -135,7 +146,7 @@ class RelayState:
 
 Up = (
     Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Room | StoreUp | Paused
-    | Feedback
+    | Waiting | Feedback
 )  # fmt: skip
 Down = Flush | RelayState
 
@@ -152,7 +163,7 @@ _UP: dict[str, type[Up]] = {
     cls.__name__.lower(): cls
     for cls in (
         Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Room, StoreUp, Paused,
-        Feedback,
+        Waiting, Feedback,
     )
 }  # fmt: skip
 _DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Flush, RelayState)}

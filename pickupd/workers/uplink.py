@@ -44,6 +44,7 @@ class Forwarder:
         self._metrics = metrics  # forward metric events only where the main process serves them
         self._events: list[protocol.Up] = []
         self._rooms: dict[str, int] = {}  # the last room sent per limit
+        self._lines = (0, 0, 0)  # the last counts of the lines sent
         self._flush: asyncio.TimerHandle | None = None
         self._broken = False
 
@@ -75,6 +76,11 @@ class Forwarder:
 
     def paused(self, scope: str, until: float, kind: str) -> None:
         self._add(protocol.Paused(scope, until, kind) if self._metrics else None)
+
+    def waiting(self, worker: int, urgent: int, normal: int, bulk: int) -> None:
+        if self._metrics and self._lines != (urgent, normal, bulk):
+            self._lines = (urgent, normal, bulk)
+            self._add(protocol.Waiting(worker, urgent, normal, bulk))
 
     def ready(self) -> None:
         """Tell the main process this worker is watching and takes signals."""

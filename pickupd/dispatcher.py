@@ -23,15 +23,15 @@ from pickupd.auth.owners import describe_uid
 from pickupd.config.loading import Config, RelayConfig, SenderRule
 from pickupd.errors import NotAFile, SpoolWriteError
 from pickupd.intake import Intake
-from pickupd.limits import needs
+from pickupd.limits import needs, replies
+from pickupd.limits.ledger import Turn
 from pickupd.limits.quota import Pause, Quota, Wait
 from pickupd.limits.replies import Kind
 from pickupd.log import Logger
 from pickupd.message import envelope
 from pickupd.message.priority import MailClass
-from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal
+from pickupd.outcome import Delivery, Reason, Refusal
 from pickupd.recorder import Meter, Recorder
-from pickupd.smtp import transaction
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
@@ -40,6 +40,7 @@ from pickupd.spool.folders import Candidate, Claimed, Spool
 from pickupd.spool.sidecar import KeptTurn, Sidecar, from_timestamp, to_timestamp
 from pickupd.spool.stranded import Stranded
 from pickupd.suspension import Suspensions
+from pickupd.transport import Transports
 
 __all__ = ["LARGE_AT_ONCE", "LARGE_MESSAGE", "Dispatcher"]
 
@@ -86,6 +87,7 @@ class Dispatcher:
         self.stranded = stranded
         self.metrics = metrics
         self._large = asyncio.Semaphore(large_at_once)
+        self.transports = Transports(pool, quota.processes, metrics)
         self.suspensions = Suspensions()
         self._background: set[asyncio.Task[None]] = set()
         self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
@@ -219,21 +221,14 @@ class Dispatcher:
             await self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
             self.intake.due_at(claimed.id, admission.until)
             return
-        started = time.monotonic()
-        delivery = await transaction.send(
-            self.pool,
-            relay_config,
-            login,
-            parsed.sender,
-            parsed.recipients,
-            parsed.data,
-            parsed.dsn,
-            applies.connections,
-        )
-        if self.metrics is not None:
-            self.metrics.send_seconds(relay_config.name, time.monotonic() - started)
-            if delivery.session_error:
-                self.metrics.connection_error(relay_config.name, delivery.session_error)
+        delivery = await self.transports.send(relay_config, login, parsed, applies)
+        if isinstance(delivery, Refusal):  # Graph cannot carry it as it is
+            await self.quota.give_back(verdict.turn, len(parsed.recipients))
+            await self.recorder.fail(claimed, parsed, delivery)
+            return
+        if delivery.retry_after:
+            await self._throttled(claimed, parsed, delivery, verdict.turn, applies)
+            return
         if delivery.session_error == "connections":
             # The mailbox's connections are all open elsewhere: not an attempt; soon again.
             await self.quota.give_back(verdict.turn, len(parsed.recipients))
@@ -254,6 +249,26 @@ class Dispatcher:
         if due is not None:
             self.intake.due_at(claimed.id, due)
 
+    async def _throttled(
+        self,
+        claimed: Claimed,
+        parsed: envelope.Envelope,
+        delivery: Delivery,
+        turn: Turn | None,
+        applies: needs.Applies,
+    ) -> None:
+        """The relay said how long to wait (Graph's Retry-After): the mailbox pauses that
+        long for every process and host of the ledger, and the message waits, not an
+        attempt."""
+        await self.quota.give_back(turn, len(parsed.recipients))
+        scope, wait = applies.mailbox, delivery.retry_after
+        until = time.time() + await self.quota.ledger.pause(scope, wait, delivery.text)
+        at = from_timestamp(until)
+        fields = {"relay": delivery.relay, "scope": scope, "code": delivery.code}
+        self.log.warning("relay_throttled", **fields, detail=delivery.text, paused_until=at)
+        await self.recorder.waiting(claimed, parsed, until, f"waiting: {delivery.text}")
+        self.intake.due_at(claimed.id, until)
+
     def _paused(
         self, relay: RelayConfig, delivery: Delivery, pause: Pause
     ) -> tuple[Delivery, float | None]:
@@ -263,7 +278,7 @@ class Dispatcher:
         fields = {"relay": relay.name, "scope": pause.scope, "code": reply.code}
         if rule.kind is Kind.OAUTH2:
             self.log.error("oauth2_required", **fields, detail=f"{rule.says}: {reply.text}")
-            return _explained(delivery, rule.says), None
+            return replies.explained(delivery, rule.says), None
         until = from_timestamp(pause.until)
         if self.metrics is not None:
             kind = {Kind.SPENT: "spent", Kind.TENANT: "limited"}.get(rule.kind, "throttled")
@@ -274,7 +289,7 @@ class Dispatcher:
         if pause.new:
             event = "quota_spent" if rule.kind is Kind.SPENT else "tenant_limited"
             self.log.error(event, **fields, detail=f"{rule.says}: {reply.text}", paused_until=until)
-        return _as_deferred(delivery, rule.says), pause.until
+        return replies.as_deferred(delivery, rule.says), pause.until
 
     def _observe(self, relay: RelayConfig, delivery: Delivery, msg_id: str, *, probe: bool) -> None:
         """Count an attempt towards the relay's suspension; log and act on a change."""
@@ -372,25 +387,6 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(due_now())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def _explained(delivery: Delivery, says: str) -> Delivery:
-    """The replies of `delivery`, prefixed with what they mean."""
-
-    def told(results: tuple[RecipientResult, ...]) -> tuple[RecipientResult, ...]:
-        return tuple(dataclasses.replace(r, text=f"{says}: {r.text}") for r in results)
-
-    return dataclasses.replace(
-        delivery, deferred=told(delivery.deferred), rejected=told(delivery.rejected)
-    )
-
-
-def _as_deferred(delivery: Delivery, says: str) -> Delivery:
-    """A quota refusal: the mail is fine, the mailbox is not. Its recipients wait."""
-    explained = _explained(delivery, says)
-    return dataclasses.replace(
-        explained, deferred=explained.deferred + explained.rejected, rejected=()
-    )
 
 
 async def examine(

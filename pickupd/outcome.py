@@ -30,6 +30,8 @@ class Reason(enum.Enum):
     TOO_LARGE = "too_large"
     UNSAFE_FILE = "unsafe_file"
     REJECTED = "rejected"
+    # Microsoft Graph would deliver to a To:/Cc: address that is not an envelope recipient.
+    RECIPIENTS_MISMATCH = "recipients_mismatch"
     EXPIRED = "expired"
 
 
@@ -75,6 +77,8 @@ class Delivery:
     too_large: bool = False
     # Set when the session itself failed (see SessionFault); None when it did not.
     session_error: SessionFault | None = None
+    # The server asked to wait this long (seconds; an HTTP Retry-After): its scope pauses.
+    retry_after: float = 0.0
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ class Issued:
     user: str | None
     expires_at: float
     revoked: bool = False
+    scope: str = ""  # what a client-credentials token was asked for
 
 
 class TokenServer:
@@ -58,6 +59,11 @@ class TokenServer:
         self.clients: dict[str, str] = {}  # client_id -> client_secret
         self.service_accounts: dict[str, str] = {}  # client_email -> public key PEM
         self.refresh_tokens: set[str] = set()  # currently valid (each is used once)
+        # Scopes a client-credentials grant may ask for (a Graph test adds its server's).
+        self.scopes = {"https://outlook.office365.com/.default"}
+        # The application permissions an app-only token says it carries (its `roles` claim:
+        # client-credentials tokens are JWTs, as Microsoft's are).
+        self.roles = ["Mail.Send"]
         self.issued: dict[str, Issued] = {}
         self.requests: list[tuple[float, str, str]] = []  # (time, path, grant_type)
         self.presented_expired = 0
@@ -146,9 +152,9 @@ class TokenServer:
         if grant == "client_credentials":
             if self.clients.get(form.get("client_id", "")) != form.get("client_secret"):
                 return 401, {"error": "invalid_client", "error_description": "bad secret"}
-            if form.get("scope") != "https://outlook.office365.com/.default":
+            if form.get("scope") not in self.scopes:
                 return 400, {"error": "invalid_scope", "error_description": form.get("scope")}
-            return 200, self._issue(None)
+            return 200, self._issue(None, form["scope"])
         if grant == "refresh_token" and mode == "inactive":
             # Microsoft's answer for a refresh token unused for 90 days.
             return 400, {
@@ -179,10 +185,22 @@ class TokenServer:
             return 400, {"error": "invalid_scope", "error_description": "scope or sub"}
         return 200, self._issue(claims["sub"])
 
-    def _issue(self, user: str | None) -> dict[str, Any]:
-        token = "at-" + secrets.token_urlsafe(24)
+    def scope_of(self, token: str) -> str | None:
+        """The scope `token` was issued for, if it is good now (None: unknown, revoked or
+        expired)."""
         with self._lock:
-            self.issued[token] = Issued(user, time.time() + self.expires_in)
+            issued = self.issued.get(token)
+            if issued is None or issued.revoked or issued.expires_at <= time.time():
+                return None
+            return issued.scope
+
+    def _issue(self, user: str | None, scope: str = "") -> dict[str, Any]:
+        token = "at-" + secrets.token_urlsafe(24)
+        if scope:  # a JWT with its roles (signed with a throwaway key: only Graph checks it)
+            claims = {"roles": self.roles, "aud": scope.removesuffix("/.default")}
+            token = jwt.encode({**claims, "jti": token}, "k" * 32, algorithm="HS256")
+        with self._lock:
+            self.issued[token] = Issued(user, time.time() + self.expires_in, scope=scope)
         return {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
 
 

@@ -87,6 +87,7 @@ class MicrosoftSource:
     key_file: Path | None = None
     thumbprint: str | None = None  # SHA-1, as the portal shows it; else msal computes one
     timeout: float = TOKEN_TIMEOUT  # for each request to the token endpoint
+    scope: str = MICROSOFT_SCOPE  # Exchange's (SMTP); a Graph relay's is "{graph_url}/.default"
 
     def describe(self) -> str:
         return f"microsoft365 token for client_id {self.client_id} (tenant {self.tenant})"

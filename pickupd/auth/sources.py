@@ -23,7 +23,6 @@ from pickupd.auth import health
 from pickupd.auth.childenv import child_env
 from pickupd.auth.logins import (
     GOOGLE_SCOPE,
-    MICROSOFT_SCOPE,
     CommandSource,
     GoogleSource,
     MicrosoftSource,
@@ -103,7 +102,7 @@ class Fetcher:
                     token_cache=msal.TokenCache(),
                 )
                 self._msal_apps[source] = app
-            result = app.acquire_token_for_client(scopes=[MICROSOFT_SCOPE])
+            result = app.acquire_token_for_client(scopes=[source.scope])
         except requests.exceptions.Timeout:
             raise TokenError(
                 source.describe(), f"token endpoint timed out after {source.timeout:g}s"

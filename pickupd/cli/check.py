@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import json
 import os
 import socket
 import ssl
@@ -29,6 +32,7 @@ from pickupd.auth.health import read_health
 from pickupd.auth.logins import (
     Credentials,
     Login,
+    MicrosoftSource,
     OAuth2Login,
     RefreshTokenSource,
     TokenSource,
@@ -40,7 +44,7 @@ from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_con
 from pickupd.config.advice import advice
 from pickupd.config.limits import shown_url
 from pickupd.config.loading import Config, RelayConfig
-from pickupd.config.routing import MAILBOX_PRESETS, RELAY_PRESETS
+from pickupd.config.routing import GRAPH_PRESET, MAILBOX_PRESETS, RELAY_PRESETS
 from pickupd.config.secrets import exposure
 from pickupd.errors import CommandError, SessionError
 from pickupd.limits.ledger import FILE as LEDGER_FILE
@@ -208,6 +212,8 @@ def limit_lines(config: Config) -> list[str]:
             )
         if relay.mailbox_limits:
             preset = MAILBOX_PRESETS.get(provider or "", ())
+            if relay.transport == "graph":
+                preset, provider = GRAPH_PRESET, "graph"
             lines.append(
                 f"limits: relays.{relay.name}.mailbox_limits (each login):"
                 f" {shown(relay.mailbox_limits, preset, provider)}"
@@ -239,7 +245,8 @@ class Probe:
     def label(self) -> str:
         relay = self.relay
         who = f" as {self.login.username}" if self.login is not None else ""
-        return f"{relay.name} ({self.used_by}{who}) {relay.host}:{relay.port}"
+        where = relay.graph_url if relay.transport == "graph" else f"{relay.host}:{relay.port}"
+        return f"{relay.name} ({self.used_by}{who}) {where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +319,52 @@ def _ago(seconds: float) -> str:
     return format_duration(max(0.0, round(seconds)))
 
 
+async def _try_graph(pool: Pool, probe: Probe) -> ProbeResult:
+    """A Graph relay: an app-only token for Graph's scope, and the application permissions
+    it carries; what only sending can prove is said, not guessed."""
+    login = probe.login
+    source = probe.token_only or (login.source if isinstance(login, XOAuth2) else None)
+    if not isinstance(source, MicrosoftSource):
+        return ProbeResult(probe, False, 'a Graph relay logs in with auth = "oauth2" (Microsoft)')
+    source = dataclasses.replace(source, scope=f"{probe.relay.graph_url}/.default")
+    try:
+        token = await pool.tokens.get(source, "")
+    except SessionError as exc:
+        return ProbeResult(probe, False, _explain(exc))
+    said = (
+        f"token acquired for {source.scope} ({source.describe()}, expires in"
+        f" {round(token.expires_at - time.time())} s)"
+    )
+    roles = _roles(token.value.reveal())
+    if roles is not None and "Mail.Send" not in roles:
+        shown = ", ".join(roles) or "none"
+        return ProbeResult(
+            probe, False, f"{said}, but its roles ({shown}) lack Mail.Send: add the"
+            " application permission Mail.Send and grant admin consent",
+        )  # fmt: skip
+    if roles is not None:
+        said += ", with the application permission Mail.Send"
+    return ProbeResult(
+        probe, True, f"{said}; not provable without sending: that each mailbox exists and"
+        " is in the app's RBAC for Applications scope (a first message says so)",
+    )  # fmt: skip
+
+
+def _roles(token: str) -> list[str] | None:
+    """The `roles` claim of a JWT access token, read without checking it (what Microsoft
+    says the app was granted; the token is Graph's to verify); None if it is no JWT."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return [str(role) for role in claims.get("roles", [])]
+    except (IndexError, ValueError, AttributeError, TypeError):
+        return None
+
+
 async def _try(pool: Pool, probe: Probe) -> ProbeResult:
     relay = probe.relay
+    if relay.transport == "graph":
+        return await _try_graph(pool, probe)
     got = ""
     try:
         # A token that serves every mailbox can be had without one; a Google or command

@@ -46,6 +46,7 @@ __all__ = [
     "command",
     "domain",
     "duration",
+    "https_url",
     "int_range",
     "keys",
     "limits",
@@ -306,6 +307,13 @@ def owner_classes(value: Any) -> tuple[tuple[Owner, MailClass], ...]:
         except Invalid as exc:
             raise Invalid(f"{item!r}: {exc}") from None
     return tuple(found)
+
+
+def https_url(value: Any) -> str:
+    """An https:// base URL, without a trailing slash."""
+    if not isinstance(value, str) or not re.fullmatch(r"https://[^/\s?#]+(/[^\s?#]*)?", value):
+        raise Invalid('expected an https:// URL like "https://graph.microsoft.com"')
+    return value.rstrip("/")
 
 
 def domain(value: Any) -> str:

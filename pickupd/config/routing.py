@@ -4,12 +4,13 @@ and how it logs in there, read from the config (the allow-list is the senders)."
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pickupd.auth.logins import Login
+from pickupd.auth.logins import Login, MicrosoftSource, OAuth2Login
 from pickupd.auth.owners import Owner
 from pickupd.config import keys as s
 from pickupd.config.keys import Reader, setting
@@ -62,6 +63,13 @@ RELAY_PRESETS: dict[str, tuple[Limit, ...]] = {
     "google": (),
     "ses": parse_limits(["50 recipients/message"]),
 }
+# A Graph relay's mailboxes (sources: the README's "Microsoft 365 through Graph"): Graph's
+# 4 concurrent requests per app and mailbox and 10,000 requests per 10 minutes, Exchange's
+# 10,000 recipients a day and 500 a message.
+GRAPH_PRESET = parse_limits(
+    ["4 connections", "10000 messages/600s", "10000 recipients/day", "500 recipients/message"]
+)
+GRAPH_URL = "https://graph.microsoft.com"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +139,19 @@ class RelayConfig:
     region: str | None = setting(
         None, s.string, "a region name", 'with provider = "ses": the AWS region, like "eu-west-1"'
     )
+    transport: str = setting(
+        "smtp",
+        s.choice("smtp", "graph"),
+        "",
+        '"smtp", or "graph": Microsoft Graph\'s sendMail (needs auth = "oauth2", Mail.Send)',
+    )
+    graph_url: str = setting(
+        GRAPH_URL,
+        s.https_url,
+        "",
+        'with transport = "graph": its base URL (national clouds: graph.microsoft.us,'
+        " dod-graph.microsoft.us, microsoftgraph.chinacloudapi.cn)",
+    )
     credentials: Login | None = None
 
 
@@ -195,7 +216,11 @@ def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConf
     values = reader.values(table, prefix, RelayConfig, {"host", "port"} | CREDENTIAL_KEYS)
     preset = ""
     provider, region = values["provider"], values["region"]
-    if provider is not None and "host" not in table:
+    graph = values["transport"] == "graph"
+    if graph:
+        # The ledger names scopes by the relay's host; Graph's is in its URL.
+        preset, values["security"] = urllib.parse.urlsplit(values["graph_url"]).netloc, "tls"
+    if provider is not None and "host" not in table and not graph:
         if provider == "ses" and region is None:
             reader.problem(prefix + "region", 'required with provider = "ses" (or give host)')
         preset = PROVIDERS[provider].format(region=region)
@@ -223,14 +248,27 @@ def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConf
         RELAY_PRESETS.get(provider or "", ()), (values["limits"] or ()) + rate
     )
     values["mailbox_limits"] = merged(
-        MAILBOX_PRESETS.get(provider or "", ()), values["mailbox_limits"] or ()
+        GRAPH_PRESET if graph else MAILBOX_PRESETS.get(provider or "", ()),
+        values["mailbox_limits"] or (),
     )
+    if graph and credentials is not None and not _microsoft_oauth2(credentials):
+        reader.problem(prefix + "auth", _GRAPH_LOGIN)
     relay = RelayConfig(name=name, host=host, port=port, credentials=credentials, **values)
     if credentials is not None:
         problem = _cleartext_problem(relay)
         if problem:
             reader.problem(prefix + "username", problem)
     return relay
+
+
+_GRAPH_LOGIN = (
+    'transport = "graph" logs in with auth = "oauth2" and a Microsoft app registration'
+    " (tenant, client_id, client_secret_file or certificate_file)"
+)
+
+
+def _microsoft_oauth2(login: Login) -> bool:
+    return isinstance(login, OAuth2Login) and isinstance(login.source, MicrosoftSource)
 
 
 def _cleartext_problem(relay: RelayConfig) -> str | None:
@@ -266,6 +304,10 @@ def read_sender(
         reader.problem(prefix + "relay", f'no relay named "{relay}" (relays: {known})')
         return None
     credentials = read_credentials(reader, table, prefix)
+    if relay in relays and relays[relay].transport == "graph":
+        login = credentials or relays[relay].credentials
+        if login is None or not _microsoft_oauth2(login):
+            reader.problem(prefix + "auth", _GRAPH_LOGIN)
     if credentials is not None and relay in relays:
         problem = _cleartext_problem(relays[relay])
         if problem:

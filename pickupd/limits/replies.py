@@ -10,6 +10,7 @@ the reply was 5xx: the mail is fine, the mailbox is not.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Iterable
@@ -24,7 +25,9 @@ __all__ = [
     "TABLE",
     "Kind",
     "Rule",
+    "as_deferred",
     "classify",
+    "explained",
     "is_throttling",
 ]
 
@@ -112,3 +115,20 @@ def classify(delivery: Delivery) -> tuple[Rule, RecipientResult] | None:
 
 
 _GENERIC = Rule(_4XX, _THROTTLING, "account", Kind.THROTTLED, "the relay asked to slow down")
+
+
+def explained(delivery: Delivery, says: str) -> Delivery:
+    """The replies of `delivery`, prefixed with what they mean."""
+
+    def told(results: tuple[RecipientResult, ...]) -> tuple[RecipientResult, ...]:
+        return tuple(dataclasses.replace(r, text=f"{says}: {r.text}") for r in results)
+
+    return dataclasses.replace(
+        delivery, deferred=told(delivery.deferred), rejected=told(delivery.rejected)
+    )
+
+
+def as_deferred(delivery: Delivery, says: str) -> Delivery:
+    """A quota refusal: the mail is fine, the mailbox is not. Its recipients wait."""
+    told = explained(delivery, says)
+    return dataclasses.replace(told, deferred=told.deferred + told.rejected, rejected=())

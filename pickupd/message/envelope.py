@@ -25,6 +25,7 @@ __all__ = [
     "Dsn",
     "Envelope",
     "field_names",
+    "header_addresses",
     "header_end",
     "parse",
     "parse_address_list",
@@ -260,6 +261,17 @@ def field_names(head: bytes) -> set[str]:
         if match is not None:
             names.add(match.group().decode("ascii").lower())
     return names
+
+
+def header_addresses(data: bytes, names: tuple[str, ...]) -> list[str]:
+    """The addresses of the fields `names` (lower case) of a message as parse() left it
+    (the same parser: Graph, which reads recipients from the header, sees these)."""
+    head, _ = split(data)
+    found: list[str] = []
+    for f in _split_fields(head, None):
+        if f.name in names:
+            found.extend(f.addresses(null_ok=True) or [])
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class Pool:
     def __init__(self, tokens: Tokens | None = None, ledger: Ledger | None = None) -> None:
         self.tokens = tokens or Tokens()
         self.ledger = ledger  # for connection leases
+        self.closing: list[Callable[[], Awaitable[None]]] = []
         self._serial = itertools.count(1)
         self._idle: dict[SessionKey, list[Session]] = {}
         self._open: dict[str, int] = {}
@@ -134,11 +135,11 @@ class Pool:
             return session
         holder = f"{self._hostname}/{os.getpid()}/{next(self._serial)}"
         try:
-            held = await self._lease(relay, leases, holder)
+            held = await self.lease(relay, leases, holder)
             try:
                 session = Session(key, await self.connect(relay, login))
             except BaseException:
-                await self._unlease(held, holder)
+                await self.unlease(held, holder)
                 raise
             session.leases, session.holder, session.leased_at = held, holder, time.monotonic()
             return session
@@ -148,7 +149,7 @@ class Pool:
                 self._changed.notify_all()
             raise
 
-    async def _lease(
+    async def lease(
         self, relay: RelayConfig, leases: Sequence[tuple[str, int, str]], holder: str
     ) -> tuple[str, ...]:
         """Take one connection of every connections limit, waiting up to the relay's timeout
@@ -164,7 +165,7 @@ class Pool:
                 held.append(key)
             else:
                 return tuple(held)
-            await self._unlease(tuple(held), holder)
+            await self.unlease(tuple(held), holder)
             if time.monotonic() >= deadline:
                 _, most, where = leases[len(held)]
                 raise ConnectionsBusy(
@@ -180,7 +181,7 @@ class Pool:
             await self.ledger.lease(key, most.get(key, 1), session.holder, LEASE_TTL)
         session.leased_at = time.monotonic()
 
-    async def _unlease(self, held: tuple[str, ...], holder: str) -> None:
+    async def unlease(self, held: tuple[str, ...], holder: str) -> None:
         if self.ledger is not None:
             for key in held:
                 await self.ledger.release(key, holder)
@@ -213,7 +214,10 @@ class Pool:
             self._changed.notify_all()
 
     async def close_all(self) -> None:
-        """Close every idle session (politely, with QUIT, bounded in time)."""
+        """Close every idle session (politely, with QUIT, bounded in time), and what else
+        registered in `closing` (the Graph transport's HTTP clients)."""
+        for close in self.closing:
+            await close()
         async with self._changed:
             for sessions in self._idle.values():
                 for session in sessions:
@@ -235,7 +239,7 @@ class Pool:
             session.smtp.close()
             self._open[session.key.relay] -= 1
             if session.leases:
-                self._spawn(self._unlease(session.leases, session.holder))
+                self._spawn(self.unlease(session.leases, session.holder))
             return
         self._spawn(self._quit(session))
 
@@ -248,7 +252,7 @@ class Pool:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(session.smtp.quit(), timeout=QUIT_TIMEOUT)
         session.smtp.close()
-        await self._unlease(session.leases, session.holder)
+        await self.unlease(session.leases, session.holder)
         async with self._changed:
             self._open[session.key.relay] -= 1
             self._changed.notify_all()

@@ -1,0 +1,151 @@
+"""One message through Microsoft Graph's `sendMail`: the token, the request, the answer.
+
+`POST {graph_url}/v1.0/users/{mailbox}/sendMail` with `Content-Type: text/plain` and the
+base64 of the message (message.py); the mailbox is the login's (the envelope sender's, when
+the relay's OAuth2 login names none); the app-only token is msal's, for the scope
+`{graph_url}/.default`, through the token cache every login uses.
+
+Why httpx: an asyncio client that keeps connections open and reuses them (one TLS handshake
+for a run of messages, not one each), verifies TLS by default, honours the standard proxy
+variables (HTTPS_PROXY, NO_PROXY) and is already typed; aiohttp would do as well, with more
+of its own machinery (its own resolver, cookie jar) that a POST a message does not need.
+
+A mailbox takes at most its "connections" limit of requests at once (Graph's 4 per app and
+mailbox): this process's part of it in a semaphore, and a lease in the ledger for the
+service and the fleet, as SMTP sessions hold theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ssl
+import urllib.parse
+from collections.abc import Sequence
+
+import httpx
+
+from pickupd.auth.logins import Credentials, MicrosoftSource, XOAuth2
+from pickupd.config.routing import RelayConfig
+from pickupd.errors import SessionError
+from pickupd.graph import replies
+from pickupd.graph.message import for_graph
+from pickupd.outcome import Delivery, RecipientResult, Refusal, SessionFault
+from pickupd.smtp.pool import Pool
+
+__all__ = ["Graph"]
+
+
+class Graph:
+    """The Graph relays' HTTP clients (one per relay, its connections kept) and their sends."""
+
+    def __init__(self, pool: Pool, processes: int = 1) -> None:
+        """`pool`: for its token cache and its leases; `processes`: the service's
+        dispatcher processes, which share each mailbox's requests."""
+        self.pool = pool
+        self.processes = processes
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._holder = 0
+
+    def _client(self, relay: RelayConfig) -> httpx.AsyncClient:
+        client = self._clients.get(relay.name)
+        if client is None:
+            verify: ssl.SSLContext | bool = True
+            if relay.ca_file is not None:
+                verify = ssl.create_default_context(cafile=str(relay.ca_file))
+            client = httpx.AsyncClient(
+                verify=verify,
+                timeout=relay.timeout,
+                limits=httpx.Limits(
+                    max_connections=relay.max_connections,
+                    max_keepalive_connections=relay.max_connections,
+                    keepalive_expiry=relay.idle_timeout,
+                ),
+                trust_env=True,  # HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE
+            )
+            self._clients[relay.name] = client
+        return client
+
+    async def send(
+        self,
+        relay: RelayConfig,
+        login: Credentials | XOAuth2 | None,
+        recipients: Sequence[str],
+        data: bytes,
+        leases: Sequence[tuple[str, int, str]] = (),
+    ) -> Delivery | Refusal:
+        """Send `data` to `recipients` through Graph as the login's mailbox."""
+        if not isinstance(login, XOAuth2) or not isinstance(login.source, MicrosoftSource):
+            text = 'a Graph relay needs auth = "oauth2" with a Microsoft app registration'
+            return _failed(relay.name, recipients, text, "auth")
+        body = for_graph(data, recipients)
+        if isinstance(body, Refusal):
+            return body
+        mailbox = login.username
+        source = dataclasses.replace(login.source, scope=f"{relay.graph_url}/.default")
+        url = f"{relay.graph_url}/v1.0/users/{urllib.parse.quote(mailbox, safe='@')}/sendMail"
+        most = min((n for _, n, _ in leases), default=relay.max_connections)
+        slot = self._slots.setdefault(
+            (relay.name, mailbox.lower()), asyncio.Semaphore(max(1, most // self.processes))
+        )
+        async with slot:
+            self._holder += 1
+            holder = f"graph-{id(self)}-{self._holder}"
+            try:
+                held = await self.pool.lease(relay, leases, holder)
+            except SessionError as exc:
+                return _failed(relay.name, recipients, str(exc), exc.kind)
+            try:
+                return await self._post(relay, source, mailbox, url, body, recipients)
+            finally:
+                await self.pool.unlease(held, holder)
+
+    async def _post(
+        self,
+        relay: RelayConfig,
+        source: MicrosoftSource,
+        mailbox: str,
+        url: str,
+        body: bytes,
+        recipients: Sequence[str],
+    ) -> Delivery:
+        client = self._client(relay)
+        for tries_left in (1, 0):
+            try:
+                token = await self.pool.tokens.get(source, mailbox)
+            except SessionError as exc:
+                return _failed(relay.name, recipients, str(exc), exc.kind)
+            headers = {
+                "Authorization": f"Bearer {token.value.reveal()}",
+                "Content-Type": "text/plain",
+            }
+            try:
+                response = await client.post(url, content=body, headers=headers)
+            except httpx.TimeoutException:
+                text = f"Graph did not answer within {relay.timeout:g} s"
+                return _failed(relay.name, recipients, text, "timeout")
+            except httpx.ConnectError as exc:
+                return _failed(relay.name, recipients, f"cannot connect: {exc}", "connect")
+            except httpx.HTTPError as exc:
+                text = f"the connection broke: {type(exc).__name__} {exc}"
+                return _failed(relay.name, recipients, text, "protocol")
+            if response.status_code == 401 and tries_left:
+                # Revoked or expired early: drop it, and once more with a fresh one.
+                self.pool.tokens.invalidate(source, mailbox, token)
+                continue
+            return replies.delivery(
+                relay.name, recipients, response.status_code, response.content, response.headers
+            )
+        raise AssertionError("unreachable: the second try returns")
+
+    async def close(self) -> None:
+        """Close every client's connections."""
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def _failed(relay: str, recipients: Sequence[str], text: str, kind: SessionFault) -> Delivery:
+    deferred = tuple(RecipientResult(r, 0, text) for r in recipients)
+    return Delivery(relay, deferred=deferred, text=text, session_error=kind)

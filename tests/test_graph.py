@@ -1,0 +1,261 @@
+"""Relaying through Microsoft Graph: the real `pickupd` process gets app-only tokens through
+msal (its real code path) from the test token endpoint (tests/tokenserver.py) and posts each
+message to a local HTTPS server that follows Graph's documented sendMail contract
+(tests/graphserver.py), which checks the bearer token and records what it received."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from graphserver import GraphServer
+from harness import Daemon, drop_maildir, message, pickupd, wait_until
+from smtpserver import TestCA
+from tokenserver import CLIENT_SECRET, TokenServer
+
+SENDER = "app@contoso.example"
+
+
+@pytest.fixture
+def graph(test_ca: TestCA, token_server: TokenServer) -> Iterator[GraphServer]:
+    server = GraphServer(test_ca, token_server).start()
+    yield server
+    server.stop()
+
+
+def _relay(
+    graph: GraphServer, ca: TestCA, tokens: TokenServer, tmp: Path, **extra: Any
+) -> dict[str, Any]:
+    secret = tmp / "graph.secret"
+    secret.write_text(CLIENT_SECRET + "\n")
+    secret.chmod(0o600)
+    return {
+        "transport": "graph",
+        "graph_url": graph.url,
+        "ca_file": str(ca.ca_file),
+        "timeout": "5s",
+        "auth": "oauth2",
+        "tenant": "contoso",
+        "client_id": "app-id",
+        "client_secret_file": str(secret),
+        "authority": tokens.url,
+        **extra,
+    }
+
+
+def _daemon(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    ca: TestCA,
+    tokens: TokenServer,
+    tmp: Path,
+    relay: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Daemon:
+    daemon = make_daemon(
+        relays={"graph": {**_relay(graph, ca, tokens, tmp), **(relay or {})}},
+        senders={"*@contoso.example": {"relay": "graph"}},
+        start=False,
+        **sections,
+    )
+    return daemon.start(env={"REQUESTS_CA_BUNDLE": ca.ca_file})
+
+
+def test_a_message_goes_through_graph_with_its_envelope(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """Posted to /users/<envelope sender>/sendMail with a Graph-scoped app-only token; the
+    copy Graph gets has a Bcc: of exactly the envelope recipients the header does not name,
+    and is otherwise the message as relayed; the log says Graph accepted it; no secret or
+    token in the log or sidecars."""
+    daemon = _daemon(make_daemon, graph, test_ca, token_server, tmp_path)
+    text = message(
+        sender=SENDER,
+        to="alice@example.net",
+        extra="Cc: carol@example.net\nBcc: hidden@example.net\n",
+    )
+    drop_maildir(daemon.spool, text)
+    (posted,) = graph.wait_for(1, timeout=20)
+    assert posted.mailbox == SENDER
+    assert token_server.scope_of(posted.token) == graph.scope
+    head = posted.mime.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"Bcc: hidden@example.net\r\n")
+    assert head.count(b"Bcc:") == 1
+    assert b"\r\nTo: alice@example.net\r\n" in head and b"\r\nCc: carol@example.net" in head
+    (sent,) = daemon.wait_event("sent")
+    assert sent["code"] == 202
+    log = daemon.log_path.read_text()
+    assert CLIENT_SECRET not in log and posted.token not in log
+
+
+def test_a_header_recipient_outside_the_envelope_is_never_sent(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """An IIS pickup file whose X-Receiver: names alice only, with To: alice and mallory:
+    Graph would deliver to mallory, so it fails as recipients_mismatch and Graph gets
+    nothing."""
+    daemon = _daemon(make_daemon, graph, test_ca, token_server, tmp_path)
+    text = (
+        f"X-Sender: {SENDER}\nX-Receiver: alice@example.net\n"
+        f"From: {SENDER}\nTo: alice@example.net, mallory@example.net\nSubject: narrow\n"
+        "Date: Sun, 06 Dec 2026 10:00:00 +0000\nMessage-ID: <narrow@example>\n\nhi\n"
+    ).encode()
+    drop_maildir(daemon.spool, text)
+    (failed,) = daemon.wait_sidecars("failed")
+    assert failed["reason"] == "recipients_mismatch"
+    assert "mallory@example.net" in failed["detail"]
+    assert graph.requests == 0
+
+
+def test_graphs_replies_as_an_operator_expects(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """429 with Retry-After 2: the mailbox pauses at least 2 s, no attempt counted, then the
+    message goes; a 401 (a token revoked early): a fresh token, sent; 403
+    ErrorSendAsDenied: failed, naming Mail.Send; 404 MailboxNotEnabledForRESTAPI: failed;
+    500: deferred on the schedule."""
+    daemon = _daemon(
+        make_daemon, graph, test_ca, token_server, tmp_path,
+        dispatch={"workers": 1}, retry={"schedule": ["1h"]},
+    )  # fmt: skip
+    graph.answers.append((429, "ApplicationThrottled", 2.0))
+    dropped = time.time()
+    drop_maildir(daemon.spool, message(sender=SENDER, subject="throttled"))
+    (waiting,) = daemon.wait_event("waiting", timeout=20)
+    assert "Retry-After 2 s" in waiting["detail"]
+    (posted,) = graph.wait_for(1, timeout=20)
+    assert posted.at - dropped >= 2.0
+    daemon.wait_event("sent")
+    assert daemon.events("deferred") == []
+
+    token_server.revoke_all()
+    drop_maildir(daemon.spool, message(sender=SENDER, subject="revoked"))
+    graph.wait_for(2, timeout=20)
+    assert len(token_server.token_requests()) == 2
+
+    graph.answers.append((403, "ErrorSendAsDenied", None))
+    graph.answers.append((404, "MailboxNotEnabledForRESTAPI", None))
+    for n in range(2):
+        drop_maildir(daemon.spool, message(sender=SENDER, subject=f"refused{n}"))
+        daemon.wait_sidecars("failed", count=n + 1)
+    details = " ".join(s["detail"] for s in daemon.wait_sidecars("failed", count=2))
+    assert "ErrorSendAsDenied" in details and "Mail.Send application permission" in details
+    assert "MailboxNotEnabledForRESTAPI" in details
+
+    graph.answers.append((500, "InternalServerError", None))
+    drop_maildir(daemon.spool, message(sender=SENDER, subject="broken"))
+    (deferred,) = daemon.wait_event("deferred", timeout=20)
+    assert "Graph 500" in deferred["detail"]
+    (sidecar,) = daemon.wait_sidecars("deferred")
+    assert sidecar["attempts"] == 1
+
+
+def test_a_message_over_graphs_request_limit_fails_before_it_is_sent(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """3.5 MB of message is over 4 MB as base64: too_large, naming Graph's limit; nothing
+    posted."""
+    daemon = _daemon(make_daemon, graph, test_ca, token_server, tmp_path)
+    drop_maildir(daemon.spool, message(sender=SENDER, body="x" * 75 + "\n") * 1 + b"y" * 3_500_000)
+    (failed,) = daemon.wait_sidecars("failed", timeout=20)
+    assert failed["reason"] == "too_large"
+    assert "Microsoft Graph's request limit" in failed["detail"]
+    assert graph.requests == 0
+
+
+def test_graph_connections_are_reused_and_a_mailbox_takes_four_at_once(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """40 messages from one mailbox at 50 ms a request: Graph's preset holds it to 4
+    requests at once (across the worker processes), over a handful of TLS connections."""
+    graph.delay = 0.05
+    daemon = _daemon(make_daemon, graph, test_ca, token_server, tmp_path)
+    for n in range(40):
+        drop_maildir(daemon.spool, message(sender=SENDER, subject=f"m{n}"))
+    graph.wait_for(40, timeout=30)
+    assert graph.most_in_flight[SENDER] <= 4
+    assert graph.connections <= 8, graph.connections
+    wait_until(lambda: len(daemon.events("sent")) == 40, 10, "40 sent")
+
+
+def test_check_lists_graphs_preset_and_a_graph_relay_needs_an_app_login(
+    graph: GraphServer, test_ca: TestCA, token_server: TokenServer, tmp_path: Path
+) -> None:
+    """`pickupd check` shows a Graph relay's limits (Graph's and Exchange's); a Graph relay
+    with a password login is a config error naming the key."""
+    relay = _relay(graph, test_ca, token_server, tmp_path)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in relay.items()]
+    good = tmp_path / "good.toml"
+    good.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n[relays.graph]\n' + "\n".join(lines)
+        + '\n[senders."*@contoso.example"]\nrelay = "graph"\n'
+    )  # fmt: skip
+    shown = pickupd("check", "-c", str(good))
+    assert shown.returncode == 0, shown
+    assert (
+        "relays.graph.mailbox_limits (each login): 4 connections (graph's), 10000 messages/10m"
+        " (graph's), 10000 recipients/day (graph's), 500 recipients/message (graph's)"
+    ) in shown.stdout
+    config = tmp_path / "pickupd.toml"
+    config.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        '[relays.graph]\ntransport = "graph"\nusername = "a@contoso.example"\n'
+        'password_env = "X"\n'
+        '[senders."a@contoso.example"]\nrelay = "graph"\n'
+    )
+    result = pickupd("check", "-c", str(config), env={"X": "secret"})
+    assert result.returncode == 78, result
+    assert 'relays.graph.auth: transport = "graph" logs in with auth = "oauth2"' in result.stderr
+
+
+def test_check_connect_gets_a_graph_token_and_reads_its_permission(
+    graph: GraphServer, test_ca: TestCA, token_server: TokenServer, tmp_path: Path
+) -> None:
+    """`check --connect` on a Graph relay gets an app-only token for Graph's scope through
+    msal and says it carries Mail.Send, and what only sending proves; without Mail.Send,
+    or with a wrong secret, FAILED (exit 1) naming what to fix."""
+    relay = _relay(graph, test_ca, token_server, tmp_path)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in relay.items()]
+    config = tmp_path / "pickupd.toml"
+    config.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n[relays.graph]\n' + "\n".join(lines)
+        + '\n[senders."*@contoso.example"]\nrelay = "graph"\n'
+    )  # fmt: skip
+    env = {"REQUESTS_CA_BUNDLE": test_ca.ca_file}
+    ok = pickupd("check", "--connect", "-c", str(config), env=env)
+    assert ok.returncode == 0, ok
+    assert f"ok: token acquired for {graph.url}/.default" in ok.stdout
+    assert "with the application permission Mail.Send" in ok.stdout
+    assert "RBAC for Applications" in ok.stdout
+    token_server.roles = ["User.Read.All"]
+    token_server.revoke_all()
+    lacking = pickupd("check", "--connect", "-c", str(config), env=env)
+    assert lacking.returncode == 1 and "lack Mail.Send" in lacking.stdout, lacking
+    token_server.clients["app-id"] = "another secret"
+    wrong = pickupd("check", "--connect", "-c", str(config), env=env)
+    assert wrong.returncode == 1 and "FAILED" in wrong.stdout and "invalid_client" in wrong.stdout
+    assert CLIENT_SECRET not in ok.stdout + ok.stderr + wrong.stdout + wrong.stderr

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import ssl
+import time
 import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -31,7 +34,7 @@ from pickupd.errors import SessionError
 from pickupd.graph import replies
 from pickupd.graph.message import for_graph
 from pickupd.outcome import Delivery, RecipientResult, Refusal, SessionFault
-from pickupd.smtp.pool import Pool
+from pickupd.smtp.pool import LEASE_TTL, Pool
 
 __all__ = ["Graph"]
 
@@ -44,12 +47,18 @@ class Graph:
         dispatcher processes, which share each mailbox's requests."""
         self.pool = pool
         self.processes = processes
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        # One client per relay and mailbox, with as many connections as the mailbox may
+        # have requests at once: httpcore's pool assigns requests in time that grows with
+        # connections x waiting requests, so small pools stay cheap.
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
         self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
+        # A mailbox's lanes not in use: each holds its leases (its part of the mailbox's
+        # "4 connections") while it is used now and then, as a pooled SMTP session does.
+        self._lanes: dict[tuple[str, str], list[_Lane]] = {}
         self._holder = 0
 
-    def _client(self, relay: RelayConfig) -> httpx.AsyncClient:
-        client = self._clients.get(relay.name)
+    def _client(self, relay: RelayConfig, mailbox: str, size: int) -> httpx.AsyncClient:
+        client = self._clients.get((relay.name, mailbox))
         if client is None:
             verify: ssl.SSLContext | bool = True
             if relay.ca_file is not None:
@@ -58,13 +67,13 @@ class Graph:
                 verify=verify,
                 timeout=relay.timeout,
                 limits=httpx.Limits(
-                    max_connections=relay.max_connections,
-                    max_keepalive_connections=relay.max_connections,
+                    max_connections=size,
+                    max_keepalive_connections=size,
                     keepalive_expiry=relay.idle_timeout,
                 ),
                 trust_env=True,  # HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE
             )
-            self._clients[relay.name] = client
+            self._clients[(relay.name, mailbox)] = client
         return client
 
     async def send(
@@ -86,23 +95,43 @@ class Graph:
         source = dataclasses.replace(login.source, scope=f"{relay.graph_url}/.default")
         url = f"{relay.graph_url}/v1.0/users/{urllib.parse.quote(mailbox, safe='@')}/sendMail"
         most = min((n for _, n, _ in leases), default=relay.max_connections)
-        slot = self._slots.setdefault(
-            (relay.name, mailbox.lower()), asyncio.Semaphore(max(1, most // self.processes))
-        )
+        size = max(1, min(most // self.processes, relay.max_connections))
+        key = (relay.name, mailbox.lower())
+        slot = self._slots.setdefault(key, asyncio.Semaphore(size))
         async with slot:
-            self._holder += 1
-            holder = f"graph-{id(self)}-{self._holder}"
             try:
-                held = await self.pool.lease(relay, leases, holder)
+                lane = await self._lane(key, relay, leases)
             except SessionError as exc:
                 return _failed(relay.name, recipients, str(exc), exc.kind)
             try:
-                return await self._post(relay, source, mailbox, url, body, recipients)
+                client = self._client(relay, mailbox.lower(), size)
+                return await self._post(client, relay, source, mailbox, url, body, recipients)
             finally:
-                await self.pool.unlease(held, holder)
+                lane.last_used = time.monotonic()
+                self._lanes.setdefault(key, []).append(lane)
+
+    async def _lane(
+        self, key: tuple[str, str], relay: RelayConfig, leases: Sequence[tuple[str, int, str]]
+    ) -> _Lane:
+        """A free lane of the mailbox, its leases held (taken, or renewed when a third of
+        their life is gone); lanes idle past the relay's idle_timeout give theirs back."""
+        free, now = self._lanes.setdefault(key, []), time.monotonic()
+        for stale in [lane for lane in free if now - lane.last_used > relay.idle_timeout]:
+            free.remove(stale)
+            await self.pool.unlease(stale.held, stale.holder)
+        if free:
+            lane = free.pop()
+        else:
+            self._holder += 1
+            lane = _Lane(f"graph-{os.getpid()}-{self._holder}")
+        if not lane.held or now - lane.leased_at > LEASE_TTL / 3:
+            lane.held = await self.pool.lease(relay, leases, lane.holder)
+            lane.leased_at = now
+        return lane
 
     async def _post(
         self,
+        client: httpx.AsyncClient,
         relay: RelayConfig,
         source: MicrosoftSource,
         mailbox: str,
@@ -110,7 +139,6 @@ class Graph:
         body: bytes,
         recipients: Sequence[str],
     ) -> Delivery:
-        client = self._client(relay)
         for tries_left in (1, 0):
             try:
                 token = await self.pool.tokens.get(source, mailbox)
@@ -140,10 +168,24 @@ class Graph:
         raise AssertionError("unreachable: the second try returns")
 
     async def close(self) -> None:
-        """Close every client's connections."""
+        """Close every client's connections, and give back every lane's leases."""
+        for lanes in self._lanes.values():
+            for lane in lanes:
+                await self.pool.unlease(lane.held, lane.holder)
+        self._lanes.clear()
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One of a mailbox's request slots in this process: the leases it holds."""
+
+    holder: str
+    held: tuple[str, ...] = ()
+    leased_at: float = 0.0
+    last_used: float = 0.0
 
 
 def _failed(relay: str, recipients: Sequence[str], text: str, kind: SessionFault) -> Delivery:

@@ -30,6 +30,8 @@ class Transports:
         self.graph = Graph(pool, processes)
         self.metrics = metrics
         pool.closing.append(self.graph.close)  # a pool's close_all closes Graph's clients
+        if metrics is not None:
+            self.graph.replied = metrics.graph_reply
 
     async def send(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from graphserver import GraphServer
-from harness import Daemon, drop_maildir, message, pickupd, wait_until
+from harness import Daemon, drop_maildir, free_port, message, pickupd, scrape, wait_until
 from smtpserver import TestCA
 from tokenserver import CLIENT_SECRET, TokenServer
 
@@ -191,15 +191,22 @@ def test_graph_connections_are_reused_and_a_mailbox_takes_four_at_once(
     tmp_path: Path,
 ) -> None:
     """40 messages from one mailbox at 50 ms a request: Graph's preset holds it to 4
-    requests at once (across the worker processes), over a handful of TLS connections."""
+    requests at once (across the worker processes), over a handful of TLS connections; the
+    metrics count Graph's replies by status for the whole service."""
     graph.delay = 0.05
-    daemon = _daemon(make_daemon, graph, test_ca, token_server, tmp_path)
+    port = free_port()
+    daemon = _daemon(
+        make_daemon, graph, test_ca, token_server, tmp_path,
+        metrics={"listen": f"127.0.0.1:{port}"},
+    )  # fmt: skip
     for n in range(40):
         drop_maildir(daemon.spool, message(sender=SENDER, subject=f"m{n}"))
     graph.wait_for(40, timeout=30)
     assert graph.most_in_flight[SENDER] <= 4
     assert graph.connections <= 8, graph.connections
     wait_until(lambda: len(daemon.events("sent")) == 40, 10, "40 sent")
+    key = 'pickupd_graph_replies_total{relay="graph",status="202"}'
+    wait_until(lambda: scrape(port).get(key) == 40, 5, "40 replies of 202 in the metrics")
 
 
 def test_check_lists_graphs_preset_and_a_graph_relay_needs_an_app_login(

@@ -23,7 +23,7 @@ import os
 import ssl
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -56,6 +56,8 @@ class Graph:
         # "4 connections") while it is used now and then, as a pooled SMTP session does.
         self._lanes: dict[tuple[str, str], list[_Lane]] = {}
         self._holder = 0
+        # Told each HTTP status Graph answers (relay, status): the metrics.
+        self.replied: Callable[[str, int], None] = lambda relay, status: None
 
     def _client(self, relay: RelayConfig, mailbox: str, size: int) -> httpx.AsyncClient:
         client = self._clients.get((relay.name, mailbox))
@@ -158,6 +160,7 @@ class Graph:
             except httpx.HTTPError as exc:
                 text = f"the connection broke: {type(exc).__name__} {exc}"
                 return _failed(relay.name, recipients, text, "protocol")
+            self.replied(relay.name, response.status_code)
             if response.status_code == 401 and tries_left:
                 # Revoked or expired early: drop it, and once more with a fresh one.
                 self.pool.tokens.invalidate(source, mailbox, token)

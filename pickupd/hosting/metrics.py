@@ -23,6 +23,8 @@ Metrics:
   quota is spent: paused until this time (alert on `> time()`)
 - `pickupd_paused_until_seconds{scope, kind}`: any pause a provider's reply set (throttled,
   spent, limited: the tenant's rate), until this time
+- `pickupd_graph_replies_total{relay, status}`: Microsoft Graph's answers to sendMail, by
+  HTTP status (202 accepted, 429 throttled, 401, 403 ...)
 - `pickupd_limit_waiting_messages{class}`: messages waiting in line under a limit (urgent,
   normal, bulk: the class decides who goes first), all processes
 - `pickupd_stranded_messages`: claims that could not be moved to their folder, retried
@@ -190,6 +192,12 @@ class Metrics:
             ["scope", "kind"],
             registry=self.registry,
         )
+        self._graph = Counter(
+            "pickupd_graph_replies",
+            "Microsoft Graph's answers to sendMail requests, by HTTP status",
+            ["relay", "status"],
+            registry=self.registry,
+        )
         self._waiting = Gauge(
             "pickupd_limit_waiting_messages",
             "Messages waiting in line under a limit, by class (urgent goes first, then normal)",
@@ -251,6 +259,11 @@ class Metrics:
                 self.store_up(up, worker=-1)
             case protocol.Waiting(worker, urgent, normal, bulk):
                 self.waiting(worker, urgent, normal, bulk)
+            case protocol.GraphReply(relay, status):
+                self.graph_reply(relay, status)
+
+    def graph_reply(self, relay: str, status: int) -> None:
+        self._graph.labels(relay, str(status)).inc()
 
     def waiting(self, worker: int, urgent: int, normal: int, bulk: int) -> None:
         """Worker `worker`'s lines hold so many messages of each class."""

@@ -20,6 +20,7 @@ __all__ = [
     "Down",
     "Feedback",
     "Flush",
+    "GraphReply",
     "Outcome",
     "Paused",
     "Ready",
@@ -111,6 +112,14 @@ class Paused:
 
 
 @dataclass(frozen=True, slots=True)
+class GraphReply:
+    """Up: Microsoft Graph answered a sendMail request of `relay` with HTTP `status`."""
+
+    relay: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
 class Waiting:
     """Up: the messages waiting in the lines of worker `worker` under a limit, by class."""
 
@@ -146,7 +155,7 @@ class RelayState:
 
 Up = (
     Ready | Outcome | SendTime | SessionFailed | Suspended | Stranded | Room | StoreUp | Paused
-    | Waiting | Feedback
+    | Waiting | GraphReply | Feedback
 )  # fmt: skip
 Down = Flush | RelayState
 
@@ -163,7 +172,7 @@ _UP: dict[str, type[Up]] = {
     cls.__name__.lower(): cls
     for cls in (
         Ready, Outcome, SendTime, SessionFailed, Suspended, Stranded, Room, StoreUp, Paused,
-        Waiting, Feedback,
+        Waiting, GraphReply, Feedback,
     )
 }  # fmt: skip
 _DOWN: dict[str, type[Down]] = {cls.__name__.lower(): cls for cls in (Flush, RelayState)}

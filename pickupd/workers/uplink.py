@@ -82,6 +82,9 @@ class Forwarder:
             self._lines = (urgent, normal, bulk)
             self._add(protocol.Waiting(worker, urgent, normal, bulk))
 
+    def graph_reply(self, relay: str, status: int) -> None:
+        self._add(protocol.GraphReply(relay, status) if self._metrics else None)
+
     def ready(self) -> None:
         """Tell the main process this worker is watching and takes signals."""
         self._events.append(protocol.Ready())

@@ -266,6 +266,8 @@ class Dispatcher:
         at = from_timestamp(until)
         fields = {"relay": delivery.relay, "scope": scope, "code": delivery.code}
         self.log.warning("relay_throttled", **fields, detail=delivery.text, paused_until=at)
+        if self.metrics is not None:
+            self.metrics.paused(scope, until, "throttled")
         await self.recorder.waiting(claimed, parsed, until, f"waiting: {delivery.text}")
         self.intake.due_at(claimed.id, until)
 

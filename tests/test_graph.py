@@ -5,7 +5,11 @@ message to a local HTTPS server that follows Graph's documented sendMail contrac
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import socketserver
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -266,3 +270,81 @@ def test_check_connect_gets_a_graph_token_and_reads_its_permission(
     wrong = pickupd("check", "--connect", "-c", str(config), env=env)
     assert wrong.returncode == 1 and "FAILED" in wrong.stdout and "invalid_client" in wrong.stdout
     assert CLIENT_SECRET not in ok.stdout + ok.stderr + wrong.stdout + wrong.stderr
+
+
+class _ConnectProxy:
+    """An HTTP proxy that only tunnels (CONNECT), as an egress proxy does for HTTPS; it
+    counts the tunnels it opened, by target."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _handler(self) -> type[socketserver.BaseRequestHandler]:
+        owner = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                line = self.rfile.readline().decode()
+                while self.rfile.readline() not in (b"\r\n", b""):
+                    pass
+                method, target, _ = line.split(" ", 2)
+                if method != "CONNECT":
+                    self.wfile.write(b"HTTP/1.1 405 Only CONNECT\r\n\r\n")
+                    return
+                owner.tunnels.append(target)
+                host, port = target.rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=10) as upstream:
+                    self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    self.wfile.flush()
+                    pipes = [
+                        threading.Thread(target=_pipe, args=(self.connection, upstream)),
+                        threading.Thread(target=_pipe, args=(upstream, self.connection)),
+                    ]
+                    for pipe in pipes:
+                        pipe.start()
+                    for pipe in pipes:
+                        pipe.join(30)
+
+        return Handler
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _pipe(source: socket.socket, target: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            target.sendall(data)
+        target.shutdown(socket.SHUT_WR)
+
+
+def test_graph_and_its_token_go_through_the_proxy_the_environment_names(
+    make_daemon: Callable[..., Daemon],
+    graph: GraphServer,
+    test_ca: TestCA,
+    token_server: TokenServer,
+    tmp_path: Path,
+) -> None:
+    """HTTPS_PROXY in the service's environment (as an operator sets it in the unit's
+    Environment=): the sendMail requests and msal's token requests go through the proxy's
+    tunnels, and the message arrives."""
+    proxy = _ConnectProxy()
+    try:
+        daemon = make_daemon(
+            relays={"graph": _relay(graph, test_ca, token_server, tmp_path)},
+            senders={"*@contoso.example": {"relay": "graph"}},
+            start=False,
+        )
+        daemon.start(env={"REQUESTS_CA_BUNDLE": test_ca.ca_file, "HTTPS_PROXY": proxy.url})
+        drop_maildir(daemon.spool, message(sender=SENDER))
+        graph.wait_for(1, timeout=20)
+        graph_host = graph.url.removeprefix("https://")
+        token_host = token_server.url.removeprefix("https://")
+        assert graph_host in proxy.tunnels and token_host in proxy.tunnels, proxy.tunnels
+    finally:
+        proxy.stop()

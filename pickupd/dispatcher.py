@@ -2,8 +2,8 @@
 
     spool.claim -> message.parse -> policy.check -> limits.quota -> smtp.send -> recorder
 
-Finding work is intake.py's job, running the service service.py's, and turning an outcome
-into a folder, a sidecar and a log line recorder.py's.
+Finding work is intake/'s job, running the service service.py's, and turning an outcome
+into a folder, a sidecar and a log line record/'s.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pickupd.auth import logins
 from pickupd.auth.owners import describe_uid
 from pickupd.config.loading import Config, RelayConfig, SenderRule
 from pickupd.errors import NotAFile, SpoolWriteError
-from pickupd.intake import Intake
+from pickupd.intake.queues import Intake
 from pickupd.limits import needs, replies
 from pickupd.limits.ledger import Turn
 from pickupd.limits.quota import Pause, Quota, Wait
@@ -31,15 +31,15 @@ from pickupd.log import Logger
 from pickupd.message import envelope
 from pickupd.message.priority import MailClass
 from pickupd.outcome import Delivery, Reason, Refusal
-from pickupd.recorder import Meter, Recorder
+from pickupd.record.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
+from pickupd.smtp.suspension import Suspensions
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import TooLarge, Unsafe, printable
 from pickupd.spool.folders import Candidate, Claimed, Spool
 from pickupd.spool.sidecar import KeptTurn, Sidecar, from_timestamp, to_timestamp
 from pickupd.spool.stranded import Stranded
-from pickupd.suspension import Suspensions
 from pickupd.transport import Transports
 
 __all__ = ["LARGE_AT_ONCE", "LARGE_MESSAGE", "Dispatcher"]

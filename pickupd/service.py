@@ -23,13 +23,14 @@ from pickupd.auth.keepalive import keep_alive
 from pickupd.config.loading import Config, keep_fixed, load
 from pickupd.dispatcher import LARGE_AT_ONCE, Dispatcher
 from pickupd.errors import ConfigError
-from pickupd.feedback import Feedback
 from pickupd.hosting.systemd import Notifier
-from pickupd.intake import Intake
+from pickupd.intake.queues import Intake
+from pickupd.intake.watcher import Watcher
 from pickupd.limits import ledger
 from pickupd.limits.quota import Quota
 from pickupd.outcome import Stats
-from pickupd.recorder import Meter, Recorder
+from pickupd.record.notify import Feedback
+from pickupd.record.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
 from pickupd.spool import moves, recovery
 from pickupd.spool.census import CensusCache, FolderCount
@@ -37,7 +38,6 @@ from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Spool
 from pickupd.spool.sidecar import Sidecar
 from pickupd.spool.stranded import Stranded
-from pickupd.watcher import Watcher
 from pickupd.workers import protocol, shares, uplink
 from pickupd.workers.shares import ONLY, Part
 from pickupd.workers.supervisor import Supervisor

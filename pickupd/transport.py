@@ -15,7 +15,7 @@ from pickupd.graph.client import Graph
 from pickupd.limits.needs import Applies
 from pickupd.message.envelope import Envelope
 from pickupd.outcome import Delivery, Refusal
-from pickupd.recorder import Meter
+from pickupd.record.recorder import Meter
 from pickupd.smtp import transaction
 from pickupd.smtp.pool import Pool
 

@@ -10,7 +10,7 @@ from configs import unit_config
 
 from pickupd import log
 from pickupd.config.loading import Config, DispatchConfig, SpoolConfig
-from pickupd.intake import Intake
+from pickupd.intake.queues import Intake
 from pickupd.service import Service
 from pickupd.spool.folders import Candidate, Spool
 

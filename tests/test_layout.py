@@ -11,7 +11,10 @@ PACKAGE = Path(__file__).parent.parent / "pickupd"
 # each other.
 BASE = {"errors", "outcome", "ids", "units", "log"}
 # Sub-packages, lowest first: each may import the base, itself and the ones before it.
-LAYERS = ["spool", "message", "auth", "config", "limits", "smtp", "graph", "workers", "hosting"]
+LAYERS = [
+    "spool", "message", "auth", "config", "limits", "smtp", "graph", "record", "workers", "intake",
+    "hosting",
+]  # fmt: skip
 # What stands above them: the steps that tie the others together, then the command line.
 TOP, CLI = len(LAYERS), len(LAYERS) + 1
 

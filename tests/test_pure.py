@@ -8,10 +8,11 @@ import time
 import pytest
 from configs import unit_config
 
-from pickupd import ids, policy, retry
+from pickupd import ids, policy
 from pickupd.config.loading import Config, PolicyConfig, SenderRule
 from pickupd.message import envelope
 from pickupd.outcome import Reason, Refusal
+from pickupd.record import retry
 from pickupd.spool.sidecar import Attempt, Sidecar, from_timestamp, to_timestamp
 from pickupd.units import format_duration, parse_duration, parse_size
 

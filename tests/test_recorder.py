@@ -1,4 +1,4 @@
-"""recorder.py without an event loop: one attempt's result becomes a folder, a sidecar and
+"""record/recorder.py without an event loop: one attempt's result becomes a folder, a sidecar and
 a log line, under the config the attempt was made with."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pickupd import log
 from pickupd.config.loading import Config, RetryConfig
 from pickupd.message import envelope
 from pickupd.outcome import Delivery, RecipientResult
-from pickupd.recorder import Recorder
+from pickupd.record.recorder import Recorder
 from pickupd.spool.folders import Candidate, Claimed, Spool
 from pickupd.spool.sidecar import Sidecar, to_timestamp
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pickupd import ids
-from pickupd.duetimes import DueTimes
+from pickupd.intake.duetimes import DueTimes
 from pickupd.spool import recovery
 from pickupd.spool.files import TooLarge, Unsafe, atomic_write
 from pickupd.spool.folders import Candidate, Later, Spool

@@ -1,4 +1,4 @@
-"""A relay that does not answer is suspended and probed, not hammered (suspension.py), and
+"""A relay that does not answer is suspended and probed, not hammered (smtp/suspension.py), and
 deferred mail is taken by its due time, also when another process made it due."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_unti
 from smtpserver import SmtpServer
 
 from pickupd.outcome import Delivery, RecipientResult
-from pickupd.suspension import HOLD_PROBES, Change, Suspensions
+from pickupd.smtp.suspension import HOLD_PROBES, Change, Suspensions
 from pickupd.workers.shares import Part, owns
 
 

@@ -1,4 +1,4 @@
-"""watcher.py against the real file system: inotify read on the loop (Linux) and the
+"""intake/watcher.py against the real file system: inotify read on the loop (Linux) and the
 watchdog fallback give the intake the same hints."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pickupd.watcher import Watcher
+from pickupd.intake.watcher import Watcher
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
-from pickupd.duetimes import DueTimes
+from pickupd.intake.duetimes import DueTimes
 from pickupd.spool.files import printable
 from pickupd.spool.folders import Candidate, Later, Spool, is_stray, message_id
 from pickupd.workers.shares import ONLY, Part, owns

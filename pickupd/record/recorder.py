@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pickupd import ids, retry
+from pickupd import ids
 from pickupd.auth.owners import user_name
 from pickupd.config.loading import Config
 from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
 from pickupd.message.envelope import Envelope
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
+from pickupd.record import retry
 from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Claimed, Spool
 from pickupd.spool.sidecar import Attempt, KeptTurn, Sidecar, from_timestamp
@@ -73,7 +74,7 @@ class Recorder:
         # Called with a message's id just before we move it into deferred/ ourselves.
         self._deferring = deferring
         # Called once a message is in failed/ ("failed"), or has been deferred for longer
-        # than [notify] on_deferred_after ("deferred"): feedback.py's hooks and reports.
+        # than [notify] on_deferred_after ("deferred"): notify.py's hooks and reports.
         self._notify = notify
 
     # -- refused before any connection ---------------------------------------------------------

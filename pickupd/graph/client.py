@@ -5,10 +5,12 @@ base64 of the message (message.py); the mailbox is the login's (the envelope sen
 the relay's OAuth2 login names none); the app-only token is msal's, for the scope
 `{graph_url}/.default`, through the token cache every login uses.
 
-Why httpx: an asyncio client that keeps connections open and reuses them (one TLS handshake
-for a run of messages, not one each), verifies TLS by default, honours the standard proxy
-variables (HTTPS_PROXY, NO_PROXY) and is already typed; aiohttp would do as well, with more
-of its own machinery (its own resolver, cookie jar) that a POST a message does not need.
+Why httpcore, httpx's own transport: a typed asyncio connection pool that keeps connections
+open and reuses them (one TLS handshake for a run of messages, not one each), with HTTP
+proxies; httpx's client layer on top (URL and header models, auth and redirect handling,
+cookies) cost 0.55 ms of CPU a request where httpcore alone costs 0.39, and one POST a
+message needs none of it. aiohttp would do as well, with more machinery of its own. The
+proxy is the one the standard variables name (HTTPS_PROXY, NO_PROXY), as urllib reads them.
 
 A mailbox takes at most its "connections" limit of requests at once (Graph's 4 per app and
 mailbox): this process's part of it in a semaphore, and a lease in the ledger for the
@@ -23,10 +25,11 @@ import os
 import ssl
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import httpx
+import httpcore
 
 from pickupd.auth.logins import Credentials, MicrosoftSource, XOAuth2
 from pickupd.config.routing import RelayConfig
@@ -50,7 +53,7 @@ class Graph:
         # One client per relay and mailbox, with as many connections as the mailbox may
         # have requests at once: httpcore's pool assigns requests in time that grows with
         # connections x waiting requests, so small pools stay cheap.
-        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
+        self._clients: dict[tuple[str, str], httpcore.AsyncConnectionPool] = {}
         self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
         # A mailbox's lanes not in use: each holds its leases (its part of the mailbox's
         # "4 connections") while it is used now and then, as a pooled SMTP session does.
@@ -59,21 +62,17 @@ class Graph:
         # Told each HTTP status Graph answers (relay, status): the metrics.
         self.replied: Callable[[str, int], None] = lambda relay, status: None
 
-    def _client(self, relay: RelayConfig, mailbox: str, size: int) -> httpx.AsyncClient:
+    def _client(self, relay: RelayConfig, mailbox: str, size: int) -> httpcore.AsyncConnectionPool:
         client = self._clients.get((relay.name, mailbox))
         if client is None:
-            verify: ssl.SSLContext | bool = True
-            if relay.ca_file is not None:
-                verify = ssl.create_default_context(cafile=str(relay.ca_file))
-            client = httpx.AsyncClient(
-                verify=verify,
-                timeout=relay.timeout,
-                limits=httpx.Limits(
-                    max_connections=size,
-                    max_keepalive_connections=size,
-                    keepalive_expiry=relay.idle_timeout,
-                ),
-                trust_env=True,  # HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE
+            cafile = None if relay.ca_file is None else str(relay.ca_file)
+            context = ssl.create_default_context(cafile=cafile)  # verified, always
+            client = httpcore.AsyncConnectionPool(
+                ssl_context=context,
+                proxy=_proxy(relay.graph_url),
+                max_connections=size,
+                max_keepalive_connections=size,
+                keepalive_expiry=relay.idle_timeout,
             )
             self._clients[(relay.name, mailbox)] = client
         return client
@@ -133,7 +132,7 @@ class Graph:
 
     async def _post(
         self,
-        client: httpx.AsyncClient,
+        client: httpcore.AsyncConnectionPool,
         relay: RelayConfig,
         source: MicrosoftSource,
         mailbox: str,
@@ -146,27 +145,32 @@ class Graph:
                 token = await self.pool.tokens.get(source, mailbox)
             except SessionError as exc:
                 return _failed(relay.name, recipients, str(exc), exc.kind)
-            headers = {
-                "Authorization": f"Bearer {token.value.reveal()}",
-                "Content-Type": "text/plain",
-            }
+            headers = [
+                (b"Authorization", b"Bearer " + token.value.reveal().encode()),
+                (b"Content-Type", b"text/plain"),
+            ]
+            limit = relay.timeout
+            timeouts = {"connect": limit, "read": limit, "write": limit, "pool": limit}
             try:
-                response = await client.post(url, content=body, headers=headers)
-            except httpx.TimeoutException:
+                response = await client.request(
+                    "POST", url, headers=headers, content=body, extensions={"timeout": timeouts}
+                )
+            except httpcore.TimeoutException:
                 text = f"Graph did not answer within {relay.timeout:g} s"
                 return _failed(relay.name, recipients, text, "timeout")
-            except httpx.ConnectError as exc:
+            except (httpcore.ConnectError, httpcore.ProxyError, OSError) as exc:
                 return _failed(relay.name, recipients, f"cannot connect: {exc}", "connect")
-            except httpx.HTTPError as exc:
+            except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
                 text = f"the connection broke: {type(exc).__name__} {exc}"
                 return _failed(relay.name, recipients, text, "protocol")
-            self.replied(relay.name, response.status_code)
-            if response.status_code == 401 and tries_left:
+            self.replied(relay.name, response.status)
+            if response.status == 401 and tries_left:
                 # Revoked or expired early: drop it, and once more with a fresh one.
                 self.pool.tokens.invalidate(source, mailbox, token)
                 continue
+            answer = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
             return replies.delivery(
-                relay.name, recipients, response.status_code, response.content, response.headers
+                relay.name, recipients, response.status, response.content, answer
             )
         raise AssertionError("unreachable: the second try returns")
 
@@ -179,6 +183,15 @@ class Graph:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _proxy(url: str) -> httpcore.Proxy | None:
+    """The HTTP proxy the environment names for `url` (HTTPS_PROXY, NO_PROXY), if any."""
+    proxy = urllib.request.getproxies().get("https")
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    return httpcore.Proxy(proxy)
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_unti
 from smtpserver import SmtpServer
 
 from pickupd.config.loading import load
-from pickupd.service import GRACE
-from pickupd.servicehost import ServiceHost, State
+from pickupd.hosting.servicehost import ServiceHost, State
+from pickupd.service import GRACE, Service
 
 
 class Manager:
@@ -42,7 +42,7 @@ def test_start_relay_stop_with_a_send_in_flight(smtp_server: SmtpServer, tmp_pat
         {"app@example.com": {"relay": "main"}},
     )
     manager = Manager()
-    host = ServiceHost(load(daemon.config_path), manager)
+    host = ServiceHost(load(daemon.config_path), manager, Service, GRACE)
     assert host.start(timeout=15)
     assert manager.states() == [State.START_PENDING, State.RUNNING]
 
@@ -78,7 +78,7 @@ def test_a_dispatcher_that_cannot_start_reports_stopped(tmp_path: Path) -> None:
     config = load(daemon.config_path)
     (daemon.spool / "active").write_text("a file where a folder must be")
     manager = Manager()
-    assert not ServiceHost(config, manager).start(timeout=10)
+    assert not ServiceHost(config, manager, Service, GRACE).start(timeout=10)
     assert manager.states() == [State.START_PENDING, State.STOPPED]
 
 

@@ -2,7 +2,7 @@
 
 The only Windows-specific module. pywin32 (`pip install pickupd[windows]`) is imported here
 and only when a `service` command runs on Windows; everything the service does is
-servicehost.ServiceHost, which is plain Python and is tested on Linux.
+hosting.servicehost.ServiceHost, which is plain Python and is tested on Linux.
 
 Defaults: the config `%ProgramData%\\pickupd\\pickupd.toml`, and in it a spool such as
 `%ProgramData%\\pickupd\\spool` (`pickupd init -c ... --spool ...` writes both).
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pickupd.cli.common import EX_CONFIG, EX_OK, EX_USAGE, add_command, load_config
+from pickupd.config.loading import Config
 from pickupd.errors import CommandError
-from pickupd.servicehost import ServiceHost, State
+from pickupd.hosting.servicehost import ServiceHost, State, StatusReporter
 
 __all__ = ["SERVICE_NAME", "default_config_path", "register"]
 
@@ -103,7 +104,7 @@ class _Win32:
             print(f"service {SERVICE_NAME} stopped")
         else:  # debug: the service's work in this console, Ctrl-C stops it
             config = load_config(config_arg)
-            host = ServiceHost(config, lambda state, hint: print(f"service: {state.value}"))
+            host = _host(config, lambda state, hint: print(f"service: {state.value}"))
             if not host.start():
                 return EX_CONFIG
             try:
@@ -111,6 +112,14 @@ class _Win32:
             except KeyboardInterrupt:
                 host.stop()
         return EX_OK
+
+
+def _host(config: Config, report: StatusReporter) -> ServiceHost:
+    """A host of the service (imported here: the command line builds its parser from every
+    command's module, and the service imports the whole pipeline)."""
+    from pickupd.service import GRACE, Service
+
+    return ServiceHost(config, report, Service, GRACE)
 
 
 def _service_class() -> type:
@@ -147,7 +156,7 @@ def _service_class() -> type:
             except CommandError as exc:
                 servicemanager.LogErrorMsg(f"pickupd: bad config {self.config_arg}: {exc}")
                 return
-            self.host = ServiceHost(config, self._report)
+            self.host = _host(config, self._report)
             if self.host.start():
                 self.host.wait()
 

@@ -4,6 +4,8 @@ Portable on purpose: the Windows service (cli/service.py) is a thin shell around
 tests drive the same lifecycle on Linux with a recording reporter. The dispatcher runs in its
 own thread with its own event loop; `stop()` asks it to drain (`Service.stop`, thread-safe)
 and reports STOP_PENDING with a wait hint until it has, well within the manager's timeout.
+The host is given a factory of the service (cli/service.py passes pickupd.service.Service),
+so this module depends on no step of the pipeline.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from pickupd import log as logs
 from pickupd.config.loading import Config
-from pickupd.service import GRACE, Service
 
-__all__ = ["ServiceHost", "State", "StatusReporter"]
+__all__ = ["Hosted", "ServiceHost", "State", "StatusReporter"]
 
 
 class State(enum.Enum):
@@ -39,13 +41,30 @@ class StatusReporter(Protocol):
 _CHECKPOINT = 1.0
 
 
+class Hosted(Protocol):
+    """What a host runs: the service (pickupd.service.Service)."""
+
+    async def run(self) -> object: ...
+    async def wait_ready(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 class ServiceHost:
     """One dispatcher, started and stopped on request; reports every state change."""
 
-    def __init__(self, config: Config, report: StatusReporter) -> None:
+    def __init__(
+        self,
+        config: Config,
+        report: StatusReporter,
+        factory: Callable[[Config], Hosted],
+        grace: float,
+    ) -> None:
+        """`factory`: the service for a config; `grace`: how long its drain may take."""
         self.config = config
         self.report = report
-        self.service: Service | None = None
+        self.factory = factory
+        self.grace = grace
+        self.service: Hosted | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -65,12 +84,12 @@ class ServiceHost:
         return True
 
     def stop(self) -> None:
-        """Drain in-flight sends (up to GRACE), put the rest back, report STOPPED."""
-        self.report(State.STOP_PENDING, GRACE + 5)
+        """Drain in-flight sends (up to the grace), put the rest back, report STOPPED."""
+        self.report(State.STOP_PENDING, self.grace + 5)
         loop, service = self._loop, self.service
         if loop is not None and service is not None and not self._done.is_set():
             loop.call_soon_threadsafe(service.stop)
-        self._wait(self._done, GRACE + 10, State.STOP_PENDING)
+        self._wait(self._done, self.grace + 10, State.STOP_PENDING)
         if self._thread is not None:
             self._thread.join(5)
         self.report(State.STOPPED, 0)
@@ -103,7 +122,7 @@ class ServiceHost:
             self._done.set()
 
     async def _serve(self) -> None:
-        service = Service(self.config)
+        service = self.factory(self.config)
         self.service = service
         ready = asyncio.ensure_future(service.wait_ready())
         ready.add_done_callback(lambda _: self._ready.set())

@@ -33,7 +33,7 @@ from pickupd.message.priority import MailClass
 from pickupd.outcome import Delivery, Reason, Refusal
 from pickupd.record.recorder import Meter, Recorder
 from pickupd.smtp.pool import Pool
-from pickupd.smtp.suspension import Suspensions
+from pickupd.smtp.suspension import Suspensions, Turned
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import TooLarge, Unsafe, printable
@@ -309,10 +309,11 @@ class Dispatcher:
             self.make_due([msg_id], at)
         if change.kind is None:
             return
+        suspended = change.kind is Turned.SUSPENDED
         if self.metrics is not None:
-            self.metrics.suspended(relay.name, change.kind == "suspended")
-        self.announce(relay.name, change.kind == "suspended")
-        if change.kind == "suspended":
+            self.metrics.suspended(relay.name, suspended)
+        self.announce(relay.name, suspended)
+        if suspended:
             self.log.error(
                 "relay_suspended",
                 relay=relay.name,

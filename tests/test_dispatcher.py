@@ -11,6 +11,7 @@ from configs import unit_config
 from pickupd import log
 from pickupd.config.loading import Config, DispatchConfig, SpoolConfig
 from pickupd.intake.queues import Intake
+from pickupd.intake.watcher import FileEvent
 from pickupd.service import Service
 from pickupd.spool.folders import Candidate, Spool
 
@@ -33,7 +34,7 @@ def test_new_mail_is_not_held_back_behind_due_deferred_mail(tmp_path: Path) -> N
         intake = Intake(spool, DispatchConfig(), once=False)
         intake.recover([Candidate(tmp_path / f"d{n}", f"d{n}", "deferred") for n in range(20)])
         for n in range(3):
-            intake.hint("created", str(spool.new / f"n{n}"))
+            intake.hint(FileEvent.CREATED, str(spool.new / f"n{n}"))
         taken: list[str] = []
         for _ in range(8):
             candidate = await intake.next()

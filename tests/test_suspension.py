@@ -11,7 +11,7 @@ from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_unti
 from smtpserver import SmtpServer
 
 from pickupd.outcome import Delivery, RecipientResult
-from pickupd.smtp.suspension import HOLD_PROBES, Change, Suspensions
+from pickupd.smtp.suspension import HOLD_PROBES, Change, Suspensions, Turned
 from pickupd.workers.shares import Part, owns
 
 
@@ -43,7 +43,7 @@ def test_the_suspension_arithmetic() -> None:
     assert s.admit("main", now, 30).go  # the login failure reset the count
     seen(_dead(), now, msg_id="F1")
     seen(_dead(), now, msg_id="F2")
-    assert seen(_dead(), now, msg_id="F3") == Change("suspended")
+    assert seen(_dead(), now, msg_id="F3") == Change(Turned.SUSPENDED)
     armed = s.admit("main", now + 1, 30)
     assert not armed.go and armed.until == now + 30  # back for the probe
     assert "relay_suspended" in armed.detail and "cannot connect: refused" in armed.detail
@@ -63,7 +63,7 @@ def test_the_suspension_arithmetic() -> None:
     sent = Delivery("main", sent=("a@b.c",), code=250)
     # Back: what failed in the outage comes back with what waited, the first probe too.
     resumed = seen(sent, now + 63, probe=True)
-    assert resumed == Change("resumed", ("F2", "F3", "ID0", "ID1", "P1"))
+    assert resumed == Change(Turned.RESUMED, ("F2", "F3", "ID0", "ID1", "P1"))
     assert s.admit("main", now + 64, 30).go and s.suspended() == []
 
 

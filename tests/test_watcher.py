@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pickupd.intake.watcher import Watcher
+from pickupd.intake.watcher import FileEvent, Watcher
 
 
 @pytest.mark.parametrize(
@@ -32,8 +32,10 @@ def test_arrivals_and_a_writers_open_and_close_become_hints(tmp_path: Path, nati
     seen: list[tuple[str, str]] = []
 
     async def run() -> None:
-        watcher = Watcher([pickup, new, deferred], lambda kind, path: seen.append((kind, path)),
-                          native=native)  # fmt: skip
+        def hint(kind: FileEvent, path: str) -> None:
+            seen.append((kind.value, path))
+
+        watcher = Watcher([pickup, new, deferred], hint, native=native)
         watcher.start(asyncio.get_running_loop())
         try:
             # Watching has begun once a probe file's event arrives (watchdog's threads take

@@ -17,123 +17,36 @@ import dataclasses
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
 from pickupd.intake.duetimes import DueTimes
-from pickupd.spool.files import printable
+from pickupd.intake.entries import Strays, Unmovable, Writers
+from pickupd.intake.watcher import FileEvent
 from pickupd.spool.folders import Candidate, Later, Spool, is_stray, message_id
 from pickupd.workers.shares import ONLY, Part, owns
 
-__all__ = ["RESCAN_MAX", "WRITER_PATIENCE", "Intake", "rescan_every"]
+__all__ = ["RESCAN_MAX", "Intake", "rescan_every"]
 
 # How many candidates wait in memory per queue and lane.
 _QUEUE_PER_LANE = 4
-# A direct .eml still open by its writer after this long is taken anyway (missed event).
-WRITER_PATIENCE = 300.0
 # The full scan of deferred/ runs every rescan_interval for up to 10,000 messages there, and
 # more seldom as the folder grows (it reads every entry), up to this.
 RESCAN_MAX = 300.0
 _RESCAN_PER = 10_000
-# Names of ignored files in pickup/ logged (once each) at most per process.
-_STRAYS_LOGGED = 1000
 # Scans of pickup/ start at least this far apart (and 20 times as far as the last one took);
 # Maildir drops do not wait for them (their events queue them at once).
 _SCAN_GAP = 0.05
-_UNMOVABLE_KEPT = 10_000  # entries of pickup/ that cannot be claimed, kept (and logged) at most
+
+
+# A file that arrived in a folder (created there, or renamed into it).
+_ARRIVED = (FileEvent.CREATED, FileEvent.MOVED)
 
 
 def rescan_every(interval: float, waiting: int) -> float:
     """Seconds between full scans of deferred/ with `waiting` messages in it."""
     return max(interval, min(RESCAN_MAX, interval * waiting / _RESCAN_PER))
-
-
-class _Strays:
-    """Files in pickup/ that will never be taken, said once per name (a bounded memory: a
-    folder full of them is logged up to the bound, then counted by `pickupd queue`)."""
-
-    def __init__(self) -> None:
-        self._said: set[str] = set()
-
-    def note(self, name: str) -> None:
-        """`name` (relative to pickup/; a directory's ends in /) is never taken: say so once."""
-        if name in self._said or len(self._said) >= _STRAYS_LOGGED:
-            return
-        self._said.add(name)
-        if name.endswith("/"):
-            detail = "a directory: pickupd takes files only, and leaves it where it is"
-        else:
-            detail = (
-                "not a message: pickupd takes pickup/*.eml and pickup/new/*;"
-                " rename it to end in .eml (write it elsewhere first, then move it in)"
-            )
-        logs.get().warning("ignored_file", file=f"pickup/{printable(name)}", detail=detail)
-
-
-class _Writers:
-    """Direct .eml files their writers hold open: such a file is taken once its writer has
-    closed it (inotify tells us on Linux) and it has been unchanged for `settle`. One timer
-    at a time looks again after that: a writer's events are many."""
-
-    def __init__(self, wake: Callable[[], None]) -> None:
-        self._open: dict[Path, tuple[int, float]] = {}  # path -> (opens, since)
-        self._wake = wake
-        self._timer: asyncio.TimerHandle | None = None
-
-    def event(self, kind: str, path: Path, settle: float) -> None:
-        if kind == "opened":
-            count, since = self._open.get(path, (0, time.monotonic()))
-            self._open[path] = (count + 1, since)
-            return
-        if kind in ("closed", "closed_no_write"):
-            count, since = self._open.pop(path, (1, 0.0))
-            if count > 1:
-                self._open[path] = (count - 1, since)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(settle + 0.01, self._settled)
-
-    def _settled(self) -> None:
-        self._timer = None
-        self._wake()
-
-    def still_open(self, path: Path) -> bool:
-        """True while a writer holds `path` open (bounded: a missed close event must not hold
-        a message back for more than WRITER_PATIENCE)."""
-        count, since = self._open.get(path, (0, 0.0))
-        if count and time.monotonic() - since > WRITER_PATIENCE:
-            del self._open[path]
-            return False
-        return count > 0
-
-
-class _Unmovable:
-    """Entries of pickup/ that cannot be claimed, said once and skipped since; past
-    _UNMOVABLE_KEPT, the rest cost a failed rename at each rescan but never a log line."""
-
-    def __init__(self) -> None:
-        self._kept: set[Path] = set()
-        self._full = False
-
-    def __contains__(self, path: Path) -> bool:
-        return path in self._kept
-
-    def add(self, path: Path) -> bool:
-        """Keep `path`; True the first time (to be logged)."""
-        if path in self._kept:
-            return False
-        if len(self._kept) < _UNMOVABLE_KEPT:
-            self._kept.add(path)
-            return True
-        if not self._full:
-            self._full = True
-            logs.get().error(
-                "unmovable_many",
-                count=len(self._kept),
-                detail="more entries of pickup/ cannot be moved: the rest are not logged",
-            )
-        return False
 
 
 def _ignore(name: str) -> None:
@@ -153,10 +66,10 @@ class Intake:
         self.horizon = float("inf")
         self.once = once
         self._busy = 0  # candidates being worked on
-        self._unmovable = _Unmovable()  # logged once, skipped since
+        self._unmovable = Unmovable()  # logged once, skipped since
         # The main process says which files in pickup/ are not messages; its workers, which
         # see the same folder, do not.
-        self._stray = _Strays().note if part.index == 0 else _ignore
+        self._stray = Strays().note if part.index == 0 else _ignore
         self._concurrency = dispatch.concurrency  # fixed for the process
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
@@ -170,7 +83,7 @@ class Intake:
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._pickup_wake = asyncio.Event()
-        self._writers = _Writers(self._pickup_wake.set)
+        self._writers = Writers(self._pickup_wake.set)
         self._deferred_wake = asyncio.Event()
         self._closed = False
         self._feeders_done = 0
@@ -257,11 +170,11 @@ class Intake:
 
     # -- watcher hints (called on the loop) ------------------------------------------------
 
-    def hint(self, event_type: str, path: str) -> None:
+    def hint(self, event_type: FileEvent, path: str) -> None:
         """A watchdog event: enqueue a Maildir file at once, or rescan later."""
         if self._closed:
             return
-        if event_type == "overflow":  # events were lost: the scans find what they were
+        if event_type is FileEvent.OVERFLOW:  # events were lost: the scans find what they were
             self.wake()
             return
         candidate_path = Path(path)
@@ -269,7 +182,7 @@ class Intake:
         if candidate_path.parent == spool.deferred:
             self._deferred_hint(event_type, candidate_path.name)
         elif candidate_path.parent == spool.new:
-            if event_type not in ("created", "moved") or candidate_path.name.startswith("."):
+            if event_type not in _ARRIVED or candidate_path.name.startswith("."):
                 return
             if not self.mine(candidate_path.name):
                 return
@@ -280,15 +193,15 @@ class Intake:
                     self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
                 )
         elif candidate_path.parent == spool.pickup and is_stray(candidate_path.name):
-            if event_type in ("created", "moved"):
+            if event_type in _ARRIVED:
                 self._stray(candidate_path.name)
         elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == spool.pickup:
             self._writers.event(event_type, candidate_path, self.dispatch.settle)
 
-    def _deferred_hint(self, event_type: str, name: str) -> None:
+    def _deferred_hint(self, event_type: FileEvent, name: str) -> None:
         """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
         ourselves, which is no news)."""
-        if event_type not in ("created", "moved") or name.startswith("."):
+        if event_type not in _ARRIVED or name.startswith("."):
             return
         msg_id, _, suffix = name.partition(".")
         if message_id(f"{msg_id}.eml") is None or not self.mine(f"{msg_id}.eml"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import enum
 import os
 import struct
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Watcher"]
+__all__ = ["FileEvent", "Watcher"]
 
 # <sys/inotify.h>
 _IN_OPEN = 0x20
@@ -32,13 +33,27 @@ _IN_ONLYDIR = 0x01000000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 _ARRIVALS = _IN_CREATE | _IN_MOVED_TO
-# What each event means to Intake.hint (watchdog's names), most telling first.
+
+
+class FileEvent(enum.Enum):
+    """What a hint says happened to a path (watchdog's names, which inotify's map to)."""
+
+    CREATED = "created"
+    MOVED = "moved"
+    OPENED = "opened"
+    CLOSED = "closed"
+    CLOSED_NO_WRITE = "closed_no_write"
+    MODIFIED = "modified"
+    OVERFLOW = "overflow"  # events were lost: the folder is to be scanned
+
+
+# What each inotify event means to Intake.hint, most telling first.
 _KINDS = (
-    (_IN_MOVED_TO, "moved"),
-    (_IN_CREATE, "created"),
-    (_IN_CLOSE_WRITE, "closed"),
-    (_IN_CLOSE_NOWRITE, "closed_no_write"),
-    (_IN_OPEN, "opened"),
+    (_IN_MOVED_TO, FileEvent.MOVED),
+    (_IN_CREATE, FileEvent.CREATED),
+    (_IN_CLOSE_WRITE, FileEvent.CLOSED),
+    (_IN_CLOSE_NOWRITE, FileEvent.CLOSED_NO_WRITE),
+    (_IN_OPEN, FileEvent.OPENED),
 )
 _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL padded
 
@@ -46,7 +61,7 @@ _HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL pad
 class _Inotify:
     """Linux: inotify, read on the event loop."""
 
-    def __init__(self, folders: list[Path], hint: Callable[[str, str], None]) -> None:
+    def __init__(self, folders: list[Path], hint: Callable[[FileEvent, str], None]) -> None:
         self._hint = hint
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
@@ -97,7 +112,7 @@ class _Inotify:
             if mask & _IN_Q_OVERFLOW:
                 # The kernel's queue overflowed: events were lost, so look at every folder.
                 for folder in folders.values():
-                    hint("overflow", folder)
+                    hint(FileEvent.OVERFLOW, folder)
                 continue
             where = folders.get(wd)
             if where is None or mask & _IN_ISDIR or not name:
@@ -114,7 +129,7 @@ class Watcher:
     def __init__(
         self,
         folders: list[Path],
-        hint: Callable[[str, str], None],
+        hint: Callable[[FileEvent, str], None],
         *,
         native: bool = sys.platform.startswith("linux"),
     ) -> None:
@@ -145,7 +160,7 @@ class Watcher:
 
 
 def _watchdog(
-    loop: asyncio.AbstractEventLoop, folders: list[Path], hint: Callable[[str, str], None]
+    loop: asyncio.AbstractEventLoop, folders: list[Path], hint: Callable[[FileEvent, str], None]
 ) -> Any:
     """watchdog's observer of `folders`, not started. Imported here: where inotify serves,
     watchdog's 5 MiB are not paid in every process."""
@@ -172,11 +187,15 @@ def _watchdog(
         """Runs on the observer's thread: it decides nothing, it hands paths to the loop."""
 
         def on_any_event(self, event: FileSystemEvent) -> None:
-            if event.is_directory or event.event_type == "deleted":
+            try:
+                kind = FileEvent(event.event_type)
+            except ValueError:  # deleted, and any kind watchdog adds: nothing to act on
                 return
-            path = event.dest_path if event.event_type == "moved" else event.src_path
+            if event.is_directory:
+                return
+            path = event.dest_path if kind is FileEvent.MOVED else event.src_path
             with contextlib.suppress(RuntimeError):  # the loop closed while shutting down
-                loop.call_soon_threadsafe(hint, event.event_type, str(path))
+                loop.call_soon_threadsafe(hint, kind, str(path))
 
     # Only what the dispatcher acts on: a file arriving, and a direct .eml being opened or
     # closed (so a busy writer's stream of modify events never reaches Python).

@@ -11,11 +11,12 @@ login that fails (auth, token) is the login's problem, not the relay's.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from pickupd.outcome import Delivery
 
-__all__ = ["HOLD_PROBES", "Admission", "Change", "Suspensions", "is_dead_relay"]
+__all__ = ["HOLD_PROBES", "Admission", "Change", "Suspensions", "Turned", "is_dead_relay"]
 
 # Mail that waits for a suspended relay is due again after this many probe intervals at
 # most (sooner if a probe succeeds): a restart meanwhile never strands it for long.
@@ -41,13 +42,20 @@ class Admission:
     detail: str = ""
 
 
+class Turned(enum.Enum):
+    """Which way a relay's state turned."""
+
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What an attempt changed: `kind` "suspended" or "resumed" (None: neither); on resume,
-    the ids that waited (make them due now); `rearm`: a waiting id to make due at a time,
-    to be the next probe."""
+    """What an attempt changed: `kind` the way the relay turned (None: neither way); on
+    resume, the ids that waited (make them due now); `rearm`: a waiting id to make due at a
+    time, to be the next probe."""
 
-    kind: str | None = None
+    kind: Turned | None = None
     waited: tuple[str, ...] = ()
     rearm: tuple[str, float] | None = None
 
@@ -146,7 +154,7 @@ class Suspensions:
                 return _NONE
             state.suspended = state.armed = False
             waited, state.waiting = state.waiting, []
-            return Change("resumed", tuple(waited))
+            return Change(Turned.RESUMED, tuple(waited))
         state.failures += 1
         state.last_error = delivery.text
         if msg_id:
@@ -163,5 +171,5 @@ class Suspensions:
             state.next_probe = now + probe_interval
             state.waiting.extend(state.failed)
             state.failed.clear()
-            return Change("suspended")
+            return Change(Turned.SUSPENDED)
         return _NONE

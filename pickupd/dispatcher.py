@@ -196,7 +196,10 @@ class Dispatcher:
         applies = needs.applies(relay_config, decision, login, len(parsed.recipients))
         kept = claimed.sidecar.turn if claimed.sidecar is not None else None
         klass = policy.mail_class(parsed, decision, config, claimed.owner)
-        verdict = await self.quota.turn(claimed.id, applies, len(parsed.recipients), kept, klass)
+        mine = self.intake.mine(f"{claimed.id}.eml")  # it lines up where it is taken
+        verdict = await self.quota.turn(
+            claimed.id, applies, len(parsed.recipients), kept, klass, park=mine
+        )
         if isinstance(verdict, Refusal):
             await self.recorder.fail(claimed, parsed, verdict)
             return
@@ -207,7 +210,8 @@ class Dispatcher:
             )
             if verdict.parked:
                 self.quota.parked(claimed.id)
-            self.intake.due_at(claimed.id, verdict.at)
+            if not verdict.handed:  # (its own process's watch sees it arrive in deferred/)
+                self.intake.due_at(claimed.id, verdict.at)
             return
         if verdict.turn is not None and self.metrics is not None:
             for (need, _), room in zip(verdict.turn.booked, verdict.turn.room, strict=False):

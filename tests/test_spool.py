@@ -265,3 +265,34 @@ def test_a_claim_is_taken_over_only_once_its_lease_expired(tmp_path: Path) -> No
     again = host_b.claim(taken)
     assert again is not None and again.path.name == f"{claimed.id}.host-b-2"
     assert host_a.claim(taken) is None  # the dead owner's claim is gone
+
+
+def test_two_threads_rewriting_one_sidecar_never_fail(tmp_path: Path) -> None:
+    """A waiting line gives a message its turn (a sidecar rewrite in a thread) while the
+    loop records the same message's attempt: both rewrite one sidecar at once. Each writer
+    has a temp of its own, so no rename fails (before: one temp name per process, and a
+    message was stranded with "No such file or directory"), and the file is one whole
+    version."""
+    import threading
+
+    from pickupd.spool.files import atomic_write
+
+    target = tmp_path / "01ARZ3NDEKTSV4RRFFQ69G5FAV.json"
+    errors: list[BaseException] = []
+
+    def write(tag: bytes) -> None:
+        try:
+            for n in range(300):
+                atomic_write(target, tag * 1000 + str(n).encode())
+        except BaseException as exc:  # the test reports it below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(tag,)) for tag in (b"a", b"b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    data = target.read_bytes()
+    assert data[:1000] in (b"a" * 1000, b"b" * 1000) and data[1000:].isdigit()
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -19,8 +19,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from pickupd import log as logs
 from pickupd.limits.ledger import Ledger, Turn
-from pickupd.limits.lines import Line, line_key, needs_for, reach
+from pickupd.limits.lines import Line, Member, line_key, needs_for, reach
 from pickupd.limits.needs import Applies
 from pickupd.limits.replies import PAUSE_FIRST, PAUSE_MAX, SPENT, TENANT, Kind, Rule, classify
 from pickupd.limits.windows import margin
@@ -54,6 +55,7 @@ class Wait:
     detail: str
     kept: KeptTurn | None = None
     parked: bool = False  # in a waiting line here: say quota.parked() once it is deferred
+    handed: bool = False  # for the process that takes it from deferred/ to line up
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +95,14 @@ class Quota:
         recipients: int,
         kept: KeptTurn | None = None,
         klass: MailClass = MailClass.NORMAL,
+        park: bool = True,
     ) -> Go | Wait | Refusal:
         """May the message go now? A Refusal when it never can under its limits. `kept`: the
         turn its sidecar holds (booked by whichever process deferred it). `klass`: how far
         ahead it may book (lines.py); one that finds no room that near waits in a line here
-        (its turn, when it comes, goes into its sidecar, for whichever process takes it)."""
+        (its turn, when it comes, goes into its sidecar). Only the process that takes the
+        message from deferred/ lines it up (`park`): another hands it over, due now, so that
+        no message waits in two lines and takes two turns."""
         if applies.per_message is not None and recipients > applies.per_message[0].amount:
             limit, where = applies.per_message
             return Refusal(
@@ -142,16 +147,16 @@ class Quota:
         if msg_id in self._parked:
             # Woke before its line's head reached it (an expected time is an estimate).
             assert line is not None
-            member = line.members[msg_id]
-            member.ready = False
+            line.members[msg_id].ready = False
+            self._ensure_pump(key, line)
             return self._park_wait(line, msg_id, klass)
         if line is not None and line.waits_ahead_of(klass):
-            return self._park(key, msg_id, applies, klass, None)
+            return self._park(key, msg_id, applies, klass, None, park)
         turn = await self.ledger.reserve(
             needs_for(klass, applies.needs), applies.scopes, reach(klass, applies.needs)
         )
         if turn.full:
-            return self._park(key, msg_id, applies, klass, turn)
+            return self._park(key, msg_id, applies, klass, turn, park)
         if turn.paused is not None:
             self._after_pause.setdefault(turn.paused, set()).add(msg_id)
         if turn.never is not None:
@@ -174,9 +179,13 @@ class Quota:
         applies: Applies,
         klass: MailClass,
         turn: Turn | None,
+        park: bool,
     ) -> Wait:
         """No room near enough for its class (`turn`: as the ledger said; None: others of
-        its class wait already): into the line."""
+        its class wait already): into the line, or (not `park`) to the process whose it is."""
+        if not park:
+            detail = f"waiting in line ({klass.value}): handed to its process"
+            return Wait(time.time(), detail, handed=True)
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = Line(applies, self.processes)
@@ -185,12 +194,18 @@ class Quota:
         line.add(msg_id, applies, klass)
         self._parked[msg_id] = key
         head = line.head()
-        if key not in self._pumps:
-            wake = self._wakes[key] = asyncio.Event()
-            self._pumps[key] = asyncio.get_running_loop().create_task(self._pump(key, line, wake))
-        elif head is not None and head[0] == msg_id:
+        if not self._ensure_pump(key, line) and head is not None and head[0] == msg_id:
             self._wakes[key].set()  # a new head, of a higher class: it asks now
         return self._park_wait(line, msg_id, klass)
+
+    def _ensure_pump(self, key: tuple[str, ...], line: Line) -> bool:
+        """Start the line's pump if it is not running; True if it was started."""
+        if key in self._pumps:
+            return False
+        self._lines[key] = line
+        wake = self._wakes[key] = asyncio.Event()
+        self._pumps[key] = asyncio.get_running_loop().create_task(self._pump(key, line, wake))
+        return True
 
     def _park_wait(self, line: Line, msg_id: str, klass: MailClass) -> Wait:
         member = line.members[msg_id]
@@ -224,44 +239,54 @@ class Quota:
         """Ask the ledger for the head's turn when room comes; give it to the head."""
         try:
             while (head := line.head()) is not None:
-                msg_id, member = head
-                wake.clear()
-                if not member.ready:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), ASK_AGAIN)
-                    if not member.ready and line.head() == head:
-                        line.remove(msg_id)  # never reached deferred/: it is not waiting
-                        self._parked.pop(msg_id, None)
-                    continue
-                needs, klass = member.applies.needs, member.klass
-                turn = await self.ledger.reserve(
-                    needs_for(klass, needs), member.applies.scopes, reach(klass, needs)
-                )
-                if line.head() != head:
-                    await self.release(turn)  # it left meanwhile (claimed again, a new head)
-                    continue
-                if turn.full:
-                    pause = min(max(turn.at - turn.now, 0.01), ASK_AGAIN)
-                    _heard(line, turn)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), pause)
-                    continue
-                line.remove(msg_id)
-                self._parked.pop(msg_id, None)
-                if turn.never is not None:
-                    await self.on_turn(msg_id, time.time(), KeptTurn(time.time(), ()))
-                    continue  # taken now, it is refused then
-                due = time.time() + max(0.0, turn.at - turn.now)
-                # Its sidecar keeps the turn (one truth for whichever process takes it); if
-                # the message left deferred/ meanwhile, nobody holds it: given back.
-                if not await self.on_turn(msg_id, due, _kept_as(turn, due)):
-                    await self.release(turn)
+                try:
+                    await self._serve(line, head, wake)
+                except Exception:
+                    # A bug must not strand a line: its messages would wait for ever.
+                    logs.get().exception("internal_error", detail="a limit's waiting line")
+                    await asyncio.sleep(ASK_AGAIN)
         finally:
             if self._pumps.get(key) is asyncio.current_task():
                 del self._pumps[key]
                 del self._wakes[key]
                 if not line.members:
                     self._lines.pop(key, None)
+
+    async def _serve(self, line: Line, head: tuple[str, Member], wake: asyncio.Event) -> None:
+        """One round for the line's head: wait for it to be in deferred/, or for room, or
+        give it its turn."""
+        msg_id, member = head
+        wake.clear()
+        if not member.ready:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), ASK_AGAIN)
+            if not member.ready and line.head() == head:
+                line.remove(msg_id)  # never reached deferred/: it is not waiting
+                self._parked.pop(msg_id, None)
+            return
+        needs, klass = member.applies.needs, member.klass
+        turn = await self.ledger.reserve(
+            needs_for(klass, needs), member.applies.scopes, reach(klass, needs)
+        )
+        if line.head() != head:
+            await self.release(turn)  # it left meanwhile (claimed again, a new head)
+            return
+        if turn.full:
+            pause = min(max(turn.at - turn.now, 0.01), ASK_AGAIN)
+            _heard(line, turn)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), pause)
+            return
+        line.remove(msg_id)
+        self._parked.pop(msg_id, None)
+        if turn.never is not None:
+            await self.on_turn(msg_id, time.time(), KeptTurn(time.time(), ()))
+            return  # taken now, it is refused then
+        due = time.time() + max(0.0, turn.at - turn.now)
+        # Its sidecar keeps the turn (one truth for whichever process takes it); if the
+        # message left deferred/ meanwhile, or keeps another's turn, it is given back.
+        if not await self.on_turn(msg_id, due, _kept_as(turn, due)):
+            await self.release(turn)
 
     async def close(self) -> None:
         """Stop asking for the lines' turns (their messages wait in deferred/ until due)."""

@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,12 @@ class Unsafe:
 
 def atomic_write(path: Path, data: bytes, *, mtime: float | None = None) -> None:
     """Write `data` to `path` so readers see the old file or the whole new one: temp, fsync,
-    rename, fsync the directory. `mtime`: the new file's (a due time), set before the rename."""
-    write_then_rename(path.with_name(f".{path.name}.{os.getpid()}.tmp"), path, data, mtime=mtime)
+    rename, fsync the directory. `mtime`: the new file's (a due time), set before the rename.
+    The temp's name is the writing thread's own: two writers of one sidecar at once (a
+    waiting line giving a turn in a thread while the loop records an attempt) never share
+    one temp file, so neither rename fails; the last rename wins."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    write_then_rename(tmp, path, data, mtime=mtime)
 
 
 def write_then_rename(

@@ -121,6 +121,8 @@ def keep_turn(spool: Spool, msg_id: str, kept: KeptTurn) -> bool:
     sidecar = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
     if sidecar is None or not os.path.lexists(spool.deferred / f"{msg_id}.eml"):
         return False
+    if sidecar.turn is not None:
+        return False  # it keeps a turn already (another process's): one is enough
     changed = dataclasses.replace(sidecar, turn=kept, next_attempt=from_timestamp(kept.due))
     atomic_write(spool.deferred / f"{msg_id}.json", changed.to_json(), mtime=kept.due)
     return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import time
@@ -91,7 +92,7 @@ class Dispatcher:
         self.suspensions = Suspensions()
         self._background: set[asyncio.Task[None]] = set()
         self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
-        quota.on_turn = self._turn_came
+        quota.on_turn = functools.partial(_turn_came, spool, intake)
         # Told a relay's change of state (suspended, resumed) seen here: the service passes
         # it to its other processes (workers/protocol.RelayState).
         self.announce: Callable[[str, bool], None] = lambda relay, suspended: None
@@ -373,13 +374,6 @@ class Dispatcher:
             self.intake.due_at(msg_id, now)
         self.log.info("pause_lifted", waiting=len(moved))
 
-    async def _turn_came(self, msg_id: str, due: float, kept: KeptTurn) -> bool:
-        """A message that waited in line has its turn: its sidecar keeps it, due then."""
-        if not await asyncio.to_thread(moves.keep_turn, self.spool, msg_id, kept):
-            return False
-        self.intake.due_at(msg_id, due)
-        return True
-
     def make_due(self, msg_ids: list[str], at: float | None) -> None:
         """Mail that waited goes at `at` (None: now): a suspended relay is back (or one of
         them is to be its next probe), or a pause it waited for is gone. The utimes run in a
@@ -394,6 +388,14 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(due_now())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def _turn_came(spool: Spool, intake: Intake, msg_id: str, due: float, kept: KeptTurn) -> bool:
+    """A message that waited in line has its turn: its sidecar keeps it, due then."""
+    if not await asyncio.to_thread(moves.keep_turn, spool, msg_id, kept):
+        return False
+    intake.due_at(msg_id, due)
+    return True
 
 
 async def examine(

@@ -183,10 +183,13 @@ class Quota:
     ) -> Wait:
         """No room near enough for its class (`turn`: as the ledger said; None: others of
         its class wait already): into the line, or (not `park`) to the process whose it is."""
-        if not park:
-            detail = f"waiting in line ({klass.value}): handed to its process"
-            return Wait(time.time(), detail, handed=True)
         line = self._lines.get(key)
+        if not park:
+            why = (line.paused if line is not None else "") or applies.describe()
+            if turn is not None and turn.paused is not None:
+                why = _paused_detail(turn)
+            detail = f"waiting in line ({klass.value}): {why} (handed to its own process)"
+            return Wait(time.time(), detail, handed=True)
         if line is None:
             line = self._lines[key] = Line(applies, self.processes)
         if turn is not None:

@@ -184,9 +184,7 @@ class Service:
 
     def service_stats(self) -> Stats:
         """This run's counts, the other workers' included."""
-        if self.supervisor is None:
-            return self.stats
-        return self.stats + self.supervisor.stats()
+        return self.stats if self.supervisor is None else self.stats + self.supervisor.stats()
 
     def flush(self) -> None:
         """Make every deferred message due now (SIGUSR1, as `pickupd flush`)."""
@@ -250,6 +248,7 @@ class Service:
                     group.create_task(self.intake.feed_deferred()),
                     group.create_task(self._reap_sessions()),
                     group.create_task(self.stranded.run(self.intake.wake)),
+                    group.create_task(self.dispatcher.transports.graph.warm(self.config)),
                     group.create_task(
                         recovery.keep_leases(self.spool, lease, self.dispatcher.take_over)
                     ),

@@ -97,8 +97,11 @@ def test_a_message_goes_through_graph_with_its_envelope(rig: Rig) -> None:
     """Posted to /users/<envelope sender>/sendMail with a Graph-scoped app-only token; the
     copy Graph gets has a Bcc: of exactly the envelope recipients the header does not name,
     and is otherwise the message as relayed; the log says Graph accepted it; no secret or
-    token in the log or sidecars."""
+    token in the log or sidecars. The app's token is fetched at the start, before any
+    message needs it."""
     daemon = rig.daemon()
+    wait_until(lambda: rig.tokens.token_requests(), timeout=20, what="the token at start")
+    assert rig.graph.requests == 0
     text = message(
         sender=SENDER,
         to="alice@example.net",

@@ -219,6 +219,7 @@ class SpoolLedger(Ledger):
         self.scale = scale
         self._fd: int | None = None
         self._seen: tuple[tuple[int, int], Books] | None = None  # the file's stamp, as read
+        self._mine: tuple[bytes, Books] | None = None  # what this process wrote last
 
     @contextlib.contextmanager
     def _books(self) -> Iterator[Books]:
@@ -229,12 +230,17 @@ class SpoolLedger(Ledger):
             fcntl.lockf(fd, fcntl.LOCK_EX)
         try:
             size = os.fstat(fd).st_size
-            books = Books.load(os.pread(fd, size, 0) if size else b"")
+            raw = os.pread(fd, size, 0) if size else b""
+            # The file as this process last wrote it (the one process of a service, mostly):
+            # the books it holds are the ones in memory, no need to parse them again.
+            mine, self._mine = self._mine, None
+            books = mine[1] if mine is not None and mine[0] == raw else Books.load(raw)
             yield books
             books.forget_old(time.time())
             data = books.dump()
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
+            self._mine = (data, books)
         finally:
             if fcntl is not None:
                 fcntl.lockf(fd, fcntl.LOCK_UN)

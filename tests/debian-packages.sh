@@ -8,6 +8,8 @@
 #                   ("No configuration": no system instance is set up or started)
 #   redis-server    the fleet's quota ledger (tests start their own on a free port)
 #   prometheus      promtool for the alert rules, a real Prometheus for the dashboard
+#   man-db, groff-base  the man pages rendered as `man` shows them
+#   python3-venv    the Debian package's virtualenv (packaging/deb/build.py)
 set -euo pipefail
 need=()
 command -v bsd-mailx >/dev/null || need+=(bsd-mailx)
@@ -15,6 +17,9 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v redis-server >/dev/null || need+=(redis-server)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need+=(prometheus)
+command -v man >/dev/null || need+=(man-db)
+command -v groff >/dev/null || need+=(groff-base)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 ((${#need[@]})) || exit 0
 if [ "${1:-}" = "--list" ]; then
     echo "${need[*]}"

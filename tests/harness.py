@@ -361,3 +361,11 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(signal.SIGKILL if exc[0] else signal.SIGTERM)
+
+
+def manual() -> str:
+    """The README and every page of the manual (docs/), one text: where a test checks
+    that the documents say what the code does, wherever the page that says it."""
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return "\n\n".join(page.read_text() for page in pages)

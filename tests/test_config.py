@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import pickupd
+from harness import manual, pickupd
 
 from pickupd.auth.logins import Credentials, Secret
 from pickupd.config.loading import load
@@ -331,7 +331,7 @@ def test_every_key_is_documented() -> None:
 
     root = Path(__file__).parent.parent
     example = (root / "etc" / "pickupd.toml").read_text()
-    readme = (root / "README.md").read_text()
+    readme = manual()
     starter = starter_config(Path("/etc/pickupd/pickupd.toml"), Path("/var/spool/pickupd"))
     tables = [("relays", RelayConfig), ("senders", SenderRule), ("limits", LimitsConfig)]
     for name, section in [*SECTIONS.items(), *tables]:
@@ -388,7 +388,7 @@ def test_documented_defaults_are_the_tables_values() -> None:
 
     root = Path(__file__).parent.parent
     example = (root / "etc" / "pickupd.toml").read_text()
-    readme = (root / "README.md").read_text()
+    readme = manual()
     rows = dict(re.findall(r"^\| `([a-z_.]+)` \| ([^|]*) \|", readme, re.MULTILINE))
     # The OAuth2 table's columns are key | for | meaning, the meaning saying "default `...`".
     for key_name, default in re.findall(

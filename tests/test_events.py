@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from harness import manual
+
 from pickupd.events import EVENTS
 
 PACKAGE = Path(__file__).parent.parent / "pickupd"
@@ -56,7 +58,7 @@ def test_every_event_the_code_logs_is_listed_and_every_listed_one_is_logged() ->
 
 def test_the_readme_names_every_event() -> None:
     """The README's log reference names each event (as `name`)."""
-    readme = (PACKAGE.parent / "README.md").read_text()
+    readme = manual()
     logs = readme[readme.index("## Logs") : readme.index("## Metrics")]
     missing = [name for name in EVENTS if f"`{name}`" not in logs]
     assert not missing, missing

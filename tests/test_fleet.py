@@ -17,6 +17,7 @@ from harness import (
     Daemon,
     drop_maildir,
     free_port,
+    manual,
     message,
     pickupd,
     relay_for,
@@ -318,7 +319,7 @@ def test_the_readmes_acl_user_is_all_pickupd_needs(
     """The ACL user the README gives pickupd (its keys only, the commands it and its scripts
     use) books, pauses, refunds and leases: mail under a limit goes, a 4xx refunds, the store
     is never refused; and that user cannot read a key that is not pickupd's."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = manual()
     rule = re.search(r"`user pickupd on >PASSWORD ([^`]+)`", readme.replace("\n  ", " "))
     assert rule, "the README's ACL rule"
     server = redis_factory(password="admin")

@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from harness import message, wait_until
+from harness import manual, message, wait_until
 from smtpserver import SmtpServer
 from test_owners import (
     READER,
@@ -309,7 +309,7 @@ def test_the_readmes_shell_recipe_is_safe_for_a_writer(
     """The README's shell recipe, run as alice word for word (the spool's path aside), drops a
     file only she can read, under a name nobody could have guessed: mallory's symlinks
     planted under the names of the old recipe (`$(date +%s).$$.$(hostname)`) catch nothing."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = manual()
     start = readme.index("spool=/var/spool/pickupd\nfile=")
     recipe = readme[start : readme.index("```", start)]
     daemon = shared_spool(public, smtp_server, users, {"app@example.com": {"relay": "main"}})

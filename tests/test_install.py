@@ -1,12 +1,13 @@
-"""The README's systemd install steps, followed line by line into a fresh root: the
-virtualenv under /opt/pickupd built from this checkout, the links, sysusers and tmpfiles,
+"""The manual's systemd install steps (docs/install.md, from a checkout), followed line by
+line into a fresh root: the virtualenv under /opt/pickupd built from this checkout, the links,
+sysusers and tmpfiles,
 the config, `pickupd check --connect` against a real SMTP server, the unit installed and
 verified by `systemd-analyze verify` with the installed pickupd, and one message through
 the installed commands.
 
 Every absolute path of a step is moved under the root (`/opt/pickupd` -> `<root>/opt/
 pickupd`); the few steps that need the machine's running systemd or its package mirror are
-named below with the reason, and any other line the README gains is run: a step the test
+named below with the reason, and any other line the page gains is run: a step the test
 cannot follow fails it."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from harness import message
 from smtpserver import SmtpServer
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-README = CHECKOUT / "README.md"
+PAGE = CHECKOUT / "docs" / "install.md"
 # Steps not run here, with why: each is the machine's business, not the install's.
 NOT_RUN = {
     "apt-get install": "the package mirror; python3 -m venv is here already",
@@ -36,8 +37,8 @@ _TOPS = ("opt", "usr", "etc", "var")
 
 
 def readme_steps() -> list[str]:
-    """The commands of the README's systemd section, comments and blank lines dropped."""
-    text = README.read_text()
+    """The commands of the page's systemd section, comments and blank lines dropped."""
+    text = PAGE.read_text()
     section = text.split("### systemd", 1)[1].split("### Without systemd", 1)[0]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     steps = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
@@ -49,7 +50,7 @@ def rooted(step: str, root: Path) -> str:
     return re.sub(rf"(?<![\w.])/(?=(?:{'|'.join(_TOPS)})/)", f"{root}/", step)
 
 
-def test_the_readme_install_steps_work_in_a_fresh_root(
+def test_the_manuals_install_steps_work_in_a_fresh_root(
     tmp_path: Path, smtp_server: SmtpServer
 ) -> None:
     analyze = shutil.which("systemd-analyze")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from harness import manual
+
 PACKAGE = Path(__file__).parent.parent / "pickupd"
 # The foundation at the top of the package: anything may import these, they import only
 # each other.
@@ -108,7 +110,7 @@ def test_constants_quoted_in_the_readme_come_from_the_code() -> None:
     from pickupd.service import GRACE
     from pickupd.workers.supervisor import RESTART_MAX
 
-    readme = (PACKAGE.parent / "README.md").read_text()
+    readme = manual()
     assert f"for up to {GRACE:g} seconds (a second signal" in readme
     assert f"drains for up to {GRACE:g} seconds" in readme
     assert f"messages or {MAX_SESSION_AGE:g} seconds" in readme
@@ -118,7 +120,7 @@ def test_constants_quoted_in_the_readme_come_from_the_code() -> None:
 def test_the_readme_tree_names_every_module() -> None:
     """The README's layout tree names each module, in its folder, and names none that
     is gone."""
-    readme = (PACKAGE.parent / "README.md").read_text()
+    readme = manual()
     tree = readme[readme.index("```\npickupd/\n") :]
     tree = tree[: tree.index("\n```", 4)]
     named: set[str] = set()

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import PICKUPD, Daemon, NotifySocket, drop_maildir, message, wait_until
+from harness import PICKUPD, Daemon, NotifySocket, drop_maildir, manual, message, wait_until
 from smtpserver import SmtpServer
 
 UNIT = Path(__file__).parent.parent / "systemd" / "pickupd.service"
@@ -50,7 +50,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         " -/etc/ssl/private ",
     ):
         assert directive in text, directive
-    readme = (UNIT.parent.parent / "README.md").read_text()
+    readme = manual()
     assert "ExecStart=/opt/pickupd/bin/pickupd run" in text
     assert "python3 -m venv /opt/pickupd && /opt/pickupd/bin/pip install ." in readme
     # RestartPreventExitStatus= does not cover ExecStartPre=: a pre-check would restart a

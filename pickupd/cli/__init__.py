@@ -33,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(
         prog="pickupd",
         description=(
-            "Relays mail dropped as files in a pickup folder over SMTP: allow-listed senders "
-            "only, per-sender credentials, retries for transient failures, failed/ for the rest."
+            "Relays mail dropped as files in a pickup folder over SMTP or Microsoft Graph:"
+            " allow-listed senders only, per-sender credentials, retries for transient"
+            " failures, failed/ for the rest."
         ),
         epilog=(
             "Exit codes: 0 ok, 64 usage error, 66 no such message, 75 temporary failure,"

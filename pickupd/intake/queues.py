@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
-from pickupd.intake.duetimes import DueTimes
+from pickupd.intake.duetimes import RESOLUTION, DueTimes
 from pickupd.intake.entries import Strays, Unmovable, Writers
 from pickupd.intake.watcher import FileEvent
 from pickupd.spool.folders import Candidate, Later, Spool, is_stray, message_id
@@ -306,6 +306,11 @@ class Intake:
                     next_scan = time.time() + rescan_every(
                         self.dispatch.rescan_interval, len(self._due_times)
                     )
+                if self.once:
+                    # Due times are kept in buckets of RESOLUTION and come due when their
+                    # bucket has passed: one due as the scan ran (a clamped one is due then)
+                    # would wait for a next look that `once` never takes.
+                    await asyncio.sleep(RESOLUTION)
                 now = time.time()
                 for msg_id in self._due_times.pop_due(now):
                     candidate = self._still_due(msg_id, now)

@@ -9,8 +9,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from harness import Daemon, drop_maildir, message, relay_for
+from harness import Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
+
+from pickupd.spool.folders import claim_id
 
 SLOW = 3.0
 
@@ -31,7 +33,9 @@ def test_a_slow_read_holds_up_only_its_own_message(
     (ready,) = daemon.wait_event("ready")
     assert ready["io"] == io
     drop_maildir(daemon.spool, message(subject="SLOWREAD"))
-    time.sleep(0.3)  # it is being read now
+    # It is being read once it is claimed (the read follows the rename into active/).
+    active = daemon.spool / "active"
+    wait_until(lambda: any(claim_id(p.name) for p in active.iterdir()), 10, "the claim")
     started = time.monotonic()
     for n in range(5):
         drop_maildir(daemon.spool, message(sender="ops@example.com", subject=f"f{n}"))

@@ -25,6 +25,7 @@ from pickupd.errors import (
     SpoolLocked,
 )
 from pickupd.hosting import daemon
+from pickupd.roles import Worker
 from pickupd.service import GRACE, Service
 from pickupd.workers import shares, uplink
 
@@ -128,7 +129,7 @@ def _serve(config: Config, *, once: bool) -> int:
     part = shares.Part.from_env()
     if part is not None:  # started by the main process as one of its workers
         uplink.die_with_parent(int(os.environ.get(shares.PARENT, "0")))
-        service = Service(config, once=once, part=part, main=False)
+        service = Service(config, once=once, part=part, role=Worker(config))
     else:
         total, why = shares.count(config, os.cpu_count())
         if why:

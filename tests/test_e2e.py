@@ -680,6 +680,10 @@ def test_a_killed_daemons_lock_file_is_removed_at_the_next_start(
     assert len(old) == processes, old  # "ready" comes once every worker holds its lock
     daemon.stop(signal.SIGKILL)
     assert [name for name in old if name.endswith(f"-{killed}")], old
+    # The workers die with the main process, a moment after it: a lock still held by a
+    # live process is not a leftover, so the next start comes once they are all gone.
+    pids = [int(name.rsplit("-", 1)[1]) for name in old]
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 10, "the killed workers' end")
     daemon.start()
     (cleaned,) = daemon.wait_event("leftovers_cleaned")
     assert cleaned["locks"] == processes
@@ -756,3 +760,12 @@ def test_lines_starting_with_a_dot_arrive_intact(
     drop_maildir(daemon.spool, b"From: app@example.com\nTo: alice@example.net\n\n" + body)
     (got,) = smtp_server.wait_for(1)
     assert got.data.endswith(b"\r\n\r\n" + body.replace(b"\n", b"\r\n") + b"\r\n")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie has ended: its locks are released)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

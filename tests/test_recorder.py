@@ -1,5 +1,7 @@
-"""record/recorder.py without an event loop: one attempt's result becomes a folder, a sidecar and
-a log line, under the config the attempt was made with."""
+"""record/recorder.py in process, on a real spool in a temporary folder: each kind of result
+(sent, refused, deferred, split, waiting, put back, a bug, a refused login, an unknown outcome,
+a claim lost) becomes a folder, a sidecar and a log line, under the config the attempt was
+made with."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from pathlib import Path
 from configs import unit_config
 
 from pickupd import log
-from pickupd.config.loading import Config, RetryConfig
+from pickupd.config.loading import Config, RetryConfig, SpoolConfig
 from pickupd.message import envelope
-from pickupd.outcome import Delivery, RecipientResult
+from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal, SessionFault
 from pickupd.record.recorder import Recorder
 from pickupd.spool.folders import Candidate, Claimed, Spool
 from pickupd.spool.sidecar import Sidecar, to_timestamp
@@ -134,3 +136,120 @@ def car_of(spool: Spool, msg_id: str) -> Sidecar:
     loaded = spool.read_sidecar(spool.deferred / f"{msg_id}.json")
     assert loaded is not None
     return loaded
+
+
+def _parsed() -> envelope.Envelope:
+    parsed = envelope.parse(RAW)
+    assert isinstance(parsed, envelope.Envelope)
+    return parsed
+
+
+def _events(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_a_message_every_recipient_took_leaves_no_file_or_an_archive_with_keep_sent(
+    tmp_path: Path,
+) -> None:
+    """Sent: the claim is deleted (nothing to keep), or with keep_sent archived in sent/
+    with its sidecar saying so; one `sent` line with the accepted recipients and the code."""
+    for keep in (False, True):
+        spool = Spool(tmp_path / str(keep))
+        claimed = _claimed(spool)
+        recorder, out = _recorder(spool)
+        parsed = _parsed()
+        config = unit_config(tmp_path / "c.toml", spool=SpoolConfig(keep_sent=keep))
+        delivery = Delivery("m", sent=parsed.recipients, code=250, text="250 ok")
+        assert asyncio.run(recorder.record(claimed, parsed, delivery, RAW, config)) is None
+        assert not any(p.name.startswith(claimed.id) for p in spool.active.iterdir())
+        archived = sorted(p.name for p in spool.sent.iterdir())
+        assert archived == ([f"{claimed.id}.eml", f"{claimed.id}.json"] if keep else [])
+        if keep:
+            car = json.loads((spool.sent / f"{claimed.id}.json").read_text())
+            assert car["history"][-1]["outcome"] == "sent" and car["attempts"] == 1
+        (sent,) = [e for e in _events(out) if e["event"] == "sent"]
+        assert sent["recipients"] == list(parsed.recipients) and sent["code"] == 250
+        assert recorder.stats.sent == 1
+
+
+def test_a_refusal_before_any_connection_goes_to_failed_with_its_reason(tmp_path: Path) -> None:
+    """Refused by policy: failed/ with the reason code and the detail, the report hook told,
+    one `failed` line with relay null."""
+    spool = Spool(tmp_path)
+    claimed = _claimed(spool)
+    told: list[tuple[str, Sidecar]] = []
+    out = io.StringIO()
+    log.configure("info", "json", stream=out)
+    recorder = Recorder(spool, log.get(), notify=lambda kind, car: told.append((kind, car)))
+    refusal = Refusal(Reason.SENDER_NOT_ALLOWED, "app@example.com matches no [senders] entry")
+    asyncio.run(recorder.fail(claimed, _parsed(), refusal))
+    car = json.loads((spool.failed / f"{claimed.id}.json").read_text())
+    assert car["reason"] == "sender_not_allowed" and car["detail"] == refusal.detail
+    assert (spool.failed / f"{claimed.id}.eml").read_bytes() == RAW
+    assert [kind for kind, _ in told] == ["failed"]
+    (failed,) = [e for e in _events(out) if e["event"] == "failed"]
+    assert failed["relay"] is None and failed["reason"] == "sender_not_allowed"
+    assert recorder.stats.failed == 1
+
+
+def test_waiting_for_a_limit_and_a_put_back_are_not_attempts(tmp_path: Path) -> None:
+    """Over a provider limit, and put back at shutdown: to deferred/, due when given, the
+    attempts unchanged, the class kept in the sidecar; `waiting` and `put_back` lines."""
+    spool = Spool(tmp_path)
+    claimed = _claimed(spool)
+    recorder, out = _recorder(spool)
+    due = time.time() + 120
+    asyncio.run(
+        recorder.waiting(claimed, _parsed(), due, "waiting in line (bulk): x", mail_class="bulk")
+    )
+    car = json.loads((spool.deferred / f"{claimed.id}.json").read_text())
+    assert car["attempts"] == 0 and car["mail_class"] == "bulk"
+    assert abs(spool.due_time(claimed.id, 0.0) - due) < 0.01
+    # Taken again, then put back (a stop): still no attempt counted.
+    candidate = Candidate(spool.deferred / f"{claimed.id}.eml", "x", "deferred", claimed.id)
+    again = spool.claim(candidate)
+    assert again is not None
+    recorder.put_back(again, due + 60)
+    car = json.loads((spool.deferred / f"{claimed.id}.json").read_text())
+    assert car["attempts"] == 0 and abs(spool.due_time(claimed.id, 0.0) - (due + 60)) < 0.01
+    events = [e["event"] for e in _events(out)]
+    assert events == ["waiting", "put_back"], events
+    assert recorder.stats.deferred == 0  # neither is an outcome
+
+
+def test_a_refused_login_is_said_as_such_and_the_message_waits(tmp_path: Path) -> None:
+    """The relay refused the login (auth) or no token could be had (token): the operator must
+    act, so the log says relay_auth_failed / token_failed at error level; the message is
+    deferred by the schedule (the login may be fixed)."""
+    faults: list[tuple[SessionFault, str]] = [
+        ("auth", "relay_auth_failed"),
+        ("token", "token_failed"),
+    ]
+    for fault, event in faults:
+        spool = Spool(tmp_path / fault)
+        claimed = _claimed(spool)
+        recorder, out = _recorder(spool)
+        parsed = _parsed()
+        deferred = tuple(RecipientResult(r, 535, "535 5.7.8 bad login") for r in parsed.recipients)
+        delivery = Delivery(
+            "m", deferred=deferred, code=535, text="535 5.7.8 bad login", session_error=fault
+        )
+        due = asyncio.run(recorder.record(claimed, parsed, delivery, RAW, unit_config()))
+        assert due is not None and (spool.deferred / f"{claimed.id}.eml").exists()
+        said = [e for e in _events(out) if e["event"] == event]
+        assert len(said) == 1 and said[0]["level"] == "error", _events(out)
+
+
+def test_a_connection_lost_after_the_final_dot_is_deferred_and_said(tmp_path: Path) -> None:
+    """The outcome is unknown (the data went, the reply did not come): `outcome_unknown`
+    with the Message-ID (a recipient may see it twice), and the message is deferred."""
+    spool = Spool(tmp_path)
+    claimed = _claimed(spool)
+    recorder, out = _recorder(spool)
+    parsed = _parsed()
+    deferred = tuple(RecipientResult(r, 0, "connection lost") for r in parsed.recipients)
+    delivery = Delivery("m", deferred=deferred, text="connection lost", unknown=True)
+    assert asyncio.run(recorder.record(claimed, parsed, delivery, RAW, unit_config())) is not None
+    (unknown,) = [e for e in _events(out) if e["event"] == "outcome_unknown"]
+    assert unknown["id"] == claimed.id and "message_id" in unknown
+    assert (spool.deferred / f"{claimed.id}.eml").exists()

@@ -1,5 +1,7 @@
 """Recording: the one place that turns a `Delivery` or a `Refusal` into a folder, a sidecar,
-a log line and a metric. No event loop here: every method is a plain synchronous call.
+a log line and a metric. The moves run where the spool's disk says (spool/disk.py: in a
+thread on a network file system), what follows them on the loop; `put_back` runs here and
+now, as it is called where nothing can be awaited (a lane cancelled at shutdown).
 
 Each call is given the config the attempt was made under, so a reload in the middle of a send
 does not apply the new retry schedule to an attempt made with the old one.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
+from pickupd.spool.disk import Disk
 
 __all__ = ["BACKOFF_MAX", "Stranded"]
 
@@ -31,8 +32,15 @@ class _Entry:
 class Stranded:
     """The stranded claims of one dispatcher and the task that retries them."""
 
-    def __init__(self, log: Logger, changed: Callable[[int], None] = lambda count: None) -> None:
+    def __init__(
+        self,
+        log: Logger,
+        changed: Callable[[int], None] = lambda count: None,
+        disk: Disk | None = None,
+    ) -> None:
+        """`disk`: where a retry's moves run (in a thread on a network file system)."""
         self.log = log
+        self._disk = disk
         self._entries: dict[str, _Entry] = {}
         self._wake = asyncio.Event()
         self._changed = changed  # told the count (the metrics gauge)
@@ -72,7 +80,7 @@ class Stranded:
                 if entry.next_try > time.monotonic():
                     continue
                 try:
-                    entry.resume()
+                    await self._disk.run(entry.resume) if self._disk else entry.resume()
                 except SpoolWriteError as error:
                     self.add(error)
                     continue

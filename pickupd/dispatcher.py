@@ -15,26 +15,24 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pickupd import policy
 from pickupd.auth import logins
 from pickupd.auth.owners import describe_uid
-from pickupd.config.loading import Config, RelayConfig, SenderRule
+from pickupd.config.loading import Config, SenderRule
 from pickupd.errors import NotAFile, SpoolWriteError
 from pickupd.intake.queues import Intake
-from pickupd.limits import needs, replies
+from pickupd.limits import needs
 from pickupd.limits.ledger import Turn
-from pickupd.limits.quota import Pause, Quota, Wait
-from pickupd.limits.replies import Kind
+from pickupd.limits.quota import Quota, Wait
 from pickupd.log import Logger
 from pickupd.message import envelope
 from pickupd.message.priority import MailClass
 from pickupd.outcome import Delivery, Reason, Refusal
 from pickupd.record.recorder import Meter, Recorder
+from pickupd.relays import Relays
 from pickupd.smtp.pool import Pool
-from pickupd.smtp.suspension import Suspensions, Turned
 from pickupd.spool import moves
 from pickupd.spool.disk import Disk
 from pickupd.spool.files import TooLarge, Unsafe, printable
@@ -89,13 +87,9 @@ class Dispatcher:
         self.metrics = metrics
         self._large = asyncio.Semaphore(large_at_once)
         self.transports = Transports(pool, quota.processes, metrics)
-        self.suspensions = Suspensions()
-        self._background: set[asyncio.Task[None]] = set()
+        self.relays = Relays(spool, intake, metrics, lambda: self.log)
         self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
         quota.on_turn = functools.partial(_turn_came, spool, intake)
-        # Told a relay's change of state (suspended, resumed) seen here: the service passes
-        # it to its other processes (workers/protocol.RelayState).
-        self.announce: Callable[[str, bool], None] = lambda relay, suspended: None
 
     @property
     def log(self) -> Logger:
@@ -126,8 +120,9 @@ class Dispatcher:
                 detail="due further ahead than retry.max_age allows: taken now",
             )
         self.recorder.stats.claimed += 1
+        due: float | None = None
         try:
-            await self._deliver(claimed, config)
+            due = await self._deliver(claimed, config)
         except asyncio.CancelledError:
             # Shutdown ran out of time: put it back, due now, so it is sent next time (if the
             # spool cannot take it, the next start recovers it from active/).
@@ -147,11 +142,11 @@ class Dispatcher:
                 )
             except SpoolWriteError as error:
                 self.stranded.add(error)
-            else:
-                if due is not None:
-                    self.intake.due_at(claimed.id, due)
         finally:
             self._parsed.pop(claimed.id, None)
+        if due is not None:
+            # The one place an attempt tells the intake: when its message is due again.
+            self.intake.due_at(claimed.id, due)
 
     def _sidecar(self, claimed: Claimed) -> Sidecar | None:
         """What a put-back records: the sidecar of the message as read this attempt (its
@@ -159,20 +154,22 @@ class Dispatcher:
         parsed = self._parsed.get(claimed.id)
         return None if parsed is None else self.recorder.base(claimed, parsed)
 
-    async def _deliver(self, claimed: Claimed, config: Config) -> None:
+    async def _deliver(self, claimed: Claimed, config: Config) -> float | None:
+        """One attempt; the time the message is due again in deferred/ (None: it is not
+        there, or another process takes it)."""
         try:
             large = (await self.disk.run(os.lstat, claimed.path)).st_size > LARGE_MESSAGE
         except OSError:
             large = False  # the read says what is wrong with it
         if not large:
-            await self._attempt(claimed, config)
-            return
+            return await self._attempt(claimed, config)
         # A message is copied a few times on its way to the socket: at 25 MiB, a handful of
         # them at once would take a gigabyte. Large ones go a few at a time.
         async with self._large:
-            await self._attempt(claimed, config)
+            return await self._attempt(claimed, config)
 
-    async def _attempt(self, claimed: Claimed, config: Config) -> None:
+    async def _attempt(self, claimed: Claimed, config: Config) -> float | None:
+        """Read and judge the message, then relay what the policy allows."""
         examined = await examine(self.spool, claimed, config, self.disk)
         parsed, decision = examined.envelope, examined.decision
         if parsed is not None:
@@ -190,8 +187,21 @@ class Dispatcher:
         )
         if isinstance(decision, Refusal):
             await self.recorder.fail(claimed, parsed, decision)
-            return
+            return None
         assert parsed is not None and parsed.sender is not None  # policy.check saw to that
+        return await self._relay(claimed, parsed, decision, examined.data, config)
+
+    async def _relay(
+        self,
+        claimed: Claimed,
+        parsed: envelope.Envelope,
+        decision: SenderRule,
+        data: bytes,
+        config: Config,
+    ) -> float | None:
+        """The message's turn under its limits, the relay (unless it is suspended), and
+        what its answer makes of the message."""
+        assert parsed.sender is not None
         relay_config = config.relays[decision.relay]
         login = logins.bind(decision.credentials or relay_config.credentials, parsed.sender)
         applies = needs.applies(relay_config, decision, login, len(parsed.recipients))
@@ -203,7 +213,7 @@ class Dispatcher:
         )
         if isinstance(verdict, Refusal):
             await self.recorder.fail(claimed, parsed, verdict)
-            return
+            return None
         if isinstance(verdict, Wait):
             # Over a provider limit, or its scope is paused: not an attempt, not an error.
             await self.recorder.waiting(
@@ -211,48 +221,51 @@ class Dispatcher:
             )
             if verdict.parked:
                 self.quota.parked(claimed.id)
-            if not verdict.handed:  # (its own process's watch sees it arrive in deferred/)
-                self.intake.due_at(claimed.id, verdict.at)
-            return
+            # Handed to the process whose share it is: that one's watch sees it arrive.
+            return None if verdict.handed else verdict.at
         if verdict.turn is not None and self.metrics is not None:
             for (need, _), room in zip(verdict.turn.booked, verdict.turn.room, strict=False):
                 self.metrics.room(need.key, room, need.limit.amount)
+        turn, count = verdict.turn, len(parsed.recipients)
         now = time.time()
-        admission = self.suspensions.admit(relay_config.name, now, relay_config.probe_interval)
+        admission = self.relays.suspensions.admit(
+            relay_config.name, now, relay_config.probe_interval
+        )
         if not admission.go:
             # The relay is not answering: no connection attempt, not an attempt either.
-            await self.quota.give_back(verdict.turn, len(parsed.recipients))
-            self.suspensions.waiting(relay_config.name, claimed.id)
-            await self.recorder.waiting(claimed, parsed, admission.until, admission.detail)
-            self.intake.due_at(claimed.id, admission.until)
-            return
+            self.relays.suspensions.waiting(relay_config.name, claimed.id)
+            return await self._wait(claimed, parsed, turn, admission.until, admission.detail)
         delivery = await self.transports.send(relay_config, login, parsed, applies)
         if isinstance(delivery, Refusal):  # Graph cannot carry it as it is
-            await self.quota.give_back(verdict.turn, len(parsed.recipients))
+            await self.quota.give_back(turn, count)
             await self.recorder.fail(claimed, parsed, delivery)
-            return
+            return None
         if delivery.retry_after:
-            await self._throttled(claimed, parsed, delivery, verdict.turn, applies)
-            return
+            return await self._throttled(claimed, parsed, delivery, turn, applies)
         if delivery.session_error == "connections":
             # The mailbox's connections are all open elsewhere: not an attempt; soon again.
-            await self.quota.give_back(verdict.turn, len(parsed.recipients))
-            at = time.time() + 1.0
-            await self.recorder.waiting(
-                claimed, parsed, at, f"waiting for a connection: {delivery.text}"
-            )
-            self.intake.due_at(claimed.id, at)
-            return
-        self._observe(relay_config, delivery, claimed.id, probe=admission.probe)
-        pause = await self.quota.settle(verdict.turn, delivery, applies)
+            detail = f"waiting for a connection: {delivery.text}"
+            return await self._wait(claimed, parsed, turn, time.time() + 1.0, detail)
+        self.relays.observe(relay_config, delivery, claimed.id, probe=admission.probe)
+        pause = await self.quota.settle(turn, delivery, applies)
         not_before = None
         if pause is not None:
-            delivery, not_before = self._paused(relay_config, delivery, pause)
-        due = await self.recorder.record(
-            claimed, parsed, delivery, examined.data, config, not_before
-        )
-        if due is not None:
-            self.intake.due_at(claimed.id, due)
+            delivery, not_before = self.relays.paused(relay_config, delivery, pause)
+        return await self.recorder.record(claimed, parsed, delivery, data, config, not_before)
+
+    async def _wait(
+        self,
+        claimed: Claimed,
+        parsed: envelope.Envelope,
+        turn: Turn | None,
+        until: float,
+        detail: str,
+    ) -> float:
+        """Not an attempt: the turn it had is given back, and it waits in deferred/ until
+        `until` (returned: when it is due)."""
+        await self.quota.give_back(turn, len(parsed.recipients))
+        await self.recorder.waiting(claimed, parsed, until, detail)
+        return until
 
     async def _throttled(
         self,
@@ -261,11 +274,10 @@ class Dispatcher:
         delivery: Delivery,
         turn: Turn | None,
         applies: needs.Applies,
-    ) -> None:
+    ) -> float:
         """The relay said how long to wait (Graph's Retry-After): the mailbox pauses that
         long for every process and host of the ledger, and the message waits, not an
-        attempt."""
-        await self.quota.give_back(turn, len(parsed.recipients))
+        attempt (returned: when it is due)."""
         scope, wait = applies.mailbox, delivery.retry_after
         until = time.time() + await self.quota.ledger.pause(scope, wait, delivery.text)
         at = from_timestamp(until)
@@ -273,74 +285,7 @@ class Dispatcher:
         self.log.warning("relay_throttled", **fields, detail=delivery.text, paused_until=at)
         if self.metrics is not None:
             self.metrics.paused(scope, until, "throttled")
-        await self.recorder.waiting(claimed, parsed, until, f"waiting: {delivery.text}")
-        self.intake.due_at(claimed.id, until)
-
-    def _paused(
-        self, relay: RelayConfig, delivery: Delivery, pause: Pause
-    ) -> tuple[Delivery, float | None]:
-        """Log what a provider's reply did to its scope (limits/replies.py); a spent quota
-        or the tenant's rate keeps the message waiting until the pause ends, even on 5xx."""
-        rule, reply = pause.rule, pause.reply
-        fields = {"relay": relay.name, "scope": pause.scope, "code": reply.code}
-        if rule.kind is Kind.OAUTH2:
-            self.log.error("oauth2_required", **fields, detail=f"{rule.says}: {reply.text}")
-            return replies.explained(delivery, rule.says), None
-        until = from_timestamp(pause.until)
-        if self.metrics is not None:
-            kind = {Kind.SPENT: "spent", Kind.TENANT: "limited"}.get(rule.kind, "throttled")
-            self.metrics.paused(pause.scope, pause.until, kind)
-        if rule.kind in (Kind.THROTTLED, Kind.CONNECTIONS):
-            self.log.warning("relay_throttled", **fields, detail=reply.text, paused_until=until)
-            return delivery, None
-        if pause.new:
-            event = "quota_spent" if rule.kind is Kind.SPENT else "tenant_limited"
-            self.log.error(event, **fields, detail=f"{rule.says}: {reply.text}", paused_until=until)
-        return replies.as_deferred(delivery, rule.says), pause.until
-
-    def _observe(self, relay: RelayConfig, delivery: Delivery, msg_id: str, *, probe: bool) -> None:
-        """Count an attempt towards the relay's suspension; log and act on a change."""
-        change = self.suspensions.observe(
-            relay.name,
-            delivery,
-            time.time(),
-            msg_id,
-            suspend_after=relay.suspend_after,
-            probe_interval=relay.probe_interval,
-            probe=probe,
-        )
-        if change.rearm is not None:
-            msg_id, at = change.rearm
-            self.make_due([msg_id], at)
-        if change.kind is None:
-            return
-        suspended = change.kind is Turned.SUSPENDED
-        if self.metrics is not None:
-            self.metrics.suspended(relay.name, suspended)
-        self.announce(relay.name, suspended)
-        if suspended:
-            self.log.error(
-                "relay_suspended",
-                relay=relay.name,
-                failures=relay.suspend_after,
-                detail=delivery.text,
-                probe_every=relay.probe_interval,
-            )
-            return
-        self.log.info("relay_resumed", relay=relay.name, waiting=len(change.waited))
-        self.make_due(list(change.waited), None)
-
-    def relay_state(self, relay: str, suspended: bool, config: Config, tell: bool = False) -> None:
-        """Another process of the service found `relay` dead, or answering again: so it is
-        here too (its waiting mail goes now); `tell`: and pass it on to the others."""
-        if tell:
-            self.announce(relay, suspended)
-        if relay not in config.relays:
-            return
-        if suspended:
-            self.suspensions.suspend(relay, time.time(), config.relays[relay].probe_interval)
-        elif waited := self.suspensions.resume(relay):
-            self.make_due(list(waited), None)
+        return await self._wait(claimed, parsed, turn, until, f"waiting: {delivery.text}")
 
     def tidy(self, worker: int) -> None:
         """Every second: forget turns long past due; the lines' counts to the metrics."""
@@ -373,21 +318,6 @@ class Dispatcher:
             await self.quota.release(freed[msg_id])
             self.intake.due_at(msg_id, now)
         self.log.info("pause_lifted", waiting=len(moved))
-
-    def make_due(self, msg_ids: list[str], at: float | None) -> None:
-        """Mail that waited goes at `at` (None: now): a suspended relay is back (or one of
-        them is to be its next probe), or a pause it waited for is gone. The utimes run in a
-        thread."""
-
-        async def due_now() -> None:
-            when = time.time() if at is None else at
-            made = await asyncio.to_thread(moves.make_waiting_due, self.spool, msg_ids, when)
-            for msg_id in made:
-                self.intake.due_at(msg_id, when)
-
-        task = asyncio.get_running_loop().create_task(due_now())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 async def _turn_came(spool: Spool, intake: Intake, msg_id: str, due: float, kept: KeptTurn) -> bool:

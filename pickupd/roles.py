@@ -141,7 +141,7 @@ class Main(Role):
             loop = asyncio.get_running_loop()
             self._supervising = loop.create_task(self.supervisor.run())
             # What the main process sees of a relay, every worker knows.
-            service.dispatcher.announce = self.supervisor.relay_state
+            service.dispatcher.relays.announce = self.supervisor.relay_state
         if self.served is not None:
             self.served.start(service.config.metrics)
 
@@ -207,7 +207,7 @@ class Main(Role):
     def _reported(self, service: Service, event: protocol.Up) -> None:
         """An event a worker process sent up (workers/uplink.py)."""
         if isinstance(event, protocol.Suspended):  # one process's relay state is every one's
-            service.dispatcher.relay_state(event.relay, event.on, service.config, tell=True)
+            service.dispatcher.relays.state(event.relay, event.on, service.config, tell=True)
         match event:
             case protocol.Feedback(kind, sidecar):
                 with contextlib.suppress(ValueError):
@@ -262,7 +262,7 @@ class Worker(Role):
             case protocol.Flush():
                 service.wake_all()
             case protocol.RelayState(relay, suspended):
-                service.dispatcher.relay_state(relay, suspended, service.config)
+                service.dispatcher.relays.state(relay, suspended, service.config)
 
 
 async def _until_done(task: asyncio.Task[None]) -> None:

@@ -5,13 +5,14 @@ and every wait is bounded; the file events are the watcher's, handed in as it ha
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pickupd import ids
+from pickupd import ids, log
 from pickupd.config.loading import DispatchConfig
 from pickupd.intake.queues import Intake
 from pickupd.intake.watcher import FileEvent
@@ -22,7 +23,9 @@ T = TypeVar("T")
 
 
 def run(test: Callable[[], Awaitable[T]]) -> T:
-    """`test()` on a fresh event loop, bounded in time."""
+    """`test()` on a fresh event loop, bounded in time, its log lines kept apart (a stream
+    an earlier test configured may be closed by now)."""
+    log.configure("info", "json", stream=io.StringIO())
 
     async def bounded() -> T:
         return await asyncio.wait_for(test(), 20)

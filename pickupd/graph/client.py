@@ -30,8 +30,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from pickupd.auth.logins import Credentials, MicrosoftSource, OAuth2Login, XOAuth2
 from pickupd.config.loading import Config
@@ -41,6 +40,9 @@ from pickupd.graph import replies
 from pickupd.graph.message import for_graph
 from pickupd.outcome import Delivery, RecipientResult, Refusal, SessionFault
 from pickupd.smtp.pool import LEASE_TTL, Pool
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["Graph"]
 
@@ -67,6 +69,10 @@ class Graph:
     def _client(self, relay: RelayConfig) -> aiohttp.ClientSession:
         client = self._clients.get(relay.name)
         if client is None:
+            # Imported with the first Graph relay: a service that relays over SMTP alone
+            # does not pay its memory (about 7 MiB a process).
+            import aiohttp
+
             cafile = None if relay.ca_file is None else str(relay.ca_file)
             context = ssl.create_default_context(cafile=cafile)  # verified, always
             connector = aiohttp.TCPConnector(
@@ -170,6 +176,8 @@ class Graph:
         body: bytes,
         recipients: Sequence[str],
     ) -> Delivery:
+        import aiohttp  # loaded by _client already
+
         proxy = self._proxies[relay.name]
         for tries_left in (1, 0):
             try:

@@ -132,9 +132,13 @@ class Graph:
         return delivery
 
     async def warm(self, config: Config) -> None:
-        """Get each Graph relay's app token now, so that the first message does not wait
-        for it (and a login that cannot get one says so at the start). A failure is logged
-        by the token cache and tried again when a message needs the token."""
+        """Make each Graph relay's client and get its app token now, so that the first
+        message does not wait for them (and a login that cannot get one says so at the
+        start). A failure is logged by the token cache and tried again when a message needs
+        the token."""
+        for graph in config.relays.values():
+            if graph.transport == "graph":
+                self._client(graph)  # aiohttp's import too: not on the first message's way
         found: dict[MicrosoftSource, None] = {}
         for rule in config.senders:
             relay = config.relays.get(rule.relay)

@@ -32,6 +32,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# The service as its unit runs it: its user, and the one capability (to read the apps' drops).
+AS_THE_UNIT = (
+    "setpriv --reuid=pickupd --regid=pickupd --init-groups"
+    " --inh-caps=+dac_read_search --ambient-caps=+dac_read_search"
+)
+
+
 class Root:
     """A copy-on-write root of this machine: / under an overlay, in a mount namespace that
     lives as long as a `sleep` in it; each command runs chrooted there."""
@@ -153,11 +160,7 @@ def test_the_packages_install_send_upgrade_remove_and_purge(
     # then a run as the unit runs it (its user, the one capability).
     app = "setpriv --reuid=webapp --regid=webapp --init-groups"
     root.ok(f"{app} /usr/sbin/sendmail -t", message(to="packaged@example.net"))
-    service = (
-        "setpriv --reuid=pickupd --regid=pickupd --init-groups"
-        " --inh-caps=+dac_read_search --ambient-caps=+dac_read_search"
-    )
-    root.ok(f"{service} pickupd run --once")
+    root.ok(f"{AS_THE_UNIT} pickupd run --once")
     (received,) = smtp_server.wait_for(1)
     assert received.rcpt_tos == ["packaged@example.net"]
 
@@ -254,11 +257,7 @@ def test_the_readmes_first_message_steps_work_in_a_copy_of_the_machine(
             assert re.search(r"^  pickup +1 ", said, re.M), said
     assert any("pickupd-sendmail" in step for step in ran), ran
     # What `systemctl restart pickupd` runs: the service as its unit runs it.
-    service = (
-        "setpriv --reuid=pickupd --regid=pickupd --init-groups"
-        " --inh-caps=+dac_read_search --ambient-caps=+dac_read_search"
-    )
-    root.ok(f"{service} pickupd run --once")
+    root.ok(f"{AS_THE_UNIT} pickupd run --once")
     (received,) = server.wait_for(1)
     assert received.rcpt_tos == ["you@example.net"]
     assert received.username == "app@example.com"

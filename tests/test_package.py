@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,9 +48,17 @@ class Root:
         self.upper, self.work, self.path = work / "upper", work / "work", work / "root"
         for folder in (self.upper, self.work, self.path):
             folder.mkdir(parents=True)
+        # unshare execs sleep in the new namespace (no fork): killing it ends the namespace,
+        # and with it every mount made there.
         self._holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--fork", "sleep", "3600"]
+            ["unshare", "--mount", "--propagation", "private", "sleep", "3600"]
         )
+        # Nothing may be mounted before the holder is in its own namespace: entered too
+        # soon, nsenter would mount on this machine.
+        ours, deadline = os.readlink("/proc/self/ns/mnt"), time.monotonic() + 10
+        while os.readlink(f"/proc/{self._holder.pid}/ns/mnt") == ours:
+            assert time.monotonic() < deadline, "unshare did not make a mount namespace"
+            time.sleep(0.01)
         layers = f"lowerdir=/,upperdir={self.upper},workdir={self.work}"
         self._enter("mount", "-t", "overlay", "overlay", "-o", layers, str(self.path))
         for system in ("proc", "dev", "sys"):
@@ -84,7 +93,7 @@ class Root:
     def close(self) -> None:
         self._holder.kill()
         self._holder.wait(30)
-        shutil.rmtree(self.upper.parent, ignore_errors=True)
+        shutil.rmtree(self.upper.parent)  # fails if a mount outlived the namespace
 
 
 @pytest.fixture(scope="module")

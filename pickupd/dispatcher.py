@@ -146,7 +146,7 @@ class Dispatcher:
             self._parsed.pop(claimed.id, None)
         if due is not None:
             # The one place an attempt tells the intake: when its message is due again.
-            self.intake.due_at(claimed.id, due)
+            self.intake.deferred.due_at(claimed.id, due)
 
     def _sidecar(self, claimed: Claimed) -> Sidecar | None:
         """What a put-back records: the sidecar of the message as read this attempt (its
@@ -316,7 +316,7 @@ class Dispatcher:
         moved = await asyncio.to_thread(moves.release_turns, self.spool, kept, now)
         for msg_id in moved:
             await self.quota.release(freed[msg_id])
-            self.intake.due_at(msg_id, now)
+            self.intake.deferred.due_at(msg_id, now)
         self.log.info("pause_lifted", waiting=len(moved))
 
 
@@ -324,7 +324,7 @@ async def _turn_came(spool: Spool, intake: Intake, msg_id: str, due: float, kept
     """A message that waited in line has its turn: its sidecar keeps it, due then."""
     if not await asyncio.to_thread(moves.keep_turn, spool, msg_id, kept):
         return False
-    intake.due_at(msg_id, due)
+    intake.deferred.due_at(msg_id, due)
     return True
 
 

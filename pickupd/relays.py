@@ -122,7 +122,7 @@ class Relays:
             when = time.time() if at is None else at
             made = await asyncio.to_thread(moves.make_waiting_due, self.spool, msg_ids, when)
             for msg_id in made:
-                self.intake.due_at(msg_id, when)
+                self.intake.deferred.due_at(msg_id, when)
 
         task = asyncio.get_running_loop().create_task(due_now())
         self._background.add(task)

@@ -72,7 +72,7 @@ class Service:
         self.quota = Quota(self.ledger, part.total)
         self.census = CensusCache(self.spool)  # for the status line and the metrics
         self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
-        self.intake.horizon = config.retry.max_age
+        self.intake.deferred.horizon = config.retry.max_age
         self.feedback = Feedback(config.notify, self.spool, self.log)
         self.role.attach(self)
         self.metrics = self.role.meter()
@@ -81,7 +81,7 @@ class Service:
             self.spool,
             self.log,
             self.metrics,
-            self.intake.deferring,
+            self.intake.deferred.deferring,
             self.role.notify(self),
             self.disk,
         )
@@ -127,7 +127,7 @@ class Service:
         self.file_config = new
         self.config = shares.portion(new, self.part)
         self.intake.dispatch = self.config.dispatch
-        self.intake.horizon = new.retry.max_age
+        self.intake.deferred.horizon = new.retry.max_age
         self.feedback.config = new.notify
         logs.configure(new.log.level, new.log.format)
         self.log = self.recorder.log = self.feedback.log = self.stranded.log = logs.get()

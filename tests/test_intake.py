@@ -187,7 +187,7 @@ def test_a_retry_by_an_operator_is_taken_when_due_and_our_own_deferral_is_no_new
         for suffix in ("json", "eml"):
             intake.hint(FileEvent.MOVED, str(spool.deferred / f"{retried}.{suffix}"))
         ours = ids.new()
-        intake.deferring(ours)
+        intake.deferred.deferring(ours)
         soon = time.time() + 0.3
         (spool.deferred / f"{ours}.eml").write_bytes(b"hi\r\n")
         sidecar = spool.deferred / f"{ours}.json"
@@ -195,7 +195,7 @@ def test_a_retry_by_an_operator_is_taken_when_due_and_our_own_deferral_is_no_new
         os.utime(sidecar, (soon, soon))
         for suffix in ("json", "eml"):
             intake.hint(FileEvent.MOVED, str(spool.deferred / f"{ours}.{suffix}"))
-        intake.due_at(ours, soon)
+        intake.deferred.due_at(ours, soon)
         taken: list[str] = []
         for _ in range(2):
             candidate = await intake.next()
@@ -219,7 +219,7 @@ def test_a_due_time_beyond_the_horizon_is_taken_now_and_said(tmp_path: Path) -> 
 
     async def test() -> list[Candidate]:
         intake = Intake(spool, DispatchConfig(), once=True)
-        intake.horizon = 5 * 86400
+        intake.deferred.horizon = 5 * 86400
         feeders = [asyncio.create_task(intake.feed_pickup()),
                    asyncio.create_task(intake.feed_deferred())]  # fmt: skip
         taken = await take_all(intake)

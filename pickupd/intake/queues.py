@@ -1,12 +1,9 @@
-"""Intake: what to work on next. Watcher hints, rescans of pickup/ and deferred/, the
-due-deferred scheduler, and the two queues (new mail, due mail) that the lanes (the
-service's asyncio tasks, one message each) take from in turn.
+"""Intake: what to work on next. Watcher hints and rescans of pickup/, and the two queues
+(new mail, due mail) that the lanes (the service's asyncio tasks, one message each) take
+from in turn; deferred/ is scheduler.py's, which fills the queue of due mail.
 
 Events are hints; the directory scan is the truth (as Postfix's pickup). Only a bounded number
-of candidates wait in memory: the backlog stays on disk. Deferred messages are the exception:
-their due times are kept (duetimes.py), so a deferral or a waiting backlog costs nothing per
-message waiting; the full scan of deferred/ runs in a thread, at start, after a flush, and at
-an interval that grows with the folder.
+of candidates wait in memory: the backlog stays on disk.
 """
 
 from __future__ import annotations
@@ -14,39 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import time
 from collections import deque
 from pathlib import Path
 
-from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
-from pickupd.intake.duetimes import RESOLUTION, DueTimes
 from pickupd.intake.entries import Strays, Unmovable, Writers
+from pickupd.intake.scheduler import ARRIVED, Deferred
 from pickupd.intake.watcher import FileEvent
-from pickupd.spool.folders import Candidate, Later, Spool, is_stray, message_id
+from pickupd.spool.folders import Candidate, Later, Spool, is_stray
 from pickupd.workers.shares import ONLY, Part, owns
 
-__all__ = ["RESCAN_MAX", "Intake", "rescan_every"]
+__all__ = ["Intake"]
 
 # How many candidates wait in memory per queue and lane.
 _QUEUE_PER_LANE = 4
-# The full scan of deferred/ runs every rescan_interval for up to 10,000 messages there, and
-# more seldom as the folder grows (it reads every entry), up to this.
-RESCAN_MAX = 300.0
-_RESCAN_PER = 10_000
 # Scans of pickup/ start at least this far apart (and 20 times as far as the last one took);
 # Maildir drops do not wait for them (their events queue them at once).
 _SCAN_GAP = 0.05
-
-
-# A file that arrived in a folder (created there, or renamed into it).
-_ARRIVED = (FileEvent.CREATED, FileEvent.MOVED)
-
-
-def rescan_every(interval: float, waiting: int) -> float:
-    """Seconds between full scans of deferred/ with `waiting` messages in it."""
-    return max(interval, min(RESCAN_MAX, interval * waiting / _RESCAN_PER))
 
 
 def _ignore(name: str) -> None:
@@ -62,8 +44,6 @@ class Intake:
         self.spool = spool
         self.part = part  # only the files this worker process owns (workers/shares.py)
         self.dispatch = dispatch  # swapped on reload
-        # No message is due further ahead than this ([retry] max_age): see scan_deferred.
-        self.horizon = float("inf")
         self.once = once
         self._busy = 0  # candidates being worked on
         self._unmovable = Unmovable()  # logged once, skipped since
@@ -74,20 +54,17 @@ class Intake:
         self._new: deque[Candidate] = deque()
         self._due: deque[Candidate] = deque()
         self._queued: set[Path] = set()
-        self._own_deferrals: set[str] = set()  # ids we are moving into deferred/ ourselves
-        self._due_times = DueTimes()  # what waits in deferred/ (of our share), by due time
-        self._scanned_since: DueTimes | None = None  # added while a full scan runs
-        self._rescan = True  # a full scan of deferred/ is wanted (at start: yes)
-        self._scans = 0
         self._prefer_new = True
         self._has_work = asyncio.Event()
         self._has_room = asyncio.Event()
         self._pickup_wake = asyncio.Event()
         self._writers = Writers(self._pickup_wake.set)
-        self._deferred_wake = asyncio.Event()
         self._closed = False
         self._feeders_done = 0
-        self._next_due = float("inf")
+        # deferred/: the due times of our share, and the feeder of the due queue.
+        self.deferred = Deferred(
+            spool, self.mine, lambda: self.dispatch.rescan_interval, self._feeder_done, once=once
+        )
 
     # -- what the dispatcher tells us --------------------------------------------------------
 
@@ -110,31 +87,8 @@ class Intake:
 
     def wake(self) -> None:
         """Scan both folders again now (a reload, a flush, a share taken over)."""
-        self._rescan = True
         self._pickup_wake.set()
-        self._deferred_wake.set()
-
-    @property
-    def waiting(self) -> int:
-        """Deferred messages this process knows to be waiting (its share of deferred/)."""
-        return len(self._due_times)
-
-    def deferring(self, msg_id: str) -> None:
-        """We are about to move `msg_id` into deferred/ ourselves: that is no news for the watch."""
-        if self.once:
-            return
-        if len(self._own_deferrals) > 10_000:
-            self._own_deferrals.clear()
-        self._own_deferrals.add(msg_id)
-
-    def due_at(self, msg_id: str, due: float) -> None:
-        """Message `msg_id` now waits in deferred/ until `due`: take it then."""
-        self._due_times.add(msg_id, due)
-        if self._scanned_since is not None:
-            self._scanned_since.add(msg_id, due)
-        if due < self._next_due:
-            self._next_due = due
-            self._deferred_wake.set()
+        self.deferred.wake()
 
     def started(self, candidate: Candidate) -> None:
         """A lane has taken `candidate` and works on it."""
@@ -165,8 +119,9 @@ class Intake:
     def close(self) -> None:
         """Stop feeding: `next()` returns None from now on, and waiting feeders end."""
         self._closed = True
-        for event in (self._has_work, self._has_room, self._pickup_wake, self._deferred_wake):
+        for event in (self._has_work, self._has_room, self._pickup_wake):
             event.set()
+        self.deferred.close()
 
     # -- watcher hints (called on the loop) ------------------------------------------------
 
@@ -180,9 +135,9 @@ class Intake:
         candidate_path = Path(path)
         spool = self.spool
         if candidate_path.parent == spool.deferred:
-            self._deferred_hint(event_type, candidate_path.name)
+            self.deferred.hint(event_type, candidate_path.name)
         elif candidate_path.parent == spool.new:
-            if event_type not in _ARRIVED or candidate_path.name.startswith("."):
+            if event_type not in ARRIVED or candidate_path.name.startswith("."):
                 return
             if not self.mine(candidate_path.name):
                 return
@@ -193,27 +148,10 @@ class Intake:
                     self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
                 )
         elif candidate_path.parent == spool.pickup and is_stray(candidate_path.name):
-            if event_type in _ARRIVED:
+            if event_type in ARRIVED:
                 self._stray(candidate_path.name)
         elif candidate_path.suffix.lower() == ".eml" and candidate_path.parent == spool.pickup:
             self._writers.event(event_type, candidate_path, self.dispatch.settle)
-
-    def _deferred_hint(self, event_type: FileEvent, name: str) -> None:
-        """Something arrived in deferred/: `pickupd retry`, `release` and `flush` (and we
-        ourselves, which is no news)."""
-        if event_type not in _ARRIVED or name.startswith("."):
-            return
-        msg_id, _, suffix = name.partition(".")
-        if message_id(f"{msg_id}.eml") is None or not self.mine(f"{msg_id}.eml"):
-            return
-        if msg_id in self._own_deferrals:
-            if suffix == "eml":  # our sidecar came first; the .eml is the last of our two
-                self._own_deferrals.discard(msg_id)
-            return
-        # An operator's retry, release or flush (another process): its due time is the
-        # sidecar's mtime, one stat away. A burst too large for the watch overflows into a
-        # rescan.
-        self.due_at(msg_id, self.spool.due_time(msg_id, time.time()))
 
     # -- the queues ----------------------------------------------------------------------------
 
@@ -294,74 +232,13 @@ class Intake:
             self._feeder_done()
 
     async def feed_deferred(self) -> None:
-        """Take deferred messages as they come due (their sidecar's mtime is the due time): from
-        the due times kept, which a full scan of deferred/ (in a thread) renews at start,
-        after a flush or a reload, and every `rescan_every`."""
-        try:
-            next_scan = 0.0
-            while not self._closed:
-                self._deferred_wake.clear()
-                if self._rescan or time.time() >= next_scan:
-                    await self._scan_deferred()
-                    next_scan = time.time() + rescan_every(
-                        self.dispatch.rescan_interval, len(self._due_times)
-                    )
-                if self.once:
-                    # Due times are kept in buckets of RESOLUTION and come due when their
-                    # bucket has passed: one due as the scan ran (a clamped one is due then)
-                    # would wait for a next look that `once` never takes.
-                    await asyncio.sleep(RESOLUTION)
-                now = time.time()
-                for msg_id in self._due_times.pop_due(now):
-                    candidate = self._still_due(msg_id, now)
-                    if candidate is None or candidate.path in self._queued:
-                        continue
-                    if not await self._put(self._due, candidate):
-                        return
-                if self.once:
-                    return
-                self._next_due = min(next_scan, self._due_times.next_due() or next_scan)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._deferred_wake.wait(), max(0.0, self._next_due - time.time())
-                    )
-        finally:
-            self._feeder_done()
+        """Queue each deferred message of ours as it comes due (scheduler.py)."""
+        await self.deferred.feed(self._put_due)
 
-    async def _scan_deferred(self) -> None:
-        """The full scan, off the event loop: the due times of our share of deferred/ as the
-        folder holds them, plus what was deferred while it ran."""
-        self._rescan = False
-        self._scanned_since = DueTimes()
-        started = time.monotonic()
-        try:
-            scanned = await asyncio.to_thread(
-                DueTimes, self.spool.deferred_times(time.time(), self.horizon, self.mine)
-            )
-            scanned.merge(self._scanned_since)
-            self._due_times = scanned
-        finally:
-            self._scanned_since = None
-        took = time.monotonic() - started
-        if not self._scans or took > 1.0:  # the first, and any an operator would notice
-            logs.get().info("deferred_scanned", waiting=len(scanned), seconds=round(took, 3))
-        self._scans += 1
-
-    def _still_due(self, msg_id: str, now: float) -> Candidate | None:
-        """The candidate for `msg_id` if its file is still in deferred/ and due (its sidecar's
-        mtime says so; a later one is kept for then). One further ahead than `horizon` cannot
-        come from pickupd (a clock jump, an edit): it is taken now, with `clamped_from`."""
-        name = f"{msg_id}.eml"
-        path = self.spool.deferred / name
-        if not os.path.lexists(path):
-            return None  # taken by another process, or moved by an operator
-        due = self.spool.due_time(msg_id, now)
-        if due > now + self.horizon:
-            return Candidate(path, name, "deferred", msg_id, due)
-        if due > now:
-            self._due_times.add(msg_id, due)
-            return None
-        return Candidate(path, name, "deferred", msg_id)
+    async def _put_due(self, candidate: Candidate) -> bool:
+        if candidate.path in self._queued:
+            return True  # queued already (recovered, or taken at a rescan)
+        return await self._put(self._due, candidate)
 
     def _feeder_done(self) -> None:
         self._feeders_done += 1

@@ -37,7 +37,7 @@ Notify = Callable[[str, Sidecar], None]
 if TYPE_CHECKING:
     from pickupd.config.loading import Config
     from pickupd.hosting.metrics import Metrics
-    from pickupd.service import Service
+    from pickupd.service import Service, Settings
 
 __all__ = ["WORKERS_START", "Main", "Role", "Worker"]
 
@@ -81,6 +81,9 @@ class Role:
 
     def reloaded(self, service: Service) -> None:
         """A reload is over (applied or refused)."""
+
+    def apply(self, settings: Settings) -> None:
+        """The settings in force now (at start, and after each reload)."""
 
     def flushed(self) -> None:
         """Every deferred message was made due (SIGUSR1)."""
@@ -179,6 +182,10 @@ class Main(Role):
         """READY=1 again, with a status line counted afresh (in a thread)."""
         if self.notifier is not None:
             service.spawn(_ready_after_count(self.notifier, service))
+
+    def apply(self, settings: Settings) -> None:
+        if self.supervisor is not None:
+            self.supervisor.log = settings.log
 
     def flushed(self) -> None:
         if self.supervisor is not None:  # the workers look again once all is due

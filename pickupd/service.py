@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from pickupd import log as logs
@@ -24,6 +25,7 @@ from pickupd.intake.queues import Intake
 from pickupd.intake.watcher import Watcher
 from pickupd.limits import ledger
 from pickupd.limits.quota import Quota
+from pickupd.log import Logger
 from pickupd.outcome import Stats
 from pickupd.record.notify import Feedback
 from pickupd.record.recorder import Recorder
@@ -37,13 +39,23 @@ from pickupd.spool.stranded import Stranded
 from pickupd.workers import shares
 from pickupd.workers.shares import ONLY, Part
 
-__all__ = ["GRACE", "Service"]
+__all__ = ["GRACE", "Service", "Settings"]
 
 # On SIGTERM, in-flight sends get this long to finish before they are put back.
 GRACE = 30.0
 # How often the quota asks the ledger whether the pauses its held turns wait for are still
 # there (one question per paused scope).
 PAUSE_RECHECK = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a reload swaps, whole: the config as the file says, this process's portion of
+    it, and the logger they configure."""
+
+    file: Config
+    share: Config
+    log: Logger
 
 
 class Service:
@@ -55,13 +67,11 @@ class Service:
         """`part`: which of the service's worker processes this is (workers/shares.py);
         `role`: what this process does besides the work (roles.py; the main process's by
         default)."""
-        self.file_config = config  # as the file says; `config` is this worker's portion of it
-        self.config = shares.portion(config, part)
+        self.settings = Settings(config, shares.portion(config, part), logs.get())
         self.once = once
         self.part = part
         self.role = role if role is not None else Main(config, once=once, total=part.total)
         self.spool = Spool(config.spool.path)
-        self.log = logs.get()
         self.ledger = ledger.open_ledger(
             config.limits,
             config.spool.path,
@@ -72,7 +82,6 @@ class Service:
         self.quota = Quota(self.ledger, part.total)
         self.census = CensusCache(self.spool)  # for the status line and the metrics
         self.intake = Intake(self.spool, self.config.dispatch, once=once, part=part)
-        self.intake.deferred.horizon = config.retry.max_age
         self.feedback = Feedback(config.notify, self.spool, self.log)
         self.role.attach(self)
         self.metrics = self.role.meter()
@@ -98,10 +107,35 @@ class Service:
             large_at_once=part.share(LARGE_AT_ONCE),
             disk=self.disk,
         )
+        self._apply(self.settings)
         self._background: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
         self._stopping = False
+
+    @property
+    def file_config(self) -> Config:
+        """The config as the file says."""
+        return self.settings.file
+
+    @property
+    def config(self) -> Config:
+        """This process's portion of it (workers/shares.py)."""
+        return self.settings.share
+
+    @property
+    def log(self) -> Logger:
+        return self.settings.log
+
+    def _apply(self, settings: Settings) -> None:
+        """Put `settings` in force in every part that keeps some of them: at start and at
+        each reload, the one list, so that no part keeps an old logger or config."""
+        self.settings = settings
+        self.intake.dispatch = settings.share.dispatch
+        self.intake.deferred.horizon = settings.file.retry.max_age
+        self.feedback.config = settings.file.notify
+        self.recorder.log = self.feedback.log = self.stranded.log = settings.log
+        self.role.apply(settings)
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -124,13 +158,8 @@ class Service:
             self.log.error("reload_failed", problems=exc.problems, **where)
             self.role.reloaded(self)
             return
-        self.file_config = new
-        self.config = shares.portion(new, self.part)
-        self.intake.dispatch = self.config.dispatch
-        self.intake.deferred.horizon = new.retry.max_age
-        self.feedback.config = new.notify
         logs.configure(new.log.level, new.log.format)
-        self.log = self.recorder.log = self.feedback.log = self.stranded.log = logs.get()
+        self._apply(Settings(new, shares.portion(new, self.part), logs.get()))
         if unchanged:
             self.log.warning("reload_needs_restart", keys=unchanged)
         where = {"config": str(new.path), "worker": self.part.index}

@@ -7,16 +7,12 @@ Each call is given the config the attempt was made under, so a reload in the mid
 does not apply the new retry schedule to an attempt made with the old one.
 
 Each outcome is a list of steps, a move in the spool and what follows it (log line, counts,
-hooks). When a move fails (a full disk), `SpoolWriteError` carries a `resume()` that runs the
-rest, from that move on: the dispatcher keeps the message and calls it again later, so nothing
-is logged twice or lost, and the message never leaves active/ half-moved.
+hooks), carried out by steps.py (which resumes them after a full disk).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -24,11 +20,11 @@ from typing import Any, Protocol
 from pickupd import ids
 from pickupd.auth.owners import user_name
 from pickupd.config.loading import Config
-from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
 from pickupd.message.envelope import Envelope
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
 from pickupd.record import retry
+from pickupd.record.steps import Step, Steps
 from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Claimed, Spool
 from pickupd.spool.sidecar import Attempt, KeptTurn, Sidecar, from_timestamp
@@ -36,7 +32,6 @@ from pickupd.spool.sidecar import Attempt, KeptTurn, Sidecar, from_timestamp
 __all__ = ["Meter", "Recorder"]
 
 # A move in the spool, then what follows it once it is done.
-_Step = tuple[Callable[[], None], Callable[[], None]]
 
 
 class Meter(Protocol):
@@ -71,6 +66,7 @@ class Recorder:
         self.spool = spool
         self.disk = disk
         self.log = log  # swapped on reload (a new level or format)
+        self.steps = Steps(disk, lambda: self.log)
         self.metrics = metrics
         self.stats = Stats()
         # Called with a message's id just before we move it into deferred/ ourselves.
@@ -107,7 +103,7 @@ class Recorder:
                 detail=refusal.detail,
             )
 
-        await self._run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
+        await self.steps.run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
 
     # -- not an attempt --------------------------------------------------------------------------
 
@@ -120,7 +116,7 @@ class Recorder:
     ) -> None:
         """Move a claimed message to deferred/ without counting an attempt, here and now
         (at shutdown, and after an internal error)."""
-        self._run_now(claimed, self._back(claimed, due, sidecar, event))
+        self.steps.run_now(claimed, self._back(claimed, due, sidecar, event))
 
     async def crashed(
         self, claimed: Claimed, parsed: Envelope | None, detail: str, config: Config
@@ -134,7 +130,7 @@ class Recorder:
         text = f"internal error: {detail}"[:400]
         retried = retry.Retried(attempt, base.recipients, None, None, text)
         due, step = self._defer(claimed, base, retried, fields, config, None)
-        await self._run(claimed, [step])
+        await self.steps.run(claimed, [step])
         return due
 
     async def waiting(
@@ -150,11 +146,11 @@ class Recorder:
         in the sidecar for whichever process takes it then), as a message of `mail_class`."""
         base = self.base(claimed, parsed)
         waiting = dataclasses.replace(base, detail=detail, turn=kept, mail_class=mail_class)
-        await self._run(claimed, self._back(claimed, due, waiting, "waiting"))
+        await self.steps.run(claimed, self._back(claimed, due, waiting, "waiting"))
 
     def _back(
         self, claimed: Claimed, due: float, sidecar: Sidecar | None, event: str
-    ) -> list[_Step]:
+    ) -> list[Step]:
         sidecar = sidecar or claimed.sidecar or _new_sidecar(claimed, None, ())
         sidecar = dataclasses.replace(sidecar, next_attempt=from_timestamp(due))
 
@@ -214,10 +210,10 @@ class Recorder:
                     attempts=attempt,
                     next_attempt=None,
                 )
-            await self._run(claimed, [(lambda: self._sent(claimed, archive), lambda: None)])
+            await self.steps.run(claimed, [(lambda: self._sent(claimed, archive), lambda: None)])
             return None
 
-        steps: list[_Step] = []
+        steps: list[Step] = []
         if delivery.rejected:
             steps.append(self._reject(claimed, base, delivery, data, attempt, fields))
         due = None
@@ -231,7 +227,7 @@ class Recorder:
             )
             due, step = self._defer(claimed, base, retried, fields, config, not_before)
             steps.append(step)
-        await self._run(claimed, steps)
+        await self.steps.run(claimed, steps)
         return due
 
     def _sent(self, claimed: Claimed, archive: Sidecar | None) -> None:
@@ -251,7 +247,7 @@ class Recorder:
         data: bytes,
         attempt: int,
         fields: dict[str, Any],
-    ) -> _Step:
+    ) -> Step:
         """Recipients refused for good: the message to failed/, or a copy of it there when
         other recipients are still to be tried."""
         reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
@@ -298,7 +294,7 @@ class Recorder:
         fields: dict[str, Any],
         config: Config,
         not_before: float | None,
-    ) -> tuple[float | None, _Step]:
+    ) -> tuple[float | None, Step]:
         """Recipients to try again: to deferred/ with the next attempt's time, or to failed/
         as expired once max_age is reached; returns the due time (None: expired)."""
         due, sidecar, long_deferred = retry.after(base, retried, config, not_before, time.time())
@@ -325,43 +321,6 @@ class Recorder:
         return due, (lambda: self._to_deferred(claimed, sidecar, at), deferred)
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    async def _run(self, claimed: Claimed, steps: list[_Step]) -> None:
-        """Each move (where the disk says: spool/disk.py), then what follows it here, on the
-        loop; SpoolWriteError (resumable) if a move fails."""
-        for index, (move, after) in enumerate(steps):
-            try:
-                await self.disk.run(move) if self.disk else move()
-            except OSError as exc:
-                if self._lost(claimed, exc):
-                    return
-                resume = functools.partial(self._run_now, claimed, steps[index:])
-                raise SpoolWriteError(claimed.id, resume, exc) from exc
-            after()
-
-    def _run_now(self, claimed: Claimed, steps: list[_Step]) -> None:
-        """Each move, then what follows it, here and now."""
-        for index, (move, after) in enumerate(steps):
-            try:
-                move()
-            except OSError as exc:
-                if self._lost(claimed, exc):
-                    return
-                resume = functools.partial(self._run_now, claimed, steps[index:])
-                raise SpoolWriteError(claimed.id, resume, exc) from exc
-            after()
-
-    def _lost(self, claimed: Claimed, exc: OSError) -> bool:
-        """Our claim is no longer in active/: another process took it over (its lease had
-        expired while we held it), and records it. Said once; nothing to retry."""
-        if not isinstance(exc, FileNotFoundError) or os.path.lexists(claimed.path):
-            return False
-        self.log.error(
-            "claim_lost",
-            id=claimed.id,
-            detail="its claim was taken over by another process (lease expired): it records it",
-        )
-        return True
 
     def _to_deferred(self, claimed: Claimed, sidecar: Sidecar, due: float) -> None:
         self._deferring(claimed.id)

@@ -72,7 +72,10 @@ async def _serve(port: int, cert: str, key: str, delay: float) -> None:
                     if line.lower().startswith("content-length:"):
                         length = int(line.split(":", 1)[1])
                 body = await reader.readexactly(length) if length else b""
-                status, doc = 404, {"error": {"code": "ResourceNotFound", "message": path}}
+                doc: dict[str, Any] | None = {
+                    "error": {"code": "ResourceNotFound", "message": path}
+                }
+                status = 404
                 if path.endswith("/v2.0/.well-known/openid-configuration"):
                     tenant = path.split("/")[1]
                     status, doc = (
@@ -294,8 +297,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except tp.BenchError as exc:
-        print(f"bench/graph.py: {exc}", file=sys.stderr)
-        sys.exit(1)
+    tp.run_script(main, "bench/graph.py")

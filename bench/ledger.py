@@ -258,8 +258,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except tp.BenchError as exc:
-        print(f"bench/ledger.py: {exc}", file=sys.stderr)
-        sys.exit(1)
+    tp.run_script(main, "bench/ledger.py")

@@ -36,11 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 HOST = "127.0.0.1"
 SENDER = "app@bench.example"
@@ -66,6 +66,15 @@ Or run with `--sink python` (an aiosmtpd sink: slower, NOT the reference figures
 
 class BenchError(Exception):
     """Something went wrong or a message was lost: the run's figures are not valid."""
+
+
+def run_script(main: Callable[[Sequence[str]], int], name: str) -> NoReturn:
+    """Exit with what `main(argv)` returns; a BenchError is one line on stderr and exit 1."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def log(text: str) -> None:

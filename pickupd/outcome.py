@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Delivery", "Outcome", "Reason", "RecipientResult", "Refusal", "SessionFault", "Stats"]
+__all__ = [
+    "Delivery",
+    "Outcome",
+    "Reason",
+    "RecipientResult",
+    "Refusal",
+    "SessionFault",
+    "Stats",
+    "every",
+    "session_failed",
+]
 
 
 class Outcome(enum.Enum):
@@ -97,3 +108,18 @@ class Stats:
                 for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
             )
         )
+
+
+def every(recipients: Sequence[str], code: int, text: str) -> tuple[RecipientResult, ...]:
+    """The same result for each of `recipients`."""
+    return tuple(RecipientResult(r, code, text) for r in recipients)
+
+
+def session_failed(
+    relay: str, recipients: Sequence[str], code: int, text: str, kind: SessionFault | None
+) -> Delivery:
+    """Nothing was handed over (the session, the login or the request failed): every
+    recipient waits for a retry, and `kind` says what failed (the metrics, the log)."""
+    return Delivery(
+        relay, deferred=every(recipients, code, text), code=code, text=text, session_error=kind
+    )

@@ -35,7 +35,6 @@ from pickupd.workers.supervisor import Supervisor
 Notify = Callable[[str, Sidecar], None]
 
 if TYPE_CHECKING:
-    from pickupd.config.loading import Config
     from pickupd.hosting.metrics import Metrics
     from pickupd.service import Service, Settings
 
@@ -106,20 +105,18 @@ class Role:
 class Main(Role):
     """The main process (see the module docstring)."""
 
-    def __init__(self, config: Config, *, once: bool, total: int) -> None:
-        self.once = once
-        self.total = total
-        self.notifier = None if once else Notifier.from_env()
+    def __init__(self) -> None:
+        self.notifier: Notifier | None = None
         self.served: Metrics | None = None  # the endpoint
         self.supervisor: Supervisor | None = None
         self._supervising: asyncio.Task[None] | None = None
-        self._metrics_on = bool(config.metrics.listen) and not once
 
     def meter(self) -> Meter | None:
         return self.served
 
     def attach(self, service: Service) -> None:
-        if self._metrics_on:
+        self.notifier = None if service.once else Notifier.from_env()
+        if service.file_config.metrics.listen and not service.once:
             # Imported only when enabled: prometheus-client costs ~3 MiB of memory.
             from pickupd.hosting.metrics import Metrics
 
@@ -127,11 +124,11 @@ class Main(Role):
             tokens = lambda: service.file_config.refresh_sources()  # noqa: E731 (reloads)
             census = service.census.current
             self.served = Metrics(service.spool, census, store, tokens)
-        if self.total > 1:
+        if service.part.total > 1:
             self.supervisor = Supervisor(
                 str(service.file_config.path),
-                self.total,
-                once=self.once,
+                service.part.total,
+                once=service.once,
                 log=service.log,
                 report=lambda event: self._reported(service, event),
                 cover=service.intake.cover,
@@ -160,7 +157,7 @@ class Main(Role):
                 service.log.error("workers_not_ready", seconds=WORKERS_START)
         if self.notifier or self.served:
             helpers.append(group.create_task(service.census.run()))
-        if not self.once:
+        if not service.once:
             sources = lambda: service.file_config.refresh_sources()  # noqa: E731 (reloads)
             helpers.append(group.create_task(keep_alive(service.pool.tokens, sources)))
         if self.notifier:
@@ -231,13 +228,13 @@ class Worker(Role):
     ready_event = "worker_ready"
     stopped_event = "worker_stopped"
 
-    def __init__(self, config: Config) -> None:
-        self._metrics_on = bool(config.metrics.listen)
+    def __init__(self) -> None:
         self.forwarder: uplink.Forwarder | None = None
 
     def attach(self, service: Service) -> None:
         fd = int(os.environ.get(shares.PIPE, "-1"))
-        self.forwarder = uplink.Forwarder(fd, lambda: service.stats, self._metrics_on)
+        metrics = bool(service.file_config.metrics.listen)
+        self.forwarder = uplink.Forwarder(fd, lambda: service.stats, metrics)
 
     def meter(self) -> Meter | None:
         return self.forwarder

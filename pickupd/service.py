@@ -70,7 +70,7 @@ class Service:
         self.settings = Settings(config, shares.portion(config, part), logs.get())
         self.once = once
         self.part = part
-        self.role = role if role is not None else Main(config, once=once, total=part.total)
+        self.role = role if role is not None else Main()
         self.spool = Spool(config.spool.path)
         self.ledger = ledger.open_ledger(
             config.limits,

@@ -129,7 +129,7 @@ def _serve(config: Config, *, once: bool) -> int:
     part = shares.Part.from_env()
     if part is not None:  # started by the main process as one of its workers
         uplink.die_with_parent(int(os.environ.get(shares.PARENT, "0")))
-        service = Service(config, once=once, part=part, role=Worker(config))
+        service = Service(config, once=once, part=part, role=Worker())
     else:
         total, why = shares.count(config, os.cpu_count())
         if why:

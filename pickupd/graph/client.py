@@ -38,7 +38,7 @@ from pickupd.config.routing import RelayConfig
 from pickupd.errors import SessionError
 from pickupd.graph import replies
 from pickupd.graph.message import for_graph
-from pickupd.outcome import Delivery, RecipientResult, Refusal, SessionFault
+from pickupd.outcome import Delivery, Refusal, SessionFault, session_failed
 from pickupd.smtp.pool import LEASE_TTL, Pool
 
 if TYPE_CHECKING:
@@ -55,9 +55,9 @@ class Graph:
         dispatcher processes, which share each mailbox's requests."""
         self.pool = pool
         self.processes = processes
-        # One HTTP client per relay: its connections serve every mailbox of the relay.
-        self._clients: dict[str, aiohttp.ClientSession] = {}
-        self._proxies: dict[str, str | None] = {}
+        # One HTTP client per relay (its connections serve every mailbox of the relay), and
+        # the proxy its requests go through.
+        self._clients: dict[str, tuple[aiohttp.ClientSession, str | None]] = {}
         self._slots: dict[tuple[str, str], asyncio.Semaphore] = {}
         # A mailbox's lanes not in use: each holds its leases (its part of the mailbox's
         # "4 connections") while it is used now and then, as a pooled SMTP session does.
@@ -66,7 +66,7 @@ class Graph:
         # Told each HTTP status Graph answers (relay, status): the metrics.
         self.replied: Callable[[str, int], None] = lambda relay, status: None
 
-    def _client(self, relay: RelayConfig) -> aiohttp.ClientSession:
+    def _client(self, relay: RelayConfig) -> tuple[aiohttp.ClientSession, str | None]:
         client = self._clients.get(relay.name)
         if client is None:
             # Imported with the first Graph relay: a service that relays over SMTP alone
@@ -81,15 +81,14 @@ class Graph:
                 keepalive_timeout=relay.idle_timeout,
             )
             limit = relay.timeout
-            client = aiohttp.ClientSession(
+            session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(connect=limit, sock_read=limit),
                 # Graph's answers are small JSON: nothing to gain from compression.
                 skip_auto_headers=("Accept-Encoding",),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
-            self._clients[relay.name] = client
-            self._proxies[relay.name] = _proxy(relay.graph_url)
+            client = self._clients[relay.name] = (session, _proxy(relay.graph_url))
         return client
 
     async def send(
@@ -113,15 +112,19 @@ class Graph:
         most = min((n for _, n, _ in leases), default=relay.max_connections)
         size = max(1, min(most // self.processes, relay.max_connections))
         key = (relay.name, mailbox.lower())
-        slot = self._slots.setdefault(key, asyncio.Semaphore(size))
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = asyncio.Semaphore(size)
         async with slot:
             try:
                 lane = await self._lane(key, relay, leases)
             except SessionError as exc:
                 return _failed(relay.name, recipients, str(exc), exc.kind)
             try:
-                client = self._client(relay)
-                delivery = await self._post(client, relay, source, mailbox, url, body, recipients)
+                client, proxy = self._client(relay)
+                delivery = await self._post(
+                    client, proxy, relay, source, mailbox, url, body, recipients
+                )
             finally:
                 lane.last_used = time.monotonic()
                 self._lanes.setdefault(key, []).append(lane)
@@ -173,6 +176,7 @@ class Graph:
     async def _post(
         self,
         client: aiohttp.ClientSession,
+        proxy: str | None,
         relay: RelayConfig,
         source: MicrosoftSource,
         mailbox: str,
@@ -182,7 +186,6 @@ class Graph:
     ) -> Delivery:
         import aiohttp  # loaded by _client already
 
-        proxy = self._proxies[relay.name]
         for tries_left in (1, 0):
             try:
                 token = await self.pool.tokens.get(source, mailbox)
@@ -220,7 +223,7 @@ class Graph:
             for lane in lanes:
                 await self.pool.unlease(lane.held, lane.holder)
         self._lanes.clear()
-        for client in self._clients.values():
+        for client, _ in self._clients.values():
             await client.close()
         self._clients.clear()
 
@@ -250,5 +253,4 @@ class _Lane:
 
 
 def _failed(relay: str, recipients: Sequence[str], text: str, kind: SessionFault) -> Delivery:
-    deferred = tuple(RecipientResult(r, 0, text) for r in recipients)
-    return Delivery(relay, deferred=deferred, text=text, session_error=kind)
+    return session_failed(relay, recipients, 0, text, kind)

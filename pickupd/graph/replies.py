@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from pickupd.outcome import Delivery, RecipientResult, SessionFault
+from pickupd.outcome import Delivery, every, session_failed
 
 __all__ = ["FIXES", "THROTTLED", "delivery", "error_of", "retry_after"]
 
@@ -77,18 +77,11 @@ def delivery(
     if status in THROTTLED:
         wait = retry_after(headers)
         text = f"{said} (Retry-After {wait:g} s)"
-        return Delivery(relay, deferred=_all(recipients, 451, text), code=451, text=text,
+        return Delivery(relay, deferred=every(recipients, 451, text), code=451, text=text,
                         retry_after=wait)  # fmt: skip
     if status == 413 or code == "ErrorMessageSizeExceeded":
-        return Delivery(relay, rejected=_all(recipients, 552, said), code=552, text=said,
+        return Delivery(relay, rejected=every(recipients, 552, said), code=552, text=said,
                         too_large=True)  # fmt: skip
     if 400 <= status < 500 and status != 401:
-        return Delivery(relay, rejected=_all(recipients, 550, said), code=550, text=said)
-    kind: SessionFault | None = "auth" if status == 401 else None
-    return Delivery(
-        relay, deferred=_all(recipients, 451, said), code=451, text=said, session_error=kind
-    )
-
-
-def _all(recipients: Sequence[str], code: int, text: str) -> tuple[RecipientResult, ...]:
-    return tuple(RecipientResult(r, code, text) for r in recipients)
+        return Delivery(relay, rejected=every(recipients, 550, said), code=550, text=said)
+    return session_failed(relay, recipients, 451, said, "auth" if status == 401 else None)

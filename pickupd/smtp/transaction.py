@@ -14,7 +14,7 @@ from pickupd.auth.logins import Credentials, XOAuth2
 from pickupd.config.loading import RelayConfig
 from pickupd.errors import AddressError, PickupdError, SessionError
 from pickupd.message.envelope import NO_DSN, Dsn
-from pickupd.outcome import Delivery, RecipientResult, SessionFault
+from pickupd.outcome import Delivery, RecipientResult, SessionFault, every, session_failed
 from pickupd.smtp.pool import Pool, Session
 from pickupd.smtp.wire import Wire
 
@@ -51,16 +51,9 @@ def describe_error(exc: BaseException) -> tuple[int, str, SessionFault]:
     return 0, str(exc) or type(exc).__name__, "protocol"
 
 
-def _all(recipients: Sequence[str], code: int, text: str) -> tuple[RecipientResult, ...]:
-    return tuple(RecipientResult(r, code, text) for r in recipients)
-
-
 def _session_failed(relay: str, recipients: Sequence[str], exc: BaseException) -> Delivery:
     """The session broke before anything was handed over: every recipient waits for a retry."""
-    code, text, kind = describe_error(exc)
-    return Delivery(
-        relay, deferred=_all(recipients, code, text), code=code, text=text, session_error=kind
-    )
+    return session_failed(relay, recipients, *describe_error(exc))
 
 
 async def send(
@@ -139,7 +132,7 @@ async def _transaction(
     if limit and len(data) > limit:
         text = f"{len(data)} bytes, larger than the server's SIZE limit of {limit}"
         # Our own decision, from the SIZE the server advertised: no reply code to report.
-        return Delivery(name, rejected=_all(recipients, 0, text), text=text, too_large=True)
+        return Delivery(name, rejected=every(recipients, 0, text), text=text, too_large=True)
 
     options = [f"SIZE={len(data)}"] if "size" in ext else []
     offers_dsn = "dsn" in ext  # else the requests are dropped, as RFC 3461 4.1 says
@@ -155,7 +148,7 @@ async def _transaction(
     if not (sender.isascii() and all(r.isascii() for r in recipients)):
         if "smtputf8" not in ext:
             text = "an address is not ASCII and the server does not offer SMTPUTF8"
-            return Delivery(name, rejected=_all(recipients, 0, text), text=text)
+            return Delivery(name, rejected=every(recipients, 0, text), text=text)
         if "SMTPUTF8" not in options:
             options.append("SMTPUTF8")
         encoding = "utf-8"
@@ -234,7 +227,7 @@ class _Tally:
         if reply.code == 250:
             return None
         text = f"MAIL FROM: {reply.code} {reply.message}"
-        everyone = _all(self.recipients, reply.code, text)
+        everyone = every(self.recipients, reply.code, text)
         if reply.code >= 500:
             return Delivery(self.relay, rejected=everyone, code=reply.code, text=text)
         return Delivery(self.relay, deferred=everyone, code=reply.code, text=text)
@@ -251,13 +244,13 @@ class _Tally:
         if reply.code != 421:
             return None
         self.accepted.clear()  # nothing goes on a session that is closing
-        self.deferred.extend(_all(self.recipients[index + 1 :], 421, result.text))
+        self.deferred.extend(every(self.recipients[index + 1 :], 421, result.text))
         return self._end(421, result.text)
 
     def broken(self, index: int, exc: BaseException) -> Delivery:
         """The session broke before the reply to RCPT TO of recipient `index`."""
         code, text, kind = describe_error(exc)
-        self.deferred.extend(_all(self.recipients[index:], code, text))
+        self.deferred.extend(every(self.recipients[index:], code, text))
         return self._end(code, text, session_error=kind)
 
     def nobody(self) -> Delivery:
@@ -267,17 +260,17 @@ class _Tally:
 
     def lost_before_data(self, exc: BaseException) -> Delivery:
         code, text, kind = describe_error(exc)
-        self.deferred.extend(_all(self.accepted, code, text))
+        self.deferred.extend(every(self.accepted, code, text))
         return self._end(code, text, session_error=kind)
 
     def data_refused(self, code: int, text: str) -> Delivery:
-        (self.rejected if code >= 500 else self.deferred).extend(_all(self.accepted, code, text))
+        (self.rejected if code >= 500 else self.deferred).extend(every(self.accepted, code, text))
         return self._end(code, text)
 
     def unknown(self, exc: BaseException) -> Delivery:
         code, text, kind = describe_error(exc)
         text = f"outcome unknown: the session ended after DATA, before the server's reply ({text})"
-        self.deferred.extend(_all(self.accepted, code, text))
+        self.deferred.extend(every(self.accepted, code, text))
         return self._end(code, text, unknown=True, session_error=kind)
 
     def sent(self, reply: aiosmtplib.SMTPResponse) -> Delivery:

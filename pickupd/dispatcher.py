@@ -29,7 +29,7 @@ from pickupd.limits.quota import Quota, Wait
 from pickupd.log import Logger
 from pickupd.message import envelope
 from pickupd.message.priority import MailClass
-from pickupd.outcome import Delivery, Reason, Refusal
+from pickupd.outcome import Delivery, Reason, Refusal, SessionFault
 from pickupd.record.recorder import Meter, Recorder
 from pickupd.relays import Relays
 from pickupd.smtp.pool import Pool
@@ -89,7 +89,7 @@ class Dispatcher:
         self.transports = Transports(pool, quota.processes, metrics)
         self.relays = Relays(spool, intake, metrics, lambda: self.log)
         self._parsed: dict[str, envelope.Envelope] = {}  # the claims in flight, once read
-        quota.on_turn = functools.partial(_turn_came, spool, intake)
+        quota.lines.on_turn = functools.partial(_turn_came, spool, intake)
 
     @property
     def log(self) -> Logger:
@@ -220,7 +220,7 @@ class Dispatcher:
                 claimed, parsed, verdict.at, verdict.detail, verdict.kept, klass.value
             )
             if verdict.parked:
-                self.quota.parked(claimed.id)
+                self.quota.lines.parked(claimed.id)
             # Handed to the process whose share it is: that one's watch sees it arrive.
             return None if verdict.handed else verdict.at
         if verdict.turn is not None and self.metrics is not None:
@@ -242,7 +242,7 @@ class Dispatcher:
             return None
         if delivery.retry_after:
             return await self._throttled(claimed, parsed, delivery, turn, applies)
-        if delivery.session_error == "connections":
+        if delivery.session_error is SessionFault.CONNECTIONS:
             # The mailbox's connections are all open elsewhere: not an attempt; soon again.
             detail = f"waiting for a connection: {delivery.text}"
             return await self._wait(claimed, parsed, turn, time.time() + 1.0, detail)
@@ -291,7 +291,7 @@ class Dispatcher:
         """Every second: forget turns long past due; the lines' counts to the metrics."""
         self.quota.prune(time.time())
         if self.metrics is not None:
-            lines = self.quota.waiting_by_class()
+            lines = self.quota.lines.by_class()
             urgent, normal, bulk = (lines[klass] for klass in MailClass)
             self.metrics.waiting(worker, urgent, normal, bulk)
 

@@ -60,13 +60,13 @@ class Invalid(PickupdError, ValueError):
 class SessionError(PickupdError):
     """An SMTP session cannot be used as configured; `kind` is the metrics label."""
 
-    kind: SessionFault = "protocol"
+    kind = SessionFault.PROTOCOL
 
 
 class StartTLSNotOffered(SessionError):
     """security = "starttls" and the server does not offer STARTTLS: never send in clear."""
 
-    kind: SessionFault = "tls"
+    kind = SessionFault.TLS
 
     def __init__(self) -> None:
         super().__init__("STARTTLS not offered by the server (security = starttls requires it)")
@@ -76,7 +76,7 @@ class TLSHandshakeFailed(SessionError):
     """STARTTLS was accepted but the handshake did not complete (no common protocol
     version or cipher, or the server gave up)."""
 
-    kind: SessionFault = "tls"
+    kind = SessionFault.TLS
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(f"TLS handshake failed: {cause}")
@@ -85,7 +85,7 @@ class TLSHandshakeFailed(SessionError):
 class AuthNotOffered(SessionError):
     """Credentials are configured and the server offers no AUTH we can use."""
 
-    kind: SessionFault = "auth"
+    kind = SessionFault.AUTH
 
     def __init__(self, offered: str) -> None:
         super().__init__(
@@ -97,14 +97,14 @@ class ConnectionsBusy(SessionError):
     """A mailbox's connections limit is held in full (by this host or others of the fleet)
     for longer than the relay's timeout: the message waits, without an attempt."""
 
-    kind: SessionFault = "connections"
+    kind = SessionFault.CONNECTIONS
 
 
 class TokenError(SessionError):
     """No OAuth2 access token from a source (named by `source`): `misconfigured` when the
     endpoint (or the file) says the login itself is wrong, so retrying will not help."""
 
-    kind: SessionFault = "token"
+    kind = SessionFault.TOKEN
 
     def __init__(
         self, source: str, text: str, *, misconfigured: bool = False, code: str = ""

@@ -6,7 +6,6 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 __all__ = [
     "Delivery",
@@ -49,7 +48,14 @@ class Reason(enum.Enum):
 # What failed when a session could not be used: the metrics label and the recorder's choice
 # of log event. "token": an OAuth2 access token could not be had; "connections": a mailbox's
 # connections limit stayed full (not a failure of the relay; the message waits).
-SessionFault = Literal["connect", "tls", "auth", "token", "timeout", "protocol", "connections"]
+class SessionFault(enum.Enum):
+    CONNECT = "connect"
+    TLS = "tls"
+    AUTH = "auth"
+    TOKEN = "token"
+    TIMEOUT = "timeout"
+    PROTOCOL = "protocol"
+    CONNECTIONS = "connections"
 
 
 @dataclass(frozen=True, slots=True)

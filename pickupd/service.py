@@ -268,7 +268,7 @@ class Service:
         """Let go of every part, whatever became of the run."""
         await self.feedback.close(timeout=5.0)
         await self.pool.close_all()
-        await self.quota.close()
+        await self.quota.lines.close()
         await self.ledger.close()
         self.disk.close()
         self.spool.unlock()

@@ -61,5 +61,5 @@ class Transports:
         if self.metrics is not None and isinstance(delivery, Delivery):
             self.metrics.send_seconds(relay.name, time.monotonic() - started)
             if delivery.session_error:
-                self.metrics.connection_error(relay.name, delivery.session_error)
+                self.metrics.connection_error(relay.name, delivery.session_error.value)
         return delivery

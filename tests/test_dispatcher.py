@@ -20,7 +20,7 @@ from pickupd.config.loading import Config, DispatchConfig, SpoolConfig
 from pickupd.intake.queues import Intake
 from pickupd.intake.watcher import FileEvent
 from pickupd.service import Service
-from pickupd.spool.folders import Candidate, Spool
+from pickupd.spool.folders import Candidate, Origin, Spool
 from pickupd.units import parse_limits
 
 
@@ -40,14 +40,14 @@ def test_new_mail_is_not_held_back_behind_due_deferred_mail(tmp_path: Path) -> N
     async def order() -> list[str]:
         spool = Spool(tmp_path / "spool")
         intake = Intake(spool, DispatchConfig(), once=False)
-        intake.recover([Candidate(tmp_path / f"d{n}", f"d{n}", "deferred") for n in range(20)])
+        intake.recover([Candidate(tmp_path / f"d{n}", f"d{n}", Origin.DEFERRED) for n in range(20)])
         for n in range(3):
             intake.hint(FileEvent.CREATED, str(spool.new / f"n{n}"))
         taken: list[str] = []
         for _ in range(8):
             candidate = await intake.next()
             assert candidate is not None
-            taken.append(candidate.origin)
+            taken.append(candidate.origin.value)
         return taken
 
     taken = asyncio.run(order())
@@ -65,7 +65,7 @@ def test_a_file_that_cannot_be_moved_is_logged_once_and_skipped(tmp_path: Path) 
         service = Service(_config(tmp_path))
         service.spool.ensure()
         # Renaming "plain-file/x" fails with ENOTDIR: not a race, an unmovable entry.
-        candidate = Candidate(tmp_path / "plain-file" / "x", "plain-file/x", "new")
+        candidate = Candidate(tmp_path / "plain-file" / "x", "plain-file/x", Origin.NEW)
         await service.dispatcher.process(candidate, service.config)
         await service.dispatcher.process(candidate, service.config)
         assert service.stats.claimed == 0
@@ -96,7 +96,7 @@ def _service(
 
 def _drop(service: Service, name: str, raw: bytes = RAW) -> Candidate:
     (service.spool.new / name).write_bytes(raw)
-    return Candidate(service.spool.new / name, f"new/{name}", "new")
+    return Candidate(service.spool.new / name, f"new/{name}", Origin.NEW)
 
 
 def _events(out: io.StringIO) -> list[dict[str, Any]]:
@@ -179,7 +179,7 @@ def test_over_a_limit_the_message_waits_its_turn_without_an_attempt(
 def test_a_clamped_due_time_is_said_and_a_directory_is_never_claimed(tmp_path: Path) -> None:
     service, out = _service(tmp_path, None)
     (service.spool.new / "a-directory").mkdir()
-    directory = Candidate(service.spool.new / "a-directory", "new/a-directory", "new")
+    directory = Candidate(service.spool.new / "a-directory", "new/a-directory", Origin.NEW)
     clamped = dataclasses.replace(_drop(service, "m1"), clamped_from=4102444800.0)
 
     async def run() -> None:

@@ -16,7 +16,7 @@ from pickupd import ids, log
 from pickupd.config.loading import DispatchConfig
 from pickupd.intake.queues import Intake
 from pickupd.intake.watcher import FileEvent
-from pickupd.spool.folders import Candidate, Spool
+from pickupd.spool.folders import Candidate, Origin, Spool
 from pickupd.workers.shares import Part, owns
 
 T = TypeVar("T")
@@ -85,10 +85,14 @@ def test_once_takes_new_mail_and_due_mail_in_turn_and_leaves_what_is_not_due(
         return await take_all(intake)
 
     taken = run(test)
-    assert sorted(c.source for c in taken if c.origin == "new") == ["new/m0", "new/m1", "new/m2"]
-    assert {c.id for c in taken if c.origin == "deferred"} == due
+    assert sorted(c.source for c in taken if c.origin is Origin.NEW) == [
+        "new/m0",
+        "new/m1",
+        "new/m2",
+    ]
+    assert {c.id for c in taken if c.origin is Origin.DEFERRED} == due
     assert later not in {c.id for c in taken}
-    origins = [c.origin for c in taken]
+    origins = [c.origin.value for c in taken]
     assert origins[:4] in (["new", "deferred"] * 2, ["deferred", "new"] * 2), origins
 
 

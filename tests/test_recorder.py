@@ -19,7 +19,7 @@ from pickupd.config.loading import Config, RetryConfig, SpoolConfig
 from pickupd.message import envelope
 from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal, SessionFault
 from pickupd.record.recorder import Recorder
-from pickupd.spool.folders import Candidate, Claimed, Spool
+from pickupd.spool.folders import Candidate, Claimed, Origin, Spool
 from pickupd.spool.sidecar import Sidecar, to_timestamp
 
 RAW = b"From: app@example.com\nTo: a@example.net, b@example.net\nSubject: s\n\nbody\n"
@@ -28,7 +28,7 @@ RAW = b"From: app@example.com\nTo: a@example.net, b@example.net\nSubject: s\n\nb
 def _claimed(spool: Spool) -> Claimed:
     spool.ensure()
     (spool.new / "m").write_bytes(RAW)
-    claimed = spool.claim(Candidate(spool.new / "m", "new/m", "new"))
+    claimed = spool.claim(Candidate(spool.new / "m", "new/m", Origin.NEW))
     assert claimed is not None
     return claimed
 
@@ -103,7 +103,7 @@ def test_an_internal_error_counts_as_an_attempt_and_max_age_ends_it(tmp_path: Pa
     # Its first attempt an hour and more ago: the next internal error ends it.
     first = car_of(spool, claimed.id)
     long_ago = dataclasses.replace(first.history[0], time="2000-01-01T00:00:00.000+00:00")
-    candidate = Candidate(spool.deferred / f"{claimed.id}.eml", "x", "deferred", claimed.id)
+    candidate = Candidate(spool.deferred / f"{claimed.id}.eml", "x", Origin.DEFERRED, claimed.id)
     again = spool.claim(candidate)
     assert again is not None
     again = dataclasses.replace(again, sidecar=dataclasses.replace(first, history=(long_ago,)))
@@ -206,7 +206,7 @@ def test_waiting_for_a_limit_and_a_put_back_are_not_attempts(tmp_path: Path) -> 
     assert car["attempts"] == 0 and car["mail_class"] == "bulk"
     assert abs(spool.due_time(claimed.id, 0.0) - due) < 0.01
     # Taken again, then put back (a stop): still no attempt counted.
-    candidate = Candidate(spool.deferred / f"{claimed.id}.eml", "x", "deferred", claimed.id)
+    candidate = Candidate(spool.deferred / f"{claimed.id}.eml", "x", Origin.DEFERRED, claimed.id)
     again = spool.claim(candidate)
     assert again is not None
     recorder.put_back(again, due + 60)
@@ -222,11 +222,11 @@ def test_a_refused_login_is_said_as_such_and_the_message_waits(tmp_path: Path) -
     act, so the log says relay_auth_failed / token_failed at error level; the message is
     deferred by the schedule (the login may be fixed)."""
     faults: list[tuple[SessionFault, str]] = [
-        ("auth", "relay_auth_failed"),
-        ("token", "token_failed"),
+        (SessionFault.AUTH, "relay_auth_failed"),
+        (SessionFault.TOKEN, "token_failed"),
     ]
     for fault, event in faults:
-        spool = Spool(tmp_path / fault)
+        spool = Spool(tmp_path / fault.value)
         claimed = _claimed(spool)
         recorder, out = _recorder(spool)
         parsed = _parsed()

@@ -14,7 +14,7 @@ from pickupd import ids
 from pickupd.intake.duetimes import DueTimes
 from pickupd.spool import recovery
 from pickupd.spool.files import TooLarge, Unsafe, atomic_write
-from pickupd.spool.folders import Candidate, Later, Spool
+from pickupd.spool.folders import Candidate, Later, Origin, Spool
 from pickupd.spool.sidecar import Sidecar, from_timestamp
 
 
@@ -36,7 +36,7 @@ def test_claim_is_exclusive(tmp_path: Path) -> None:
     first, second = make(tmp_path), Spool(tmp_path / "spool")
     second.owner = "other-host-1"
     (first.new / "m1").write_bytes(b"x")
-    candidate = Candidate(first.new / "m1", "new/m1", "new")
+    candidate = Candidate(first.new / "m1", "new/m1", Origin.NEW)
     results = [first.claim(candidate), second.claim(candidate)]
     assert sum(r is not None for r in results) == 1
     assert len(os.listdir(first.active)) == 1
@@ -51,7 +51,7 @@ def test_read_refuses_what_is_not_a_plain_file(tmp_path: Path) -> None:
     (spool.new / "big").write_bytes(b"y" * 1000)
     found = {}
     for name in ("link", "fifo", "big"):
-        claimed = spool.claim(Candidate(spool.new / name, name, "new"))
+        claimed = spool.claim(Candidate(spool.new / name, name, Origin.NEW))
         assert claimed is not None
         found[name] = spool.read(claimed, 100)
     assert isinstance(found["link"], Unsafe) and "symbolic link" in found["link"].detail
@@ -64,7 +64,7 @@ def test_hard_links_are_refused(tmp_path: Path) -> None:
     spool = make(tmp_path)
     (tmp_path / "private").write_bytes(b"From: a@b\n\nsecret\n")
     os.link(tmp_path / "private", spool.new / "m")
-    claimed = spool.claim(Candidate(spool.new / "m", "new/m", "new"))
+    claimed = spool.claim(Candidate(spool.new / "m", "new/m", Origin.NEW))
     assert claimed is not None
     result = spool.read(claimed, 1000)
     assert isinstance(result, Unsafe) and result.linked
@@ -91,7 +91,7 @@ def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
     and the due-time index gives the id back only once it is due."""
     spool = make(tmp_path)
     (spool.new / "m").write_bytes(b"x")
-    claimed = spool.claim(Candidate(spool.new / "m", "new/m", "new"))
+    claimed = spool.claim(Candidate(spool.new / "m", "new/m", Origin.NEW))
     assert claimed is not None
     car = Sidecar(claimed.id, "new/m", "a@b", ("c@d",), 1, from_timestamp(time.time()))
     due = time.time() + 100
@@ -101,7 +101,7 @@ def test_deferred_due_time_is_the_mtime(tmp_path: Path) -> None:
     index = DueTimes(spool.deferred_times(time.time()))
     assert list(index.pop_due(due - 0.2)) == [] and index.next_due() == pytest.approx(due, abs=0.1)
     assert list(index.pop_due(due + 0.1)) == [claimed.id] and len(index) == 0
-    item = Candidate(spool.deferred / f"{msg_id}.eml", f"{msg_id}.eml", "deferred", msg_id)
+    item = Candidate(spool.deferred / f"{msg_id}.eml", f"{msg_id}.eml", Origin.DEFERRED, msg_id)
     again = spool.claim(item)
     assert again is not None and again.sidecar == car
 
@@ -155,7 +155,7 @@ def test_stale_claims_of_dead_owners_only(tmp_path: Path) -> None:
     spool = make(tmp_path)
     spool.lock()
     (spool.new / "mine").write_bytes(b"x")
-    assert spool.claim(Candidate(spool.new / "mine", "new/mine", "new")) is not None
+    assert spool.claim(Candidate(spool.new / "mine", "new/mine", Origin.NEW)) is not None
     live = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(30)"],
     )
@@ -164,11 +164,11 @@ def test_stale_claims_of_dead_owners_only(tmp_path: Path) -> None:
         other.owner = f"{spool.owner.rpartition('-')[0]}-{live.pid}"
         other.lock()  # held by this test process on behalf of the "live" owner
         (spool.new / "theirs").write_bytes(b"x")
-        assert other.claim(Candidate(spool.new / "theirs", "new/theirs", "new")) is not None
+        assert other.claim(Candidate(spool.new / "theirs", "new/theirs", Origin.NEW)) is not None
         dead = Spool(spool.root)
         dead.owner = f"{spool.owner.rpartition('-')[0]}-999999999"
         (spool.new / "dead").write_bytes(b"x")
-        dead_claim = dead.claim(Candidate(spool.new / "dead", "new/dead", "new"))
+        dead_claim = dead.claim(Candidate(spool.new / "dead", "new/dead", Origin.NEW))
         assert dead_claim is not None
         stale = recovery.stale_claims(spool)
         assert [c.id for c in stale] == [dead_claim.id]
@@ -185,7 +185,7 @@ def test_claims_of_another_host_are_never_recovered(tmp_path: Path) -> None:
     other = Spool(spool.root)
     other.owner = "web-1-200"
     (spool.new / "m").write_bytes(b"x")
-    assert other.claim(Candidate(spool.new / "m", "new/m", "new")) is not None
+    assert other.claim(Candidate(spool.new / "m", "new/m", Origin.NEW)) is not None
     assert recovery.stale_claims(spool) == []
 
 
@@ -196,7 +196,7 @@ def test_an_unreadable_sidecar_leaves_with_its_message(tmp_path: Path) -> None:
     msg_id = ids.new()
     (spool.deferred / f"{msg_id}.eml").write_bytes(b"x")
     (spool.deferred / f"{msg_id}.json").write_bytes(b"{not json")
-    claimed = spool.claim(Candidate(spool.deferred / f"{msg_id}.eml", "x", "deferred", msg_id))
+    claimed = spool.claim(Candidate(spool.deferred / f"{msg_id}.eml", "x", Origin.DEFERRED, msg_id))
     assert claimed is not None and claimed.sidecar is None
     spool.finish_sent(claimed, None)
     assert list(spool.deferred.iterdir()) == []
@@ -252,7 +252,7 @@ def test_a_claim_is_taken_over_only_once_its_lease_expired(tmp_path: Path) -> No
     host_a.owner, host_b.owner = "host-a-1", "host-b-2"
     host_a.lock()
     (host_a.new / "m").write_bytes(b"x")
-    claimed = host_a.claim(Candidate(host_a.new / "m", "new/m", "new"))
+    claimed = host_a.claim(Candidate(host_a.new / "m", "new/m", Origin.NEW))
     assert claimed is not None
     os.utime(claimed.path, (0, 0))  # what a writer holding the file open can do
     now = time.time()
@@ -261,7 +261,7 @@ def test_a_claim_is_taken_over_only_once_its_lease_expired(tmp_path: Path) -> No
     recovery.renew(host_a, later)  # host a is alive and renews
     assert recovery.expired(host_b, later + 10, lease=600) == []
     (taken,) = recovery.expired(host_b, later + 700, lease=600)  # host a stopped renewing
-    assert taken.id == claimed.id and taken.origin == "recovered"
+    assert taken.id == claimed.id and taken.origin is Origin.RECOVERED
     again = host_b.claim(taken)
     assert again is not None and again.path.name == f"{claimed.id}.host-b-2"
     assert host_a.claim(taken) is None  # the dead owner's claim is gone

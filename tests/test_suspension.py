@@ -10,7 +10,7 @@ from collections.abc import Callable
 from harness import PICKUPD, Daemon, drop_maildir, message, relay_for, wait_until
 from smtpserver import SmtpServer
 
-from pickupd.outcome import Delivery, RecipientResult
+from pickupd.outcome import Delivery, RecipientResult, SessionFault
 from pickupd.smtp.suspension import HOLD_PROBES, Change, Suspensions, Turned
 from pickupd.workers.shares import Part, owns
 
@@ -20,7 +20,7 @@ def _dead(relay: str = "main") -> Delivery:
         relay,
         deferred=(RecipientResult("a@b.c", 0, "x"),),
         text="cannot connect: refused",
-        session_error="connect",
+        session_error=SessionFault.CONNECT,
     )
 
 
@@ -38,7 +38,9 @@ def test_the_suspension_arithmetic() -> None:
 
     for _ in range(2):
         assert seen(_dead(), now) == Change()
-    auth = Delivery("main", deferred=(RecipientResult("a@b.c", 535, "no"),), session_error="auth")
+    auth = Delivery(
+        "main", deferred=(RecipientResult("a@b.c", 535, "no"),), session_error=SessionFault.AUTH
+    )
     assert seen(auth, now) == Change()
     assert s.admit("main", now, 30).go  # the login failure reset the count
     seen(_dead(), now, msg_id="F1")

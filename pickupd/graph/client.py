@@ -102,7 +102,7 @@ class Graph:
         """Send `data` to `recipients` through Graph as the login's mailbox."""
         if not isinstance(login, XOAuth2) or not isinstance(login.source, MicrosoftSource):
             text = 'a Graph relay needs auth = "oauth2" with a Microsoft app registration'
-            return _failed(relay.name, recipients, text, "auth")
+            return _failed(relay.name, recipients, text, SessionFault.AUTH)
         body = for_graph(data, recipients)
         if isinstance(body, Refusal):
             return body
@@ -202,12 +202,14 @@ class Graph:
                     content = await response.read()
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 text = f"Graph did not answer within {relay.timeout:g} s"
-                return _failed(relay.name, recipients, text, "timeout")
+                return _failed(relay.name, recipients, text, SessionFault.TIMEOUT)
             except aiohttp.ClientConnectorError as exc:
-                return _failed(relay.name, recipients, f"cannot connect: {exc}", "connect")
+                return _failed(
+                    relay.name, recipients, f"cannot connect: {exc}", SessionFault.CONNECT
+                )
             except (aiohttp.ClientError, OSError) as exc:
                 text = f"the connection broke: {type(exc).__name__} {exc}"
-                return _failed(relay.name, recipients, text, "protocol")
+                return _failed(relay.name, recipients, text, SessionFault.PROTOCOL)
             self.replied(relay.name, response.status)
             if response.status == 401 and tries_left:
                 # Revoked or expired early: drop it, and once more with a fresh one.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from pickupd.outcome import Delivery, every, session_failed
+from pickupd.outcome import Delivery, SessionFault, every, session_failed
 
 __all__ = ["FIXES", "THROTTLED", "delivery", "error_of", "retry_after"]
 
@@ -84,4 +84,6 @@ def delivery(
                         too_large=True)  # fmt: skip
     if 400 <= status < 500 and status != 401:
         return Delivery(relay, rejected=every(recipients, 550, said), code=550, text=said)
-    return session_failed(relay, recipients, 451, said, "auth" if status == 401 else None)
+    return session_failed(
+        relay, recipients, 451, said, SessionFault.AUTH if status == 401 else None
+    )

@@ -19,7 +19,7 @@ from pickupd.config.loading import DispatchConfig
 from pickupd.intake.entries import Strays, Unmovable, Writers
 from pickupd.intake.scheduler import ARRIVED, Deferred
 from pickupd.intake.watcher import FileEvent
-from pickupd.spool.folders import Candidate, Later, Spool, is_stray
+from pickupd.spool.folders import Candidate, Later, Origin, Spool, is_stray
 from pickupd.workers.shares import ONLY, Part, owns
 
 __all__ = ["Intake"]
@@ -145,7 +145,7 @@ class Intake:
                 self._pickup_wake.set()  # the feeder rescans once it has room
             elif candidate_path not in self._queued and candidate_path not in self._unmovable:
                 self._enqueue(
-                    self._new, Candidate(candidate_path, f"new/{candidate_path.name}", "new")
+                    self._new, Candidate(candidate_path, f"new/{candidate_path.name}", Origin.NEW)
                 )
         elif candidate_path.parent == spool.pickup and is_stray(candidate_path.name):
             if event_type in ARRIVED:
@@ -206,7 +206,7 @@ class Intake:
                 ):
                     if isinstance(item, Later):
                         wake_at = min(wake_at, item.at + 0.01)
-                    elif item.origin == "eml" and self._writers.still_open(item.path):
+                    elif item.origin is Origin.EML and self._writers.still_open(item.path):
                         continue  # its close event wakes us
                     elif item.path in self._unmovable:
                         continue

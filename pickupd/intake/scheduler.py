@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pickupd import log as logs
 from pickupd.intake.duetimes import RESOLUTION, DueTimes
 from pickupd.intake.watcher import FileEvent
-from pickupd.spool.folders import Candidate, Spool, message_id
+from pickupd.spool.folders import Candidate, Origin, Spool, message_id
 
 __all__ = ["ARRIVED", "RESCAN_MAX", "Deferred", "rescan_every"]
 
@@ -174,8 +174,8 @@ class Deferred:
             return None  # taken by another process, or moved by an operator
         due = self.spool.due_time(msg_id, now)
         if due > now + self.horizon:
-            return Candidate(path, name, "deferred", msg_id, due)
+            return Candidate(path, name, Origin.DEFERRED, msg_id, due)
         if due > now:
             self._due_times.add(msg_id, due)
             return None
-        return Candidate(path, name, "deferred", msg_id)
+        return Candidate(path, name, Origin.DEFERRED, msg_id)

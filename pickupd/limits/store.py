@@ -41,9 +41,10 @@ import redis.exceptions
 
 from pickupd.config.limits import LimitsConfig, shown_url
 from pickupd.errors import SessionError
+from pickupd.limits.batches import Batches
+from pickupd.limits.booked import Booked
 from pickupd.limits.ledger import LONGEST_PAUSE, Ledger, Need, SpoolLedger, Turn, refunds
 from pickupd.limits.scripts import ADD, LEASE, PAUSE, PAUSED, REFUND, RESERVE
-from pickupd.limits.windows import Window
 from pickupd.log import Logger
 
 __all__ = ["BACKOFF_MAX", "FALLBACK", "RedisLedger", "probe"]
@@ -104,21 +105,16 @@ class RedisLedger(Ledger):
         self._up = up
         self._down: str | None = None  # why the store is away, while it is
         self._spent: list[tuple[Need, int, int]] = []  # booked on the fallback meanwhile
-        # What this host booked in the store lately (key -> bucket -> amount, the buckets a
-        # window can still reach): its share while the store is away starts from it.
-        self._mine: dict[str, tuple[Window, dict[int, int]]] = {}
-        # key -> (the bucket of this host's last turn, the fleet's room the store left then)
-        self._room: dict[str, tuple[int, int]] = {}
+        # What this host booked in the store lately: its share while the store is away
+        # starts from it.
+        self._booked = Booked(config.hosts)
         self._seeded = False
         self._paused: list[tuple[str, float, str]] = []  # pauses set meanwhile (local clock)
         self._retry: asyncio.Task[None] | None = None
         self._late = 0  # late answers in a row
         self._catching_up: asyncio.Task[None] | None = None
-        self.round_trips = 0  # to the store, and the turns they carried (for the log)
-        self.turns = 0
-        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
-        self._sender: asyncio.Task[None] | None = None
-        self._sha: str | None = None
+        self.round_trips = 0  # to the store (for the log)
+        self._turns = Batches(self.redis, RESERVE, self._call)
 
     @property
     def down(self) -> bool:
@@ -224,13 +220,13 @@ class RedisLedger(Ledger):
             args += [window.amount, window.size_ms, window.span, need.amount]
         args.append(int(LONGEST_PAUSE * 1000))
         args.append(-1 if ahead is None else int(ahead * 1000))
-        got = await self._batched(keys, args)
+        got = None if self._down is not None else await self._turns.run(keys, args)
         if got is None:
             if not self._seeded:
                 # The share counts what this host booked in the store in the windows that are
                 # still open: a host that spent its share before the outage does not spend
                 # it again during it (for a daily limit, that would block the mailbox a day).
-                self.fallback.seed(self._seed())
+                self.fallback.seed(self._booked.seed())
                 self._seeded = True
             turn = self.fallback.book(needs, scopes, time.time(), ahead)
             if turn.never is None:
@@ -245,95 +241,11 @@ class RedisLedger(Ledger):
             return Turn(at / 1000, now / 1000, never=over, paused=scope, why=why, full=full)
         rest = [int(x) for x in got[5:]]
         booked = tuple((need, rest[2 * i]) for i, need in enumerate(needs))
-        self._remember([(need, bucket, need.amount) for need, bucket in booked])
+        self._booked.add([(need, bucket, need.amount) for need, bucket in booked])
         room = tuple(rest[2 * i + 1] for i in range(len(needs)))
         for (need, bucket), left in zip(booked, room, strict=True):
-            self._room[need.key] = (bucket, left)
+            self._booked.heard(need, bucket, left)
         return Turn(at / 1000, now / 1000, booked, paused=scope, why=why, room=room)
-
-    def _seed(self) -> dict[str, tuple[Window, dict[int, int]]]:
-        """What the share starts from when the store goes away: what this host booked in it,
-        and, where the fleet's room (the store's answer to this host's last turn) was less
-        than its part of it, as much again as the share exceeds that part: in the window that
-        holds the outage each host takes at most 1/hosts of the room that was left."""
-        hosts = self.config.hosts
-        seeded = {}
-        for key, (window, buckets) in self._mine.items():
-            counts = dict(buckets)
-            if key in self._room:
-                bucket, left = self._room[key]
-                share = max(1, window.amount // hosts)
-                mine = sum(n for b, n in buckets.items() if b > bucket - window.span)
-                part = -(-max(0, left) // hosts)  # ceil
-                extra = (share - mine) - max(0, min(share - mine, part))
-                if extra > 0:
-                    counts[bucket] = counts.get(bucket, 0) + extra
-            seeded[key] = (window, counts)
-        return seeded
-
-    def _remember(self, booked: Sequence[tuple[Need, int, int]], sign: int = 1) -> None:
-        """Keep what this host booked in the store (or, `sign` -1, gave back): (need,
-        bucket, amount); only the buckets a window can still reach."""
-        for need, bucket, amount in booked:
-            window = need.window
-            mine = self._mine.setdefault(need.key, (window, {}))[1]
-            mine[bucket] = mine.get(bucket, 0) + sign * amount
-            if mine[bucket] <= 0:
-                del mine[bucket]
-            for old in [b for b in mine if b <= bucket - window.span]:
-                del mine[old]
-
-    async def _batched(self, keys: list[str], args: list[Any]) -> Any:
-        """One turn's script, sent with the others asked for meanwhile: while one pipeline is
-        on its way, the turns asked for queue up and go together in the next (a round trip
-        costs the client about 100 us of CPU; a turn in a pipeline about 15)."""
-        if self._down is not None:
-            return None
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, done))
-        self.turns += 1
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send())
-        return await done
-
-    async def _send(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                got = await self._call(lambda b=batch: self._pipeline(b))  # type: ignore[misc]
-                for i, (_, _, done) in enumerate(batch):
-                    if not done.done():
-                        done.set_result(None if got is None else got[i])
-        finally:
-            self._sender = None
-            for _, _, done in self._queue:  # the store went down meanwhile
-                if not done.done():
-                    done.set_result(None)
-            self._queue = []
-
-    async def _pipeline(self, batch: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
-        if self._sha is None:
-            self._sha = await self.redis.script_load(RESERVE)
-        out: list[Any] = [None] * len(batch)
-        todo = list(range(len(batch)))
-        for _ in range(2):  # once more after NOSCRIPT: a restarted Redis forgot the script
-            pipe = self.redis.pipeline(transaction=False)
-            for i in todo:
-                keys, args, _ = batch[i]
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            again = []
-            for i, result in zip(todo, results, strict=True):
-                if isinstance(result, redis.exceptions.NoScriptError):
-                    again.append(i)
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    out[i] = result
-            if not again:
-                return out
-            todo, self._sha = again, await self.redis.script_load(RESERVE)
-        raise redis.exceptions.NoScriptError("the reserve script was not kept")
 
     async def refund(self, turn: Turn, recipients: int, message: bool) -> None:
         back = refunds(turn, recipients, message)
@@ -344,7 +256,7 @@ class RedisLedger(Ledger):
         if await self._call(lambda: self._refund(keys=keys, args=args)) is None:
             await self.fallback.refund(turn, recipients, message)
         else:
-            self._remember(back, -1)
+            self._booked.add(back, -1)
 
     async def pause(self, scope: str, seconds: float, why: str) -> float:
         key = _key(_shard([scope]), f"pause:{scope}")
@@ -380,9 +292,10 @@ class RedisLedger(Ledger):
             await self.fallback.release(key, holder)
 
     async def close(self) -> None:
-        self._log().info("limit_store_closed", round_trips=self.round_trips, turns=self.turns)
-        if self._sender is not None:
-            self._sender.cancel()
+        self._log().info(
+            "limit_store_closed", round_trips=self.round_trips, turns=self._turns.turns
+        )
+        self._turns.cancel()
         if self._retry is not None:
             self._retry.cancel()
             with contextlib.suppress(BaseException):

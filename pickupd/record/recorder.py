@@ -13,6 +13,7 @@ hooks), carried out by steps.py (which resumes them after a full disk).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -22,7 +23,15 @@ from pickupd.auth.owners import user_name
 from pickupd.config.loading import Config
 from pickupd.log import Logger
 from pickupd.message.envelope import Envelope
-from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, Stats
+from pickupd.outcome import (
+    Delivery,
+    Outcome,
+    Reason,
+    RecipientResult,
+    Refusal,
+    SessionFault,
+    Stats,
+)
 from pickupd.record import retry
 from pickupd.record.steps import Step, Steps
 from pickupd.spool.disk import Disk
@@ -30,6 +39,10 @@ from pickupd.spool.folders import Claimed, Spool
 from pickupd.spool.sidecar import Attempt, KeptTurn, Sidecar, from_timestamp
 
 __all__ = ["Meter", "Recorder"]
+
+# The session faults the operator must act on, and the event that says so: a login refused,
+# or no token to log in with.
+_OPERATOR_MUST_ACT = {SessionFault.AUTH: "relay_auth_failed", SessionFault.TOKEN: "token_failed"}
 
 # A move in the spool, then what follows it once it is done.
 
@@ -87,23 +100,10 @@ class Recorder:
             detail=refusal.detail,
             next_attempt=None,
         )
-
-        def done() -> None:
-            self._counted(Outcome.FAILED, refusal.reason, None)
-            self._notify("failed", sidecar)
-            self.log.warning(
-                "failed",
-                id=claimed.id,
-                sender=base.sender,
-                recipients=list(base.recipients),
-                relay=None,
-                attempt=sidecar.attempts,
-                code=None,
-                reason=refusal.reason.value,
-                detail=refusal.detail,
-            )
-
-        await self.steps.run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), done)])
+        fields: dict[str, Any] = {"id": claimed.id, "sender": base.sender, "relay": None}
+        fields |= {"code": None, "recipients": list(base.recipients), "attempt": sidecar.attempts}
+        told = functools.partial(self._failed, sidecar, refusal.reason, None, fields)
+        await self.steps.run(claimed, [(lambda: self.spool.finish_failed(claimed, sidecar), told)])
 
     # -- not an attempt --------------------------------------------------------------------------
 
@@ -184,32 +184,9 @@ class Recorder:
             "relay": delivery.relay,
             "attempt": attempt,
         }
-        if delivery.session_error in ("auth", "token"):
-            # A login refused, or no token to log in with: the operator must act.
-            event = "relay_auth_failed" if delivery.session_error == "auth" else "token_failed"
-            self.log.error(event, relay=delivery.relay, code=delivery.code, detail=delivery.text)
-        if delivery.unknown:
-            self.log.warning(
-                "outcome_unknown", message_id=parsed.message_id, **fields, detail=delivery.text
-            )
-
-        if delivery.sent:
-            self._counted(Outcome.SENT, None, delivery.relay)
-            self.log.info("sent", **fields, recipients=list(delivery.sent), code=delivery.code)
+        self._said(delivery, parsed, fields)
         if not delivery.deferred and not delivery.rejected:
-            archive = None
-            if config.spool.keep_sent:
-                archive = base.with_attempt(
-                    Attempt(
-                        from_timestamp(time.time()),
-                        delivery.relay,
-                        Outcome.SENT.value,
-                        delivery.code,
-                        delivery.text,
-                    ),
-                    attempts=attempt,
-                    next_attempt=None,
-                )
+            archive = _archived(base, delivery, attempt) if config.spool.keep_sent else None
             await self.steps.run(claimed, [(lambda: self._sent(claimed, archive), lambda: None)])
             return None
 
@@ -229,6 +206,20 @@ class Recorder:
             steps.append(step)
         await self.steps.run(claimed, steps)
         return due
+
+    def _said(self, delivery: Delivery, parsed: Envelope, fields: dict[str, Any]) -> None:
+        """What the attempt says before its moves: a login the operator must fix, an outcome
+        unknown, the recipients sent to."""
+        event = _OPERATOR_MUST_ACT.get(delivery.session_error)  # type: ignore[arg-type]
+        if event is not None:
+            self.log.error(event, relay=delivery.relay, code=delivery.code, detail=delivery.text)
+        if delivery.unknown:
+            self.log.warning(
+                "outcome_unknown", message_id=parsed.message_id, **fields, detail=delivery.text
+            )
+        if delivery.sent:
+            self._counted(Outcome.SENT, None, delivery.relay)
+            self.log.info("sent", **fields, recipients=list(delivery.sent), code=delivery.code)
 
     def _sent(self, claimed: Claimed, archive: Sidecar | None) -> None:
         """Delivered: delete it (no new space needed), or archive it to sent/. An archive
@@ -250,21 +241,9 @@ class Recorder:
     ) -> Step:
         """Recipients refused for good: the message to failed/, or a copy of it there when
         other recipients are still to be tried."""
-        reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
+        failed = _rejected(base, claimed, delivery, attempt)
         code = delivery.rejected[0].code or None
-        detail = _detail(delivery.rejected, delivery.sent)
-        failed = base.with_attempt(
-            Attempt(
-                from_timestamp(time.time()), delivery.relay, Outcome.FAILED.value, code, detail
-            ),
-            recipients=tuple(r.recipient for r in delivery.rejected),
-            attempts=attempt,
-            reason=reason.value,
-            detail=detail,
-            next_attempt=None,
-        )
-        if delivery.deferred:
-            failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
+        fields = {**fields, "id": failed.id, "recipients": list(failed.recipients), "code": code}
 
         def move() -> None:
             if delivery.deferred:
@@ -272,19 +251,8 @@ class Recorder:
             else:
                 self.spool.finish_failed(claimed, failed)
 
-        def done() -> None:
-            self._counted(Outcome.FAILED, reason, delivery.relay)
-            self._notify("failed", failed)
-            self.log.warning(
-                "failed",
-                **{**fields, "id": failed.id},
-                recipients=list(failed.recipients),
-                code=code,
-                reason=reason.value,
-                detail=detail,
-            )
-
-        return move, done
+        reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
+        return move, functools.partial(self._failed, failed, reason, delivery.relay, fields)
 
     def _defer(
         self,
@@ -300,14 +268,8 @@ class Recorder:
         due, sidecar, long_deferred = retry.after(base, retried, config, not_before, time.time())
         fields = {**fields, "recipients": list(retried.recipients), "code": retried.code}
         if due is None:
-
-            def failed() -> None:
-                self._counted(Outcome.FAILED, Reason.EXPIRED, retried.relay)
-                self._notify("failed", sidecar)
-                reason = Reason.EXPIRED.value
-                self.log.warning("failed", **fields, reason=reason, detail=sidecar.detail)
-
-            return None, (lambda: self.spool.finish_failed(claimed, sidecar), failed)
+            told = functools.partial(self._failed, sidecar, Reason.EXPIRED, retried.relay, fields)
+            return None, (lambda: self.spool.finish_failed(claimed, sidecar), told)
 
         def deferred() -> None:
             if long_deferred:
@@ -326,6 +288,14 @@ class Recorder:
         self._deferring(claimed.id)
         self.spool.finish_deferred(claimed, sidecar, due)
 
+    def _failed(
+        self, sidecar: Sidecar, reason: Reason, relay: str | None, fields: dict[str, Any]
+    ) -> None:
+        """A message (or a copy of it) is in failed/: counted, told to [notify], logged."""
+        self._counted(Outcome.FAILED, reason, relay)
+        self._notify("failed", sidecar)
+        self.log.warning("failed", **fields, reason=reason.value, detail=sidecar.detail)
+
     def _counted(self, outcome: Outcome, reason: Reason | None, relay: str | None) -> None:
         if outcome is Outcome.SENT:
             self.stats.sent += 1
@@ -343,6 +313,37 @@ class Recorder:
         if claimed.sidecar is None:
             return _new_sidecar(claimed, parsed, parsed.recipients if parsed else ())
         return dataclasses.replace(claimed.sidecar, turn=None)
+
+
+def _archived(base: Sidecar, delivery: Delivery, attempt: int) -> Sidecar:
+    """The sidecar sent/ keeps beside a relayed message (`[spool] keep_sent`)."""
+    said = Attempt(
+        from_timestamp(time.time()),
+        delivery.relay,
+        Outcome.SENT.value,
+        delivery.code,
+        delivery.text,
+    )
+    return base.with_attempt(said, attempts=attempt, next_attempt=None)
+
+
+def _rejected(base: Sidecar, claimed: Claimed, delivery: Delivery, attempt: int) -> Sidecar:
+    """The sidecar failed/ keeps for the recipients refused for good: the message's own, or,
+    when other recipients are still to be tried, a copy's under a new id."""
+    reason = Reason.TOO_LARGE if delivery.too_large else Reason.REJECTED
+    code = delivery.rejected[0].code or None
+    detail = _detail(delivery.rejected, delivery.sent)
+    failed = base.with_attempt(
+        Attempt(from_timestamp(time.time()), delivery.relay, Outcome.FAILED.value, code, detail),
+        recipients=tuple(r.recipient for r in delivery.rejected),
+        attempts=attempt,
+        reason=reason.value,
+        detail=detail,
+        next_attempt=None,
+    )
+    if delivery.deferred:
+        failed = dataclasses.replace(failed, id=ids.new(), split_from=claimed.id)
+    return failed
 
 
 def _new_sidecar(claimed: Claimed, parsed: Envelope | None, recipients: tuple[str, ...]) -> Sidecar:

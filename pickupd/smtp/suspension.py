@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pickupd.outcome import Delivery
+from pickupd.outcome import Delivery, SessionFault
 
 __all__ = ["HOLD_PROBES", "Admission", "Change", "Suspensions", "Turned", "is_dead_relay"]
 
@@ -23,12 +23,16 @@ __all__ = ["HOLD_PROBES", "Admission", "Change", "Suspensions", "Turned", "is_de
 HOLD_PROBES = 10
 
 
+# The faults that mean the relay could not be reached at all.
+_DEAD = frozenset({SessionFault.CONNECT, SessionFault.TIMEOUT, SessionFault.TLS})
+
+
 def is_dead_relay(delivery: Delivery) -> bool:
     """True when the relay could not be reached at all (no session, or a 421 greeting)."""
     if delivery.sent or delivery.rejected:
         return False
     kind = delivery.session_error
-    return kind in ("connect", "timeout", "tls") or (kind == "protocol" and delivery.code == 421)
+    return kind in _DEAD or (kind is SessionFault.PROTOCOL and delivery.code == 421)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,24 +31,24 @@ def describe_error(exc: BaseException) -> tuple[int, str, SessionFault]:
     if isinstance(exc, SessionError):
         return 0, str(exc), exc.kind
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return exc.code, f"authentication failed: {exc.code} {exc.message}", "auth"
+        return exc.code, f"authentication failed: {exc.code} {exc.message}", SessionFault.AUTH
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return exc.code, f"{exc.code} {exc.message}", "protocol"
+        return exc.code, f"{exc.code} {exc.message}", SessionFault.PROTOCOL
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return 0, f"TLS certificate verification failed: {exc.verify_message}", "tls"
+        return 0, f"TLS certificate verification failed: {exc.verify_message}", SessionFault.TLS
     if isinstance(exc, ssl.SSLError):
-        return 0, f"TLS error: {exc.reason or exc}", "tls"
+        return 0, f"TLS error: {exc.reason or exc}", SessionFault.TLS
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError):
-        return 0, f"timed out: {exc}" if str(exc) else "timed out", "timeout"
+        return 0, f"timed out: {exc}" if str(exc) else "timed out", SessionFault.TIMEOUT
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         # The session was up: the server (or the network) dropped it.
-        return 0, f"connection lost: {exc}" if str(exc) else "connection lost", "connect"
+        return 0, f"connection lost: {exc}" if str(exc) else "connection lost", SessionFault.CONNECT
     if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
         cause = exc.__cause__ or exc
         if isinstance(cause, ssl.SSLError):
             return describe_error(cause)
-        return 0, f"cannot connect: {cause}", "connect"
-    return 0, str(exc) or type(exc).__name__, "protocol"
+        return 0, f"cannot connect: {cause}", SessionFault.CONNECT
+    return 0, str(exc) or type(exc).__name__, SessionFault.PROTOCOL
 
 
 def _session_failed(relay: str, recipients: Sequence[str], exc: BaseException) -> Delivery:

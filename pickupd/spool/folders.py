@@ -17,6 +17,7 @@ folders only pickupd can open.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import os
 import re
@@ -26,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pickupd import ids
 from pickupd.errors import NotAFile, SpoolLocked
@@ -57,6 +57,7 @@ __all__ = [
     "Candidate",
     "Claimed",
     "Later",
+    "Origin",
     "Spool",
     "claim_id",
     "entries",
@@ -68,7 +69,22 @@ __all__ = [
     "unlink",
 ]
 
-Origin = Literal["new", "eml", "deferred", "recovered"]
+
+class Origin(enum.Enum):
+    """Where a candidate was found: pickup/new/, pickup/ itself (a `.eml` a writer dropped),
+    deferred/, or active/ (a claim a process left behind, taken back at start)."""
+
+    NEW = "new"
+    EML = "eml"
+    DEFERRED = "deferred"
+    RECOVERED = "recovered"
+
+    @property
+    def queued(self) -> bool:
+        """It has been in the queue before: its sidecar is in deferred/."""
+        return self in (Origin.DEFERRED, Origin.RECOVERED)
+
+
 # Maildir: files in tmp/ older than this were abandoned by their writer and may be removed.
 TMP_MAX_AGE = 36 * 3600.0
 # Orphaned sidecars and temp files of atomic writes older than this are leftovers.
@@ -188,7 +204,7 @@ class Spool:
             if is_folder(entry):  # never taken, whoever's share it is
                 stray(f"new/{entry.name}/")
             elif mine(entry.name):
-                yield Candidate(Path(entry.path), f"new/{entry.name}", "new")
+                yield Candidate(Path(entry.path), f"new/{entry.name}", Origin.NEW)
         for entry in entries(self.pickup):
             name = entry.name
             if not is_drop(name, maildir=False):
@@ -205,7 +221,7 @@ class Spool:
                 if stat.S_ISREG(st.st_mode) and ready > now:
                     yield Later(ready)
                 else:
-                    yield Candidate(Path(entry.path), name, "eml")
+                    yield Candidate(Path(entry.path), name, Origin.EML)
 
     def strays(self) -> list[str]:
         """The files in pickup/ that will never be taken (an app's `mail.txt`)."""
@@ -263,7 +279,7 @@ class Spool:
             os.rename(target, candidate.path)
             raise NotAFile(str(candidate.path))
         sidecar = None
-        if candidate.origin in ("deferred", "recovered"):
+        if candidate.origin.queued:
             sidecar = self.read_sidecar(self.deferred / f"{msg_id}.json")
         recorded = sidecar.owner_uid if sidecar is not None else None
         owner = recorded if recorded is not None else (st.st_uid if POSIX else None)
@@ -339,7 +355,7 @@ class Spool:
 
     def _drop_old_sidecar(self, claimed: Claimed) -> None:
         # Also when it could not be read: an unreadable sidecar must not outlive its message.
-        if claimed.origin in ("deferred", "recovered"):
+        if claimed.origin.queued:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.deferred / f"{claimed.id}.json")
 

@@ -31,6 +31,7 @@ from pickupd.spool.folders import (
     LEFTOVER_AGE,
     TMP_MAX_AGE,
     Candidate,
+    Origin,
     Spool,
     claim_id,
     entries,
@@ -64,7 +65,7 @@ def stale_claims(spool: Spool) -> list[Candidate]:
         if owner not in owners_alive:
             owners_alive[owner] = owner == spool.owner or owner_alive(spool, owner)
         if not owners_alive[owner]:
-            found.append(Candidate(spool.active / name, name, "recovered", msg_id))
+            found.append(Candidate(spool.active / name, name, Origin.RECOVERED, msg_id))
     return found
 
 
@@ -159,7 +160,7 @@ def expired(spool: Spool, now: float, lease: float) -> list[Candidate]:
             except FileNotFoundError:
                 renewed[owner] = 0.0
         if now - renewed[owner] > lease:
-            found.append(Candidate(Path(entry.path), entry.name, "recovered", msg_id))
+            found.append(Candidate(Path(entry.path), entry.name, Origin.RECOVERED, msg_id))
     return found
 
 

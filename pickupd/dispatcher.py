@@ -29,7 +29,7 @@ from pickupd.limits.quota import Quota, Wait
 from pickupd.log import Logger
 from pickupd.message import envelope
 from pickupd.message.priority import MailClass
-from pickupd.outcome import Delivery, Reason, Refusal, SessionFault
+from pickupd.outcome import Reason, Refusal, SessionFault
 from pickupd.record.recorder import Meter, Recorder
 from pickupd.relays import Relays
 from pickupd.smtp.pool import Pool
@@ -215,18 +215,11 @@ class Dispatcher:
             await self.recorder.fail(claimed, parsed, verdict)
             return None
         if isinstance(verdict, Wait):
-            # Over a provider limit, or its scope is paused: not an attempt, not an error.
-            await self.recorder.waiting(
-                claimed, parsed, verdict.at, verdict.detail, verdict.kept, klass.value
-            )
-            if verdict.parked:
-                self.quota.lines.parked(claimed.id)
-            # Handed to the process whose share it is: that one's watch sees it arrive.
-            return None if verdict.handed else verdict.at
-        if verdict.turn is not None and self.metrics is not None:
-            for (need, _), room in zip(verdict.turn.booked, verdict.turn.room, strict=False):
-                self.metrics.room(need.key, room, need.limit.amount)
+            return await self._waits(claimed, parsed, verdict, klass)
         turn, count = verdict.turn, len(parsed.recipients)
+        if turn is not None and self.metrics is not None:
+            for (need, _), room in zip(turn.booked, turn.room, strict=False):
+                self.metrics.room(need.key, room, need.limit.amount)
         now = time.time()
         admission = self.relays.suspensions.admit(
             relay_config.name, now, relay_config.probe_interval
@@ -241,7 +234,9 @@ class Dispatcher:
             await self.recorder.fail(claimed, parsed, delivery)
             return None
         if delivery.retry_after:
-            return await self._throttled(claimed, parsed, delivery, turn, applies)
+            # Not an attempt: the mailbox pauses as the relay asked, and the message waits.
+            until = await self.relays.retry_after(delivery, applies.mailbox, self.quota.ledger)
+            return await self._wait(claimed, parsed, turn, until, f"waiting: {delivery.text}")
         if delivery.session_error is SessionFault.CONNECTIONS:
             # The mailbox's connections are all open elsewhere: not an attempt; soon again.
             detail = f"waiting for a connection: {delivery.text}"
@@ -267,25 +262,17 @@ class Dispatcher:
         await self.recorder.waiting(claimed, parsed, until, detail)
         return until
 
-    async def _throttled(
-        self,
-        claimed: Claimed,
-        parsed: envelope.Envelope,
-        delivery: Delivery,
-        turn: Turn | None,
-        applies: needs.Applies,
-    ) -> float:
-        """The relay said how long to wait (Graph's Retry-After): the mailbox pauses that
-        long for every process and host of the ledger, and the message waits, not an
-        attempt (returned: when it is due)."""
-        scope, wait = applies.mailbox, delivery.retry_after
-        until = time.time() + await self.quota.ledger.pause(scope, wait, delivery.text)
-        at = from_timestamp(until)
-        fields = {"relay": delivery.relay, "scope": scope, "code": delivery.code}
-        self.log.warning("relay_throttled", **fields, detail=delivery.text, paused_until=at)
-        if self.metrics is not None:
-            self.metrics.paused(scope, until, "throttled")
-        return await self._wait(claimed, parsed, turn, until, f"waiting: {delivery.text}")
+    async def _waits(
+        self, claimed: Claimed, parsed: envelope.Envelope, verdict: Wait, klass: MailClass
+    ) -> float | None:
+        """Over a provider limit, or its scope is paused: not an attempt, not an error."""
+        await self.recorder.waiting(
+            claimed, parsed, verdict.at, verdict.detail, verdict.kept, klass.value
+        )
+        if verdict.parked:
+            self.quota.lines.parked(claimed.id)
+        # Handed to the process whose share it is: that one's watch sees it arrive.
+        return None if verdict.handed else verdict.at
 
     def tidy(self, worker: int) -> None:
         """Every second: forget turns long past due; the lines' counts to the metrics."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pickupd.config.loading import Config, RelayConfig
 from pickupd.intake.queues import Intake
 from pickupd.limits import replies
+from pickupd.limits.ledger import Ledger
 from pickupd.limits.quota import Pause
 from pickupd.limits.replies import Kind
 from pickupd.log import Logger
@@ -57,17 +58,31 @@ class Relays:
         if rule.kind is Kind.OAUTH2:
             self.log.error("oauth2_required", **fields, detail=f"{rule.says}: {reply.text}")
             return replies.explained(delivery, rule.says), None
+        if rule.kind in (Kind.THROTTLED, Kind.CONNECTIONS):
+            self._throttled(relay.name, pause.scope, reply.code, reply.text, pause.until)
+            return delivery, None
         until = from_timestamp(pause.until)
         if self.metrics is not None:
-            kind = {Kind.SPENT: "spent", Kind.TENANT: "limited"}.get(rule.kind, "throttled")
+            kind = "spent" if rule.kind is Kind.SPENT else "limited"
             self.metrics.paused(pause.scope, pause.until, kind)
-        if rule.kind in (Kind.THROTTLED, Kind.CONNECTIONS):
-            self.log.warning("relay_throttled", **fields, detail=reply.text, paused_until=until)
-            return delivery, None
         if pause.new:
             event = "quota_spent" if rule.kind is Kind.SPENT else "tenant_limited"
             self.log.error(event, **fields, detail=f"{rule.says}: {reply.text}", paused_until=until)
         return replies.as_deferred(delivery, rule.says), pause.until
+
+    async def retry_after(self, delivery: Delivery, scope: str, ledger: Ledger) -> float:
+        """The relay said how long to wait (Graph's Retry-After): `scope` pauses that long
+        for every process and host of the ledger. Returns when the pause ends."""
+        until = time.time() + await ledger.pause(scope, delivery.retry_after, delivery.text)
+        self._throttled(delivery.relay, scope, delivery.code, delivery.text, until)
+        return until
+
+    def _throttled(self, relay: str, scope: str, code: int, text: str, until: float) -> None:
+        if self.metrics is not None:
+            self.metrics.paused(scope, until, "throttled")
+        at = from_timestamp(until)
+        fields = {"relay": relay, "scope": scope, "code": code}
+        self.log.warning("relay_throttled", **fields, detail=text, paused_until=at)
 
     def observe(self, relay: RelayConfig, delivery: Delivery, msg_id: str, *, probe: bool) -> None:
         """Count an attempt towards the relay's suspension; log and act on a change."""

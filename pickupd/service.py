@@ -23,6 +23,7 @@ from pickupd.dispatcher import LARGE_AT_ONCE, Dispatcher
 from pickupd.errors import ConfigError
 from pickupd.intake.queues import Intake
 from pickupd.intake.watcher import Watcher
+from pickupd.lanes import GRACE, Lanes
 from pickupd.limits import ledger
 from pickupd.limits.quota import Quota
 from pickupd.log import Logger
@@ -41,8 +42,6 @@ from pickupd.workers.shares import ONLY, Part
 
 __all__ = ["GRACE", "Service", "Settings"]
 
-# On SIGTERM, in-flight sends get this long to finish before they are put back.
-GRACE = 30.0
 # How often the quota asks the ledger whether the pauses its held turns wait for are still
 # there (one question per paused scope).
 PAUSE_RECHECK = 10.0
@@ -225,11 +224,11 @@ class Service:
                 watcher = Watcher(folders, self.intake.hint)
                 watcher.start(asyncio.get_running_loop())
             async with asyncio.TaskGroup() as group:
-                lanes = [self._lane() for _ in range(self.config.dispatch.concurrency)]
-                tasks = [group.create_task(lane) for lane in lanes]
+                lanes = Lanes(self.intake, self.dispatcher, lambda: self.config, lambda: self.log)
+                lanes.start(group, self.config.dispatch.concurrency)
                 helpers = [group.create_task(work) for work in self._helpers()]
                 helpers += await self.role.ready(self, group)
-                group.create_task(self._supervise(tasks, helpers))
+                group.create_task(self._supervise(lanes, helpers))
                 self._ready.set()
                 self.log.info(
                     self.role.ready_event,
@@ -284,40 +283,16 @@ class Service:
                 recheck = time.monotonic() + PAUSE_RECHECK
                 await self.dispatcher.lift_pauses()
 
-    async def _supervise(
-        self, lanes: list[asyncio.Task[None]], helpers: list[asyncio.Task[Any]]
-    ) -> None:
+    async def _supervise(self, lanes: Lanes, helpers: list[asyncio.Task[Any]]) -> None:
         """Wait for stop (or, once, for the work to end), then drain."""
-        stop = asyncio.ensure_future(self._stop.wait())
-        all_lanes = asyncio.ensure_future(asyncio.wait(lanes))
-        await asyncio.wait([stop, all_lanes], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
+        await lanes.until(self._stop)
         self._stopping = True
         self.intake.close()
         for task in helpers:
             task.cancel()
         self.role.stopping()
-        if not all_lanes.done():
-            self.log.info("stopping", in_flight=self.intake.in_flight, grace=GRACE)
-            self._stop.clear()
-            await _drain(lanes, all_lanes, self._stop)
-        all_lanes.cancel()
-
-    # -- the lanes ---------------------------------------------------------------------------------
-
-    async def _lane(self) -> None:
-        """One asyncio task taking candidates from the intake, one message at a time."""
-        intake = self.intake
-        while (candidate := await intake.next()) is not None:
-            intake.started(candidate)
-            try:
-                await self.dispatcher.process(candidate, self.config)
-            except Exception:
-                # One bad file must never stop the daemon (claiming failed: nothing to put
-                # back; the file stays where it was and the next scan sees it again).
-                self.log.exception("internal_error", source=candidate.source)
-            finally:
-                intake.done(candidate)
+        self._stop.clear()
+        await lanes.drain(self._stop)
 
 
 def status_line(stats: Stats, census: dict[str, FolderCount] | None) -> str:
@@ -329,15 +304,3 @@ def status_line(stats: Stats, census: dict[str, FolderCount] | None) -> str:
         f"{line}; queue: pickup {census['pickup'].count}, deferred {census['deferred'].count},"
         f" hold {census['hold'].count}, failed {census['failed'].count}"
     )
-
-
-async def _drain(
-    lanes: list[asyncio.Task[None]], all_lanes: asyncio.Future[Any], stop: asyncio.Event
-) -> None:
-    """The second stage of a stop: in-flight sends get GRACE seconds, or until a second stop
-    signal; then the lanes are cancelled (each puts its message back)."""
-    second = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([all_lanes, second], timeout=GRACE, return_when=asyncio.FIRST_COMPLETED)
-    second.cancel()
-    for task in lanes:
-        task.cancel()

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pickupd.cli.common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command
-from pickupd.config.loading import config_path, load_submission
-from pickupd.errors import ConfigError, PickupdError
+from pickupd.config.loading import Submission, config_path, load_submission
+from pickupd.errors import CommandError, ConfigError, PickupdError
 from pickupd.message import envelope
 from pickupd.outcome import Refusal
 from pickupd.spool.access import not_allowed
@@ -184,54 +184,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_OK
     try:
         options = _parse_args(args)
+        settings = _settings(options)
+        recipients, sender = _envelope(options, settings.local_domain)
+        data = _read_message(options.dots_are_text, settings.max_message_size)
+        if data is None:
+            limit = settings.max_message_size
+            raise CommandError(EX_DATAERR, f"message larger than max_message_size ({limit} bytes)")
+        _drop(settings, _composed(options, data, recipients, sender, settings.local_domain))
     except _Usage as problem:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return EX_USAGE
+    except CommandError as exc:
+        for line in exc.message.splitlines():
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return exc.exit_code
+    return EX_OK
+
+
+def _settings(options: _Options) -> Submission:
+    """What the config says of submission; a config that cannot be read is a temporary
+    failure (75): the caller keeps the message and tries again."""
     path = config_path(options.config)
     if path.exists() and not os.access(path, os.R_OK):
-        print(f"{PROG}: {not_allowed(path, f'read {path}')}", file=sys.stderr)
-        return EX_TEMPFAIL
+        raise CommandError(EX_TEMPFAIL, not_allowed(path, f"read {path}"))
     try:
-        settings = load_submission(path)
+        return load_submission(path)
     except ConfigError as exc:
-        for line in exc.problems:
-            print(f"{PROG}: {line}", file=sys.stderr)
-        return EX_TEMPFAIL
-    local_domain = settings.local_domain
-    try:
-        recipients = [a for r in options.recipients for a in _addresses(r, local_domain)]
-        sender = options.sender or ""
-        if sender not in ("", "<>"):
-            found = _addresses(sender, local_domain)
-            if len(found) != 1:
-                raise _Usage(f"-f {sender!r}: give one address")
-            sender = found[0]
-    except _Usage as problem:
-        print(f"{PROG}: {problem}", file=sys.stderr)
-        return EX_USAGE
+        raise CommandError(EX_TEMPFAIL, "\n".join(exc.problems)) from None
 
-    data = _read_message(options.dots_are_text, settings.max_message_size)
-    if data is None:
-        limit = settings.max_message_size
-        print(f"{PROG}: message larger than max_message_size ({limit} bytes)", file=sys.stderr)
-        return EX_DATAERR
+
+def _envelope(options: _Options, local_domain: str | None) -> tuple[list[str], str]:
+    """The recipients and the sender the command line gives (-f; "" when not given)."""
+    recipients = [a for r in options.recipients for a in _addresses(r, local_domain)]
+    sender = options.sender or ""
+    if sender not in ("", "<>"):
+        found = _addresses(sender, local_domain)
+        if len(found) != 1:
+            raise _Usage(f"-f {sender!r}: give one address")
+        sender = found[0]
+    return recipients, sender
+
+
+def _composed(
+    options: _Options,
+    data: bytes,
+    recipients: list[str],
+    sender: str,
+    local_domain: str | None,
+) -> bytes:
+    """The file to drop: the envelope's X-Sender/X-Receiver lines, the header fields a
+    message needs and lacks (From, Date, Message-ID), then the message. Checked by the
+    daemon's own parser: what it would refuse as malformed is refused here (65), now."""
     head, body = _head_and_body(data)
     if head and not head.endswith(b"\n"):
         head += b"\n"
     parsed = envelope.parse(head + b"\n", local_domain=local_domain)
     if options.from_headers:
         if isinstance(parsed, Refusal):
-            print(f"{PROG}: -t: {parsed.detail}", file=sys.stderr)
-            return EX_USAGE
-        recipients += list(parsed.recipients)
+            raise _Usage(f"-t: {parsed.detail}")
+        recipients = recipients + list(parsed.recipients)
     if not recipients:
-        print(f"{PROG}: no recipients (give them as arguments, or -t)", file=sys.stderr)
-        return EX_USAGE
+        raise _Usage("no recipients (give them as arguments, or -t)")
     if options.sender is None:
         # The message's own sender, else the user running us (as sendmail does).
         own = None if isinstance(parsed, Refusal) else parsed.sender
         sender = own or getpass.getuser()
-
     added = ""
     present = envelope.field_names(head)
     if "from" not in present:
@@ -242,30 +259,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "message-id" not in present:
         domain = sender.partition("@")[2] or local_domain or socket.getfqdn()
         added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\n"
-    envelope_lines = f"X-Sender: <{sender}>\n" if sender else "X-Sender: <>\n"
-    seen: set[str] = set()
-    for recipient in recipients:
-        if recipient.lower() not in seen:
-            seen.add(recipient.lower())
-            envelope_lines += f"X-Receiver: <{recipient}>\n"
-    data = (envelope_lines + added).encode() + head + body
-    # What the daemon would refuse as malformed is refused here, by the same parser: the
-    # caller learns it now (65), not from failed/ later.
-    checked = envelope.parse(data, local_domain=local_domain)
+    lines = f"X-Sender: <{sender}>\n" if sender else "X-Sender: <>\n"
+    for recipient in _unique(recipients):
+        lines += f"X-Receiver: <{recipient}>\n"
+    composed = (lines + added).encode() + head + body
+    checked = envelope.parse(composed, local_domain=local_domain)
     if isinstance(checked, Refusal):
-        print(f"{PROG}: malformed message: {checked.detail}", file=sys.stderr)
-        return EX_DATAERR
+        raise CommandError(EX_DATAERR, f"malformed message: {checked.detail}")
+    return composed
+
+
+def _unique(recipients: list[str]) -> list[str]:
+    """Each recipient once, the first spelling kept (addresses compare without case)."""
+    seen: dict[str, str] = {}
+    for recipient in recipients:
+        seen.setdefault(recipient.lower(), recipient)
+    return list(seen.values())
+
+
+def _drop(settings: Submission, data: bytes) -> None:
+    """Into the pickup folder, as a writer of the drop group; 75 when it cannot be."""
     spool = Spool(settings.spool_path)
     try:
         spool.drop(data)
     except PermissionError:
-        print(f"{PROG}: {not_allowed(spool.root, f'write into {spool.pickup}')}", file=sys.stderr)
-        return EX_TEMPFAIL
+        raise CommandError(
+            EX_TEMPFAIL, not_allowed(spool.root, f"write into {spool.pickup}")
+        ) from None
     except OSError as exc:
         where = exc.filename or settings.spool_path
-        print(f"{PROG}: cannot write into {where}: {exc.strerror or exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    return EX_OK
+        raise CommandError(
+            EX_TEMPFAIL, f"cannot write into {where}: {exc.strerror or exc}"
+        ) from None
 
 
 if __name__ == "__main__":

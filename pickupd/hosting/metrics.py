@@ -129,6 +129,23 @@ class Metrics:
         ledger store is configured (its gauge starts at 1); `tokens`: the stored refresh
         tokens the config uses now."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self._relaying()
+        self._limits(store)
+        self._lines: dict[int, tuple[int, int, int]] = {}  # worker -> its lines' counts
+        self._down: set[int] = set()  # processes (0: main) whose store is down
+        self._stranded = Gauge(
+            "pickupd_stranded_messages",
+            "Claimed messages that could not be moved to their folder (disk full?), retried",
+            registry=self.registry,
+        )
+        self.registry.register(
+            _SpoolCollector(count or (lambda: census.take(spool, time.time(), ages=("deferred",))))
+        )
+        self.registry.register(_TokenCollector(tokens))
+        self._server: Endpoint | None = None
+
+    def _relaying(self) -> None:
+        """What the attempts say: outcomes, durations, sessions, relays, Graph's answers."""
         self._messages = Counter(
             "pickupd_messages",
             "Messages by outcome (sent, deferred, failed), reason and relay",
@@ -154,6 +171,15 @@ class Metrics:
             ["relay"],
             registry=self.registry,
         )
+        self._graph = Counter(
+            "pickupd_graph_replies",
+            "Microsoft Graph's answers to sendMail requests, by HTTP status",
+            ["relay", "status"],
+            registry=self.registry,
+        )
+
+    def _limits(self, store: bool) -> None:
+        """What the limits say: room, pauses, the store, the waiting lines."""
         self._room = Gauge(
             "pickupd_limit_room",
             "What a counted limit had left after the last turn booked",
@@ -176,7 +202,6 @@ class Metrics:
             if store
             else None
         )
-        self._down: set[int] = set()  # processes (0: main) whose store is down
         if self._store_up is not None:
             self._store_up.set(1)
         self._spent = Gauge(
@@ -192,29 +217,12 @@ class Metrics:
             ["scope", "kind"],
             registry=self.registry,
         )
-        self._graph = Counter(
-            "pickupd_graph_replies",
-            "Microsoft Graph's answers to sendMail requests, by HTTP status",
-            ["relay", "status"],
-            registry=self.registry,
-        )
         self._waiting = Gauge(
             "pickupd_limit_waiting_messages",
             "Messages waiting in line under a limit, by class (urgent goes first, then normal)",
             ["class"],
             registry=self.registry,
         )
-        self._lines: dict[int, tuple[int, int, int]] = {}  # worker -> its lines' counts
-        self._stranded = Gauge(
-            "pickupd_stranded_messages",
-            "Claimed messages that could not be moved to their folder (disk full?), retried",
-            registry=self.registry,
-        )
-        self.registry.register(
-            _SpoolCollector(count or (lambda: census.take(spool, time.time(), ages=("deferred",))))
-        )
-        self.registry.register(_TokenCollector(tokens))
-        self._server: Endpoint | None = None
 
     def start(self, config: MetricsConfig) -> None:
         """Serve /metrics as `config` says (its listen, TLS, basic auth); EndpointError (one

@@ -101,7 +101,7 @@ def test_secrets_never_print_themselves(good: Path) -> None:
     [
         (
             '[relays.main]\nhost = "h"\nport = "abc"\n[senders."a@b.c"]\nrelay = "main"\n',
-            'relays.main.port: expected an integer 1-65535, got "abc"',
+            'relays.main.port: expected an integer from 1 to 65535, got "abc"',
         ),
         (
             '[relays.main]\nhost = "h"\nprot = 25\n[senders."a@b.c"]\nrelay = "main"\n',
@@ -123,6 +123,20 @@ def test_secrets_never_print_themselves(good: Path) -> None:
             "relays.m.username: credentials would be sent in clear to mail.example.com",
         ),
         ('[spool]\nkeep_sent = "yes"\n', "spool.keep_sent: expected true or false"),
+        # The words come from the key's converter and its range, never written by hand.
+        (
+            "[policy]\nmax_recipients = 200000\n",
+            "policy.max_recipients: expected an integer from 1 to 100000, got 200000",
+        ),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth"\n[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.auth: expected one of "password", "oauth2", got "oauth"',
+        ),
+        (
+            '[relays.m]\nhost = "h"\nauth = "oauth2"\ntoken_command = "get-token"\n'
+            '[senders."a@b.c"]\nrelay = "m"\n',
+            'relays.m.token_command: expected an array like ["/usr/local/bin/cmd", "--flag"]',
+        ),
         ("[relays.m]\nport = 25\n", "relays.m.host: required"),
         ('[senders."not-an-address"]\nrelay = "x"\n', 'senders."not-an-address": expected'),
         ("[spool\n", "not valid TOML"),
@@ -170,7 +184,7 @@ def test_secrets_never_print_themselves(good: Path) -> None:
         (
             '[relays.m]\nhost = "h"\nauth = "oauth2"\ntoken_url = "http://x/token"\n'
             'client_id = "c"\nrefresh_token_file = "rt"\n[senders."a@b.c"]\nrelay = "m"\n',
-            "relays.m.token_url: expected an https:// URL",
+            'relays.m.token_url: expected an https:// URL, like "https://host/path"',
         ),
         (
             '[relays.m]\nprovider = "ses"\n[senders."a@b.c"]\nrelay = "m"\n',
@@ -258,7 +272,9 @@ def test_check_command_exit_codes(tmp_path: Path, good: Path) -> None:
     bad = write(tmp_path, '[relays.main]\nhost = "h"\nport = "abc"\n', "bad.toml")
     result = pickupd("check", "-c", str(bad))
     assert result.returncode == 78
-    assert f'{bad}: relays.main.port: expected an integer 1-65535, got "abc"' in result.stderr
+    assert (
+        f'{bad}: relays.main.port: expected an integer from 1 to 65535, got "abc"' in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert pickupd("run", "-c", str(bad)).returncode == 78
     via_env = pickupd("check", env={"PICKUPD_CONFIG": str(bad)})
@@ -384,7 +400,7 @@ def test_documented_defaults_are_the_tables_values() -> None:
     the code, and the docs must agree with it."""
     from pickupd.config.keys import keys
     from pickupd.config.loading import SECTIONS, RelayConfig, SenderRule
-    from pickupd.config.logins import OAuth2Keys
+    from pickupd.config.logins import LoginKeys
 
     root = Path(__file__).parent.parent
     example = (root / "etc" / "pickupd.toml").read_text()
@@ -396,7 +412,7 @@ def test_documented_defaults_are_the_tables_values() -> None:
     ):
         rows[key_name] = default
     wrong = []
-    tables = [*SECTIONS.items(), ("", RelayConfig), ("", SenderRule), ("", OAuth2Keys)]
+    tables = [*SECTIONS.items(), ("", RelayConfig), ("", SenderRule), ("", LoginKeys)]
     for name, section in tables:
         for key in keys(section):
             row = rows.get(f"{name}.{key.name}" if name else key.name)
@@ -496,3 +512,26 @@ def test_a_store_url_never_carries_a_password(tmp_path: Path) -> None:
         (line,) = problems(path)
         assert "limits.store: a password does not go in the URL" in line, line
         assert "hunter2" not in line
+
+
+def test_every_key_says_what_it_takes() -> None:
+    """Every key of the one table (sections, relays, senders, the store, logins) is read by a
+    converter that says what it takes, in the words its errors use: none falls back to the
+    catch-all, so no "expected ..." text is written by hand beside a key."""
+    from pickupd.config.keys import expected, keys
+    from pickupd.config.limits import LimitsConfig
+    from pickupd.config.loading import SECTIONS, RelayConfig, SenderRule
+    from pickupd.config.logins import CREDENTIAL_KEYS, LoginKeys
+
+    tables = [*SECTIONS.values(), RelayConfig, SenderRule, LimitsConfig, LoginKeys]
+    vague = [
+        f"{section.__name__}.{key.name}"
+        for section in tables
+        for key in keys(section)
+        if expected(key.convert) == "a valid value"
+    ]
+    assert not vague, vague
+    # The login keys the reader knows are exactly the ones the table declares.
+    assert {key.name for key in keys(LoginKeys)} == CREDENTIAL_KEYS
+    assert {"host", "port"} <= {key.name for key in keys(RelayConfig)}
+    assert "relay" in {key.name for key in keys(SenderRule)}

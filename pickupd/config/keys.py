@@ -8,7 +8,9 @@ is derived from the default itself, so each default is written once. Config load
 `pickupd init`, `pickupd check` and the documentation test all read this one table.
 
 A converter raises `Invalid` (or TypeError / ValueError): with a text, that text is the
-problem shown; without one, the key's "expected ..." words are.
+problem shown; without one, the converter's "expected ..." words are. Those words belong to
+the converter (`expecting`), derived from its range where it has one (`int_range(1, 1000)`:
+"an integer from 1 to 1000"), so they cannot disagree with what it takes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ __all__ = [
     "command",
     "domain",
     "duration",
+    "expected",
+    "expecting",
+    "file_path",
     "https_url",
     "int_range",
     "keys",
@@ -78,10 +83,29 @@ class Key:
     default: Any
 
 
-def setting(default: Any, convert: Convert, expected: str, help: str) -> Any:
+def setting(default: Any, convert: Convert, help: str) -> Any:
     """A dataclass field that is a config key (see the module docstring)."""
-    meta = {"convert": convert, "expected": expected, "help": help}
+    meta = {"convert": convert, "help": help}
     return field(default=default, metadata=meta)
+
+
+# What each converter takes, as its error says it ("expected <this>, got ...").
+_EXPECTED: dict[Convert, str] = {}
+
+
+def expecting(text: str) -> Callable[[T], T]:
+    """Register what a converter takes, in the words of its error (a decorator)."""
+
+    def register(convert: T) -> T:
+        _EXPECTED[convert] = text  # type: ignore[index]
+        return convert
+
+    return register
+
+
+def expected(convert: Convert) -> str:
+    """What `convert` takes, as a problem says it."""
+    return _EXPECTED.get(convert, "a valid value")
 
 
 def shown(default: Any, convert: Convert) -> str:
@@ -116,7 +140,7 @@ def keys(section: type) -> Iterator[Key]:
             yield Key(
                 item.name,
                 meta["convert"],
-                meta["expected"],
+                expected(meta["convert"]),
                 meta["help"],
                 shown(item.default, meta["convert"]),
                 item.default,
@@ -170,17 +194,17 @@ class Reader:
         key: str,
         default: T,
         convert: Callable[[Any], T],
-        expected: str,
     ) -> T:
         if key not in table:
             return default
         value = table[key]
+        said = f"expected {expected(convert)}, got {type_name(value)}"
         try:
             return convert(value)
         except Invalid as exc:
-            self.problem(prefix + key, str(exc) or f"expected {expected}, got {type_name(value)}")
+            self.problem(prefix + key, str(exc) or said)
         except (TypeError, ValueError):
-            self.problem(prefix + key, f"expected {expected}, got {type_name(value)}")
+            self.problem(prefix + key, said)
         return default
 
     def values(
@@ -194,15 +218,12 @@ class Reader:
         keys are problems unless in `extra` (keys the caller reads itself)."""
         declared = list(keys(section))
         self.unknown(table, prefix, {k.name for k in declared} | set(extra))
-        return {
-            k.name: self.get(table, prefix, k.name, k.default, k.convert, k.expected)
-            for k in declared
-        }
+        return {k.name: self.get(table, prefix, k.name, k.default, k.convert) for k in declared}
 
     def value(self, table: Mapping[str, Any], prefix: str, section: type, name: str) -> Any:
         """One key `section` declares, read from `table` (its default where absent)."""
         (key,) = (k for k in keys(section) if k.name == name)
-        return self.get(table, prefix, name, key.default, key.convert, key.expected)
+        return self.get(table, prefix, name, key.default, key.convert)
 
     def file(self, value: str) -> Path:
         """A path from the file: relative ones are relative to the config's folder."""
@@ -214,6 +235,7 @@ class Reader:
 
 
 def int_range(low: int, high: int) -> Callable[[Any], int]:
+    @expecting(f"an integer from {low} to {high}")
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise Invalid()
@@ -222,24 +244,36 @@ def int_range(low: int, high: int) -> Callable[[Any], int]:
     return convert
 
 
+@expecting("true or false")
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise Invalid()
     return value
 
 
+@expecting("a non-empty string")
 def string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise Invalid()
     return value
 
 
+@expecting("a file path")
+def file_path(value: Any) -> str:
+    """A file's path (relative ones: to the config's folder, as the reader resolves them)."""
+    if not isinstance(value, str) or not value:
+        raise Invalid()
+    return value
+
+
+@expecting('a duration like "30s" or "5m"')
 def duration(value: Any) -> float:
     if not isinstance(value, str):
         raise Invalid()
     return parse_duration(value)
 
 
+@expecting('a duration greater than zero, like "30s"')
 def positive_duration(value: Any) -> float:
     seconds = duration(value)
     if seconds <= 0:
@@ -247,24 +281,28 @@ def positive_duration(value: Any) -> float:
     return seconds
 
 
+@expecting('a non-empty array of durations like ["1m", "5m"]')
 def schedule(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
         raise Invalid('expected a non-empty array of durations like ["1m", "5m"]')
     return tuple(positive_duration(item) for item in value)
 
 
+@expecting('a size like 26214400 or "25MiB"')
 def size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise Invalid()
     return parse_size(value)
 
 
+@expecting('a rate like "30/min"')
 def rate(value: Any) -> Rate:
     if not isinstance(value, str):
         raise Invalid('expected a rate like "30/min"')
     return parse_rate(value)
 
 
+@expecting('an array like ["30 messages/min", "10000 recipients/day"]')
 def limits(value: Any) -> tuple[Limit, ...]:
     """An array of limits: ["30 messages/min", "10000 recipients/day", "3 connections"]."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
@@ -272,6 +310,7 @@ def limits(value: Any) -> tuple[Limit, ...]:
     return tuple(parse_limit(item) for item in value)
 
 
+@expecting('a non-empty array like ["billing", "@finance", "uid:1234"]')
 def owners(value: Any) -> tuple[Owner, ...]:
     """An array of local users, @groups and uids: ["billing", "@finance", "uid:1234"]."""
     if not isinstance(value, list) or not value:
@@ -285,6 +324,7 @@ def owners(value: Any) -> tuple[Owner, ...]:
     return tuple(dict.fromkeys(found))
 
 
+@expecting('"urgent", "normal" or "bulk"')
 def mail_class(value: Any) -> MailClass:
     """ "urgent", "normal" or "bulk" (message/priority.py)."""
     if not isinstance(value, str):
@@ -295,6 +335,7 @@ def mail_class(value: Any) -> MailClass:
         raise Invalid(str(exc)) from None
 
 
+@expecting('a table like {"newsletter" = "bulk", "@webapps" = "normal"}')
 def owner_classes(value: Any) -> tuple[tuple[Owner, MailClass], ...]:
     """A table of writers and the highest class their files may have:
     {"newsletter" = "bulk", "@webapps" = "normal"}."""
@@ -309,13 +350,15 @@ def owner_classes(value: Any) -> tuple[tuple[Owner, MailClass], ...]:
     return tuple(found)
 
 
+@expecting('an https:// URL, like "https://host/path"')
 def https_url(value: Any) -> str:
     """An https:// base URL, without a trailing slash."""
     if not isinstance(value, str) or not re.fullmatch(r"https://[^/\s?#]+(/[^\s?#]*)?", value):
-        raise Invalid('expected an https:// URL like "https://graph.microsoft.com"')
+        raise Invalid()
     return value.rstrip("/")
 
 
+@expecting('a domain name like "example.com"')
 def domain(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(
         r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
@@ -324,6 +367,7 @@ def domain(value: Any) -> str:
     return value.lower()
 
 
+@expecting('"host:port", like "127.0.0.1:9464" or "[::1]:9464"')
 def listen(value: Any) -> tuple[str, int]:
     expected = 'expected "host:port", like "127.0.0.1:9464" or "[::1]:9464"'
     if not isinstance(value, str):
@@ -335,6 +379,7 @@ def listen(value: Any) -> tuple[str, int]:
     return host, int(port)
 
 
+@expecting('an array like ["/usr/local/bin/cmd", "--flag"]')
 def command(value: Any) -> tuple[str, ...]:
     """A command as an array (run without a shell): ["/path/cmd", "arg"]."""
     if (
@@ -346,6 +391,7 @@ def command(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+@expecting('an address like "ops@example.com"')
 def address(value: Any) -> str:
     """One mail address (addr-spec), like "ops@example.com"."""
     if not isinstance(value, str) or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
@@ -354,6 +400,7 @@ def address(value: Any) -> str:
 
 
 def choice(*options: str) -> Callable[[Any], str]:
+    @expecting("one of " + ", ".join(f'"{o}"' for o in options))
     def convert(value: Any) -> str:
         if value not in options:
             near = difflib.get_close_matches(str(value), options, 1)

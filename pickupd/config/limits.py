@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pickupd.auth.logins import Secret
 from pickupd.config import keys as s
-from pickupd.config.keys import Reader, setting
+from pickupd.config.keys import Reader, expecting, setting
 from pickupd.config.logins import PASSWORD_KEYS, read_secret
 from pickupd.config.routing import is_loopback
 from pickupd.errors import Invalid
@@ -19,6 +19,7 @@ from pickupd.errors import Invalid
 __all__ = ["LimitsConfig", "read_limits", "shown_url"]
 
 
+@expecting('a URL like "redis://host:6379/0" or "rediss://host:6380/0"')
 def _store_url(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid()
@@ -39,23 +40,20 @@ class LimitsConfig:
     store: str | None = setting(
         None,
         _store_url,
-        "",
         'a Redis the fleet shares, "redis://host:6379/0" or "rediss://..." (not set: a file'
         " in the spool)",
     )
     ca_file: Path | None = setting(
-        None, s.string, "a file path", "with rediss://: CA certificates to verify Redis with"
+        None, s.file_path, "with rediss://: CA certificates to verify Redis with"
     )
     hosts: int = setting(
         1,
         s.int_range(1, 10_000),
-        "an integer 1-10000",
         "while the store is down, each host takes 1/hosts of every limit",
     )
     wait: float = setting(
         0.1,
         s.positive_duration,
-        "a duration",
         "a store that has not answered in this long counts as down",
     )
     password: Secret | None = None

@@ -69,26 +69,22 @@ class SpoolConfig:
 
     path: Path = setting(
         Path("/var/spool/pickupd"),
-        s.string,
-        "a path",
+        s.file_path,
         "the root of pickup/, active/, deferred/, hold/, failed/ and sent/ (one filesystem)",
     )
     keep_sent: bool = setting(
         False,
         s.boolean,
-        "true or false",
         "keep relayed messages in sent/ with their .json",
     )
     claim_lease: float = setting(
         600.0,
         s.positive_duration,
-        "a duration",
         "a claim not renewed this long (its host is gone) may be taken over by another host",
     )
     io: IoMode = setting(
         "auto",
         s.choice("auto", "loop", "threads"),
-        "",
         'where claims, reads and moves run: "threads" on a network file system (NFS), so a'
         ' slow server stalls no session; "auto" tells by the file system',
     )
@@ -101,25 +97,21 @@ class DispatchConfig:
     concurrency: int = setting(
         8,
         s.int_range(1, 1000),
-        "an integer 1-1000",
         "messages relayed at the same time (by all workers together)",
     )
     workers: int = setting(
         0,
         s.int_range(0, 64),
-        "an integer 0-64",
         "dispatcher processes sharing the work; 0: one per CPU core, at most 4",
     )
     settle: float = setting(
         1.0,
         s.duration,
-        "a duration",
         "a .eml written straight into pickup/ is taken once unchanged this long",
     )
     rescan_interval: float = setting(
         30.0,
         s.positive_duration,
-        "a duration",
         "rescan pickup/ and deferred/ this often (deferred/: more seldom as it grows)",
     )
 
@@ -131,35 +123,31 @@ class PolicyConfig:
     max_recipients: int = setting(
         100,
         s.int_range(1, 100_000),
-        "an integer >= 1",
         "more recipients: failed/ with reason too_many_recipients",
     )
     max_message_size: int = setting(
-        25 * 1024 * 1024, s.size, "", "larger messages: failed/ with reason too_large"
+        25 * 1024 * 1024, s.size, "larger messages: failed/ with reason too_large"
     )
     max_header_size: int = setting(
-        64 * 1024, s.size, "", "a larger header section: failed/ as malformed"
+        64 * 1024, s.size, "a larger header section: failed/ as malformed"
     )
     check_header_from: bool = setting(
         True,
         s.boolean,
-        "a boolean",
         "every From: address must match a [senders] entry too",
     )
     require_owners: bool = setting(
         False,
         s.boolean,
-        "a boolean",
         "every [senders] entry must name its owners (the local users who may send as it)",
     )
     # Qualifies a bare local part ("root") in the envelope and From/To/Cc, as Postfix's myorigin.
     local_domain: str | None = setting(
-        None, s.domain, "", "qualify bare names like root as root@local_domain (not set)"
+        None, s.domain, "qualify bare names like root as root@local_domain (not set)"
     )
     highest_class: tuple[tuple[Owner, MailClass], ...] | None = setting(
         None,
         s.owner_classes,
-        "",
         "by writer (users, @groups): the highest class under a limit their files may"
         " have (not set: as marked)",
     )
@@ -172,13 +160,11 @@ class RetryConfig:
     schedule: tuple[float, ...] = setting(
         (60.0, 300.0, 900.0, 3600.0, 7200.0, 14400.0),
         s.schedule,
-        "",
         "wait after the 1st, 2nd, 3rd ... failed attempt; the last value repeats",
     )
     max_age: float = setting(
         5 * 86400.0,
         s.positive_duration,
-        "a duration",
         "give up after this long: failed/ with reason expired",
     )
 
@@ -190,13 +176,11 @@ class LogConfig:
     level: str = setting(
         "info",
         s.choice("debug", "info", "warning", "error"),
-        "",
         "debug | info | warning | error",
     )
     format: Literal["json", "console"] = setting(
         "json",
         s.choice("json", "console"),
-        "",
         '"json": one JSON object per line (journald); "console": text for people',
     )
 
@@ -208,31 +192,27 @@ class NotifyConfig:
     on_failed: tuple[str, ...] | None = setting(
         None,
         s.command,
-        "",
         "run for each message that lands in failed/: the sidecar JSON on stdin (not set)",
     )
     on_deferred_after: float | None = setting(
         None,
         s.positive_duration,
-        "a duration",
         "also run on_failed's command, once, for a message still deferred this long (not set)",
     )
     hook_timeout: float = setting(
         30.0,
         s.positive_duration,
-        "a duration",
         "a hook still running after this is killed",
     )
     report_to: str | None = setting(
-        None, s.address, "", "mail a report of failed messages to this address (not set)"
+        None, s.address, "mail a report of failed messages to this address (not set)"
     )
     report_from: str | None = setting(
-        None, s.address, "", "the report's sender: must be allowed by a [senders] entry"
+        None, s.address, "the report's sender: must be allowed by a [senders] entry"
     )
     report_interval: float = setting(
         3600.0,
         s.positive_duration,
-        "a duration",
         "at most one report this often; failures in between are batched",
     )
 

@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from pickupd.auth.logins import (
     MICROSOFT_AUTHORITY,
@@ -27,14 +26,23 @@ from pickupd.auth.logins import (
     Secret,
     TokenSource,
 )
-from pickupd.config.keys import Reader, positive_duration, setting, string, type_name
+from pickupd.config.keys import (
+    Reader,
+    choice,
+    file_path,
+    https_url,
+    keys,
+    positive_duration,
+    setting,
+    string,
+    type_name,
+)
 from pickupd.config.keys import command as settings_command
-from pickupd.errors import Invalid
 
 __all__ = [
     "CREDENTIAL_KEYS",
     "PASSWORD_KEYS",
-    "OAuth2Keys",
+    "LoginKeys",
     "given",
     "others_can_access",
     "read_credentials",
@@ -59,24 +67,6 @@ def given(reader: Reader, table: Mapping[str, Any], prefix: str, keys: Sequence[
 
 PASSWORD_KEYS = secret_keys("password")
 _SECRET_KEYS = frozenset(secret_keys("client_secret"))
-_OAUTH2_KEYS = frozenset(
-    {
-        "tenant",
-        "client_id",
-        "client_certificate_file",
-        "client_key_file",
-        "thumbprint",
-        "authority",
-        "service_account_file",
-        "token_url",
-        "refresh_token_file",
-        "token_command",
-        "token_timeout",
-        "refresh_token_keepalive",
-    }
-)
-# Every key a relay or sender table may hold for its login.
-CREDENTIAL_KEYS = frozenset({"username", "auth", *PASSWORD_KEYS}) | _SECRET_KEYS | _OAUTH2_KEYS
 # The key that says which token source an OAuth2 login uses.
 _SOURCE_KEYS = ("tenant", "service_account_file", "refresh_token_file", "token_command")
 
@@ -132,7 +122,7 @@ def read_secret(reader: Reader, table: Mapping[str, Any], prefix: str, base: str
 def _private_file(reader: Reader, table: Mapping[str, Any], prefix: str, key: str) -> Path | None:
     """A file holding a secret (a key, a service account, a refresh token): it must exist
     and others may not read it (the same rule as password_file)."""
-    value = reader.get(table, prefix, key, None, string, "a file path")
+    value = reader.get(table, prefix, key, None, file_path)
     if value is None:
         return None
     path = reader.file(value)
@@ -150,46 +140,74 @@ def _private_file(reader: Reader, table: Mapping[str, Any], prefix: str, key: st
     return path
 
 
-def _https_url(value: Any) -> str:
-    text = string(value)
-    url = urlparse(text)
-    if url.scheme != "https" or not url.hostname:
-        raise Invalid("expected an https:// URL")
-    return text.rstrip("/")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OAuth2Keys:
-    """The OAuth2 login keys that have a default (the others are required by their token
-    source, or unset): part of the one table of keys, like the sections'."""
+class LoginKeys:
+    """Every key of a login, in a relay table or a sender entry: part of the one table of
+    keys, like the sections'. A login is not one dataclass (auth/logins.py has one per kind),
+    so these are only read, by `read_credentials`."""
 
+    auth: str | None = setting(
+        None,
+        choice("password", "oauth2"),
+        '"password" (with username and a password) or "oauth2" (with a token source)',
+    )
+    username: str | None = setting(
+        None, string, "the login (with oauth2: the mailbox, if not the sender's own)"
+    )
+    password: str | None = setting(None, string, "inline: better password_file or password_env")
+    password_file: str | None = setting(None, file_path, "a file holding the password (mode 0600)")
+    password_env: str | None = setting(None, string, "an environment variable holding it")
+    tenant: str | None = setting(None, string, "oauth2, Microsoft 365: the tenant's id or domain")
+    client_id: str | None = setting(None, string, "oauth2: the app registration's client id")
+    client_secret: str | None = setting(None, string, "oauth2: inline; better _file or _env")
+    client_secret_file: str | None = setting(None, file_path, "oauth2: a file holding the secret")
+    client_secret_env: str | None = setting(None, string, "oauth2: a variable holding it")
+    client_certificate_file: str | None = setting(
+        None, file_path, "with tenant: the app's certificate (PEM; with client_key_file)"
+    )
+    client_key_file: str | None = setting(None, file_path, "with tenant: its private key (PEM)")
+    thumbprint: str | None = setting(
+        None, string, "with tenant: the certificate's SHA-1 thumbprint (not set: computed)"
+    )
+    authority: str = setting(
+        MICROSOFT_AUTHORITY,
+        https_url,
+        "with tenant: the Microsoft identity platform (a sovereign cloud has its own)",
+    )
+    service_account_file: str | None = setting(
+        None, file_path, "oauth2, Google: the service account's key (JSON)"
+    )
+    token_url: str | None = setting(
+        None, https_url, "with refresh_token_file: the provider's token endpoint"
+    )
+    refresh_token_file: str | None = setting(
+        None, file_path, "oauth2: a file holding a refresh token (pickupd keeps it fresh)"
+    )
+    token_command: tuple[str, ...] | None = setting(
+        None, settings_command, "oauth2: a command that prints an access token"
+    )
     token_timeout: float = setting(
         TOKEN_TIMEOUT,
         positive_duration,
-        "a duration",
         "for each request to the token endpoint (or each token_command)",
     )
     refresh_token_keepalive: float = setting(
         REFRESH_KEEPALIVE,
         positive_duration,
-        "a duration",
         "with refresh_token_file: use the token at least this often, mail or not (an idle"
         " one dies: Microsoft's after 90 days)",
     )
-    authority: str = setting(
-        MICROSOFT_AUTHORITY,
-        _https_url,
-        "an https:// URL",
-        "with tenant: the Microsoft identity platform (a sovereign cloud has its own)",
-    )
+
+
+# Every key a relay or sender table may hold for its login (declared by LoginKeys below).
+CREDENTIAL_KEYS = frozenset(key.name for key in keys(LoginKeys))
+# The keys only an OAuth2 login takes.
+_OAUTH2_KEYS = CREDENTIAL_KEYS - {"username", "auth", *PASSWORD_KEYS} - _SECRET_KEYS
 
 
 def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth2Login | None:
     """`auth = "oauth2"` and one token source (see the module docstring)."""
-    for key in PASSWORD_KEYS:
-        if key in table:
-            reader.problem(prefix + key, 'not used with auth = "oauth2" (tokens replace it)')
-    username = reader.get(table, prefix, "username", None, string, "a mailbox address")
+    username = reader.value(table, prefix, LoginKeys, "username")
     sources = given(reader, table, prefix, _SOURCE_KEYS)
     if len(sources) != 1:
         if not sources:
@@ -200,30 +218,21 @@ def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth
             )
         return None
     kind = sources[0]
-    timeout = reader.value(table, prefix, OAuth2Keys, "token_timeout")
+    timeout = reader.value(table, prefix, LoginKeys, "token_timeout")
 
-    def required(key: str, convert: Any = string, expected: str = "a non-empty string") -> Any:
-        if key not in table:
+    def value(key: str, required: bool = False) -> Any:
+        if required and key not in table:
             reader.problem(prefix + key, f"required with {kind}")
             return None
-        return reader.get(table, prefix, key, None, convert, expected)
+        return reader.value(table, prefix, LoginKeys, key)
 
-    def secret() -> Secret | None:
-        return (
-            read_secret(reader, table, prefix, "client_secret")
-            if _SECRET_KEYS & set(table)
-            else None
-        )
-
+    with_secret = bool(_SECRET_KEYS & set(table))
+    secret = read_secret(reader, table, prefix, "client_secret") if with_secret else None
     source: TokenSource | None = None
     if kind == "tenant":
-        tenant, client_id = required("tenant"), required("client_id")
-        authority = reader.value(table, prefix, OAuth2Keys, "authority")
-        client_secret = secret()
+        tenant, client_id = value("tenant", True), value("client_id", True)
         certificate = _private_file(reader, table, prefix, "client_certificate_file")
         key_file = _private_file(reader, table, prefix, "client_key_file")
-        thumbprint = reader.get(table, prefix, "thumbprint", None, string, "a hex string")
-        with_secret = bool(_SECRET_KEYS & set(table))
         with_certificate = {"client_certificate_file", "client_key_file"} <= set(table)
         if with_secret == with_certificate:
             reader.problem(
@@ -231,15 +240,15 @@ def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth
                 "needs either client_secret_file (or _env), or client_certificate_file"
                 " with client_key_file",
             )
-        elif tenant and client_id and (client_secret or (certificate and key_file)):
+        elif tenant and client_id and (secret or (certificate and key_file)):
             source = MicrosoftSource(
                 tenant=tenant,
                 client_id=client_id,
-                authority=authority,
-                client_secret=client_secret,
+                authority=value("authority"),
+                client_secret=secret,
                 certificate_file=certificate,
                 key_file=key_file,
-                thumbprint=thumbprint,
+                thumbprint=value("thumbprint"),
                 timeout=timeout,
             )
     elif kind == "service_account_file":
@@ -247,31 +256,26 @@ def _read_oauth2(reader: Reader, table: Mapping[str, Any], prefix: str) -> OAuth
         if path is not None:
             source = GoogleSource(path, timeout)
     elif kind == "refresh_token_file":
-        token_url = required("token_url", _https_url, "an https:// URL")
-        client_id = required("client_id")
+        token_url, client_id = value("token_url", True), value("client_id", True)
         path = _private_file(reader, table, prefix, "refresh_token_file")
-        client_secret = secret()
-        keepalive = reader.value(table, prefix, OAuth2Keys, "refresh_token_keepalive")
+        keepalive = value("refresh_token_keepalive")
         if token_url and client_id and path is not None:
-            source = RefreshTokenSource(
-                token_url, client_id, path, client_secret, timeout, keepalive
-            )
-    else:
-        command = reader.get(table, prefix, "token_command", None, settings_command, "")
-        if command is not None:
-            source = CommandSource(command, timeout)
+            source = RefreshTokenSource(token_url, client_id, path, secret, timeout, keepalive)
+    elif (command := value("token_command")) is not None:
+        source = CommandSource(command, timeout)
     return None if source is None else OAuth2Login(source, username)
 
 
 def read_credentials(reader: Reader, table: Mapping[str, Any], prefix: str) -> Login | None:
     """The login a relay or sender table declares: `auth = "oauth2"` with a token source,
     or username + one of password / password_file / password_env; None if it has none."""
-    auth = reader.get(table, prefix, "auth", "password", _auth, "")
-    if auth == "oauth2":
+    if reader.value(table, prefix, LoginKeys, "auth") == "oauth2":
+        for key in sorted(set(PASSWORD_KEYS) & set(table)):
+            reader.problem(prefix + key, 'not used with auth = "oauth2" (tokens replace it)')
         return _read_oauth2(reader, table, prefix)
     for key in sorted((_SECRET_KEYS | _OAUTH2_KEYS) & set(table)):
         reader.problem(prefix + key, 'goes with auth = "oauth2"')
-    username = reader.get(table, prefix, "username", None, string, "a non-empty string")
+    username = reader.value(table, prefix, LoginKeys, "username")
     sources = given(reader, table, prefix, PASSWORD_KEYS)
     if len(sources) > 1:
         return None
@@ -284,9 +288,3 @@ def read_credentials(reader: Reader, table: Mapping[str, Any], prefix: str) -> L
         return None
     password = read_secret(reader, table, prefix, "password")
     return None if password is None else Credentials(username, password)
-
-
-def _auth(value: Any) -> str:
-    if value not in ("password", "oauth2"):
-        raise Invalid('expected "password" or "oauth2"')
-    return str(value)

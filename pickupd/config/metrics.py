@@ -26,22 +26,21 @@ class MetricsConfig:
     """`[metrics]`: a Prometheus endpoint, off unless `listen` is set."""
 
     listen: tuple[str, int] | None = setting(
-        None, s.listen, "", 'serve /metrics on "host:port" (not set: off)'
+        None, s.listen, 'serve /metrics on "host:port" (not set: off)'
     )
     tls_cert_file: Path | None = setting(
-        None, s.string, "a file path", "serve HTTPS with this certificate (PEM; with tls_key_file)"
+        None, s.file_path, "serve HTTPS with this certificate (PEM; with tls_key_file)"
     )
     tls_key_file: Path | None = setting(
-        None, s.string, "a file path", "the certificate's private key (PEM; a secret)"
+        None, s.file_path, "the certificate's private key (PEM; a secret)"
     )
     basic_auth_user: str | None = setting(
         None,
         s.string,
-        "",
         "ask scrapers for this user and basic_auth_password_file's password (not set: anyone)",
     )
     basic_auth_password_file: Path | None = setting(
-        None, s.string, "a file path", "the basic auth password (a secret; or _env)"
+        None, s.file_path, "the basic auth password (a secret; or _env)"
     )
     # Read apart, as a relay's password is (never shown).
     basic_auth_password: Secret | None = None

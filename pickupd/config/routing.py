@@ -74,81 +74,75 @@ GRAPH_URL = "https://graph.microsoft.com"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayConfig:
-    """One `[relays.<name>]` section (`name`, `host`, `port` and the login are read apart)."""
+    """One `[relays.<name>]` section (`name` is the table's, the login read apart)."""
 
     name: str
-    host: str
-    port: int
+    # Set once read (unset in the file: the provider's host, the security's port).
+    host: str = setting(
+        None, s.string, "the relay's host name or address (not set: the provider's)"
+    )
+    port: int = setting(
+        None, s.int_range(1, 65535), "not set: 587 for starttls, 465 for tls, 25 for none"
+    )
     security: Security = setting(
         "starttls",
         s.choice("starttls", "tls", "none"),
-        "",
         '"starttls" (required, verified), "tls" (implicit, port 465) or "none"',
     )
     ca_file: Path | None = setting(
-        None, s.string, "a file path", "CA certificates to verify the server with (not set)"
+        None, s.file_path, "CA certificates to verify the server with (not set)"
     )
     timeout: float = setting(
         30.0,
         s.positive_duration,
-        "a duration",
         "for connecting and for each SMTP command",
     )
-    max_connections: int = setting(
-        4, s.int_range(1, 1000), "an integer 1-1000", "open sessions to this relay at most"
-    )
-    idle_timeout: float = setting(10.0, s.duration, "a duration", "close a session idle this long")
+    max_connections: int = setting(4, s.int_range(1, 1000), "open sessions to this relay at most")
+    idle_timeout: float = setting(10.0, s.duration, "close a session idle this long")
     max_messages_per_connection: int = setting(
         100,
         s.int_range(1, 1_000_000),
-        "an integer >= 1",
         f"then open a new session (also after {MAX_SESSION_AGE:g} s)",
     )
     rate: Rate | None = setting(
-        None, s.rate, "", 'the older form of limits = ["100 messages/min"] (not set)'
+        None, s.rate, 'the older form of limits = ["100 messages/min"] (not set)'
     )
     # Unset by default: the provider's preset (or none). Once read, what applies.
     limits: tuple[Limit, ...] | None = setting(
         None,
         s.limits,
-        "",
         "for all mail through this relay (the account), shared by the fleet; over the"
         " provider's, kind by kind",
     )
     mailbox_limits: tuple[Limit, ...] | None = setting(
         None,
         s.limits,
-        "",
         "for each mailbox (login) through this relay; over the provider's, kind by kind",
     )
     suspend_after: int = setting(
         3,
         s.int_range(0, 1000),
-        "an integer 0-1000",
         "connection failures in a row that suspend the relay (0: never)",
     )
     probe_interval: float = setting(
-        30.0, s.positive_duration, "a duration", "while suspended: one probe this often"
+        30.0, s.positive_duration, "while suspended: one probe this often"
     )
     provider: str | None = setting(
         None,
         s.choice(*PROVIDERS),
-        "",
         'fills host, port and security: "microsoft365", "google" or "ses" (not set)',
     )
     region: str | None = setting(
-        None, s.string, "a region name", 'with provider = "ses": the AWS region, like "eu-west-1"'
+        None, s.string, 'with provider = "ses": the AWS region, like "eu-west-1"'
     )
     transport: str = setting(
         "smtp",
         s.choice("smtp", "graph"),
-        "",
         '"smtp", or "graph": Microsoft Graph\'s sendMail (needs auth = "oauth2", Mail.Send)',
     )
     graph_url: str = setting(
         GRAPH_URL,
         s.https_url,
-        "",
         'with transport = "graph": its base URL (national clouds: graph.microsoft.us,'
         " dod-graph.microsoft.us, microsoftgraph.chinacloudapi.cn)",
     )
@@ -160,36 +154,32 @@ class SenderRule:
     """One `[senders."<address or *@domain>"]` entry."""
 
     pattern: str  # lower-cased: "a@example.com" or "*@example.com"
-    relay: str
+    relay: str = setting(None, s.string, "required: the name of a [relays.<name>] table")
     credentials: Login | None = None
     # For this sender's credentials (or the relay's, if it has none).
     rate: Rate | None = setting(
-        None, s.rate, "", 'the older form of limits = ["30 messages/min"] (not set)'
+        None, s.rate, 'the older form of limits = ["30 messages/min"] (not set)'
     )
     limits: tuple[Limit, ...] | None = setting(
         None,
         s.limits,
-        "",
         "for this sender's mailbox (its login); over the relay's mailbox_limits, kind by kind",
     )
     owners: tuple[Owner, ...] | None = setting(
         None,
         s.owners,
-        "",
         "the local users, @groups and uid:NNN whose dropped files may send as this sender"
         " (not set: any writer)",
     )
     mail_class: MailClass | None = setting(
         None,
         s.mail_class,
-        "",
         '"urgent", "normal" or "bulk": the class of all its mail under a limit, whatever'
         " the message's fields mark (not set: as marked)",
     )
     highest_class: MailClass | None = setting(
         None,
         s.mail_class,
-        "",
         "a message marked higher than this goes as this class (not set: no cap)",
     )
 
@@ -213,7 +203,7 @@ def is_loopback(host: str) -> bool:
 
 def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConfig | None:
     prefix = f"relays.{name}."
-    values = reader.values(table, prefix, RelayConfig, {"host", "port"} | CREDENTIAL_KEYS)
+    values = reader.values(table, prefix, RelayConfig, CREDENTIAL_KEYS)
     preset = ""
     provider, region = values["provider"], values["region"]
     graph = values["transport"] == "graph"
@@ -226,15 +216,8 @@ def read_relay(reader: Reader, name: str, table: Mapping[str, Any]) -> RelayConf
         preset = PROVIDERS[provider].format(region=region)
     if "host" not in table and not preset:
         reader.problem(prefix + "host", "required")
-    host = reader.get(table, prefix, "host", preset, s.string, "a host name or address")
-    port = reader.get(
-        table,
-        prefix,
-        "port",
-        DEFAULT_PORTS[values["security"]],
-        s.int_range(1, 65535),
-        "an integer 1-65535",
-    )
+    host = values.pop("host") or preset
+    port = values.pop("port") or DEFAULT_PORTS[values["security"]]
     if values["ca_file"] is not None:
         values["ca_file"] = reader.file(values["ca_file"])
         if not values["ca_file"].is_file():
@@ -284,7 +267,7 @@ def read_sender(
     reader: Reader, pattern: str, table: Mapping[str, Any], relays: Mapping[str, RelayConfig]
 ) -> SenderRule | None:
     prefix = f'senders."{pattern}".'
-    values = reader.values(table, prefix, SenderRule, {"relay"} | CREDENTIAL_KEYS)
+    values = reader.values(table, prefix, SenderRule, CREDENTIAL_KEYS)
     local, at, domain = pattern.rpartition("@")
     if not at or not local or not domain or ("*" in local and local != "*") or "*" in domain:
         reader.problem(
@@ -298,7 +281,7 @@ def read_sender(
     if "relay" not in table:
         reader.problem(prefix + "relay", "required: the name of a [relays.<name>] section")
         return None
-    relay = reader.get(table, prefix, "relay", "", s.string, "a relay name")
+    relay = values.pop("relay") or ""
     if relay and relay not in relays:
         known = ", ".join(sorted(relays)) or "none defined"
         reader.problem(prefix + "relay", f'no relay named "{relay}" (relays: {known})')

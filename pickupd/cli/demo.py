@@ -187,6 +187,29 @@ async def _follow(spool: Path) -> None:
                     )
 
 
+async def _samples(pickup: Path, spool: Path, capture: _Capture) -> None:
+    """Drop the three samples as an app would, and say where each ended up (15 s at most)."""
+    print("Dropping three sample messages (Maildir protocol: tmp/ then rename to new/):")
+    maildir = mailbox.Maildir(pickup, create=False)
+    ids = []
+    for name, sender, recipient, about in _SAMPLES:
+        raw = _sample(name, sender, recipient, about)
+        maildir.add(raw)
+        match = _MESSAGE_ID.search(raw)
+        assert match is not None
+        ids.append((name, about, match.group(1).decode()))
+    deadline = time.monotonic() + 15
+    results: dict[str, str | None] = {}
+    while time.monotonic() < deadline:
+        results = {mid: _where(spool, mid, capture) for _, _, mid in ids}
+        if all(results.values()):
+            break
+        await asyncio.sleep(0.05)
+    print("\nWhere each one ended up, and why:")
+    for name, about, mid in ids:
+        print(f"  {name:9} ({about}):\n      {results.get(mid) or 'still in flight'}")
+
+
 async def _demo(folder: Path) -> int:
     from aiosmtpd.smtp import SMTP as SMTPServer
 
@@ -217,25 +240,7 @@ async def _demo(folder: Path) -> int:
     print(f"  capture server:  127.0.0.1:{port} (stores mail in {received}/)")
     print(f"  dispatcher log:  {folder / 'pickupd.log'}")
     print(f"  pickup folder:   {pickup}/\n")
-    print("Dropping three sample messages (Maildir protocol: tmp/ then rename to new/):")
-    maildir = mailbox.Maildir(pickup, create=False)
-    ids = []
-    for name, sender, recipient, about in _SAMPLES:
-        raw = _sample(name, sender, recipient, about)
-        maildir.add(raw)
-        match = _MESSAGE_ID.search(raw)
-        assert match is not None
-        ids.append((name, about, match.group(1).decode()))
-    deadline = time.monotonic() + 15
-    results: dict[str, str | None] = {}
-    while time.monotonic() < deadline:
-        results = {mid: _where(config.spool.path, mid, capture) for _, _, mid in ids}
-        if all(results.values()):
-            break
-        await asyncio.sleep(0.05)
-    print("\nWhere each one ended up, and why:")
-    for name, about, mid in ids:
-        print(f"  {name:9} ({about}):\n      {results.get(mid) or 'still in flight'}")
+    await _samples(pickup, config.spool.path, capture)
     print(
         "\nThe dispatcher keeps running. Drop your own mail, for example:\n"
         f"  printf 'From: app@demo.example\\nTo: bob@example.net\\nSubject: hi\\n\\nhello\\n'"

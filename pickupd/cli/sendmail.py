@@ -31,6 +31,7 @@ from pickupd.cli.common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_com
 from pickupd.config.loading import Submission, config_path, load_submission
 from pickupd.errors import CommandError, ConfigError, PickupdError
 from pickupd.message import envelope
+from pickupd.message.addresses import unique
 from pickupd.outcome import Refusal
 from pickupd.spool.access import not_allowed
 from pickupd.spool.folders import Spool
@@ -260,21 +261,13 @@ def _composed(
         domain = sender.partition("@")[2] or local_domain or socket.getfqdn()
         added += f"Message-ID: {email.utils.make_msgid(domain=domain)}\n"
     lines = f"X-Sender: <{sender}>\n" if sender else "X-Sender: <>\n"
-    for recipient in _unique(recipients):
+    for recipient in unique(recipients):
         lines += f"X-Receiver: <{recipient}>\n"
     composed = (lines + added).encode() + head + body
     checked = envelope.parse(composed, local_domain=local_domain)
     if isinstance(checked, Refusal):
         raise CommandError(EX_DATAERR, f"malformed message: {checked.detail}")
     return composed
-
-
-def _unique(recipients: list[str]) -> list[str]:
-    """Each recipient once, the first spelling kept (addresses compare without case)."""
-    seen: dict[str, str] = {}
-    for recipient in recipients:
-        seen.setdefault(recipient.lower(), recipient)
-    return list(seen.values())
 
 
 def _drop(settings: Submission, data: bytes) -> None:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from pickupd.errors import AddressError
 
-__all__ = ["AddressError", "is_null", "parse_address_list", "qualify"]
+__all__ = ["AddressError", "is_null", "parse_address_list", "qualify", "unique"]
 
 
 # ---- Addresses: a tokenizer, then recursive descent over RFC 5322 3.4 (with RFC 6532 UTF-8).
@@ -300,3 +300,12 @@ def is_null(value: str) -> bool:
         return [token.kind for token in _tokenize(value)] == ["<", ">", "end"]
     except AddressError:
         return False
+
+
+def unique(addresses: list[str]) -> list[str]:
+    """Each address once, compared without case (as servers treat the local part), in the
+    order given, the first spelling kept."""
+    seen: dict[str, str] = {}
+    for address in addresses:
+        seen.setdefault(address.lower(), address)
+    return list(seen.values())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pickupd.errors import AddressError, MessageError, TooLong
 from pickupd.message import longlines
-from pickupd.message.addresses import is_null, parse_address_list, qualify
+from pickupd.message.addresses import is_null, parse_address_list, qualify, unique
 from pickupd.message.priority import MARK_FIELDS, MailClass, marked
 from pickupd.outcome import Reason, Refusal
 
@@ -320,6 +320,41 @@ def parse(
         return Refusal(Reason.MALFORMED, str(error))
 
 
+class _Fields:
+    """The header fields after the envelope's, read one by one: what is kept for the relay,
+    the authors, the Message-ID, the recipients (of a plain RFC 5322 file) and the marks of
+    its class."""
+
+    def __init__(self, recipients: list[str]) -> None:
+        self.recipients = recipients
+        self.kept: list[_Field] = []  # joined at the end: qualifying a name rewrites a field
+        self.single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
+        self.message_id: str | None = None
+        self.authors: list[tuple[str, str]] = []
+        self.marks: list[tuple[str, bytes]] = []
+
+    def take(self, f: _Field, pickup: bool) -> None:
+        if f.name != "bcc":  # Bcc: is for the envelope only, in both formats
+            self.kept.append(f)
+        if f.name in ("from", "sender"):
+            if f.name in self.single:
+                raise _Malformed(f"more than one {_LABELS[f.name]}: header")
+            self.single[f.name] = f
+        elif f.name in ("to", "cc", "bcc"):
+            # Checked in both formats, so a bad To: never reaches the relay's readers.
+            found = f.addresses() or []
+            if not pickup:
+                self.recipients.extend(found)
+        elif f.name == "message-id" and self.message_id is None:
+            self.message_id = f.value().decode("utf-8", "replace").strip() or None
+        elif f.name in ("resent-from", "resent-sender"):
+            # One per resent block, so they may repeat; each must parse and is an author.
+            found = f.addresses(null_ok=True) or []
+            self.authors.extend((_LABELS[f.name], address) for address in found)
+        elif f.name in MARK_FIELDS:
+            self.marks.append((f.name, f.value()))
+
+
 def _parse(
     raw: bytes, max_header_size: int, local_domain: str | None, complete: Completion | None
 ) -> Envelope:
@@ -340,33 +375,11 @@ def _parse(
     pickup = run > 0
     sender, recipients, dsn = _pickup_envelope(fields[:run]) if pickup else (None, [], Dsn())
 
-    kept: list[_Field] = []  # joined at the end: qualifying a bare name rewrites its field
-    single: dict[str, _Field] = {}  # From: and Sender:, which may appear once
-    message_id: str | None = None
-    authors: list[tuple[str, str]] = []
-    marks: list[tuple[str, bytes]] = []
+    read = _Fields(recipients)
     for f in fields[run:]:
-        if f.name != "bcc":  # Bcc: is for the envelope only, in both formats
-            kept.append(f)
-        if f.name in ("from", "sender"):
-            if f.name in single:
-                raise _Malformed(f"more than one {_LABELS[f.name]}: header")
-            single[f.name] = f
-        elif f.name in ("to", "cc", "bcc"):
-            # Checked in both formats, so a bad To: never reaches the relay's readers.
-            found = f.addresses() or []
-            if not pickup:
-                recipients.extend(found)
-        elif f.name == "message-id" and message_id is None:
-            message_id = f.value().decode("utf-8", "replace").strip() or None
-        elif f.name in ("resent-from", "resent-sender"):
-            # One per resent block, so they may repeat; each must parse and is an author.
-            found = f.addresses(null_ok=True) or []
-            authors.extend((_LABELS[f.name], address) for address in found)
-        elif f.name in MARK_FIELDS:
-            marks.append((f.name, f.value()))
-
-    from_field, sender_field = single.get("from"), single.get("sender")
+        read.take(f, pickup)
+    kept, authors, message_id = read.kept, read.authors, read.message_id
+    from_field, sender_field = read.single.get("from"), read.single.get("sender")
     header_from = tuple(from_field.addresses(null_ok=True) or []) if from_field else ()
     header_sender = sender_field.mailbox() if sender_field else None  # checked in both formats
     authors[:0] = [("From", address) for address in header_from]
@@ -378,12 +391,6 @@ def _parse(
         elif len(header_from) == 1:
             sender = header_from[0]
 
-    seen: set[str] = set()
-    unique: list[str] = []
-    for address in recipients:
-        if address.lower() not in seen:
-            seen.add(address.lower())
-            unique.append(address)
     head = b"".join(line for f in kept for line in f.lines)
     added: tuple[str, ...] = ()
     if complete is not None:
@@ -397,12 +404,12 @@ def _parse(
         raise _Malformed(str(error)) from None
     return Envelope(
         sender,
-        tuple(unique),
+        tuple(unique(read.recipients)),
         header_from,
         data,
         message_id,
         tuple(authors),
         dsn,
         added,
-        marked(marks) if marks else MailClass.NORMAL,
+        marked(read.marks) if read.marks else MailClass.NORMAL,
     )

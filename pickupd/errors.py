@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 
 from pickupd.outcome import SessionFault
@@ -15,18 +17,22 @@ __all__ = [
     "DaemonError",
     "EndpointError",
     "Invalid",
+    "Malformed",
     "MessageError",
     "NotAFile",
+    "NotRegular",
     "PickupdError",
     "ProtocolError",
     "SessionError",
     "SetupError",
     "SpoolLocked",
     "SpoolWriteError",
+    "StaleSession",
     "StartTLSNotOffered",
     "TLSHandshakeFailed",
     "TokenError",
     "TooLong",
+    "WatchError",
 ]
 
 
@@ -127,6 +133,34 @@ class AddressError(MessageError):
 
 class TooLong(MessageError):
     """A header line cannot be folded under 998 octets."""
+
+
+class Malformed(MessageError):
+    """A dropped file the parser does not take as a message: the text says where (a field's
+    label, a line's number); envelope.parse() turns it into Refusal(MALFORMED)."""
+
+
+class StaleSession(PickupdError):
+    """A reused SMTP session turned out closed at MAIL, before anything was handed over: the
+    transaction is made again on a new session (smtp/transaction.py)."""
+
+
+class NotRegular(PickupdError, OSError):
+    """A file that must be a regular file is not (a FIFO, a device, a directory): read
+    nothing from it. An OSError too (EINVAL, with the path), so a caller that handles a
+    failed read handles this one."""
+
+    def __init__(self, path: str) -> None:
+        OSError.__init__(self, errno.EINVAL, "not a regular file", path)
+
+
+class WatchError(PickupdError, OSError):
+    """The folders cannot be watched (inotify: out of instances or watches, a folder gone):
+    `folder` is the one that failed ("" for inotify itself). An OSError too, with its errno."""
+
+    def __init__(self, error: int, call: str, folder: str = "") -> None:
+        OSError.__init__(self, error, f"{call}: {os.strerror(error)}", folder or None)
+        self.folder = folder
 
 
 class DaemonError(PickupdError):

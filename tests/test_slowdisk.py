@@ -1,7 +1,8 @@
 """A slow spool (a file server that takes seconds to answer) stalls only the message it is
 slow for: with `[spool] io = "threads"` (what "auto" picks on NFS) the other relays keep
-sending. The slowness is injected into the spool's read (PICKUPD_FAULT_SLOW_READ, spool/disk.py);
-with `io = "loop"` the same fault holds everything up, which shows the test can tell."""
+sending. The slowness is the kernel's: fanotify holds the open of that one message's file in
+active/ for seconds (tests/slowfs.py), as a slow file server holds the calls made to it; with
+`io = "loop"` the same slow open holds everything up, which shows the test can tell."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from harness import Daemon, drop_maildir, message, relay_for, wait_until
+from slowfs import SlowOpens
 from smtpserver import SmtpServer
 
 from pickupd.spool.folders import claim_id
@@ -29,9 +31,17 @@ def test_a_slow_read_holds_up_only_its_own_message(
         dispatch={"workers": 1},
         start=False,
     )
-    daemon.start(env={"PICKUPD_FAULT_SLOW_READ": f"SLOWREAD={SLOW}"})
+    daemon.start()
     (ready,) = daemon.wait_event("ready")
     assert ready["io"] == io
+    with SlowOpens(daemon.spool / "active", b"SLOWREAD", SLOW) as slow:
+        _one_slow_message(daemon, slow_relay, fast_relay, io)
+        assert slow.held == 1
+
+
+def _one_slow_message(
+    daemon: Daemon, slow_relay: SmtpServer, fast_relay: SmtpServer, io: str
+) -> None:
     drop_maildir(daemon.spool, message(subject="SLOWREAD"))
     # It is being read once it is claimed (the read follows the rename into active/).
     active = daemon.spool / "active"

@@ -29,7 +29,7 @@ from typing import Any
 
 from pickupd.cli.common import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE, add_command
 from pickupd.config.loading import Submission, config_path, load_submission
-from pickupd.errors import CommandError, ConfigError, PickupdError
+from pickupd.errors import CommandError, ConfigError
 from pickupd.message import envelope
 from pickupd.message.addresses import unique
 from pickupd.outcome import Refusal
@@ -48,8 +48,9 @@ _IGNORED_ALONE = frozenset("vmnUGA")
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 
-class _Usage(PickupdError):
+def _usage(problem: str) -> CommandError:
     """A bad command line: one line for stderr, exit 64."""
+    return CommandError(EX_USAGE, problem)
 
 
 @dataclass(slots=True)
@@ -73,7 +74,7 @@ def _parse_args(argv: Sequence[str]) -> _Options:
             return rest
         i += 1
         if i >= len(args):
-            raise _Usage(f"option -{flag} needs a value")
+            raise _usage(f"option -{flag} needs a value")
         return args[i]
 
     while i < len(args):
@@ -91,7 +92,9 @@ def _parse_args(argv: Sequence[str]) -> _Options:
                 options.full_name = value(flag, rest)
                 if any(ord(char) < 32 or ord(char) == 127 for char in options.full_name):
                     # A newline would start a header field of the caller's choosing.
-                    raise _Usage("-F: control characters (a newline) are not allowed")
+                    raise CommandError(
+                        EX_USAGE, "-F: control characters (a newline) are not allowed"
+                    )
             elif flag == "C":
                 options.config = value(flag, rest)
             elif arg == "-t":
@@ -103,15 +106,19 @@ def _parse_args(argv: Sequence[str]) -> _Options:
             elif flag == "b":
                 if rest != "m":
                     hint = ": use `pickupd queue`" if rest == "p" else ""
-                    raise _Usage(f"-b{rest}: only -bm (submit a message) is supported{hint}")
+                    raise CommandError(
+                        EX_USAGE, f"-b{rest}: only -bm (submit a message) is supported{hint}"
+                    )
             elif flag in _IGNORED_WITH_ARGUMENT:
                 value(flag, rest)
             elif flag in _IGNORED_ALONE and not rest:
                 pass
             elif flag == "q":
-                raise _Usage(f"{arg}: the queue is run by the pickupd daemon (`pickupd flush`)")
+                raise CommandError(
+                    EX_USAGE, f"{arg}: the queue is run by the pickupd daemon (`pickupd flush`)"
+                )
             else:
-                raise _Usage(f"unknown option {arg}")
+                raise _usage(f"unknown option {arg}")
         i += 1
     return options
 
@@ -145,7 +152,7 @@ def _addresses(text: str, local_domain: str | None) -> list[str]:
     try:
         return envelope.parse_address_list(text, local_domain)
     except envelope.AddressError as error:
-        raise _Usage(f"bad address {text!r}: {error}") from None
+        raise _usage(f"bad address {text!r}: {error}") from None
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -192,9 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit = settings.max_message_size
             raise CommandError(EX_DATAERR, f"message larger than max_message_size ({limit} bytes)")
         _drop(settings, _composed(options, data, recipients, sender, settings.local_domain))
-    except _Usage as problem:
-        print(f"{PROG}: {problem}", file=sys.stderr)
-        return EX_USAGE
     except CommandError as exc:
         for line in exc.message.splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)
@@ -221,7 +225,7 @@ def _envelope(options: _Options, local_domain: str | None) -> tuple[list[str], s
     if sender not in ("", "<>"):
         found = _addresses(sender, local_domain)
         if len(found) != 1:
-            raise _Usage(f"-f {sender!r}: give one address")
+            raise _usage(f"-f {sender!r}: give one address")
         sender = found[0]
     return recipients, sender
 
@@ -242,10 +246,10 @@ def _composed(
     parsed = envelope.parse(head + b"\n", local_domain=local_domain)
     if options.from_headers:
         if isinstance(parsed, Refusal):
-            raise _Usage(f"-t: {parsed.detail}")
+            raise _usage(f"-t: {parsed.detail}")
         recipients = recipients + list(parsed.recipients)
     if not recipients:
-        raise _Usage("no recipients (give them as arguments, or -t)")
+        raise _usage("no recipients (give them as arguments, or -t)")
     if options.sender is None:
         # The message's own sender, else the user running us (as sendmail does).
         own = None if isinstance(parsed, Refusal) else parsed.sender

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pickupd.errors import WatchError
+
 __all__ = ["FileEvent", "Watcher"]
 
 # <sys/inotify.h>
@@ -66,7 +68,7 @@ class _Inotify:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
+            raise WatchError(ctypes.get_errno(), "inotify_init1")
         self._fd = fd
         self._folders: dict[int, str] = {}
         try:
@@ -78,8 +80,7 @@ class _Inotify:
                     mask |= _IN_OPEN | _IN_CLOSE_WRITE | _IN_CLOSE_NOWRITE
                 wd = libc.inotify_add_watch(fd, os.fsencode(folder), mask)
                 if wd < 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"inotify_add_watch: {os.strerror(error)}", str(folder))
+                    raise WatchError(ctypes.get_errno(), "inotify_add_watch", str(folder))
                 self._folders[wd] = str(folder)
         except BaseException:
             os.close(fd)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pickupd.errors import AddressError, MessageError, TooLong
+from pickupd.errors import AddressError, Malformed, TooLong
 from pickupd.message import longlines
 from pickupd.message.addresses import is_null, parse_address_list, qualify, unique
 from pickupd.message.priority import MARK_FIELDS, MailClass, marked
@@ -90,10 +90,6 @@ _LABELS = {
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class _Malformed(MessageError):
-    """Carries the one-line detail of a MALFORMED refusal up to parse()."""
-
-
 @dataclass(slots=True)
 class _Field:
     name: str  # lower case
@@ -110,13 +106,13 @@ class _Field:
         try:
             value = self.value().decode("utf-8")
         except UnicodeDecodeError:
-            raise _Malformed(f"{label}: invalid UTF-8") from None
+            raise Malformed(f"{label}: invalid UTF-8") from None
         if null_ok and is_null(value):
             return None
         try:
             found, rewritten = qualify(value, self.local_domain)
         except AddressError as error:
-            raise _Malformed(f"{label}: {error}") from None
+            raise Malformed(f"{label}: {error}") from None
         if rewritten is not None:
             # Bare names qualified: the relayed field carries the qualified addresses too
             # (relays refuse an unqualified From:), every other character as it was.
@@ -129,7 +125,7 @@ class _Field:
         found = self.addresses(null_ok=True)
         if found is not None and len(found) != 1:
             problem = "more than one address" if found else "no address"
-            raise _Malformed(f"{_LABELS[self.name]}: {problem}")
+            raise Malformed(f"{_LABELS[self.name]}: {problem}")
         return found[0] if found else None
 
 
@@ -139,18 +135,18 @@ def _split_fields(head: bytes, local_domain: str | None) -> list[_Field]:
     for number, line in enumerate(head.splitlines(keepends=True), start=1):
         if line[:1] in (b" ", b"\t"):
             if not fields:
-                raise _Malformed(f"line {number} starts with whitespace")
+                raise Malformed(f"line {number} starts with whitespace")
             fields[-1].lines.append(line)
             continue
         match = _FIELD_NAME.match(line)
         if match is None:
-            raise _Malformed(f"line {number} is not a header field")
+            raise Malformed(f"line {number} is not a header field")
         fields.append(_Field(match.group().decode("ascii").lower(), [line], local_domain))
     for f in fields:
         control = next(filter(None, map(_CONTROL.search, f.lines)), None)
         if control is not None:
             name = f.lines[0][: len(f.name)].decode("ascii")
-            raise _Malformed(f"{name}: control character {chr(control.group()[0])!r}")
+            raise Malformed(f"{name}: control character {chr(control.group()[0])!r}")
     return fields
 
 
@@ -170,17 +166,17 @@ def _address_and_params(f: _Field) -> tuple[str | None, list[str], dict[str, str
     try:
         value = f.value().decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise _Malformed(f"{label}: invalid UTF-8") from None
+        raise Malformed(f"{label}: invalid UTF-8") from None
     if value.startswith("<") and ">" in value:
         address, rest = value[: value.index(">") + 1], value[value.index(">") + 1 :]
         if rest and not rest[:1].isspace():
-            raise _Malformed(f"{label}: no space after the address")
+            raise Malformed(f"{label}: no space after the address")
     else:
         address, rest = value, ""
     params: dict[str, str] = {}
     for token in rest.split():
         if not _ESMTP_PARAM.fullmatch(token):
-            raise _Malformed(f"{label}: not an ESMTP parameter: {token!r}"[:200])
+            raise Malformed(f"{label}: not an ESMTP parameter: {token!r}"[:200])
         keyword, _, argument = token.partition("=")
         params[keyword.upper()] = argument
     if f.name == "x-sender" and is_null(address):
@@ -188,7 +184,7 @@ def _address_and_params(f: _Field) -> tuple[str | None, list[str], dict[str, str
     try:
         found, _ = qualify(address, f.local_domain)
     except AddressError as error:
-        raise _Malformed(f"{label}: {error}") from None
+        raise Malformed(f"{label}: {error}") from None
     return (found[0] if len(found) == 1 else None), found, params
 
 
@@ -198,12 +194,12 @@ def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str], Dsn]:
     # Anything but one sender and some receivers is refused: falling back to To/Cc would
     # relay the X-Receiver lines (Bcc recipients among them) to everyone.
     if len(senders) != 1:
-        raise _Malformed("more than one X-Sender: header" if senders else "no X-Sender: header")
+        raise Malformed("more than one X-Sender: header" if senders else "no X-Sender: header")
     if len(fields) == 1:
-        raise _Malformed("no X-Receiver: header")
+        raise Malformed("no X-Receiver: header")
     sender, found, params = _address_and_params(senders[0])
     if sender is None and found:
-        raise _Malformed("X-Sender: more than one address")
+        raise Malformed("X-Sender: more than one address")
     mail = tuple(f"{k}={params[k]}" for k in _DSN_MAIL if params.get(k))
     recipients: list[str] = []
     rcpt: list[tuple[str, tuple[str, ...]]] = []
@@ -211,7 +207,7 @@ def _pickup_envelope(fields: list[_Field]) -> tuple[str | None, list[str], Dsn]:
         if f.name == "x-receiver":
             _, found, params = _address_and_params(f)
             if not found:
-                raise _Malformed("X-Receiver: no address")
+                raise Malformed("X-Receiver: no address")
             recipients.extend(found)
             wanted = tuple(f"{k}={params[k]}" for k in _DSN_RCPT if params.get(k))
             if wanted:
@@ -316,7 +312,7 @@ def parse(
     With `complete`, a missing Date: or Message-ID: is added in front of the header."""
     try:
         return _parse(raw, max_header_size, local_domain, complete)
-    except _Malformed as error:
+    except Malformed as error:
         return Refusal(Reason.MALFORMED, str(error))
 
 
@@ -338,7 +334,7 @@ class _Fields:
             self.kept.append(f)
         if f.name in ("from", "sender"):
             if f.name in self.single:
-                raise _Malformed(f"more than one {_LABELS[f.name]}: header")
+                raise Malformed(f"more than one {_LABELS[f.name]}: header")
             self.single[f.name] = f
         elif f.name in ("to", "cc", "bcc"):
             # Checked in both formats, so a bad To: never reaches the relay's readers.
@@ -358,14 +354,14 @@ class _Fields:
 def _parse(
     raw: bytes, max_header_size: int, local_domain: str | None, complete: Completion | None
 ) -> Envelope:
-    """parse(), raising _Malformed."""
+    """parse(), raising Malformed."""
     if not raw or raw.isspace():  # (not strip(): no copy of a large file)
-        raise _Malformed("empty file")
+        raise Malformed("empty file")
     # The header section ends at the first empty line; it is measured with CRLF line ends,
     # as it will be sent.
     head, body = split(raw)
     if len(head) > max_header_size:
-        raise _Malformed(f"header section larger than {max_header_size} bytes")
+        raise Malformed(f"header section larger than {max_header_size} bytes")
     fields = _split_fields(head, local_domain)
 
     # IIS / System.Net.Mail pickup files start with the envelope as X-Sender / X-Receiver lines.
@@ -401,7 +397,7 @@ def _parse(
     try:
         data = longlines.fit(head, body)
     except TooLong as error:
-        raise _Malformed(str(error)) from None
+        raise Malformed(str(error)) from None
     return Envelope(
         sender,
         tuple(unique(read.recipients)),

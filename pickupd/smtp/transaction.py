@@ -12,7 +12,7 @@ import aiosmtplib
 
 from pickupd.auth.logins import Credentials, XOAuth2
 from pickupd.config.loading import RelayConfig
-from pickupd.errors import AddressError, PickupdError, SessionError
+from pickupd.errors import AddressError, SessionError, StaleSession
 from pickupd.message.envelope import NO_DSN, Dsn
 from pickupd.outcome import Delivery, RecipientResult, SessionFault, every, session_failed
 from pickupd.smtp.pool import Pool, Session
@@ -98,7 +98,7 @@ async def send(
             reusable = not delivery.unknown and delivery.code != 421
             session.clean = bool(delivery.sent) and not delivery.unknown
             return delivery
-        except _StaleSession:
+        except StaleSession:
             if tries_left:
                 continue
             raise AssertionError("a new session cannot be stale") from None
@@ -111,10 +111,6 @@ async def send(
             session.messages += 1
             await pool.release(session, reusable=reusable, abort=cancelled)
     raise AssertionError("unreachable")
-
-
-class _StaleSession(PickupdError):
-    """A reused session turned out closed at MAIL, before anything was handed over."""
 
 
 async def _transaction(
@@ -162,7 +158,7 @@ async def _transaction(
         wire = Wire(smtp)
     except aiosmtplib.SMTPServerDisconnected as exc:
         if session.messages:
-            raise _StaleSession from exc
+            raise StaleSession from exc
         return _session_failed(name, recipients, exc)
     try:
         return await _exchange(
@@ -303,7 +299,7 @@ async def _one_by_one(
         early = tally.mail(await wire.reply(timeout))
     except _SESSION_ERRORS as exc:
         if session.messages and isinstance(exc, ConnectionError):
-            raise _StaleSession from exc
+            raise StaleSession from exc
         return _session_failed(tally.relay, tally.recipients, exc)
     if early is not None:
         return early
@@ -335,7 +331,7 @@ async def _pipelined(
     except _SESSION_ERRORS as exc:
         if not replies:
             if session.messages and isinstance(exc, ConnectionError):
-                raise _StaleSession from exc
+                raise StaleSession from exc
             return _session_failed(tally.relay, tally.recipients, exc)
         broke = exc  # what did come in is taken; the rest waits: nothing was handed over
     rcpt_replies = replies[1 : len(lines)]

@@ -6,21 +6,16 @@ more than the call (about 10% of a message's CPU). On NFS the same call can take
 the server is slow, and on the loop that would stall every session and the watchdog ping: so
 there (`[spool] io = "auto"` finds the spool's file system in /proc/self/mountinfo), or when
 `io = "threads"`, each call runs in a small pool of threads of its own.
-
-PICKUPD_FAULT_SLOW_READ="<bytes>=<seconds>" makes a read of a message holding <bytes> take
-that much longer: a fault for the tests (a slow file on a slow server), never set in service.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
-__all__ = ["NETWORK", "THREADS", "Disk", "IoMode", "filesystem", "slow_read"]
+__all__ = ["NETWORK", "THREADS", "Disk", "IoMode", "filesystem"]
 
 T = TypeVar("T")
 IoMode = Literal["auto", "loop", "threads"]
@@ -29,8 +24,6 @@ NETWORK = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre", "gpfs", "afs", "9p",
      "ocfs2", "gfs2", "beegfs", "virtiofs"}
 )  # fmt: skip
-
-_FAULT = os.environ.get("PICKUPD_FAULT_SLOW_READ", "")
 
 
 def filesystem(path: Path) -> str | None:
@@ -49,14 +42,6 @@ def filesystem(path: Path) -> str | None:
         if inside and len(point) >= len(best):
             best, kind = point, fields[fields.index("-") + 1]
     return kind
-
-
-def slow_read(data: bytes) -> None:
-    """The test fault (see the module docstring); nothing unless it is set."""
-    if _FAULT:
-        marker, _, seconds = _FAULT.rpartition("=")
-        if marker.encode() in data:
-            time.sleep(float(seconds))
 
 
 class Disk:

@@ -7,7 +7,6 @@ Nothing here knows the spool's folders; spool.py decides what moves where.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import socket
@@ -17,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pickupd.errors import NotRegular
 
 __all__ = [
     "BINARY",
@@ -170,7 +171,7 @@ def read_limited(path: Path, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | SAFE | BINARY)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+            raise NotRegular(str(path))
         return read_fd(fd, limit)
     finally:
         os.close(fd)

@@ -31,7 +31,6 @@ from pathlib import Path
 from pickupd import ids
 from pickupd.errors import NotAFile, SpoolLocked
 from pickupd.spool.access import DROP_FILE_MODE, DROP_MODE, drop_folders, make_folder
-from pickupd.spool.disk import slow_read
 from pickupd.spool.files import (
     BINARY,
     PRIVATE,
@@ -318,7 +317,6 @@ class Spool:
             data = read_fd(fd, limit + 1)
         finally:
             os.close(fd)
-        slow_read(data)
         return TooLarge(len(data)) if len(data) > limit else Read(data)
 
     # -- outcomes -------------------------------------------------------------------------------

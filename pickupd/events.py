@@ -39,6 +39,7 @@ EVENTS: dict[str, str] = {
     "tmp_cleaned": "abandoned files of pickup/tmp/ removed at start",
     "leftovers_cleaned": "what crashes leave (sidecars, locks, temp files) removed at start",
     "deferred_scanned": "a full scan of deferred/ (the first, and any slow one)",
+    "pickup_scanned": "a scan of pickup/ (debug level: at start, on hints, every rescan_interval)",
     "notify_failed": "systemd's notify socket could not be written",
     "service_error": "the Windows service host failed (traceback)",
     # Worker processes.

@@ -316,6 +316,12 @@ class Daemon:
         )
         return found
 
+    def scans(self, more: int, timeout: float = 10.0) -> None:
+        """Wait until pickupd has scanned pickup/ `more` times from now: the positive sign
+        before a check that something did not happen (needs `log={"level": "debug"}`)."""
+        seen = len(self.events("pickup_scanned"))
+        self.wait_event("pickup_scanned", count=seen + more, timeout=timeout)
+
     def log_tail(self) -> str:
         return "\n".join(json.dumps(e) for e in self.log_lines()[-8:]) + "\n" + self.stderr()
 

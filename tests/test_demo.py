@@ -44,11 +44,15 @@ def test_demo_shows_each_outcome_then_relays_user_drops(tmp_path: Path) -> None:
         (pickup / "theirs.eml").write_bytes(message(sender="eve@example.org"))
         failed = folder / "spool" / "failed"
         wait_until(lambda: len(list(failed.glob("*.json"))) == 3, 10, "the refused drop")
-        time.sleep(0.5)  # the demo looks every 0.25 s
+        # The demo says each new failure as it sees it (it looks every 0.25 s).
+        said = ""
+        deadline = time.monotonic() + 10
+        while "eve@example.org" not in said and time.monotonic() < deadline:
+            said = proc.stdout.readline()
+        assert "sender_not_allowed: eve@example.org matches no [senders] entry" in said, said
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=40)
         assert proc.returncode == 0, rest
-        assert "sender_not_allowed: eve@example.org matches no [senders] entry" in rest
         assert "stopped" in rest
     finally:
         if proc.poll() is None:

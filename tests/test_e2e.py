@@ -501,13 +501,14 @@ def test_direct_eml_is_not_taken_while_its_writer_holds_it_open(
 ) -> None:
     """A writer that pauses longer than `settle` in the middle of a direct .eml: pickupd
     waits for it to close the file, then relays the whole message."""
-    daemon = make_daemon(smtp_server)
+    daemon = make_daemon(smtp_server, log={"level": "debug"})
     raw = message(body="first half\n" + "second half\n" * 10)
     path = daemon.spool / "pickup" / "slow-writer.eml"
     with path.open("wb") as handle:
         handle.write(raw[:60])
         handle.flush()
-        time.sleep(1.0)  # settle is 100ms: ten times over
+        # Seen on its events (not settled yet), then once settled, still open: not taken.
+        daemon.scans(2)
         assert smtp_server.received == [] and path.exists()
         handle.write(raw[60:])
     (got,) = smtp_server.wait_for(1)

@@ -181,6 +181,7 @@ def test_a_directory_in_the_pickup_folder_is_never_moved(
         users,
         {"app@example.com": {"relay": "main"}},
         dispatch={"rescan_interval": "200ms"},
+        log={"level": "debug"},
     )
     pickup = daemon.spool / "pickup"
     made = as_user(
@@ -191,7 +192,7 @@ def test_a_directory_in_the_pickup_folder_is_never_moved(
     daemon.start(wrap=READER)
     maildir_drop(users.mallory, daemon.spool, message(subject="beside"))
     smtp_server.wait_for(1)
-    time.sleep(1.0)  # five rescans of pickup/ after the positive sign above
+    daemon.scans(5)  # five scans of pickup/ after the positive sign above
     said = sorted(e["file"] for e in daemon.events("ignored_file"))
     assert said == ["pickup/new/trap/", "pickup/trap.eml/"], said
     assert all("a directory" in e["detail"] for e in daemon.events("ignored_file"))

@@ -410,7 +410,7 @@ def test_a_file_not_named_eml_is_logged_once_and_counted_by_queue(
     """A `mail.txt` in pickup/ is never taken: the daemon says so once per name (at start
     and when one arrives), and `pickupd queue` counts it, so an app waiting for nothing is
     seen."""
-    daemon = make_daemon(smtp_server, start=False)
+    daemon = make_daemon(smtp_server, start=False, log={"level": "debug"})
     (daemon.spool / "pickup" / "early.txt").write_bytes(message())
     daemon.start()
     daemon.wait_event("ignored_file", file="pickup/early.txt")
@@ -418,7 +418,7 @@ def test_a_file_not_named_eml_is_logged_once_and_counted_by_queue(
     drop_maildir(daemon.spool, message(to="real@example.net"))
     smtp_server.wait_for(1)
     daemon.wait_event("ignored_file", file="pickup/mail.txt")
-    time.sleep(2.5)  # a rescan (rescan_interval 2 s in the tests) meets both files again
+    daemon.scans(2)  # scans of pickup/ (a rescan every 2 s in the tests) meet both again
     logged = [e["file"] for e in daemon.events("ignored_file")]
     assert sorted(logged) == ["pickup/early.txt", "pickup/mail.txt"], logged
     assert "rename it to end in .eml" in daemon.events("ignored_file")[0]["detail"]

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from pickupd import log as logs
 from pickupd.config.loading import DispatchConfig
 from pickupd.intake.entries import Strays, Unmovable, Writers
 from pickupd.intake.scheduler import ARRIVED, Deferred
@@ -216,6 +217,7 @@ class Intake:
                             return
                         started += time.monotonic() - waited  # waiting for room is not scanning
                 scanning = time.monotonic() - started
+                logs.get().debug("pickup_scanned", seconds=round(scanning, 4))
                 if self.once:
                     return
                 with contextlib.suppress(TimeoutError):

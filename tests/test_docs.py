@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import manual
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -67,3 +68,19 @@ def test_the_man_pages_render_without_a_warning(page: str) -> None:
         timeout=60,
     )
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_the_tests_the_manual_cites_exist() -> None:
+    """Where the manual names a test as the proof of a promise (`test_x.py::test_y`, or a
+    whole `test_x.py`), that test is there: a renamed or moved test cannot leave a promise
+    citing nothing."""
+    tests = Path(__file__).parent
+    cited = re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?`", manual())
+    assert cited
+    missing = [
+        f"{module}::{name}" if name else module
+        for module, name in cited
+        if not (tests / module).exists()
+        or (name and not re.search(rf"^def {name}\(", (tests / module).read_text(), re.M))
+    ]
+    assert not missing, missing

@@ -4,6 +4,7 @@ small enough to read, and every package is a real package the wheel ships."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from harness import manual
@@ -144,3 +145,13 @@ def test_the_readme_tree_names_every_module() -> None:
         if path.name != "__init__.py" or path.parent.name == "cli"
     } - {"__main__.py"}
     assert named == actual, (sorted(actual - named), sorted(named - actual))
+
+
+def test_every_test_module_has_its_place_in_the_pipeline_table() -> None:
+    """The development page's table of where each step is proven names every test module,
+    and only modules that exist."""
+    page = (Path(__file__).parent.parent / "docs" / "development.md").read_text()
+    table = page.split("## Tests: where each step is proven", 1)[1]
+    named = set(re.findall(r"`(test_\w+\.py)`", table))
+    present = {path.name for path in Path(__file__).parent.glob("test_*.py")}
+    assert named == present, {"not in the table": present - named, "gone": named - present}

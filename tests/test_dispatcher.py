@@ -191,3 +191,62 @@ def test_a_clamped_due_time_is_said_and_a_directory_is_never_claimed(tmp_path: P
     assert (service.spool.new / "a-directory").is_dir()
     events = [e["event"] for e in _events(out)]
     assert events.count("ignored_file") == 1 and "due_clamped" in events
+
+
+def test_a_claim_lost_to_another_dispatcher_is_left_without_a_word(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """Two lanes with the same candidate: the first claims and relays it; the second finds
+    it gone (a lost race, not an error), counts nothing and logs nothing."""
+    service, out = _service(tmp_path, smtp_server)
+    candidate = _drop(service, "m1")
+
+    async def twice() -> None:
+        await service.dispatcher.process(candidate, service.config)
+        await service.dispatcher.process(candidate, service.config)
+
+    asyncio.run(twice())
+    assert len(smtp_server.wait_for(1)) == 1 and service.stats.claimed == 1
+    assert [e["event"] for e in _events(out)] == ["claimed", "sent"]
+
+
+def test_more_recipients_than_a_limit_allows_a_message_fail_without_a_connection(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """Over a relay's "N recipients/message": pickupd never splits a message, so it fails
+    at once (too_many_recipients, saying how to send it), with no session opened."""
+    limits = parse_limits(["2 recipients/message"])
+    service, _ = _service(tmp_path, smtp_server, mailbox_limits=limits)
+    raw = RAW.replace(b"To: a@example.net", b"To: a@example.net, b@example.net, c@example.net")
+    asyncio.run(service.dispatcher.process(_drop(service, "m1", raw), service.config))
+    (car,) = _sidecars(service.spool.failed)
+    assert car["reason"] == "too_many_recipients" and "at most 2 recipients" in car["detail"]
+    assert smtp_server.sessions == 0 and service.intake.deferred.waiting == 0
+
+
+def test_a_spent_quota_reply_pauses_the_mailbox_and_the_next_message_waits(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """A provider's "spent" reply (Microsoft 365's 5.2.2 SubmissionQuotaExceeded) is not a
+    rejection: the message waits a day (deferred, an attempt), the mailbox is paused in the
+    ledger, and the next message for it waits for the pause without a connection."""
+    service, out = _service(tmp_path, smtp_server)
+    smtp_server.fail_rcpt["a@example.net"] = (
+        "554 5.2.2 mailbox full; STOREDRV.Submission.Exception:SubmissionQuotaExceededException"
+    )
+
+    async def two() -> None:
+        await service.dispatcher.process(_drop(service, "m1"), service.config)
+        smtp_server.fail_rcpt.clear()
+        await service.dispatcher.process(_drop(service, "m2"), service.config)
+        await service.ledger.close()
+
+    asyncio.run(two())
+    assert (smtp_server.sessions == 1 and not service.spool.failed.exists()) or not list(
+        service.spool.failed.iterdir()
+    )
+    attempts = sorted(car["attempts"] for car in _sidecars(service.spool.deferred))
+    assert attempts == [0, 1]  # the refused one was an attempt; the next only waits
+    events = [e["event"] for e in _events(out)]
+    assert events.count("quota_spent") == 1 and events.count("waiting") == 1
+    assert service.intake.deferred.waiting == 2

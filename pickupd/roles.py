@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pickupd.auth.keepalive import keep_alive
 from pickupd.hosting.systemd import Notifier
-from pickupd.outcome import Stats
+from pickupd.outcome import Outcome, Stats
 from pickupd.record.recorder import Meter
 from pickupd.spool import recovery
 from pickupd.spool.folders import Candidate
@@ -32,7 +32,7 @@ from pickupd.workers import protocol, shares, uplink
 from pickupd.workers.supervisor import Supervisor
 
 # A failure report's way out: its kind ("failed", "deferred") and the message's sidecar.
-Notify = Callable[[str, Sidecar], None]
+Notify = Callable[[Outcome, Sidecar], None]
 
 if TYPE_CHECKING:
     from pickupd.hosting.metrics import Metrics
@@ -55,7 +55,7 @@ class Role:
         return None
 
     def notify(self, service: Service) -> Notify:
-        """Where a failure report (`[notify]`: "failed", "deferred") goes."""
+        """Where a failure report (`[notify]`: FAILED, DEFERRED) goes."""
         return service.feedback.notify
 
     def attach(self, service: Service) -> None:
@@ -215,7 +215,7 @@ class Main(Role):
         match event:
             case protocol.Feedback(kind, sidecar):
                 with contextlib.suppress(ValueError):
-                    service.feedback.notify(kind, Sidecar.from_json(sidecar.encode()))
+                    service.feedback.notify(Outcome(kind), Sidecar.from_json(sidecar.encode()))
             case protocol.Stranded():  # a worker's count of stranded claims changed
                 service.stranded_changed(len(service.stranded))
             case _ if self.served is not None:

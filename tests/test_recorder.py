@@ -17,7 +17,7 @@ from configs import unit_config
 from pickupd import log
 from pickupd.config.loading import Config, RetryConfig, SpoolConfig
 from pickupd.message import envelope
-from pickupd.outcome import Delivery, Reason, RecipientResult, Refusal, SessionFault
+from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, SessionFault
 from pickupd.record.recorder import Recorder
 from pickupd.spool.folders import Candidate, Claimed, Origin, Spool
 from pickupd.spool.sidecar import Sidecar, to_timestamp
@@ -177,7 +177,7 @@ def test_a_refusal_before_any_connection_goes_to_failed_with_its_reason(tmp_path
     one `failed` line with relay null."""
     spool = Spool(tmp_path)
     claimed = _claimed(spool)
-    told: list[tuple[str, Sidecar]] = []
+    told: list[tuple[Outcome, Sidecar]] = []
     out = io.StringIO()
     log.configure("info", "json", stream=out)
     recorder = Recorder(spool, log.get(), notify=lambda kind, car: told.append((kind, car)))
@@ -186,7 +186,7 @@ def test_a_refusal_before_any_connection_goes_to_failed_with_its_reason(tmp_path
     car = json.loads((spool.failed / f"{claimed.id}.json").read_text())
     assert car["reason"] == "sender_not_allowed" and car["detail"] == refusal.detail
     assert (spool.failed / f"{claimed.id}.eml").read_bytes() == RAW
-    assert [kind for kind, _ in told] == ["failed"]
+    assert [kind for kind, _ in told] == [Outcome.FAILED]
     (failed,) = [e for e in _events(out) if e["event"] == "failed"]
     assert failed["relay"] is None and failed["reason"] == "sender_not_allowed"
     assert recorder.stats.failed == 1

@@ -24,6 +24,7 @@ from pickupd import ids
 from pickupd.auth.childenv import child_env
 from pickupd.config.loading import NotifyConfig
 from pickupd.log import Logger
+from pickupd.outcome import Outcome
 from pickupd.spool.folders import Spool
 from pickupd.spool.sidecar import Sidecar
 
@@ -56,9 +57,9 @@ class Feedback:
 
     # -- from the recorder (on the loop, never blocking) ---------------------------------------
 
-    def notify(self, event: str, sidecar: Sidecar) -> None:
-        """A message landed in failed/ (`event` "failed") or has been deferred longer than
-        on_deferred_after ("deferred")."""
+    def notify(self, event: Outcome, sidecar: Sidecar) -> None:
+        """A message landed in failed/ (`event` FAILED) or has been deferred longer than
+        on_deferred_after (DEFERRED)."""
         if self.config.on_failed is not None:
             if len(self._hooks) >= _MOST_WAITING:
                 self.log.error("hook_dropped", id=sidecar.id, reason="too many hooks waiting")
@@ -66,13 +67,17 @@ class Feedback:
                 task = asyncio.get_running_loop().create_task(self._run_hook(event, sidecar))
                 self._hooks.add(task)
                 task.add_done_callback(self._hooks.discard)
-        if event == "failed" and self.config.report_to is not None and not _is_report(sidecar):
+        if (
+            event is Outcome.FAILED
+            and self.config.report_to is not None
+            and not _is_report(sidecar)
+        ):
             self._failures.append(sidecar)
             self._schedule_report()
 
     # -- hooks -----------------------------------------------------------------------------------
 
-    async def _run_hook(self, event: str, sidecar: Sidecar) -> None:
+    async def _run_hook(self, event: Outcome, sidecar: Sidecar) -> None:
         command = self.config.on_failed
         timeout = self.config.hook_timeout
         if command is None:
@@ -81,7 +86,9 @@ class Feedback:
             # None of the service's secrets: the hook is a command of the operator's, but
             # it needs no sender's password (auth/childenv.py).
             env = child_env(
-                PICKUPD_ID=sidecar.id, PICKUPD_REASON=sidecar.reason or "", PICKUPD_EVENT=event
+                PICKUPD_ID=sidecar.id,
+                PICKUPD_REASON=sidecar.reason or "",
+                PICKUPD_EVENT=event.value,
             )
             try:
                 proc = await asyncio.create_subprocess_exec(

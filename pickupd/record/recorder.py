@@ -72,7 +72,7 @@ class Recorder:
         log: Logger,
         metrics: Meter | None = None,
         deferring: Callable[[str], None] = lambda msg_id: None,
-        notify: Callable[[str, Sidecar], None] = lambda event, sidecar: None,
+        notify: Callable[[Outcome, Sidecar], None] = lambda event, sidecar: None,
         disk: Disk | None = None,
     ) -> None:
         """`disk`: where the moves run (spool/disk.py; None: here, at once)."""
@@ -273,7 +273,7 @@ class Recorder:
 
         def deferred() -> None:
             if long_deferred:
-                self._notify("deferred", sidecar)
+                self._notify(Outcome.DEFERRED, sidecar)
             self._counted(Outcome.DEFERRED, None, retried.relay)
             self.log.warning(
                 "deferred", **fields, detail=retried.detail, next_attempt=sidecar.next_attempt
@@ -293,7 +293,7 @@ class Recorder:
     ) -> None:
         """A message (or a copy of it) is in failed/: counted, told to [notify], logged."""
         self._counted(Outcome.FAILED, reason, relay)
-        self._notify("failed", sidecar)
+        self._notify(Outcome.FAILED, sidecar)
         self.log.warning("failed", **fields, reason=reason.value, detail=sidecar.detail)
 
     def _counted(self, outcome: Outcome, reason: Reason | None, relay: str | None) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pickupd.errors import ProtocolError
-from pickupd.outcome import Stats
+from pickupd.outcome import Outcome, Stats
 from pickupd.workers import protocol
 
 if TYPE_CHECKING:
@@ -90,9 +90,9 @@ class Forwarder:
         self._events.append(protocol.Ready())
         self.flush()
 
-    def notify(self, event: str, sidecar: Sidecar) -> None:
+    def notify(self, event: Outcome, sidecar: Sidecar) -> None:
         """feedback.Feedback.notify's stand-in: the main process runs hooks and reports."""
-        self._add(protocol.Feedback(event, sidecar.to_json().decode()))
+        self._add(protocol.Feedback(event.value, sidecar.to_json().decode()))
 
     def _add(self, event: protocol.Up | None) -> None:
         if event is not None:

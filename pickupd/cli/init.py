@@ -109,6 +109,7 @@ _BY_NAME: dict[str, str] = {
     "tls_key_file": '"/etc/pickupd/secrets/metrics.key"',
     "basic_auth_user": '"prometheus"',
     "basic_auth_password_file": '"/etc/pickupd/secrets/metrics.password"',
+    "basic_auth_password_env": '"PICKUPD_METRICS_PASSWORD"',
 }
 # How a key unset by default is shown, commented out: a value of its own kind.
 _EXAMPLES: dict[object, str] = {

@@ -43,6 +43,7 @@ __all__ = [
     "CREDENTIAL_KEYS",
     "PASSWORD_KEYS",
     "LoginKeys",
+    "PasswordKeys",
     "given",
     "others_can_access",
     "read_credentials",
@@ -141,6 +142,16 @@ def _private_file(reader: Reader, table: Mapping[str, Any], prefix: str, key: st
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PasswordKeys:
+    """A password's keys, in a login and in `[limits]` (the store's): one of the three,
+    read apart as a Secret (read_secret), never kept as text in a config."""
+
+    password: str | None = setting(None, string, "inline: better password_file or password_env")
+    password_file: str | None = setting(None, file_path, "a file holding the password (mode 0600)")
+    password_env: str | None = setting(None, string, "an environment variable holding it")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoginKeys:
     """Every key of a login, in a relay table or a sender entry: part of the one table of
     keys, like the sections'. A login is not one dataclass (auth/logins.py has one per kind),
@@ -154,9 +165,6 @@ class LoginKeys:
     username: str | None = setting(
         None, string, "the login (with oauth2: the mailbox, if not the sender's own)"
     )
-    password: str | None = setting(None, string, "inline: better password_file or password_env")
-    password_file: str | None = setting(None, file_path, "a file holding the password (mode 0600)")
-    password_env: str | None = setting(None, string, "an environment variable holding it")
     tenant: str | None = setting(None, string, "oauth2, Microsoft 365: the tenant's id or domain")
     client_id: str | None = setting(None, string, "oauth2: the app registration's client id")
     client_secret: str | None = setting(None, string, "oauth2: inline; better _file or _env")
@@ -200,7 +208,7 @@ class LoginKeys:
 
 
 # Every key a relay or sender table may hold for its login (declared by LoginKeys below).
-CREDENTIAL_KEYS = frozenset(key.name for key in keys(LoginKeys))
+CREDENTIAL_KEYS = frozenset(key.name for table in (LoginKeys, PasswordKeys) for key in keys(table))
 # The keys only an OAuth2 login takes.
 _OAUTH2_KEYS = CREDENTIAL_KEYS - {"username", "auth", *PASSWORD_KEYS} - _SECRET_KEYS
 

@@ -42,6 +42,9 @@ class MetricsConfig:
     basic_auth_password_file: Path | None = setting(
         None, s.file_path, "the basic auth password (a secret; or _env)"
     )
+    basic_auth_password_env: str | None = setting(
+        None, s.string, "instead of _file: an environment variable holding the password"
+    )
     # Read apart, as a relay's password is (never shown).
     basic_auth_password: Secret | None = None
 
@@ -67,7 +70,7 @@ _PASSWORD = secret_keys("basic_auth_password")
 
 def read_metrics(reader: Reader, doc: Mapping[str, Any]) -> MetricsConfig:
     table = reader.table(doc, "metrics")
-    values = reader.values(table, "metrics.", MetricsConfig, {"basic_auth_password_env"})
+    values = reader.values(table, "metrics.", MetricsConfig)
     for key in ("tls_cert_file", "tls_key_file"):
         if values[key] is not None:
             values[key] = reader.file(values[key])
@@ -82,7 +85,8 @@ def read_metrics(reader: Reader, doc: Mapping[str, Any]) -> MetricsConfig:
             reader.problem(f"metrics.{missing}", f"{first} and {second} go together")
     password = None
     if "basic_auth_user" in table and any(key in table for key in _PASSWORD):
-        values["basic_auth_password_file"] = None  # kept as the Secret below
+        # Kept as the Secret below, not as where it came from.
+        values["basic_auth_password_file"] = values["basic_auth_password_env"] = None
         password = read_secret(reader, table, "metrics.", "basic_auth_password")
         listen = values["listen"]
         if listen is not None and values["tls_key_file"] is None and not is_loopback(listen[0]):

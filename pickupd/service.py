@@ -1,11 +1,10 @@
-"""The running service: its parts, the lanes, start and stop, reload, flush, status.
+"""The running service: its parts, start and stop, reload, flush, status.
 
 It builds the parts (spool, intake, pool, ledger, recorder, feedback, dispatcher), recovers
-what an earlier run left, starts the watcher, the feeders and `concurrency` lanes (asyncio
-tasks, each carrying one message at a time through dispatcher.py), and drains them in two
-stages on stop. What differs between the main process and a worker (the supervisor, the
-metrics endpoint, systemd, the uplink) is its role's (roles.py): the service holds no flag
-of which one it is.
+what an earlier run left, starts the watcher, the feeders and the lanes (lanes.py: asyncio
+tasks, each carrying one message at a time through dispatcher.py), and drains them on stop.
+What differs between the main process and a worker (the supervisor, the metrics endpoint,
+systemd, the uplink) is its role's (roles.py): the service holds no flag of which one it is.
 """
 
 from __future__ import annotations

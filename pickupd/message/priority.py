@@ -14,6 +14,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
+from pickupd.errors import Invalid
+
 __all__ = ["MARK_FIELDS", "MailClass", "marked"]
 
 
@@ -34,11 +36,11 @@ class MailClass(enum.Enum):
 
     @classmethod
     def named(cls, text: str) -> MailClass:
-        """The class called `text` (ValueError names the choices)."""
+        """The class called `text` (Invalid, a ValueError, names the choices)."""
         try:
             return cls(text.strip().lower())
         except ValueError:
-            raise ValueError('expected "urgent", "normal" or "bulk"') from None
+            raise Invalid('expected "urgent", "normal" or "bulk"') from None
 
 
 _RANK = {MailClass.URGENT: 0, MailClass.NORMAL: 1, MailClass.BULK: 2}

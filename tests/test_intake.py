@@ -104,7 +104,7 @@ def test_a_file_event_queues_the_file_at_once_and_the_feeder_does_not_queue_it_t
     async def test() -> list[Candidate]:
         intake = Intake(spool, DispatchConfig(rescan_interval=3600), once=False)
         feeder = asyncio.create_task(intake.feed_pickup())
-        await asyncio.sleep(0)  # its first scan: an empty folder
+        await asyncio.sleep(0)  # the feeder runs its first scan (on the loop): an empty folder
         path = drop(spool, "hinted")
         intake.hint(FileEvent.MOVED, str(path))
         first = await intake.next()
@@ -155,7 +155,7 @@ def test_new_mail_waits_on_disk_past_the_queues_bound_and_none_is_lost(tmp_path:
     async def test() -> list[str]:
         intake = Intake(spool, DispatchConfig(concurrency=1, rescan_interval=3600), once=False)
         feeder = asyncio.create_task(intake.feed_pickup())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the feeder runs its first scan (on the loop): an empty folder
         for n in range(12):
             intake.hint(FileEvent.MOVED, str(drop(spool, f"m{n:02}")))
         assert len(intake._new) == 4  # the bound: the rest stays on disk, for the scan
@@ -186,7 +186,9 @@ def test_a_retry_by_an_operator_is_taken_when_due_and_our_own_deferral_is_no_new
     async def test() -> list[str]:
         intake = Intake(spool, DispatchConfig(rescan_interval=3600), once=False)
         feeder = asyncio.create_task(intake.feed_deferred())
-        await asyncio.sleep(0.05)  # the first scan, in its thread: deferred/ is empty
+        async with asyncio.timeout(5):  # its first scan, in a thread: deferred/ is empty
+            while intake.deferred.scans == 0:
+                await asyncio.sleep(0.001)
         retried = defer(spool, time.time() - 1)
         for suffix in ("json", "eml"):
             intake.hint(FileEvent.MOVED, str(spool.deferred / f"{retried}.{suffix}"))

@@ -64,6 +64,11 @@ class Deferred:
         self._next_due = float("inf")
 
     @property
+    def scans(self) -> int:
+        """Full scans of deferred/ done so far (the first comes at start)."""
+        return self._scans
+
+    @property
     def waiting(self) -> int:
         """Deferred messages this process knows to be waiting (its share of deferred/)."""
         return len(self._due_times)

@@ -176,14 +176,6 @@ def _watchdog(
     )
     from watchdog.observers import Observer
 
-    if sys.platform.startswith("linux"):
-        # watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and
-        # every later event waits behind it. We never need the pairing: an unpaired move
-        # into new/ arrives as a created event, which is what we act on.
-        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-
-        InotifyMoveEventGrouper.delay = 0.0
-
     class Handler(FileSystemEventHandler):
         """Runs on the observer's thread: it decides nothing, it hands paths to the loop."""
 

@@ -31,7 +31,7 @@ from pickupd.spool.sidecar import Sidecar
 from pickupd.workers import protocol, shares, uplink
 from pickupd.workers.supervisor import Supervisor
 
-# A failure report's way out: its kind ("failed", "deferred") and the message's sidecar.
+# A failure report's way out: its kind (Outcome.FAILED, DEFERRED) and the message's sidecar.
 Notify = Callable[[Outcome, Sidecar], None]
 
 if TYPE_CHECKING:

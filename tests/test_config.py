@@ -521,7 +521,7 @@ def test_every_key_says_what_it_takes() -> None:
     from pickupd.config.keys import expected, keys
     from pickupd.config.limits import LimitsConfig
     from pickupd.config.loading import SECTIONS, RelayConfig, SenderRule
-    from pickupd.config.logins import CREDENTIAL_KEYS, LoginKeys, PasswordKeys
+    from pickupd.config.logins import CREDENTIAL_KEYS, PASSWORD_KEYS, LoginKeys, PasswordKeys
 
     tables = [*SECTIONS.values(), RelayConfig, SenderRule, LimitsConfig, LoginKeys, PasswordKeys]
     vague = [
@@ -533,5 +533,6 @@ def test_every_key_says_what_it_takes() -> None:
     assert not vague, vague
     # The login keys the reader knows are exactly the ones the table declares.
     assert {key.name for t in (LoginKeys, PasswordKeys) for key in keys(t)} == CREDENTIAL_KEYS
+    assert {key.name for key in keys(PasswordKeys)} == set(PASSWORD_KEYS)
     assert {"host", "port"} <= {key.name for key in keys(RelayConfig)}
     assert "relay" in {key.name for key in keys(SenderRule)}

@@ -50,7 +50,6 @@ __all__ = [
     "duration",
     "expected",
     "expecting",
-    "file_path",
     "https_url",
     "int_range",
     "keys",
@@ -58,6 +57,7 @@ __all__ = [
     "listen",
     "mail_class",
     "owner_classes",
+    "pathname",
     "positive_duration",
     "rate",
     "schedule",
@@ -106,6 +106,12 @@ def expecting(text: str) -> Callable[[T], T]:
 def expected(convert: Convert) -> str:
     """What `convert` takes, as a problem says it."""
     return _EXPECTED.get(convert, "a valid value")
+
+
+def refused(convert: Convert) -> Invalid:
+    """The error of a converter whose value sits inside another's (an item of an array):
+    its own words, since the reader would say the outer key's."""
+    return Invalid(f"expected {expected(convert)}")
 
 
 def shown(default: Any, convert: Convert) -> str:
@@ -258,9 +264,10 @@ def string(value: Any) -> str:
     return value
 
 
-@expecting("a file path")
-def file_path(value: Any) -> str:
-    """A file's path (relative ones: to the config's folder, as the reader resolves them)."""
+@expecting("a path")
+def pathname(value: Any) -> str:
+    """A file's or a folder's path (relative ones: to the config's folder, as the reader
+    resolves them)."""
     if not isinstance(value, str) or not value:
         raise Invalid()
     return value
@@ -277,14 +284,14 @@ def duration(value: Any) -> float:
 def positive_duration(value: Any) -> float:
     seconds = duration(value)
     if seconds <= 0:
-        raise Invalid("expected a duration greater than zero")
+        raise refused(positive_duration)  # also inside an array (schedule)
     return seconds
 
 
 @expecting('a non-empty array of durations like ["1m", "5m"]')
 def schedule(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
-        raise Invalid('expected a non-empty array of durations like ["1m", "5m"]')
+        raise Invalid()
     return tuple(positive_duration(item) for item in value)
 
 
@@ -298,7 +305,7 @@ def size(value: Any) -> int:
 @expecting('a rate like "30/min"')
 def rate(value: Any) -> Rate:
     if not isinstance(value, str):
-        raise Invalid('expected a rate like "30/min"')
+        raise Invalid()
     return parse_rate(value)
 
 
@@ -306,7 +313,7 @@ def rate(value: Any) -> Rate:
 def limits(value: Any) -> tuple[Limit, ...]:
     """An array of limits: ["30 messages/min", "10000 recipients/day", "3 connections"]."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise Invalid('expected an array like ["30 messages/min", "10000 recipients/day"]')
+        raise Invalid()
     return tuple(parse_limit(item) for item in value)
 
 
@@ -314,7 +321,7 @@ def limits(value: Any) -> tuple[Limit, ...]:
 def owners(value: Any) -> tuple[Owner, ...]:
     """An array of local users, @groups and uids: ["billing", "@finance", "uid:1234"]."""
     if not isinstance(value, list) or not value:
-        raise Invalid('expected a non-empty array like ["billing", "@finance", "uid:1234"]')
+        raise Invalid()
     found = []
     for item in value:
         try:
@@ -328,7 +335,7 @@ def owners(value: Any) -> tuple[Owner, ...]:
 def mail_class(value: Any) -> MailClass:
     """ "urgent", "normal" or "bulk" (message/priority.py)."""
     if not isinstance(value, str):
-        raise Invalid('expected "urgent", "normal" or "bulk"')
+        raise refused(mail_class)  # also inside a table (owner_classes)
     try:
         return MailClass.named(value)
     except ValueError as exc:
@@ -340,7 +347,7 @@ def owner_classes(value: Any) -> tuple[tuple[Owner, MailClass], ...]:
     """A table of writers and the highest class their files may have:
     {"newsletter" = "bulk", "@webapps" = "normal"}."""
     if not isinstance(value, dict) or not value:
-        raise Invalid('expected a table like {"newsletter" = "bulk", "@webapps" = "normal"}')
+        raise Invalid()
     found = []
     for item, named in value.items():
         try:
@@ -363,19 +370,18 @@ def domain(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(
         r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value
     ):
-        raise Invalid('expected a domain name like "example.com"')
+        raise Invalid()
     return value.lower()
 
 
 @expecting('"host:port", like "127.0.0.1:9464" or "[::1]:9464"')
 def listen(value: Any) -> tuple[str, int]:
-    expected = 'expected "host:port", like "127.0.0.1:9464" or "[::1]:9464"'
     if not isinstance(value, str):
-        raise Invalid(expected)
+        raise Invalid()
     host, colon, port = value.rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise Invalid(expected)
+        raise Invalid()
     return host, int(port)
 
 
@@ -387,7 +393,7 @@ def command(value: Any) -> tuple[str, ...]:
         or not value
         or not all(isinstance(part, str) and part for part in value)
     ):
-        raise Invalid('expected an array like ["/usr/local/bin/cmd", "--flag"]')
+        raise Invalid()
     return tuple(value)
 
 
@@ -395,7 +401,7 @@ def command(value: Any) -> tuple[str, ...]:
 def address(value: Any) -> str:
     """One mail address (addr-spec), like "ops@example.com"."""
     if not isinstance(value, str) or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+", value):
-        raise Invalid('expected an address like "ops@example.com"')
+        raise Invalid()
     return value
 
 

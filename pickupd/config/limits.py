@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pickupd.auth.logins import Secret
 from pickupd.config import keys as s
-from pickupd.config.keys import Reader, expecting, keys, setting
-from pickupd.config.logins import PASSWORD_KEYS, PasswordKeys, read_secret
+from pickupd.config.keys import Reader, expecting, setting
+from pickupd.config.logins import PASSWORD_KEYS, read_secret
 from pickupd.config.routing import is_loopback
 from pickupd.errors import Invalid
 
@@ -44,7 +44,7 @@ class LimitsConfig:
         " in the spool)",
     )
     ca_file: Path | None = setting(
-        None, s.file_path, "with rediss://: CA certificates to verify Redis with"
+        None, s.pathname, "with rediss://: CA certificates to verify Redis with"
     )
     hosts: int = setting(
         1,
@@ -61,7 +61,7 @@ class LimitsConfig:
 
 def read_limits(reader: Reader, doc: Mapping[str, Any]) -> LimitsConfig:
     table = reader.table(doc, "limits")
-    values = reader.values(table, "limits.", LimitsConfig, {k.name for k in keys(PasswordKeys)})
+    values = reader.values(table, "limits.", LimitsConfig, set(PASSWORD_KEYS))
     if values["ca_file"] is not None:
         values["ca_file"] = reader.file(values["ca_file"])
         if not values["ca_file"].is_file():

@@ -69,7 +69,7 @@ class SpoolConfig:
 
     path: Path = setting(
         Path("/var/spool/pickupd"),
-        s.file_path,
+        s.pathname,
         "the root of pickup/, active/, deferred/, hold/, failed/ and sent/ (one filesystem)",
     )
     keep_sent: bool = setting(

@@ -29,9 +29,9 @@ from pickupd.auth.logins import (
 from pickupd.config.keys import (
     Reader,
     choice,
-    file_path,
     https_url,
     keys,
+    pathname,
     positive_duration,
     setting,
     string,
@@ -123,7 +123,7 @@ def read_secret(reader: Reader, table: Mapping[str, Any], prefix: str, base: str
 def _private_file(reader: Reader, table: Mapping[str, Any], prefix: str, key: str) -> Path | None:
     """A file holding a secret (a key, a service account, a refresh token): it must exist
     and others may not read it (the same rule as password_file)."""
-    value = reader.get(table, prefix, key, None, file_path)
+    value = reader.get(table, prefix, key, None, pathname)
     if value is None:
         return None
     path = reader.file(value)
@@ -147,7 +147,7 @@ class PasswordKeys:
     read apart as a Secret (read_secret), never kept as text in a config."""
 
     password: str | None = setting(None, string, "inline: better password_file or password_env")
-    password_file: str | None = setting(None, file_path, "a file holding the password (mode 0600)")
+    password_file: str | None = setting(None, pathname, "a file holding the password (mode 0600)")
     password_env: str | None = setting(None, string, "an environment variable holding it")
 
 
@@ -168,12 +168,12 @@ class LoginKeys:
     tenant: str | None = setting(None, string, "oauth2, Microsoft 365: the tenant's id or domain")
     client_id: str | None = setting(None, string, "oauth2: the app registration's client id")
     client_secret: str | None = setting(None, string, "oauth2: inline; better _file or _env")
-    client_secret_file: str | None = setting(None, file_path, "oauth2: a file holding the secret")
+    client_secret_file: str | None = setting(None, pathname, "oauth2: a file holding the secret")
     client_secret_env: str | None = setting(None, string, "oauth2: a variable holding it")
     client_certificate_file: str | None = setting(
-        None, file_path, "with tenant: the app's certificate (PEM; with client_key_file)"
+        None, pathname, "with tenant: the app's certificate (PEM; with client_key_file)"
     )
-    client_key_file: str | None = setting(None, file_path, "with tenant: its private key (PEM)")
+    client_key_file: str | None = setting(None, pathname, "with tenant: its private key (PEM)")
     thumbprint: str | None = setting(
         None, string, "with tenant: the certificate's SHA-1 thumbprint (not set: computed)"
     )
@@ -183,13 +183,13 @@ class LoginKeys:
         "with tenant: the Microsoft identity platform (a sovereign cloud has its own)",
     )
     service_account_file: str | None = setting(
-        None, file_path, "oauth2, Google: the service account's key (JSON)"
+        None, pathname, "oauth2, Google: the service account's key (JSON)"
     )
     token_url: str | None = setting(
         None, https_url, "with refresh_token_file: the provider's token endpoint"
     )
     refresh_token_file: str | None = setting(
-        None, file_path, "oauth2: a file holding a refresh token (pickupd keeps it fresh)"
+        None, pathname, "oauth2: a file holding a refresh token (pickupd keeps it fresh)"
     )
     token_command: tuple[str, ...] | None = setting(
         None, settings_command, "oauth2: a command that prints an access token"

@@ -29,10 +29,10 @@ class MetricsConfig:
         None, s.listen, 'serve /metrics on "host:port" (not set: off)'
     )
     tls_cert_file: Path | None = setting(
-        None, s.file_path, "serve HTTPS with this certificate (PEM; with tls_key_file)"
+        None, s.pathname, "serve HTTPS with this certificate (PEM; with tls_key_file)"
     )
     tls_key_file: Path | None = setting(
-        None, s.file_path, "the certificate's private key (PEM; a secret)"
+        None, s.pathname, "the certificate's private key (PEM; a secret)"
     )
     basic_auth_user: str | None = setting(
         None,
@@ -40,7 +40,7 @@ class MetricsConfig:
         "ask scrapers for this user and basic_auth_password_file's password (not set: anyone)",
     )
     basic_auth_password_file: Path | None = setting(
-        None, s.file_path, "the basic auth password (a secret; or _env)"
+        None, s.pathname, "the basic auth password (a secret; or _env)"
     )
     basic_auth_password_env: str | None = setting(
         None, s.string, "instead of _file: an environment variable holding the password"

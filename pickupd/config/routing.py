@@ -90,7 +90,7 @@ class RelayConfig:
         '"starttls" (required, verified), "tls" (implicit, port 465) or "none"',
     )
     ca_file: Path | None = setting(
-        None, s.file_path, "CA certificates to verify the server with (not set)"
+        None, s.pathname, "CA certificates to verify the server with (not set)"
     )
     timeout: float = setting(
         30.0,

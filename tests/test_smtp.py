@@ -120,14 +120,13 @@ def test_per_sender_credentials_over_starttls(
     )
     daemon = make_daemon(
         relays={
-            "main": {
-                "host": "localhost",
-                "port": server.port,
-                "security": "starttls",
-                "ca_file": test_ca.ca_file,
-                "username": "relay-user",
-                "password_env": "PICKUPD_TEST_RELAY_PW",
-            }
+            "main": _verified(
+                server,
+                test_ca,
+                "starttls",
+                username="relay-user",
+                password_env="PICKUPD_TEST_RELAY_PW",
+            )
         },
         senders={
             "billing@example.com": {
@@ -179,16 +178,7 @@ def test_auth_failure_defers_and_logs_an_error(
     without the password in it."""
     server = smtp_factory(security="tls", users={"u": "right"}, require_auth=True)
     daemon = make_daemon(
-        relays={
-            "main": {
-                "host": "localhost",
-                "port": server.port,
-                "security": "tls",
-                "ca_file": test_ca.ca_file,
-                "username": "u",
-                "password": "wrong-pw",
-            }
-        },
+        relays={"main": _verified(server, test_ca, "tls", username="u", password="wrong-pw")},
     )
     drop_maildir(daemon.spool, message())
     (deferred,) = daemon.wait_sidecars("deferred")
@@ -204,14 +194,7 @@ def test_fixing_the_password_rescues_deferred_mail(
     """Credentials are looked up at each attempt, never frozen into the queued message: after
     the operator fixes the password and restarts, the deferred mail goes out."""
     server = smtp_factory(security="tls", users={"u": "right"}, require_auth=True)
-    relay = {
-        "host": "localhost",
-        "port": server.port,
-        "security": "tls",
-        "ca_file": test_ca.ca_file,
-        "username": "u",
-        "password": "wrong",
-    }
+    relay = _verified(server, test_ca, "tls", username="u", password="wrong")
     daemon = make_daemon(relays={"main": relay}, retry={"schedule": ["500ms"]})
     drop_maildir(daemon.spool, message())
     daemon.wait_sidecars("deferred")
@@ -357,3 +340,15 @@ def test_session_closed_between_messages_is_replaced_at_mail(
     assert second.session == 2 and b"Subject: second" in second.data
     daemon.wait_event("sent", count=2)
     assert not daemon.events("deferred")
+
+
+def _verified(server: SmtpServer, test_ca: Any, security: str, **login: str) -> dict[str, Any]:
+    """A relay table for a test server with TLS (`security`) whose certificate the test CA
+    signed (verified against `ca_file`), with the login given."""
+    return {
+        "host": "localhost",
+        "port": server.port,
+        "security": security,
+        "ca_file": test_ca.ca_file,
+        **login,
+    }

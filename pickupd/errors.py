@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from pickupd.outcome import SessionFault
 
@@ -206,9 +206,10 @@ class ProtocolError(PickupdError):
 
 class SpoolWriteError(PickupdError):
     """A claimed message could not be moved to its folder (a full disk, most often): it stays
-    in active/ under our claim, and `resume()` does the rest of what was to be done."""
+    in active/ under our claim, and `await resume()` does the rest of what was to be done
+    (each move where the spool's disk says, what follows it on the loop)."""
 
-    def __init__(self, msg_id: str, resume: Callable[[], None], cause: OSError) -> None:
+    def __init__(self, msg_id: str, resume: Callable[[], Awaitable[None]], cause: OSError) -> None:
         super().__init__(f"cannot write to the spool: {cause.strerror or cause}")
         self.msg_id = msg_id
         self.resume = resume

@@ -93,7 +93,7 @@ class Service:
             self.disk,
         )
         self.stats = self.recorder.stats
-        self.stranded = Stranded(self.log, self.stranded_changed, self.disk)
+        self.stranded = Stranded(self.log, self.stranded_changed)
         self.dispatcher = Dispatcher(
             spool=self.spool,
             intake=self.intake,

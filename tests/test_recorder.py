@@ -1,6 +1,6 @@
 """record/recorder.py in process, on a real spool in a temporary folder: each kind of result
 (sent, refused, deferred, split, waiting, put back, a bug, a refused login, an unknown outcome,
-a claim lost) becomes a folder, a sidecar and a log line, under the config the attempt was
+a claim lost, a move the spool refused and its retry) becomes a folder, a sidecar and a log line, under the config the attempt was
 made with."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -16,11 +17,14 @@ from configs import unit_config
 
 from pickupd import log
 from pickupd.config.loading import Config, RetryConfig, SpoolConfig
+from pickupd.errors import SpoolWriteError
 from pickupd.message import envelope
 from pickupd.outcome import Delivery, Outcome, Reason, RecipientResult, Refusal, SessionFault
 from pickupd.record.recorder import Recorder
+from pickupd.spool.disk import Disk
 from pickupd.spool.folders import Candidate, Claimed, Origin, Spool
 from pickupd.spool.sidecar import Sidecar, to_timestamp
+from pickupd.spool.stranded import Stranded
 
 RAW = b"From: app@example.com\nTo: a@example.net, b@example.net\nSubject: s\n\nbody\n"
 
@@ -253,3 +257,49 @@ def test_a_connection_lost_after_the_final_dot_is_deferred_and_said(tmp_path: Pa
     (unknown,) = [e for e in _events(out) if e["event"] == "outcome_unknown"]
     assert unknown["id"] == claimed.id and "message_id" in unknown
     assert (spool.deferred / f"{claimed.id}.eml").exists()
+
+
+def test_a_stranded_outcome_is_carried_out_later_its_moves_off_the_loop_the_rest_on_it(
+    tmp_path: Path,
+) -> None:
+    """A move the spool refuses (failed/ is in the way) strands the claim; once the spool
+    takes it, the retry runs the move where the disk says (a thread, as on NFS) and what
+    follows it on the event loop: [notify] is told there, where it can start its hook."""
+    spool = Spool(tmp_path)
+    claimed = _claimed(spool)
+    out = io.StringIO()
+    log.configure("info", "json", stream=out)
+    told: list[tuple[Outcome, bool]] = []
+
+    def notify(kind: Outcome, car: Sidecar) -> None:
+        told.append((kind, threading.current_thread() is threading.main_thread()))
+
+    disk = Disk("threads", tmp_path)
+    recorder = Recorder(spool, log.get(), notify=notify, disk=disk)
+    stranded = Stranded(log.get())
+    refusal = Refusal(Reason.SENDER_NOT_ALLOWED, "app@example.com matches no [senders] entry")
+
+    async def run() -> None:
+        spool.failed.rmdir()
+        spool.failed.write_text("in the way")  # the rename into failed/ fails: ENOTDIR
+        try:
+            await recorder.fail(claimed, _parsed(), refusal)
+        except SpoolWriteError as error:
+            stranded.add(error)
+        assert len(stranded) == 1 and told == []
+        spool.failed.unlink()
+        spool.failed.mkdir()
+        retrying = asyncio.create_task(stranded.run(lambda: None))
+        stranded.wake()
+        async with asyncio.timeout(5):
+            while len(stranded):
+                await asyncio.sleep(0.01)
+        retrying.cancel()
+
+    asyncio.run(run())
+    disk.close()
+    assert told == [(Outcome.FAILED, True)]
+    assert (spool.failed / f"{claimed.id}.eml").read_bytes() == RAW
+    events = [e["event"] for e in _events(out)]
+    assert events.count("stranded") == 1 and events.count("unstranded") == 1
+    assert events.count("failed") == 1

@@ -3,7 +3,8 @@ it (a log line, counts, hooks). The moves run where the spool's disk says (spool
 a thread on a network file system), what follows them on the loop.
 
 When a move fails (a full disk), `SpoolWriteError` carries a `resume()` that runs the rest,
-from that move on: the dispatcher keeps the message and calls it again later
+from that move on, as `run` does (the moves where the disk says, what follows them on the
+loop, whichever runner began): the dispatcher keeps the message and calls it again later
 (spool/stranded.py), so nothing is logged twice or lost, and the message never leaves
 active/ half-moved. A claim that another process took over meanwhile is said once
 (`claim_lost`) and not retried.
@@ -46,8 +47,8 @@ class Steps:
             after()
 
     def run_now(self, claimed: Claimed, steps: list[Step]) -> None:
-        """Each move, then what follows it, here and now (where nothing can be awaited, and
-        as a stranded claim's retry, which spool/stranded.py runs where the disk says)."""
+        """Each move, then what follows it, here and now (where nothing can be awaited: a
+        lane cancelled at shutdown)."""
         for index, (move, after) in enumerate(steps):
             try:
                 move()
@@ -60,7 +61,7 @@ class Steps:
         """A move failed: SpoolWriteError, whose resume() runs `rest` (the failed move on);
         nothing to resume if the claim was taken over."""
         if not self._lost(claimed, exc):
-            resume = functools.partial(self.run_now, claimed, rest)
+            resume = functools.partial(self.run, claimed, rest)
             raise SpoolWriteError(claimed.id, resume, exc) from exc
 
     def _lost(self, claimed: Claimed, exc: OSError) -> bool:

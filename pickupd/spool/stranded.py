@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pickupd.errors import SpoolWriteError
 from pickupd.log import Logger
-from pickupd.spool.disk import Disk
 
 __all__ = ["BACKOFF_MAX", "Stranded"]
 
@@ -24,7 +23,7 @@ BACKOFF_MAX = 60.0
 
 @dataclass(slots=True)
 class _Entry:
-    resume: Callable[[], None]
+    resume: Callable[[], Awaitable[None]]
     tries: int
     next_try: float
 
@@ -32,15 +31,8 @@ class _Entry:
 class Stranded:
     """The stranded claims of one dispatcher and the task that retries them."""
 
-    def __init__(
-        self,
-        log: Logger,
-        changed: Callable[[int], None] = lambda count: None,
-        disk: Disk | None = None,
-    ) -> None:
-        """`disk`: where a retry's moves run (in a thread on a network file system)."""
+    def __init__(self, log: Logger, changed: Callable[[int], None] = lambda count: None) -> None:
         self.log = log
-        self._disk = disk
         self._entries: dict[str, _Entry] = {}
         self._wake = asyncio.Event()
         self._changed = changed  # told the count (the metrics gauge)
@@ -80,7 +72,8 @@ class Stranded:
                 if entry.next_try > time.monotonic():
                     continue
                 try:
-                    await self._disk.run(entry.resume) if self._disk else entry.resume()
+                    # Its moves where the spool's disk says, what follows them on the loop.
+                    await entry.resume()
                 except SpoolWriteError as error:
                     self.add(error)
                     continue

@@ -1,7 +1,7 @@
 """record/recorder.py in process, on a real spool in a temporary folder: each kind of result
 (sent, refused, deferred, split, waiting, put back, a bug, a refused login, an unknown outcome,
-a claim lost, a move the spool refused and its retry) becomes a folder, a sidecar and a log line, under the config the attempt was
-made with."""
+a claim lost, a move the spool refused and its retry) becomes a folder, a sidecar and a log
+line, under the config the attempt was made with."""
 
 from __future__ import annotations
 
